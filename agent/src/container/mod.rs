@@ -1,0 +1,1 @@
+//! The container engine (placeholder, being written).
