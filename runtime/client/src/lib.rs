@@ -1,1 +1,244 @@
-//! placeholder
+//! A client of the husk agent API: typed ttrpc calls and stdio streams.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), husk_client::ClientError> {
+//! use std::time::Duration;
+//! let addr = "unix:/run/husk-agent.sock".parse()?;
+//! let agent = husk_client::AgentClient::connect(&addr, Duration::from_secs(5)).await?;
+//! agent.check().await?;
+//! # Ok(()) }
+//! ```
+
+mod addr;
+
+use std::time::Duration;
+
+pub use addr::{AgentAddr, Conn, Service};
+pub use husk_proto::{agent as pb, StdioStream, StreamHeader};
+use husk_proto::{agent_ttrpc, health, health_ttrpc};
+use tokio::io::{AsyncWriteExt, BufReader};
+use ttrpc::Code;
+
+/// What can go wrong talking to an agent. The variants mirror the agent's ttrpc codes, so a
+/// caller can tell "no such container" from "the agent is gone".
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// not a valid agent address (want unix:PATH, hvsock:PATH or vsock:CID): {0}
+    #[error("not a valid agent address (want unix:PATH, hvsock:PATH or vsock:CID): {0:?}")]
+    BadAddress(String),
+    /// The agent cannot be reached.
+    #[error("cannot reach the agent at {addr}")]
+    Unavailable {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out {0}")]
+    Timeout(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    #[error("not implemented: {0}")]
+    Unimplemented(String),
+    #[error("agent error ({code:?}): {message}")]
+    Agent { code: Code, message: String },
+    /// The connection broke (the agent or the VM died).
+    #[error("connection to the agent lost: {0}")]
+    Transport(String),
+    #[error("stdio stream refused by the agent: {0}")]
+    StreamRefused(String),
+    #[error("stdio stream i/o")]
+    StreamIo(#[source] std::io::Error),
+}
+
+impl From<ttrpc::Error> for ClientError {
+    fn from(e: ttrpc::Error) -> Self {
+        match e {
+            ttrpc::Error::RpcStatus(s) => {
+                let message = s.message().to_string();
+                match s.code() {
+                    Code::NOT_FOUND => ClientError::NotFound(message),
+                    Code::ALREADY_EXISTS => ClientError::AlreadyExists(message),
+                    Code::INVALID_ARGUMENT => ClientError::InvalidArgument(message),
+                    Code::FAILED_PRECONDITION => ClientError::FailedPrecondition(message),
+                    Code::UNIMPLEMENTED => ClientError::Unimplemented(message),
+                    Code::DEADLINE_EXCEEDED => ClientError::Timeout(message),
+                    code => ClientError::Agent { code, message },
+                }
+            }
+            other => ClientError::Transport(other.to_string()),
+        }
+    }
+}
+
+impl ClientError {
+    /// The ttrpc code this error stands for (to pass it on across another RPC boundary).
+    pub fn code(&self) -> Code {
+        match self {
+            ClientError::BadAddress(_) | ClientError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+            ClientError::NotFound(_) => Code::NOT_FOUND,
+            ClientError::AlreadyExists(_) => Code::ALREADY_EXISTS,
+            ClientError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+            ClientError::Unimplemented(_) => Code::UNIMPLEMENTED,
+            ClientError::Timeout(_) => Code::DEADLINE_EXCEEDED,
+            ClientError::Agent { code, .. } => *code,
+            ClientError::Unavailable { .. } | ClientError::Transport(_) => Code::UNAVAILABLE,
+            ClientError::StreamRefused(_) | ClientError::StreamIo(_) => Code::INTERNAL,
+        }
+    }
+}
+
+/// A connected agent.
+#[derive(Clone)]
+pub struct AgentClient {
+    addr: AgentAddr,
+    agent: agent_ttrpc::AgentClient,
+    health: health_ttrpc::HealthClient,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+/// Generates one typed method per unary RPC of the agent service.
+macro_rules! rpcs {
+    ($($(#[$doc:meta])* $name:ident($req:ty) -> $resp:ty;)*) => {$(
+        $(#[$doc])*
+        pub async fn $name(&self, req: $req) -> Result<$resp, ClientError> {
+            Ok(self.agent.$name(self.ctx(), &req).await?)
+        }
+    )*};
+}
+
+impl AgentClient {
+    /// Connects to the agent's ttrpc API, waiting at most `timeout` for the connection. Calls
+    /// made later have no deadline of their own unless the method says so.
+    pub async fn connect(addr: &AgentAddr, timeout: Duration) -> Result<Self, ClientError> {
+        let conn = addr.connect(Service::Api, timeout).await?;
+        let client =
+            ttrpc::asynchronous::Client::new(ttrpc::asynchronous::transport::Socket::new(conn));
+        Ok(AgentClient {
+            addr: addr.clone(),
+            agent: agent_ttrpc::AgentClient::new(client.clone()),
+            health: health_ttrpc::HealthClient::new(client),
+            timeout,
+        })
+    }
+
+    /// Connects, retrying until the agent answers a health check or `timeout` passes (for a VM
+    /// that is still booting).
+    pub async fn connect_when_ready(
+        addr: &AgentAddr,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match Self::connect(addr, left.max(Duration::from_millis(50))).await {
+                Ok(c) => match tokio::time::timeout(left, c.check()).await {
+                    Ok(Ok(_)) => return Ok(c),
+                    Ok(Err(e)) => last = e,
+                    Err(_) => last = ClientError::Timeout(format!("health check of {addr}")),
+                },
+                Err(e) => last = e,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Timeout(format!(
+                    "waiting {:.1}s for the agent at {addr} to answer (last error: {last})",
+                    timeout.as_secs_f64()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The address this client talks to.
+    pub fn addr(&self) -> &AgentAddr {
+        &self.addr
+    }
+
+    fn ctx(&self) -> ttrpc::context::Context {
+        ttrpc::context::Context::default()
+    }
+
+    /// Asks whether the agent is serving.
+    pub async fn check(&self) -> Result<health::CheckResponse, ClientError> {
+        let ctx = ttrpc::context::with_duration(self.timeout);
+        Ok(self.health.check(ctx, &health::CheckRequest::new()).await?)
+    }
+
+    /// The agent's version and API version.
+    pub async fn version(&self) -> Result<health::VersionResponse, ClientError> {
+        let ctx = ttrpc::context::with_duration(self.timeout);
+        Ok(self
+            .health
+            .version(ctx, &health::VersionRequest::new())
+            .await?)
+    }
+
+    rpcs! {
+        create_sandbox(pb::CreateSandboxRequest) -> pb::Empty;
+        destroy_sandbox(pb::DestroySandboxRequest) -> pb::Empty;
+        create_container(pb::CreateContainerRequest) -> pb::CreateContainerResponse;
+        start_container(pb::StartContainerRequest) -> pb::StartContainerResponse;
+        remove_container(pb::RemoveContainerRequest) -> pb::Empty;
+        update_container(pb::UpdateContainerRequest) -> pb::Empty;
+        pause_container(pb::PauseContainerRequest) -> pb::Empty;
+        resume_container(pb::ResumeContainerRequest) -> pb::Empty;
+        list_processes(pb::ListProcessesRequest) -> pb::ListProcessesResponse;
+        container_stats(pb::ContainerStatsRequest) -> pb::ContainerStatsResponse;
+        exec_process(pb::ExecProcessRequest) -> pb::ExecProcessResponse;
+        signal_process(pb::SignalProcessRequest) -> pb::Empty;
+        /// Blocks until the process exited and its output was drained to its streams.
+        wait_process(pb::WaitProcessRequest) -> pb::WaitProcessResponse;
+        resize_terminal(pb::ResizeTerminalRequest) -> pb::Empty;
+        close_stdin(pb::CloseStdinRequest) -> pb::Empty;
+        /// Blocks until a container is OOM-killed.
+        get_oom_event(pb::GetOomEventRequest) -> pb::OomEvent;
+    }
+
+    /// Opens one stdio stream of a process (see `agent.proto` for the protocol). For stdin,
+    /// write to it and shut down its write half to close the process's stdin; for stdout and
+    /// stderr, read it to EOF.
+    pub async fn open_stream(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        stream: StdioStream,
+    ) -> Result<Box<dyn Conn>, ClientError> {
+        let header = StreamHeader {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            stream,
+        };
+        let conn = self.addr.connect(Service::Stdio, self.timeout).await?;
+        let mut conn = BufReader::new(conn);
+        conn.get_mut()
+            .write_all(header.to_line().as_bytes())
+            .await
+            .map_err(ClientError::StreamIo)?;
+        let mut line = String::new();
+        addr::read_line_bounded(&mut conn, &mut line, 4096)
+            .await
+            .map_err(ClientError::StreamIo)?;
+        if line != "OK" {
+            return Err(ClientError::StreamRefused(
+                line.strip_prefix("ERR ").unwrap_or(&line).to_string(),
+            ));
+        }
+        // The agent sends nothing after OK before the stream's own bytes, so the BufReader
+        // holds no buffered data worth keeping beyond what it returns on reads.
+        Ok(Box::new(conn))
+    }
+}

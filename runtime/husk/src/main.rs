@@ -1,1 +1,52 @@
-fn main() {}
+//! `husk`: the command-line tool of the husk runtime.
+
+mod agent_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "husk", version, about = "husk: containers in KVM microVMs")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Talk to a husk agent directly (debugging).
+    Agent(agent_cmd::AgentArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("husk: starting the async runtime: {e}");
+            std::process::exit(125);
+        }
+    };
+    let res = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Agent(a) => agent_cmd::run(a).await,
+        }
+    });
+    match res {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // The whole chain, once.
+            eprintln!("husk: {e:#}");
+            std::process::exit(125);
+        }
+    }
+}

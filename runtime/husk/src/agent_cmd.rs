@@ -1,0 +1,348 @@
+//! `husk agent ...`: send any request to an agent, for debugging.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use husk_client::{pb, AgentAddr, AgentClient, StdioStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// The agent: unix:PATH, hvsock:VMM_VSOCK_SOCKET or vsock:CID.
+    #[arg(long, env = "HUSK_AGENT_ADDR")]
+    addr: String,
+    /// How long to wait for the connection.
+    #[arg(long, default_value = "10")]
+    timeout_secs: u64,
+    #[command(subcommand)]
+    cmd: AgentCmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCmd {
+    /// Health check.
+    Check,
+    /// Agent and API version.
+    Version,
+    /// CreateSandbox.
+    CreateSandbox {
+        id: String,
+        #[arg(long, default_value = "")]
+        hostname: String,
+    },
+    /// DestroySandbox (in a VM, this powers it off).
+    DestroySandbox { id: String },
+    /// CreateContainer from an OCI bundle (config.json; rootfs from --rootfs, --block or the bundle).
+    Create {
+        id: String,
+        /// Directory holding config.json.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Root filesystem directory (default: the spec's root.path, relative to the bundle).
+        #[arg(long, conflicts_with = "block")]
+        rootfs: Option<String>,
+        /// Root filesystem block device in the guest, as DEVICE:FSTYPE (e.g. /dev/vdb:ext4).
+        #[arg(long)]
+        block: Option<String>,
+        /// Open a stdin stream.
+        #[arg(long)]
+        stdin: bool,
+    },
+    /// StartContainer.
+    Start { id: String },
+    /// Attach this terminal's stdin/stdout/stderr to a process and wait for it; exits with its status.
+    Attach {
+        id: String,
+        #[arg(long, default_value = "")]
+        exec_id: String,
+        /// Also attach stdin.
+        #[arg(short, long)]
+        interactive: bool,
+        /// The process has a terminal (one output stream).
+        #[arg(short, long)]
+        tty: bool,
+    },
+    /// ExecProcess, attach and wait; exits with the process's status.
+    Exec {
+        id: String,
+        exec_id: String,
+        #[arg(short, long)]
+        interactive: bool,
+        #[arg(short, long)]
+        tty: bool,
+        #[arg(required = true, trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// SignalProcess.
+    Kill {
+        id: String,
+        #[arg(long, default_value = "")]
+        exec_id: String,
+        #[arg(long, default_value = "15")]
+        signal: u32,
+        #[arg(long)]
+        all: bool,
+    },
+    /// WaitProcess.
+    Wait {
+        id: String,
+        #[arg(long, default_value = "")]
+        exec_id: String,
+    },
+    /// ListProcesses.
+    Ps { id: String },
+    /// ContainerStats, as JSON.
+    Stats { id: String },
+    /// UpdateContainer with OCI LinuxResources JSON from a file.
+    Update { id: String, resources: PathBuf },
+    /// PauseContainer.
+    Pause { id: String },
+    /// ResumeContainer.
+    Resume { id: String },
+    /// RemoveContainer.
+    Rm { id: String },
+    /// Waits for the next OOM event and prints the container id.
+    OomEvent,
+}
+
+pub async fn run(a: AgentArgs) -> Result<i32> {
+    let addr: AgentAddr = a.addr.parse()?;
+    let c = AgentClient::connect(&addr, Duration::from_secs(a.timeout_secs)).await?;
+    match a.cmd {
+        AgentCmd::Check => {
+            let r = c.check().await?;
+            println!("{:?}", r.status.enum_value_or_default());
+        }
+        AgentCmd::Version => {
+            let r = c.version().await?;
+            println!("agent {} api {}", r.agent_version, r.api_version);
+        }
+        AgentCmd::CreateSandbox { id, hostname } => {
+            let mut r = pb::CreateSandboxRequest::new();
+            r.sandbox_id = id;
+            r.hostname = hostname;
+            c.create_sandbox(r).await?;
+        }
+        AgentCmd::DestroySandbox { id } => {
+            let mut r = pb::DestroySandboxRequest::new();
+            r.sandbox_id = id;
+            c.destroy_sandbox(r).await?;
+        }
+        AgentCmd::Create {
+            id,
+            bundle,
+            rootfs,
+            block,
+            stdin,
+        } => {
+            let config = bundle.join("config.json");
+            let json =
+                std::fs::read(&config).with_context(|| format!("reading {}", config.display()))?;
+            let mut r = pb::CreateContainerRequest::new();
+            r.container_id = id;
+            r.stdin = stdin;
+            let mut root = pb::Rootfs::new();
+            if let Some(b) = block {
+                let (dev, fstype) = b
+                    .split_once(':')
+                    .context("--block wants DEVICE:FSTYPE, e.g. /dev/vdb:ext4")?;
+                let mut bd = pb::BlockDevice::new();
+                bd.source = dev.into();
+                bd.fstype = fstype.into();
+                root.set_block(bd);
+            } else {
+                let path = match rootfs {
+                    Some(p) => p,
+                    None => {
+                        let v: serde_json::Value = serde_json::from_slice(&json)
+                            .with_context(|| format!("{} is not JSON", config.display()))?;
+                        let p = v["root"]["path"]
+                            .as_str()
+                            .context("config.json has no root.path; pass --rootfs")?;
+                        bundle.join(p).display().to_string()
+                    }
+                };
+                root.set_path(path);
+            }
+            r.rootfs = Some(root).into();
+            r.oci_spec_json = json;
+            let resp = c.create_container(r).await?;
+            println!("{}", resp.pid);
+        }
+        AgentCmd::Start { id } => {
+            let mut r = pb::StartContainerRequest::new();
+            r.container_id = id;
+            println!("{}", c.start_container(r).await?.pid);
+        }
+        AgentCmd::Attach {
+            id,
+            exec_id,
+            interactive,
+            tty,
+        } => return attach(&c, &id, &exec_id, interactive, tty).await,
+        AgentCmd::Exec {
+            id,
+            exec_id,
+            interactive,
+            tty,
+            args,
+        } => {
+            let process = serde_json::json!({
+                "terminal": tty,
+                "user": {"uid": 0, "gid": 0},
+                "args": args,
+                "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+                "cwd": "/",
+            });
+            let mut r = pb::ExecProcessRequest::new();
+            r.container_id = id.clone();
+            r.exec_id = exec_id.clone();
+            r.stdin = interactive;
+            r.process_json = serde_json::to_vec(&process)?;
+            c.exec_process(r).await?;
+            return attach(&c, &id, &exec_id, interactive, tty).await;
+        }
+        AgentCmd::Kill {
+            id,
+            exec_id,
+            signal,
+            all,
+        } => {
+            let mut r = pb::SignalProcessRequest::new();
+            r.container_id = id;
+            r.exec_id = exec_id;
+            r.signal = signal;
+            r.all = all;
+            c.signal_process(r).await?;
+        }
+        AgentCmd::Wait { id, exec_id } => {
+            let mut r = pb::WaitProcessRequest::new();
+            r.container_id = id;
+            r.exec_id = exec_id;
+            let w = c.wait_process(r).await?;
+            println!("exit_status {} oom_killed {}", w.exit_status, w.oom_killed);
+            return Ok(w.exit_status);
+        }
+        AgentCmd::Ps { id } => {
+            let mut r = pb::ListProcessesRequest::new();
+            r.container_id = id;
+            for p in c.list_processes(r).await?.pids {
+                println!("{p}");
+            }
+        }
+        AgentCmd::Stats { id } => {
+            let mut r = pb::ContainerStatsRequest::new();
+            r.container_id = id;
+            let s = c.container_stats(r).await?;
+            println!("{}", protobuf_json(&s));
+        }
+        AgentCmd::Update { id, resources } => {
+            let mut r = pb::UpdateContainerRequest::new();
+            r.container_id = id;
+            r.resources_json = std::fs::read(&resources)
+                .with_context(|| format!("reading {}", resources.display()))?;
+            c.update_container(r).await?;
+        }
+        AgentCmd::Pause { id } => {
+            let mut r = pb::PauseContainerRequest::new();
+            r.container_id = id;
+            c.pause_container(r).await?;
+        }
+        AgentCmd::Resume { id } => {
+            let mut r = pb::ResumeContainerRequest::new();
+            r.container_id = id;
+            c.resume_container(r).await?;
+        }
+        AgentCmd::Rm { id } => {
+            let mut r = pb::RemoveContainerRequest::new();
+            r.container_id = id;
+            c.remove_container(r).await?;
+        }
+        AgentCmd::OomEvent => {
+            let e = c.get_oom_event(pb::GetOomEventRequest::new()).await?;
+            println!("{}", e.container_id);
+        }
+    }
+    Ok(0)
+}
+
+fn protobuf_json(s: &pb::ContainerStatsResponse) -> String {
+    serde_json::json!({
+        "cpu_usage_usec": s.cpu_usage_usec,
+        "cpu_user_usec": s.cpu_user_usec,
+        "cpu_system_usec": s.cpu_system_usec,
+        "cpu_nr_periods": s.cpu_nr_periods,
+        "cpu_nr_throttled": s.cpu_nr_throttled,
+        "cpu_throttled_usec": s.cpu_throttled_usec,
+        "memory_current": s.memory_current,
+        "memory_max": s.memory_max,
+        "memory_swap_current": s.memory_swap_current,
+        "memory_events": s.memory_events,
+        "pids_current": s.pids_current,
+        "pids_max": s.pids_max,
+        "io_read_bytes": s.io_read_bytes,
+        "io_write_bytes": s.io_write_bytes,
+    })
+    .to_string()
+}
+
+/// Streams this process's stdio to and from a process of the agent, then waits for it.
+pub async fn attach(
+    c: &AgentClient,
+    id: &str,
+    exec_id: &str,
+    interactive: bool,
+    tty: bool,
+) -> Result<i32> {
+    let mut out = c.open_stream(id, exec_id, StdioStream::Stdout).await?;
+    let err = if tty {
+        None
+    } else {
+        Some(c.open_stream(id, exec_id, StdioStream::Stderr).await?)
+    };
+    if interactive {
+        let mut input = c.open_stream(id, exec_id, StdioStream::Stdin).await?;
+        tokio::spawn(async move {
+            let mut stdin = tokio::io::stdin();
+            let _ = tokio::io::copy(&mut stdin, &mut input).await;
+            let _ = input.shutdown().await;
+        });
+    }
+    let o = tokio::spawn(async move {
+        let mut stdout = tokio::io::stdout();
+        let _ = tokio::io::copy(&mut out, &mut stdout).await;
+        let _ = stdout.flush().await;
+    });
+    let e = err.map(|mut err| {
+        tokio::spawn(async move {
+            let mut stderr = tokio::io::stderr();
+            let mut buf = [0u8; 8192];
+            loop {
+                match err.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if stderr.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    });
+    let mut r = pb::WaitProcessRequest::new();
+    r.container_id = id.into();
+    r.exec_id = exec_id.into();
+    let w = c.wait_process(r).await?;
+    let _ = o.await;
+    if let Some(e) = e {
+        let _ = e.await;
+    }
+    if w.oom_killed {
+        eprintln!("husk: the container was OOM-killed");
+    }
+    if w.exit_status < 0 {
+        bail!("bad exit status {}", w.exit_status);
+    }
+    Ok(w.exit_status)
+}

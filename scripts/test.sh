@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every check and test of husk. Needs root (namespaces, mounts, cgroups, KVM) and the
+# packages of scripts/setup.sh. Kernel and image builds are cached under $HUSK_CACHE
+# (default /var/cache/husk), keyed by content hash, so a second run reuses them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "test.sh: the tests need root (namespaces, mounts, cgroups, /dev/kvm)" >&2
+    exit 1
+fi
+
+echo "== format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== build"
+cargo build --workspace --locked
+
+echo "== tests"
+cargo test --workspace --locked -- --test-threads="${HUSK_TEST_THREADS:-2}"
