@@ -206,7 +206,9 @@ mod tests {
         let t = Duration::from_secs(5);
         assert!(addr.connect(Service::Api, t).await.is_ok());
         let err = match addr.connect(Service::Api, t).await {
-            Err(e) => e.to_string(),
+            Err(e) => std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
             Ok(_) => panic!("a refused CONNECT was accepted"),
         };
         assert!(err.contains("refused vsock port 1024"), "{err}");
