@@ -1,1 +1,750 @@
-//! The container engine (placeholder, being written).
+//! The container engine: creates containers from OCI runtime specs with namespaces,
+//! mounts and cgroup v2, and runs processes in them. Synchronous; the service calls it
+//! from `spawn_blocking`.
+//!
+//! Processes (see [`process`]): the agent never does setup work between fork and exec.
+//! It re-execs itself (`agent_exe __container-init` / `__container-exec`) with the stdio on
+//! 0/1/2 and three pipes (config in, status out, start in). The helper forks the container
+//! process into the new (or joined) namespaces, reports its pid and exits; the container
+//! process is then a child of the agent (PID 1 or subreaper) and the agent's reaper gets its
+//! exit status. The engine never calls wait(2).
+//!
+//! Modules by concern: [`spec`] validation, [`cgroup`], [`mounts`] (behind the [`syscall`]
+//! seam), [`seccomp`], [`capabilities`], [`process`] (the helpers), [`channel`] (the pipes).
+
+pub mod capabilities;
+pub mod cgroup;
+pub mod channel;
+mod error;
+pub mod mounts;
+pub mod process;
+pub mod seccomp;
+pub mod spec;
+pub mod syscall;
+
+use std::{
+    fs::{self, File},
+    io::{self, Write},
+    os::{
+        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::process::CommandExt,
+    },
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    mount::MsFlags,
+    poll::{PollFd, PollFlags, PollTimeout},
+    sys::signal::Signal,
+    unistd::Pid,
+};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
+
+pub use error::{ContainerError, CreateError, DestroyError, ExecError, StartError};
+
+use cgroup::{Cgroup, CgroupError};
+use channel::{Msg, Reader};
+use process::{ExecConfig, InitConfig, FD_CONFIG, FD_START, FD_STATUS};
+use spec::SpecError;
+
+/// How long the container's setup (mounts etc.) may take. Generous: nested guests run under
+/// TCG, 10-30x slower than native.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long destroy waits for the container's processes to die after SIGKILL.
+pub const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a container's root file system comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootfsSource {
+    /// A directory holding the rootfs.
+    Path(PathBuf),
+    /// A block device to mount (e.g. /dev/vdb, ext4/erofs), at <state_dir>/<id>/rootfs.
+    Block {
+        source: PathBuf,
+        fstype: String,
+        options: Vec<String>,
+        readonly: bool,
+    },
+}
+
+/// The stdio fds of a process; the engine dup2()s them to 0/1/2 in the child. With
+/// `terminal` all three are the same pty slave: the child does setsid() + TIOCSCTTY.
+///
+/// The engine consumes (closes) these fds in the agent once the helper has them.
+#[derive(Debug)]
+pub struct ProcessIo {
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    pub terminal: bool,
+}
+
+/// The engine's configuration.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// cgroup v2 directory under which sandboxes live: container cgroup = <root>/<sandbox_id>/<container_id>.
+    /// None = no cgroup support (then a spec with resource limits is an error naming linux.resources).
+    pub cgroup_root: Option<PathBuf>,
+    /// Per-container state (e.g. block rootfs mount point): <state_dir>/<id>/...
+    pub state_dir: PathBuf,
+    /// The agent binary to re-exec for the in-container helpers (normally /proc/self/exe).
+    pub agent_exe: PathBuf,
+}
+
+/// Called first thing in main(): if argv[1] is one of the engine's internal re-exec verbs
+/// (e.g. "__container-init", "__container-exec"), runs that helper and never returns; otherwise returns.
+pub fn maybe_run_child() {
+    let Some(verb) = std::env::args_os().nth(1) else {
+        return;
+    };
+    if verb == process::VERB_INIT || verb == process::VERB_EXEC {
+        process::run(&verb);
+    }
+}
+
+/// A container: its init process (created, then started), cgroup, rootfs and state.
+#[derive(Debug)]
+pub struct Container {
+    id: String,
+    agent_exe: PathBuf,
+    /// <state_dir>/<id>
+    state_dir: PathBuf,
+    /// The block rootfs we mounted, if any.
+    rootfs_mount: Option<PathBuf>,
+    cgroup: Option<Cgroup>,
+    init_pid: Pid,
+    init_pidfd: Option<OwnedFd>,
+    /// The start pipe; None once started.
+    start_tx: Option<File>,
+    /// The init's status pipe, read again by start() for execve errors.
+    status_rx: Option<Reader>,
+    seccomp: Option<seccomp::Program>,
+    /// The init's pid namespace (`pid:[...]`), when the container has its own.
+    pid_ns: Option<String>,
+    destroyed: bool,
+}
+
+impl Container {
+    /// Validates the spec, prepares the rootfs, creates the cgroup and applies limits, then spawns the
+    /// container's init process in new namespaces; it sets up mounts, pivot_root, hostname, rlimits,
+    /// user, caps, no_new_privileges, masked/readonly paths, seccomp, cwd, env, and then WAITS before execve
+    /// until start(). Returns once setup has completed. On any failure everything is undone (no mount,
+    /// cgroup, process or state dir left) and a typed error says what failed.
+    pub fn create(
+        cfg: &EngineConfig,
+        sandbox_id: &str,
+        id: &str,
+        spec: Spec,
+        rootfs: RootfsSource,
+        io: ProcessIo,
+    ) -> Result<Container, CreateError> {
+        spec::validate(&spec)?;
+        let resources = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .map(cgroup::resources_to_files)
+            .transpose()
+            .map_err(CreateError::Cgroup)?
+            .unwrap_or_default();
+        if cfg.cgroup_root.is_none() && !resources.is_empty() {
+            return Err(SpecError::new(
+                "spec.linux.resources",
+                "resource limits need cgroup support, and the agent runs without cgroups",
+            )
+            .into());
+        }
+        let seccomp = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.seccomp().as_ref())
+            .map(seccomp::compile)
+            .transpose()?;
+        let own_pid_ns = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|ns| {
+                ns.iter()
+                    .any(|n| n.typ() == LinuxNamespaceType::Pid && n.path().is_none())
+            });
+
+        let mut c = Container {
+            id: id.to_string(),
+            agent_exe: cfg.agent_exe.clone(),
+            state_dir: cfg.state_dir.join(id),
+            rootfs_mount: None,
+            cgroup: None,
+            init_pid: Pid::from_raw(0),
+            init_pidfd: None,
+            start_tx: None,
+            status_rx: None,
+            seccomp,
+            pid_ns: None,
+            destroyed: false,
+        };
+        match c.setup(cfg, sandbox_id, spec, rootfs, &resources, io, own_pid_ns) {
+            Ok(()) => {
+                tracing::debug!(container = %id, pid = %c.init_pid, "container created");
+                Ok(c)
+            }
+            Err(e) => {
+                if let Err(d) = c.destroy() {
+                    tracing::warn!(container = %id, "cleaning up a failed create: {d}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setup(
+        &mut self,
+        cfg: &EngineConfig,
+        sandbox_id: &str,
+        mut spec: Spec,
+        rootfs: RootfsSource,
+        resources: &[(String, String)],
+        io: ProcessIo,
+        own_pid_ns: bool,
+    ) -> Result<(), CreateError> {
+        fs::create_dir_all(&self.state_dir).map_err(|source| CreateError::StateDir {
+            path: self.state_dir.clone(),
+            source,
+        })?;
+        let rootfs_dir = match rootfs {
+            RootfsSource::Path(p) => {
+                if !p.is_dir() {
+                    return Err(CreateError::InvalidRootfs {
+                        path: p,
+                        problem: "not a directory".into(),
+                    });
+                }
+                p
+            }
+            RootfsSource::Block {
+                source,
+                fstype,
+                options,
+                readonly,
+            } => {
+                let target = self.state_dir.join("rootfs");
+                fs::create_dir_all(&target).map_err(|source| CreateError::StateDir {
+                    path: target.clone(),
+                    source,
+                })?;
+                let mut opts = mounts::parse_options(&options);
+                if readonly {
+                    opts.flags.insert(MsFlags::MS_RDONLY);
+                }
+                nix::mount::mount(
+                    Some(&source),
+                    &target,
+                    Some(fstype.as_str()),
+                    opts.flags,
+                    opts.data().as_deref(),
+                )
+                .map_err(|e| CreateError::MountRootfs {
+                    source_dev: source.clone(),
+                    fstype: fstype.clone(),
+                    target: target.clone(),
+                    source: e,
+                })?;
+                self.rootfs_mount = Some(target.clone());
+                target
+            }
+        };
+        let rootfs_dir = rootfs_dir
+            .canonicalize()
+            .map_err(|e| CreateError::InvalidRootfs {
+                path: rootfs_dir.clone(),
+                problem: e.to_string(),
+            })?;
+        if let Some(root) = &cfg.cgroup_root {
+            self.cgroup = Some(
+                Cgroup::create(root, sandbox_id, &self.id, resources)
+                    .map_err(CreateError::Cgroup)?,
+            );
+        }
+
+        let (config_rx, config_tx) = channel::pipe().map_err(spawn_err(&self.agent_exe))?;
+        let (status_rx, status_tx) = channel::pipe().map_err(spawn_err(&self.agent_exe))?;
+        let (start_rx, start_tx) = channel::pipe().map_err(spawn_err(&self.agent_exe))?;
+        let terminal = io.terminal;
+        let helper = spawn_helper(
+            &self.agent_exe,
+            process::VERB_INIT,
+            io,
+            vec![
+                (config_rx, FD_CONFIG),
+                (status_tx, FD_STATUS),
+                (start_rx, FD_START),
+            ],
+        )
+        .map_err(spawn_err(&self.agent_exe))?;
+        self.start_tx = Some(File::from(start_tx));
+        let mut status = Reader::new(status_rx);
+        let helper_fd = pidfd_open(helper).ok();
+        let kill_helper = |fd: &Option<OwnedFd>| {
+            if let Some(fd) = fd {
+                let _ = pidfd_signal(fd, Signal::SIGKILL);
+            }
+        };
+        if let Some(cg) = &self.cgroup {
+            if let Err(e) = cg.add_process(helper) {
+                kill_helper(&helper_fd);
+                return Err(CreateError::Cgroup(e));
+            }
+        }
+        spec.set_root(None);
+        let config = InitConfig {
+            spec,
+            rootfs: rootfs_dir,
+            seccomp: self.seccomp.clone(),
+            terminal,
+        };
+        if let Err(e) = send_config(config_tx, &config) {
+            kill_helper(&helper_fd);
+            return Err(CreateError::SendConfig(e));
+        }
+
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        loop {
+            let msg = match status.next(deadline, SETUP_TIMEOUT) {
+                Ok(m) => m,
+                Err(e) => {
+                    kill_helper(&helper_fd);
+                    return Err(CreateError::Channel(e));
+                }
+            };
+            match msg {
+                Some(Msg::Pid { pid }) => {
+                    self.init_pid = Pid::from_raw(pid);
+                    self.init_pidfd =
+                        Some(
+                            pidfd_open(self.init_pid).map_err(|source| CreateError::Pidfd {
+                                pid: self.init_pid,
+                                source,
+                            })?,
+                        );
+                }
+                Some(Msg::Ready) => break,
+                Some(Msg::Error(e)) => return Err(CreateError::Setup(e)),
+                Some(Msg::ExecFailed { program, message }) => {
+                    return Err(CreateError::Setup(channel::ChildError::new(
+                        format!("exec {program:?}"),
+                        message,
+                    )))
+                }
+                None => return Err(CreateError::Exited),
+            }
+        }
+        if self.init_pid.as_raw() == 0 {
+            return Err(CreateError::Exited);
+        }
+        // The helper exits right after reporting the pid; once it is gone, the init is the
+        // agent's child (reparented), which the caller's reaper relies on.
+        if let Some(fd) = &helper_fd {
+            wait_exited(fd, deadline);
+        }
+        self.status_rx = Some(status);
+        if own_pid_ns {
+            self.pid_ns = fs::read_link(format!("/proc/{}/ns/pid", self.init_pid))
+                .ok()
+                .map(|p| p.to_string_lossy().into_owned());
+        }
+        Ok(())
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The init's pid as seen by the agent.
+    pub fn init_pid(&self) -> Pid {
+        self.init_pid
+    }
+
+    /// Lets the init process execve the user program. An execve failure (e.g. no such file) is an
+    /// error naming the program (learnt through a CLOEXEC pipe; the init process then exits 127).
+    pub fn start(&mut self) -> Result<(), StartError> {
+        if self.destroyed {
+            return Err(StartError::Destroyed);
+        }
+        let mut tx = self.start_tx.take().ok_or(StartError::AlreadyStarted)?;
+        if tx.write_all(b"S").is_err() {
+            return Err(StartError::InitGone);
+        }
+        drop(tx);
+        let Some(mut status) = self.status_rx.take() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        loop {
+            match status
+                .next(deadline, SETUP_TIMEOUT)
+                .map_err(StartError::Channel)?
+            {
+                None => return Ok(()),
+                Some(Msg::ExecFailed { program, message }) => {
+                    return Err(StartError::Exec { program, message })
+                }
+                Some(Msg::Error(e)) => return Err(StartError::Setup(e)),
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Runs another process inside the running container (setns into its mnt/pid/uts/ipc/net/cgroup
+    /// namespaces, its cgroup, its own user/env/cwd/caps/rlimits from `process`, the
+    /// container's seccomp filter). Returns its pid (agent's view) once it has exec'd.
+    pub fn exec(&self, process: &Process, io: ProcessIo) -> Result<Pid, ExecError> {
+        spec::validate_process("process", process)?;
+        if self.destroyed || !self.init_alive() {
+            return Err(ExecError::NotRunning);
+        }
+        let spawn_err = |source| ExecError::Spawn {
+            exe: self.agent_exe.clone(),
+            source,
+        };
+        let (config_rx, config_tx) = channel::pipe().map_err(spawn_err)?;
+        let (status_rx, status_tx) = channel::pipe().map_err(spawn_err)?;
+        let terminal = io.terminal;
+        let helper = spawn_helper(
+            &self.agent_exe,
+            process::VERB_EXEC,
+            io,
+            vec![(config_rx, FD_CONFIG), (status_tx, FD_STATUS)],
+        )
+        .map_err(spawn_err)?;
+        let helper_fd = pidfd_open(helper).ok();
+        let kill_helper = || {
+            if let Some(fd) = &helper_fd {
+                let _ = pidfd_signal(fd, Signal::SIGKILL);
+            }
+        };
+        if let Some(cg) = &self.cgroup {
+            if let Err(e) = cg.add_process(helper) {
+                kill_helper();
+                return Err(ExecError::Cgroup(e));
+            }
+        }
+        let config = ExecConfig {
+            process: process.clone(),
+            init_pid: self.init_pid.as_raw(),
+            seccomp: self.seccomp.clone(),
+            terminal,
+        };
+        if let Err(e) = send_config(config_tx, &config) {
+            kill_helper();
+            return Err(ExecError::SendConfig(e));
+        }
+        let mut status = Reader::new(status_rx);
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        let mut pid = None;
+        loop {
+            let msg = match status.next(deadline, SETUP_TIMEOUT) {
+                Ok(m) => m,
+                Err(e) => {
+                    kill_helper();
+                    if let Some(p) = pid {
+                        let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
+                    }
+                    return Err(ExecError::Channel(e));
+                }
+            };
+            match msg {
+                Some(Msg::Pid { pid: p }) => pid = Some(Pid::from_raw(p)),
+                Some(Msg::Error(e)) => return Err(ExecError::Setup(e)),
+                Some(Msg::ExecFailed { program, message }) => {
+                    return Err(ExecError::Exec { program, message })
+                }
+                Some(Msg::Ready) => {}
+                None => break,
+            }
+        }
+        let pid = pid.ok_or(ExecError::Exited)?;
+        if let Some(fd) = &helper_fd {
+            wait_exited(fd, deadline);
+        }
+        Ok(pid)
+    }
+
+    /// Whether the init process still runs (not yet exited; it may be unreaped).
+    fn init_alive(&self) -> bool {
+        match &self.init_pidfd {
+            Some(fd) => !wait_exited(fd, Instant::now()),
+            None => false,
+        }
+    }
+
+    /// The container's processes, agent's view: the cgroup's, or those in the init's pid
+    /// namespace, or just the init.
+    pub fn pids(&self) -> Result<Vec<Pid>, ContainerError> {
+        if self.destroyed {
+            return Err(ContainerError::Destroyed);
+        }
+        if let Some(cg) = &self.cgroup {
+            return Ok(cg.procs()?);
+        }
+        if let Some(ns) = &self.pid_ns {
+            let mut out = Vec::new();
+            for e in fs::read_dir("/proc")
+                .map_err(ContainerError::Proc)?
+                .flatten()
+            {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                    continue;
+                };
+                let link = fs::read_link(format!("/proc/{pid}/ns/pid"));
+                if link.is_ok_and(|l| l.to_string_lossy() == ns.as_str()) {
+                    out.push(Pid::from_raw(pid));
+                }
+            }
+            return Ok(out);
+        }
+        Ok(if self.init_alive() {
+            vec![self.init_pid]
+        } else {
+            Vec::new()
+        })
+    }
+
+    /// Signals every process of the container (SIGKILL via cgroup.kill when there is a cgroup).
+    pub fn signal_all(&self, sig: Signal) -> Result<(), ContainerError> {
+        if self.destroyed {
+            return Err(ContainerError::Destroyed);
+        }
+        if let (Some(cg), Signal::SIGKILL) = (&self.cgroup, sig) {
+            return Ok(cg.kill_all()?);
+        }
+        for pid in self.pids()? {
+            let r = if pid == self.init_pid {
+                match &self.init_pidfd {
+                    Some(fd) => pidfd_signal(fd, sig)
+                        .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))),
+                    None => Ok(()),
+                }
+            } else {
+                nix::sys::signal::kill(pid, sig)
+            };
+            match r {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(source) => {
+                    return Err(ContainerError::Signal {
+                        signal: sig,
+                        pid,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn cg(&self) -> Result<&Cgroup, CgroupError> {
+        self.cgroup.as_ref().ok_or(CgroupError::NoCgroup)
+    }
+
+    /// Applies new resource limits.
+    pub fn update(&self, res: &LinuxResources) -> Result<(), CgroupError> {
+        let files = cgroup::resources_to_files(res)?;
+        self.cg()?.apply(&files)
+    }
+
+    /// cpu.stat, memory.current/max/stat/events, swap, pids.current/max, io.stat.
+    pub fn stats(&self) -> Result<cgroup::Stats, CgroupError> {
+        self.cg()?.stats()
+    }
+
+    /// Freezes the container (cgroup.freeze).
+    pub fn pause(&self) -> Result<(), CgroupError> {
+        self.cg()?.freeze(true)
+    }
+
+    pub fn resume(&self) -> Result<(), CgroupError> {
+        self.cg()?.freeze(false)
+    }
+
+    /// The memory.events oom_kill counter (0 without a memory controller or cgroup).
+    pub fn oom_kills(&self) -> Result<u64, CgroupError> {
+        match &self.cgroup {
+            Some(cg) => cg.oom_kills(),
+            None => Ok(0),
+        }
+    }
+
+    /// The container's cgroup directory, if any (the service watches memory.events for OOM events).
+    pub fn cgroup_path(&self) -> Option<&Path> {
+        self.cgroup.as_ref().map(Cgroup::path)
+    }
+
+    /// Kills every remaining process (SIGKILL), waits (bounded) until the cgroup / pid namespace is empty,
+    /// unmounts the rootfs, removes cgroup and state dir. Idempotent; also called on a failed create.
+    /// On error the steps not done are retried by the next call.
+    pub fn destroy(&mut self) -> Result<(), DestroyError> {
+        if self.destroyed {
+            return Ok(());
+        }
+        // An init still waiting for start exits when the start pipe closes.
+        self.start_tx = None;
+        self.status_rx = None;
+        if let Some(cg) = &self.cgroup {
+            cg.kill_all().map_err(DestroyError::Kill)?;
+        }
+        if let Some(fd) = &self.init_pidfd {
+            // SIGKILL to a pid namespace's init kills the whole namespace.
+            let _ = pidfd_signal(fd, Signal::SIGKILL);
+            if !wait_exited(fd, Instant::now() + KILL_TIMEOUT) {
+                return Err(DestroyError::InitAlive {
+                    pid: self.init_pid,
+                    timeout: KILL_TIMEOUT,
+                });
+            }
+        }
+        if let Some(cg) = &self.cgroup {
+            // rmdir succeeds only once the last process is gone.
+            cg.remove(KILL_TIMEOUT).map_err(DestroyError::Cgroup)?;
+        }
+        if let Some(m) = &self.rootfs_mount {
+            match nix::mount::umount2(m, nix::mount::MntFlags::empty()) {
+                Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+                Err(nix::errno::Errno::EBUSY) => {
+                    nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH).map_err(|source| {
+                        DestroyError::Unmount {
+                            path: m.clone(),
+                            source,
+                        }
+                    })?
+                }
+                Err(source) => {
+                    return Err(DestroyError::Unmount {
+                        path: m.clone(),
+                        source,
+                    })
+                }
+            }
+            self.rootfs_mount = None;
+        }
+        // Only rmdir: never recurse into what might still be a mounted rootfs.
+        for dir in [self.state_dir.join("rootfs"), self.state_dir.clone()] {
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DestroyError::StateDir { path: dir, source }),
+            }
+        }
+        self.init_pidfd = None;
+        self.destroyed = true;
+        tracing::debug!(container = %self.id, "container destroyed");
+        Ok(())
+    }
+}
+
+fn spawn_err(exe: &Path) -> impl Fn(io::Error) -> CreateError + '_ {
+    move |source| CreateError::Spawn {
+        exe: exe.to_path_buf(),
+        source,
+    }
+}
+
+fn send_config<T: serde::Serialize>(tx: OwnedFd, cfg: &T) -> io::Result<()> {
+    let bytes = serde_json::to_vec(cfg).map_err(io::Error::other)?;
+    let mut f = File::from(tx);
+    f.write_all(&bytes)
+}
+
+/// Starts `exe verb` with `io` on 0/1/2 and `fds` at their fixed numbers, and returns its
+/// pid. It is not waited for: the agent's reaper collects it.
+fn spawn_helper(
+    exe: &Path,
+    verb: &str,
+    io: ProcessIo,
+    fds: Vec<(OwnedFd, RawFd)>,
+) -> io::Result<Pid> {
+    // Move the fds above the fixed numbers first, so the dup2s in the child cannot clobber
+    // one another.
+    let high: Vec<(OwnedFd, RawFd)> = fds
+        .iter()
+        .map(|(fd, target)| {
+            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))
+                // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+                .map(|n| (unsafe { OwnedFd::from_raw_fd(n) }, *target))
+                .map_err(io::Error::from)
+        })
+        .collect::<io::Result<_>>()?;
+    drop(fds);
+    let pairs: Vec<(RawFd, RawFd)> = high.iter().map(|(fd, t)| (fd.as_raw_fd(), *t)).collect();
+    let mut cmd = Command::new(exe);
+    cmd.arg(verb)
+        .env_clear()
+        .stdin(Stdio::from(io.stdin))
+        .stdout(Stdio::from(io.stdout))
+        .stderr(Stdio::from(io.stderr));
+    // SAFETY: the closure runs between fork and exec in a copy of a multi-threaded process;
+    // it only calls dup2, which is async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &(from, to) in &pairs {
+                if libc::dup2(from, to) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    #[allow(clippy::zombie_processes)] // the agent's reaper waits for every child
+    let child = cmd.spawn()?;
+    let pid = Pid::from_raw(child.id() as i32);
+    drop(child);
+    drop(high);
+    Ok(pid)
+}
+
+fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn pidfd_signal(fd: &OwnedFd, sig: Signal) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo and no flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            sig as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits until the process of `fd` has exited (a pidfd turns readable), at most until
+/// `deadline`. Returns whether it has.
+fn wait_exited(fd: &OwnedFd, deadline: Instant) -> bool {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match nix::poll::poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(0) => return false,
+            Ok(_) => return true,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+        }
+    }
+}

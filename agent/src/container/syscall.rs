@@ -1,0 +1,190 @@
+//! The privileged system calls of rootfs setup behind a trait, so the mount logic can be
+//! unit-tested without root: [`Linux`] calls the kernel, tests record the calls.
+//!
+//! Plain file-system work (mkdir, creating mount-point files, symlinks) is done with `std::fs`
+//! directly; it works unprivileged on a temporary directory.
+
+use std::path::Path;
+
+use nix::{
+    mount::{MntFlags, MsFlags},
+    sys::stat::{Mode, SFlag},
+};
+
+/// The privileged calls mount setup makes.
+pub trait Syscall {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> nix::Result<()>;
+    fn umount2(&self, target: &Path, flags: MntFlags) -> nix::Result<()>;
+    /// Makes `new_root` the root of the mount namespace and drops the old root
+    /// (the `pivot_root(".", ".")` sequence); the cwd is `/` afterwards.
+    fn pivot_root(&self, new_root: &Path) -> nix::Result<()>;
+    fn mknod(&self, path: &Path, kind: SFlag, perm: Mode, dev: u64) -> nix::Result<()>;
+    fn chown(&self, path: &Path, uid: Option<u32>, gid: Option<u32>) -> nix::Result<()>;
+    /// The mount flags (MS_RDONLY, MS_NOSUID, ...) of the mount holding `path`.
+    fn mount_flags(&self, path: &Path) -> nix::Result<MsFlags>;
+}
+
+/// The real kernel.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Linux;
+
+impl Syscall for Linux {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> nix::Result<()> {
+        nix::mount::mount(source, target, fstype, flags, data)
+    }
+
+    fn umount2(&self, target: &Path, flags: MntFlags) -> nix::Result<()> {
+        nix::mount::umount2(target, flags)
+    }
+
+    fn pivot_root(&self, new_root: &Path) -> nix::Result<()> {
+        nix::unistd::chdir(new_root)?;
+        nix::unistd::pivot_root(".", ".")?;
+        // The old root is now stacked under the new one at "."; keep its unmount from
+        // propagating anywhere, then drop it.
+        nix::mount::mount(
+            None::<&str>,
+            ".",
+            None::<&str>,
+            MsFlags::MS_SLAVE | MsFlags::MS_REC,
+            None::<&str>,
+        )?;
+        nix::mount::umount2(".", MntFlags::MNT_DETACH)?;
+        nix::unistd::chdir("/")
+    }
+
+    fn mknod(&self, path: &Path, kind: SFlag, perm: Mode, dev: u64) -> nix::Result<()> {
+        nix::sys::stat::mknod(path, kind, perm, dev)
+    }
+
+    fn chown(&self, path: &Path, uid: Option<u32>, gid: Option<u32>) -> nix::Result<()> {
+        nix::unistd::chown(
+            path,
+            uid.map(nix::unistd::Uid::from_raw),
+            gid.map(nix::unistd::Gid::from_raw),
+        )
+    }
+
+    fn mount_flags(&self, path: &Path) -> nix::Result<MsFlags> {
+        use nix::sys::statvfs::FsFlags;
+        let f = nix::sys::statvfs::statvfs(path)?.flags();
+        let map = [
+            (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+            (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+            (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+            (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+            (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+            (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+            (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+        ];
+        Ok(map
+            .iter()
+            .filter(|(s, _)| f.contains(*s))
+            .fold(MsFlags::empty(), |acc, (_, m)| acc | *m))
+    }
+}
+
+#[cfg(test)]
+pub mod test {
+    //! A recording double of [`Syscall`].
+    use super::*;
+    use std::{cell::RefCell, path::PathBuf};
+
+    /// One recorded call.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Call {
+        Mount {
+            source: Option<PathBuf>,
+            target: PathBuf,
+            fstype: Option<String>,
+            flags: MsFlags,
+            data: Option<String>,
+        },
+        Umount(PathBuf),
+        PivotRoot(PathBuf),
+        Mknod(PathBuf, u64),
+        Chown(PathBuf),
+    }
+
+    /// Records every call and succeeds; `mknod_fails` makes mknod fail with EPERM.
+    #[derive(Debug, Default)]
+    pub struct Recorder {
+        pub calls: RefCell<Vec<Call>>,
+        pub mknod_fails: bool,
+    }
+
+    impl Recorder {
+        pub fn mounts(&self) -> Vec<Call> {
+            self.calls
+                .borrow()
+                .iter()
+                .filter(|c| matches!(c, Call::Mount { .. }))
+                .cloned()
+                .collect()
+        }
+    }
+
+    impl Syscall for Recorder {
+        fn mount(
+            &self,
+            source: Option<&Path>,
+            target: &Path,
+            fstype: Option<&str>,
+            flags: MsFlags,
+            data: Option<&str>,
+        ) -> nix::Result<()> {
+            self.calls.borrow_mut().push(Call::Mount {
+                source: source.map(Path::to_path_buf),
+                target: target.to_path_buf(),
+                fstype: fstype.map(str::to_string),
+                flags,
+                data: data.map(str::to_string),
+            });
+            Ok(())
+        }
+        fn umount2(&self, target: &Path, _: MntFlags) -> nix::Result<()> {
+            self.calls
+                .borrow_mut()
+                .push(Call::Umount(target.to_path_buf()));
+            Ok(())
+        }
+        fn pivot_root(&self, new_root: &Path) -> nix::Result<()> {
+            self.calls
+                .borrow_mut()
+                .push(Call::PivotRoot(new_root.to_path_buf()));
+            Ok(())
+        }
+        fn mknod(&self, path: &Path, _: SFlag, _: Mode, dev: u64) -> nix::Result<()> {
+            if self.mknod_fails {
+                return Err(nix::errno::Errno::EPERM);
+            }
+            self.calls
+                .borrow_mut()
+                .push(Call::Mknod(path.to_path_buf(), dev));
+            std::fs::write(path, b"").map_err(|_| nix::errno::Errno::EIO)
+        }
+        fn chown(&self, path: &Path, _: Option<u32>, _: Option<u32>) -> nix::Result<()> {
+            self.calls
+                .borrow_mut()
+                .push(Call::Chown(path.to_path_buf()));
+            Ok(())
+        }
+        fn mount_flags(&self, _: &Path) -> nix::Result<MsFlags> {
+            Ok(MsFlags::MS_NOSUID)
+        }
+    }
+}
