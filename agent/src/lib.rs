@@ -2,5 +2,20 @@
 //!
 //! It runs as the microVM's PID 1 (or as a host process for tests), serves the agent API
 //! of `husk-proto` over ttrpc, and runs the pod's containers.
+//!
+//! - [`container`]: the container engine (namespaces, mounts, cgroups, processes).
+//! - [`sandbox`]: the sandbox's containers and processes; the domain of every RPC.
+//! - [`service`]: thin ttrpc handlers over [`sandbox`].
+//! - [`stdio`]: stdio streams, one connection per stream.
+//! - [`reaper`]: reaps every child and reports exits.
+//! - [`server`]: the vsock / Unix listeners.
+//! - [`pid1`]: guest init duties.
 
 pub mod container;
+pub mod error;
+pub mod pid1;
+pub mod reaper;
+pub mod sandbox;
+pub mod server;
+pub mod service;
+pub mod stdio;

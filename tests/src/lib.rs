@@ -1,1 +1,4 @@
 //! Shared helpers of the end-to-end tests.
+pub mod agent;
+pub mod rootfs;
+pub mod testbed;
