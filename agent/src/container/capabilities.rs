@@ -47,10 +47,11 @@ pub fn set_sets(c: &LinuxCapabilities) -> Result<(), ChildError> {
     let eff = only(to_caps(c.effective().as_ref()));
     caps::set(None, CapSet::Inheritable, &inh)
         .map_err(|e| caps_err("setting the inheritable capabilities", e))?;
-    caps::set(None, CapSet::Permitted, &perm)
-        .map_err(|e| caps_err("setting the permitted capabilities", e))?;
+    // Effective before permitted: capset refuses an effective set outside the permitted one.
     caps::set(None, CapSet::Effective, &eff)
         .map_err(|e| caps_err("setting the effective capabilities", e))?;
+    caps::set(None, CapSet::Permitted, &perm)
+        .map_err(|e| caps_err("setting the permitted capabilities", e))?;
     caps::clear(None, CapSet::Ambient).map_err(|e| caps_err("clearing the ambient set", e))?;
     for cap in only(to_caps(c.ambient().as_ref())) {
         caps::raise(None, CapSet::Ambient, cap)

@@ -204,7 +204,7 @@ impl Container {
         &mut self,
         cfg: &EngineConfig,
         sandbox_id: &str,
-        mut spec: Spec,
+        spec: Spec,
         rootfs: RootfsSource,
         resources: &[(String, String)],
         io: ProcessIo,
@@ -298,7 +298,6 @@ impl Container {
                 return Err(CreateError::Cgroup(e));
             }
         }
-        spec.set_root(None);
         let config = InitConfig {
             spec,
             rootfs: rootfs_dir,
