@@ -1,6 +1,9 @@
 //! `husk`: the command-line tool of the husk runtime.
 
 mod agent_cmd;
+mod image;
+mod run;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -15,6 +18,8 @@ struct Cli {
 enum Cmd {
     /// Talk to a husk agent directly (debugging).
     Agent(agent_cmd::AgentArgs),
+    /// Run a container in a fresh microVM and return its exit status.
+    Run(run::RunArgs),
 }
 
 fn main() {
@@ -39,6 +44,7 @@ fn main() {
     let res = rt.block_on(async {
         match cli.cmd {
             Cmd::Agent(a) => agent_cmd::run(a).await,
+            Cmd::Run(a) => run::run(a).await,
         }
     });
     match res {

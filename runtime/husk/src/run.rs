@@ -1,0 +1,308 @@
+//! `husk run`: one container in a fresh microVM, from a rootfs directory or an OCI image
+//! layout, with its stdio streamed and its exit status returned as husk's own.
+
+use std::{
+    os::fd::AsFd,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use husk_client::{pb, AgentClient};
+use oci_spec::runtime::{
+    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Spec,
+};
+
+use crate::{
+    agent_cmd::attach,
+    image,
+    vm::{check_kvm, default_image, Drive, Vm, VmSize},
+};
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// A rootfs directory, or an OCI image layout (directory or tarball).
+    pub image: PathBuf,
+    /// The command (default: the image's entrypoint and cmd).
+    #[arg(trailing_var_arg = true)]
+    pub command: Vec<String>,
+    /// Give the container a terminal.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Keep stdin open and stream it to the container.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// vCPUs of the microVM.
+    #[arg(long, default_value = "1")]
+    pub cpus: u8,
+    /// Memory of the microVM in MiB.
+    #[arg(long, default_value = "256")]
+    pub memory: u32,
+    /// Memory limit of the container in MiB (cgroup memory.max).
+    #[arg(long)]
+    pub container_memory: Option<u64>,
+    /// CPU limit of the container in cores, e.g. 0.5 (cgroup cpu.max).
+    #[arg(long)]
+    pub container_cpus: Option<f64>,
+    /// Environment variables KEY=VALUE for the container.
+    #[arg(short, long)]
+    pub env: Vec<String>,
+    /// Guest kernel (default: $HUSK_CACHE/current/vmlinux).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Guest initramfs (default: $HUSK_CACHE/current/initramfs.cpio.gz).
+    #[arg(long)]
+    pub initramfs: Option<PathBuf>,
+    /// The VMM binary (default: husk-vmm next to husk).
+    #[arg(long)]
+    pub vmm: Option<PathBuf>,
+    /// How long to wait for the guest agent (nested virtualization is slow).
+    #[arg(long, default_value = "60")]
+    pub boot_timeout: u64,
+    /// Print boot timings to stderr.
+    #[arg(long)]
+    pub timings: bool,
+}
+
+/// Runs the container; returns its exit status.
+pub async fn run(a: RunArgs) -> Result<i32> {
+    let t0 = Instant::now();
+    check_kvm()?;
+    let mut img = default_image();
+    if let Some(k) = a.kernel.clone() {
+        img.kernel = k;
+    }
+    if let Some(i) = a.initramfs.clone() {
+        img.initramfs = i;
+    }
+    if let Some(v) = a.vmm.clone() {
+        img.vmm = v;
+    }
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/run/husk".into());
+    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    let work = tempfile::Builder::new()
+        .prefix("run-")
+        .tempdir_in(&base)
+        .with_context(|| format!("creating a run directory in {}", base.display()))?;
+
+    let rootfs = image::prepare(&a.image, &work.path().join("image"))?;
+    let disk = work.path().join("rootfs.ext4");
+    image::make_ext4(&rootfs.dir, &disk, 64)?;
+    let spec = build_spec(&a, &rootfs.config)?;
+
+    let mut vm = Vm::start(
+        &img,
+        &VmSize {
+            vcpus: a.cpus,
+            mem_mib: a.memory,
+        },
+        &[Drive {
+            id: "rootfs".into(),
+            path: disk,
+            read_only: false,
+        }],
+        &work.path().join("vm"),
+    )?;
+    let agent = vm
+        .connect_agent(Duration::from_secs(a.boot_timeout))
+        .await?;
+    let t_ready = t0.elapsed();
+
+    let run = tokio::select! {
+        r = run_in_vm(&agent, &spec, a.tty, a.interactive, t0, a.timings) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    // Power the VM off whatever happened; the Vm's drop kills it if that fails.
+    let mut req = pb::DestroySandboxRequest::new();
+    req.sandbox_id = "husk-run".into();
+    let _ = tokio::time::timeout(Duration::from_secs(10), agent.destroy_sandbox(req)).await;
+    let exit = vm.wait_exit(Duration::from_secs(20)).await;
+    if a.timings {
+        eprintln!(
+            "husk: agent ready {:.0} ms after start, total {:.0} ms",
+            t_ready.as_secs_f64() * 1000.0,
+            t0.elapsed().as_secs_f64() * 1000.0
+        );
+        for l in vm
+            .vmm_log()
+            .lines()
+            .filter(|l| l.contains(" ms") || l.contains("MiB"))
+        {
+            eprintln!("husk-vmm: {l}");
+        }
+    }
+    drop(vm);
+    let code = run?;
+    exit?;
+    Ok(code)
+}
+
+async fn run_in_vm(
+    agent: &AgentClient,
+    spec: &Spec,
+    tty: bool,
+    interactive: bool,
+    t0: Instant,
+    timings: bool,
+) -> Result<i32> {
+    let mut req = pb::CreateSandboxRequest::new();
+    req.sandbox_id = "husk-run".into();
+    req.hostname = "husk".into();
+    agent.create_sandbox(req).await?;
+
+    let mut req = pb::CreateContainerRequest::new();
+    req.container_id = "main".into();
+    req.oci_spec_json = serde_json::to_vec(spec)?;
+    req.stdin = interactive;
+    let mut bd = pb::BlockDevice::new();
+    bd.source = "/dev/vda".into();
+    bd.fstype = "ext4".into();
+    let mut root = pb::Rootfs::new();
+    root.set_block(bd);
+    req.rootfs = Some(root).into();
+    agent.create_container(req).await?;
+
+    let _raw = if tty { RawTerminal::enter() } else { None };
+    if tty {
+        if let Some((rows, cols)) = terminal_size() {
+            let mut r = pb::ResizeTerminalRequest::new();
+            r.container_id = "main".into();
+            r.rows = rows.into();
+            r.cols = cols.into();
+            // The process does not exist until started; resize after start below.
+            let agent2 = agent.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = agent2.resize_terminal(r).await;
+            });
+        }
+    }
+    let mut req = pb::StartContainerRequest::new();
+    req.container_id = "main".into();
+    let agent2 = agent.clone();
+    let start = tokio::spawn(async move { agent2.start_container(req).await });
+    if timings {
+        eprintln!(
+            "husk: container starting {:.0} ms after husk run began",
+            t0.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    let code = attach(agent, "main", "", interactive, tty);
+    tokio::pin!(code);
+    // Attach before the start completes so no output can be missed; a failed start ends it.
+    match start.await? {
+        Ok(_) => {}
+        Err(e) => bail!("starting the container: {e}"),
+    }
+    code.await
+}
+
+/// The OCI spec of the container: runc's defaults minus the network namespace (the
+/// container shares the VM's), with the command, env and limits of the command line.
+fn build_spec(a: &RunArgs, cfg: &image::ImageConfig) -> Result<Spec> {
+    let mut spec = Spec::default();
+    let mut args: Vec<String> = a.command.clone();
+    if args.is_empty() {
+        args = cfg
+            .entrypoint
+            .iter()
+            .chain(cfg.cmd.iter())
+            .cloned()
+            .collect();
+    }
+    if args.is_empty() {
+        bail!("no command given and the image has no entrypoint or cmd");
+    }
+    let mut env =
+        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()];
+    env.extend(cfg.env.iter().cloned());
+    if a.tty {
+        env.push("TERM=xterm".into());
+    }
+    env.extend(a.env.iter().cloned());
+    let mut p = spec.process().clone().unwrap_or_default();
+    p.set_args(Some(args));
+    p.set_env(Some(env));
+    p.set_terminal(Some(a.tty));
+    if let Some(wd) = &cfg.working_dir {
+        p.set_cwd(wd.into());
+    }
+    spec.set_process(Some(p));
+    spec.set_hostname(Some("husk".into()));
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_readonly(Some(false));
+    spec.set_root(Some(root));
+    let linux = spec
+        .linux_mut()
+        .as_mut()
+        .context("default spec has no linux section")?;
+    if let Some(ns) = linux.namespaces().clone() {
+        linux.set_namespaces(Some(
+            ns.into_iter()
+                .filter(|n| n.typ() != LinuxNamespaceType::Network)
+                .collect(),
+        ));
+    }
+    let mut res = LinuxResourcesBuilder::default();
+    if let Some(m) = a.container_memory {
+        res = res.memory(
+            LinuxMemoryBuilder::default()
+                .limit((m * 1024 * 1024) as i64)
+                .swap((m * 1024 * 1024) as i64)
+                .build()?,
+        );
+    }
+    if let Some(c) = a.container_cpus {
+        if c <= 0.0 {
+            bail!("--container-cpus must be positive, got {c}");
+        }
+        let period: u64 = 100_000;
+        res = res.cpu(
+            LinuxCpuBuilder::default()
+                .period(period)
+                .quota((c * period as f64) as i64)
+                .build()?,
+        );
+    }
+    linux.set_resources(Some(res.build()?));
+    Ok(spec)
+}
+
+fn terminal_size() -> Option<(u16, u16)> {
+    let mut ws: libc::winsize = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize into the live local `ws`.
+    let rc = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// Puts the local terminal in raw mode while a `-t` container runs; restores it on drop.
+struct RawTerminal(nix::sys::termios::Termios);
+
+impl RawTerminal {
+    fn enter() -> Option<RawTerminal> {
+        let stdin = std::io::stdin();
+        let saved = nix::sys::termios::tcgetattr(stdin.as_fd()).ok()?;
+        let mut raw = saved.clone();
+        nix::sys::termios::cfmakeraw(&mut raw);
+        nix::sys::termios::tcsetattr(stdin.as_fd(), nix::sys::termios::SetArg::TCSANOW, &raw)
+            .ok()?;
+        Some(RawTerminal(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin().as_fd(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.0,
+        );
+    }
+}

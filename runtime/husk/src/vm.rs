@@ -1,0 +1,203 @@
+//! One microVM: a `husk-vmm` process, its sockets and logs in a private directory, and the
+//! agent inside it. Dropping a `Vm` kills the VMM and removes the directory, so no VMM
+//! process, socket or file outlives the `husk` command on any path.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use husk_client::{AgentAddr, AgentClient};
+use tokio::process::{Child, Command};
+
+/// The guest image and VMM to use.
+#[derive(Debug, Clone)]
+pub struct VmImage {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+/// How big the VM is.
+#[derive(Debug, Clone)]
+pub struct VmSize {
+    pub vcpus: u8,
+    pub mem_mib: u32,
+}
+
+/// A drive of the VM: an image file, read-only or not.
+#[derive(Debug, Clone)]
+pub struct Drive {
+    pub id: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// A running microVM.
+#[derive(Debug)]
+pub struct Vm {
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// The default location of the guest image and VMM: `$HUSK_CACHE/current` (as built by
+/// guest-image/build.sh) and the `husk-vmm` next to this executable.
+pub fn default_image() -> VmImage {
+    let cache = std::env::var_os("HUSK_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/husk".into());
+    let vmm = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("husk-vmm")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "husk-vmm".into());
+    VmImage {
+        vmm,
+        kernel: cache.join("current/vmlinux"),
+        initramfs: cache.join("current/initramfs.cpio.gz"),
+    }
+}
+
+/// Fails, in one line that says why, on a host whose KVM cannot boot a Linux guest.
+pub fn check_kvm() -> Result<()> {
+    if !Path::new("/dev/kvm").exists() {
+        bail!("/dev/kvm does not exist: this host has no KVM (load kvm_intel or kvm_amd, or run inside the testbed: tests/testbed/run.sh)");
+    }
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if !hw {
+        bail!("/dev/kvm here has no hardware virtualization (no vmx/svm CPU flag; e.g. PVM): it cannot boot a Linux guest; run husk inside the nested-KVM testbed (tests/testbed/run.sh -- husk run ...)");
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// The hybrid-vsock socket of the VM.
+    pub fn vsock_path(dir: &Path) -> PathBuf {
+        dir.join("vsock.sock")
+    }
+
+    /// Starts a VMM for `image` with `drives`, in `dir` (created, and removed on drop).
+    pub fn start(image: &VmImage, size: &VmSize, drives: &[Drive], dir: &Path) -> Result<Vm> {
+        for (what, p) in [("kernel", &image.kernel), ("initramfs", &image.initramfs)] {
+            if !p.exists() {
+                bail!(
+                    "the guest {what} {} does not exist: build the guest image with guest-image/build.sh (or pass --{what})",
+                    p.display()
+                );
+            }
+        }
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut cmd = Command::new(&image.vmm);
+        cmd.arg("--kernel")
+            .arg(&image.kernel)
+            .arg("--initramfs")
+            .arg(&image.initramfs)
+            .arg("--vcpus")
+            .arg(size.vcpus.to_string())
+            .arg("--mem-mib")
+            .arg(size.mem_mib.to_string())
+            .arg("--serial-log")
+            .arg(dir.join("serial.log"))
+            .arg("--vsock-uds")
+            .arg(Self::vsock_path(dir))
+            .arg("--api-sock")
+            .arg(dir.join("api.sock"));
+        for d in drives {
+            cmd.arg("--drive").arg(format!(
+                "id={},path={},ro={}",
+                d.id,
+                d.path.display(),
+                d.read_only
+            ));
+        }
+        let log = fs::File::create(dir.join("vmm.log")).context("creating vmm.log")?;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting the VMM {}", image.vmm.display()))?;
+        Ok(Vm {
+            dir: dir.to_path_buf(),
+            child: Some(child),
+        })
+    }
+
+    /// Waits until the agent answers, or fails with what the VMM and the guest said.
+    pub async fn connect_agent(&mut self, timeout: Duration) -> Result<AgentClient> {
+        let addr = AgentAddr::HybridVsock(Self::vsock_path(&self.dir));
+        let child = self.child.as_mut().context("the VMM is gone")?;
+        tokio::select! {
+            r = AgentClient::connect_when_ready(&addr, timeout) => match r {
+                Ok(c) => Ok(c),
+                Err(e) => bail!("the guest agent did not become ready within {:.0} s: {e}\n{}", timeout.as_secs_f64(), self.logs_tail()),
+            },
+            status = child.wait() => {
+                let status = status.context("waiting for the VMM")?;
+                self.child = None;
+                bail!("the VMM exited ({status}) before the agent was ready\n{}", self.logs_tail())
+            }
+        }
+    }
+
+    /// The last lines of the VMM log and the serial console, for error messages.
+    pub fn logs_tail(&self) -> String {
+        let mut s = String::new();
+        for name in ["vmm.log", "serial.log"] {
+            let text = fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(15)..];
+            if !tail.is_empty() {
+                s.push_str(&format!("--- {name} (last lines)\n{}\n", tail.join("\n")));
+            }
+        }
+        s
+    }
+
+    /// The VMM's own log (boot timings).
+    pub fn vmm_log(&self) -> String {
+        fs::read_to_string(self.dir.join("vmm.log")).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for the VMM to exit (after the guest powered off), then kills it.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<()> {
+        if let Some(child) = self.child.as_mut() {
+            match tokio::time::timeout(timeout, child.wait()).await {
+                Ok(r) => {
+                    r.context("waiting for the VMM")?;
+                }
+                Err(_) => {
+                    let _ = child.kill().await;
+                    self.child = None;
+                    bail!(
+                        "the VMM did not exit within {:.0} s of the guest's shutdown; killed it",
+                        timeout.as_secs_f64()
+                    );
+                }
+            }
+            self.child = None;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            // Reap it so no zombie or running VMM outlives us.
+            if let Some(pid) = child.id() {
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
