@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# Runs a command inside the nested-KVM testbed: a first-level VM (L1) under
+# QEMU TCG `-cpu max` (nested SVM: /dev/kvm works inside), whose root is the
+# host's root shared read-only over virtio-9p with a tmpfs overlay on top.
+#
+#   tests/testbed/run.sh [options] -- COMMAND [ARG...]
+#
+#   --timeout SECS     kill the VM after SECS (default 900); exit status 124
+#   --mem MIB          L1 memory (default 2048)
+#   --cpus N           L1 vCPUs (default 2)
+#   --cwd DIR          working directory of COMMAND (default: the current one)
+#   --env NAME=VALUE   extra environment for COMMAND (repeatable); COMMAND gets
+#                      PATH HOME USER LANG HUSK_CACHE RUST_LOG RUST_BACKTRACE
+#                      of the caller (when set) and TERM=dumb
+#   --name NAME        QEMU's -name (default husk-testbed), to find the process
+#   --status-file F    also write "exit N", "timeout" or "error MSG" to F
+#   --verbose          show L1's boot messages and timings
+#   --build-only       only build (or find in the cache) the L1 kernel and initramfs
+#
+# COMMAND runs as root in a chroot of the L1 root (host files read-only,
+# writes go to RAM and are lost), stdin /dev/null, stdout+stderr on the VM's
+# serial console, which this script streams to its stdout. Exit status:
+# COMMAND's, 124 on timeout (QEMU killed), 125 if the testbed itself failed.
+# Needs: root (or access to QEMU and the cache), qemu-system-x86,
+# linux-source-6.12, busybox-static (installed with apt-get when missing).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck disable=SC2034 # read by lib/common.sh
+HUSK_LOG_TAG=testbed
+# shellcheck source=../../guest-image/lib/common.sh
+. "$REPO/guest-image/lib/common.sh"
+# shellcheck source=../../guest-image/lib/kernel.sh
+. "$REPO/guest-image/lib/kernel.sh"
+# shellcheck source=../../guest-image/lib/initramfs.sh
+. "$REPO/guest-image/lib/initramfs.sh"
+
+timeout=900 mem=2048 cpus=2 cwd=$PWD verbose=0 build_only=0 status_file='' name=husk-testbed
+envs=()
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+while (($#)); do
+    case $1 in
+    --timeout) timeout=${2:?} && shift ;;
+    --mem) mem=${2:?} && shift ;;
+    --cpus) cpus=${2:?} && shift ;;
+    --cwd) cwd=${2:?} && shift ;;
+    --env) envs+=("${2:?}") && shift ;;
+    --status-file) status_file=${2:?} && shift ;;
+    --name) name=${2:?} && shift ;;
+    --verbose) verbose=1 ;;
+    --build-only) build_only=1 ;;
+    -h | --help) usage && exit 0 ;;
+    --) shift && break ;;
+    *) usage >&2 && exit 2 ;;
+    esac
+    shift
+done
+((build_only || $# > 0)) || { usage >&2 && exit 2; }
+
+reported=0
+result() { # result STATUS-LINE
+    reported=1
+    [[ -z $status_file ]] || printf '%s\n' "$1" >"$status_file"
+}
+job='' timeout_pid=''
+# shellcheck disable=SC2317 # called by the EXIT trap
+on_exit() {
+    local status=$? pid
+    # Never leave a QEMU behind (timeout, Ctrl-C, errors of this script).
+    [[ -n $timeout_pid ]] && kill -TERM "$timeout_pid" 2>/dev/null
+    if [[ -n $job && -f $job/qemu.pid ]]; then
+        pid=$(cat "$job/qemu.pid" 2>/dev/null || true)
+        if [[ -n $pid ]] && grep -qaF "$job" "/proc/$pid/cmdline" 2>/dev/null; then
+            kill -KILL "$pid" 2>/dev/null
+        fi
+    fi
+    [[ -n $job ]] && rm -rf "$job"
+    if ((!reported && !build_only)); then
+        [[ -z $status_file ]] || printf 'error testbed setup failed (status %s)\n' "$status" >"$status_file"
+        exit 125
+    fi
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- L1 kernel and initramfs (cached) -------------------------------------------
+husk_ensure_packages qemu-system-x86 busybox-static gcc gzip
+husk_kernel_build l1 "$REPO/guest-image/kernel/guest.config" "$HERE/l1.config"
+vmlinux=$HUSK_KERNEL_VMLINUX
+
+l1_list() {
+    husk_initramfs_dirs /dev /proc /sys /tmp /run /bin
+    echo "nod /dev/console 0600 0 0 c 5 1"
+    echo "file /init $HERE/init.sh 0755 0 0"
+    echo "file /bin/busybox /bin/busybox 0755 0 0"
+}
+key=$(
+    husk_hash_files /bin/busybox "$HERE/init.sh" "${BASH_SOURCE[0]}" "$REPO/guest-image/lib/initramfs.sh"
+)
+initrd="$HUSK_CACHE/testbed/initramfs/$key/l1.cpio.gz"
+if [[ ! -f $initrd ]]; then
+    mkdir -p "$HUSK_CACHE/testbed/initramfs"
+    tmp=$(mktemp -d "$HUSK_CACHE/testbed/initramfs/.tmp.$key.XXXXXX")
+    l1_list >"$tmp/list"
+    husk_gen_init_cpio "$tmp/list" "$tmp/l1.cpio.gz"
+    rm -rf "$HUSK_CACHE/testbed/initramfs/$key"
+    mv "$tmp" "$HUSK_CACHE/testbed/initramfs/$key"
+fi
+if ((build_only)); then
+    husk_log "L1 kernel:    $vmlinux"
+    husk_log "L1 initramfs: $initrd"
+    exit 0
+fi
+
+# --- the job -------------------------------------------------------------------------
+# A directory on the host (so L1 sees it through 9p) holding the job script.
+mkdir -p "$HUSK_CACHE/testbed/jobs"
+job=$(mktemp -d "$HUSK_CACHE/testbed/jobs/job.XXXXXX")
+
+env_args=(TERM=dumb)
+for name in PATH HOME USER LANG HUSK_CACHE RUST_LOG RUST_BACKTRACE; do
+    [[ -n ${!name:-} ]] && env_args+=("$name=${!name}")
+done
+env_args+=("${envs[@]}")
+{
+    echo '#!/bin/bash'
+    printf 'cd -- %q || exit 126\n' "$cwd"
+    printf 'exec env -i'
+    printf ' %q' "${env_args[@]}" "$@"
+    echo
+} >"$job/job.sh"
+
+# --- boot L1 -------------------------------------------------------------------------
+cmdline="console=ttyS0 quiet loglevel=1 panic=-1 reboot=t husk.job=$job husk.time=$(date +%s)"
+((verbose)) && cmdline=${cmdline/ quiet loglevel=1/}
+# shellcheck disable=SC2054 # QEMU options use commas
+qemu=(
+    qemu-system-x86_64
+    -M microvm,x-option-roms=off,rtc=off,acpi=off
+    -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$mem"
+    -name "$name" -nodefaults -no-user-config -display none -no-reboot
+    -chardev stdio,id=console,signal=off -serial chardev:console
+    -kernel "$vmlinux" -initrd "$initrd" -append "$cmdline"
+    -fsdev local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap
+    -device virtio-9p-device,fsdev=hostroot,mount_tag=hostroot
+    -pidfile "$job/qemu.pid"
+)
+start=$(husk_now)
+mkfifo "$job/console"
+# QEMU in the background (so this shell can kill it), its console through a
+# filter: lines before BEGIN are L1 boot noise (shown with --verbose), lines
+# between BEGIN and EXIT are the command's output.
+timeout -k 5 "$timeout" "${qemu[@]}" </dev/null >"$job/console" 2>"$job/qemu.err" &
+timeout_pid=$!
+set +e
+awk -v verbose="$verbose" -v logfile="$job/console.log" '
+    { sub(/\r$/, ""); print > logfile }
+    /^HUSK-TESTBED-BEGIN/ { inside = 1; if (verbose) print > "/dev/stderr"; next }
+    /^HUSK-TESTBED-(EXIT|ERROR)=/ { inside = 0; if (verbose) print > "/dev/stderr"; next }
+    inside { print; fflush(); next }
+    verbose { print > "/dev/stderr"; fflush("/dev/stderr") }
+' <"$job/console"
+wait "$timeout_pid"
+qemu_status=$?
+set -e
+timeout_pid=
+elapsed=$(husk_elapsed "$start")
+
+show_log() {
+    husk_log "--- L1 console (last 40 lines) ---"
+    tail -n 40 "$job/console.log" >&2 || true
+    husk_log "--- QEMU stderr ---"
+    cat "$job/qemu.err" >&2 || true
+}
+exit_line=$(grep -a -m1 '^HUSK-TESTBED-EXIT=' "$job/console.log" || true)
+error_line=$(grep -a -m1 '^HUSK-TESTBED-ERROR=' "$job/console.log" || true)
+if [[ -n $exit_line ]]; then
+    status=${exit_line#HUSK-TESTBED-EXIT=}
+    status=${status%% *}
+    if ((verbose)); then
+        begin=$(grep -a -m1 '^HUSK-TESTBED-BEGIN' "$job/console.log" | sed 's/.*uptime=//')
+        husk_log "L1 kernel uptime at the command: ${begin}s; whole run ${elapsed}s (host), status $status"
+    fi
+    result "exit $status"
+    exit "$status"
+elif ((qemu_status == 124 || qemu_status == 137)); then
+    husk_log "timeout after ${timeout}s: QEMU killed"
+    ((verbose)) && show_log
+    result "timeout"
+    exit 124
+elif [[ -n $error_line ]]; then
+    husk_log "testbed failed: ${error_line#HUSK-TESTBED-ERROR=}"
+    show_log
+    result "error ${error_line#HUSK-TESTBED-ERROR=}"
+    exit 125
+else
+    husk_log "testbed failed: L1 ended (QEMU status $qemu_status) without reporting an exit status"
+    show_log
+    result "error L1 ended without an exit status (QEMU status $qemu_status)"
+    exit 125
+fi
