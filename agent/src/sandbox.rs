@@ -437,6 +437,7 @@ impl Sandbox {
                 ))
             }
         };
+        tracing::debug!(container = %req.container_id, exec = %req.exec_id, status = exit.status, "exited; waiting for its output");
         p.streams.drained().await;
         let mut resp = pb::WaitProcessResponse::new();
         resp.exit_status = exit.status;

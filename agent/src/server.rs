@@ -116,30 +116,20 @@ async fn handshake(mut conn: Box<dyn Conn>, registry: Arc<StreamRegistry>) {
         }
         Err(_) => return,
     };
-    // Say OK first: the pump may start writing output as soon as it has the connection.
-    // If the attach then fails, the client sees the connection close without data.
-    if let Err(e) = check_attachable(&registry, &header) {
-        let _ = conn.write_all(format!("ERR {e}\n").as_bytes()).await;
-        return;
-    }
+    // Claim the stream before saying OK, so that a WaitProcess the client sends after the OK
+    // waits for this stream's output.
+    let claimed = match registry.claim(&header) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = conn.write_all(format!("ERR {e}\n").as_bytes()).await;
+            return;
+        }
+    };
     if conn.write_all(b"OK\n").await.is_err() {
         return;
     }
-    if let Err(e) = registry.attach(&header, conn) {
+    if let Err(e) = claimed.deliver(conn) {
         tracing::debug!("stdio attach: {e}");
-    }
-}
-
-fn check_attachable(registry: &StreamRegistry, h: &StreamHeader) -> Result<(), String> {
-    if registry.is_waiting(h) {
-        Ok(())
-    } else {
-        Err(format!(
-            "no {} stream of container {:?} process {:?} is waiting (unknown process, stream not opened, or already attached)",
-            h.stream.as_str(),
-            h.container_id,
-            h.exec_id
-        ))
     }
 }
 

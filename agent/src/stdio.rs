@@ -5,7 +5,9 @@
 //! the stdio listener (see `agent.proto`), then copies bytes. Until then the process's output
 //! stays in its pipe, and the process blocks once the pipe is full: nothing is lost.
 //! An output pump reports "drained" once the process has exited and everything it wrote was
-//! handed to the connection; `WaitProcess` answers only after that.
+//! handed to the connection; `WaitProcess` answers only after that for every attached stream.
+//! A stream nobody attached does not hold `WaitProcess` up: its output stays in the pipe, and
+//! a later attach still gets all of it.
 
 use std::{
     collections::HashMap,
@@ -34,10 +36,18 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn for T {}
 /// Identifies a stream: container, exec id ("" for init), which stream.
 pub type StreamKey = (String, String, StdioStream);
 
+/// A stream waiting for its connection.
+#[derive(Debug)]
+struct Waiting {
+    conn: oneshot::Sender<Box<dyn Conn>>,
+    /// For an output stream: cleared on attach, set again by the pump once drained.
+    drained: Option<Arc<watch::Sender<bool>>>,
+}
+
 /// Streams waiting for their connection.
 #[derive(Debug, Default)]
 pub struct StreamRegistry {
-    waiting: Mutex<HashMap<StreamKey, oneshot::Sender<Box<dyn Conn>>>>,
+    waiting: Mutex<HashMap<StreamKey, Waiting>>,
 }
 
 impl std::fmt::Debug for dyn Conn {
@@ -47,20 +57,30 @@ impl std::fmt::Debug for dyn Conn {
 }
 
 impl StreamRegistry {
-    fn add(&self, key: StreamKey) -> oneshot::Receiver<Box<dyn Conn>> {
-        let (tx, rx) = oneshot::channel();
-        self.lock().insert(key, tx);
+    fn add(
+        &self,
+        key: StreamKey,
+        drained: Option<Arc<watch::Sender<bool>>>,
+    ) -> oneshot::Receiver<Box<dyn Conn>> {
+        let (conn, rx) = oneshot::channel();
+        self.lock().insert(key, Waiting { conn, drained });
         rx
     }
 
     /// Hands `conn` to the pump of the stream named by `header`.
     pub fn attach(&self, header: &StreamHeader, conn: Box<dyn Conn>) -> Result<(), String> {
+        self.claim(header)?.deliver(conn)
+    }
+
+    /// Takes the stream named by `header` for a connection about to be delivered. From now on
+    /// WaitProcess waits for this stream to be drained.
+    pub fn claim(&self, header: &StreamHeader) -> Result<Claimed, String> {
         let key = (
             header.container_id.clone(),
             header.exec_id.clone(),
             header.stream,
         );
-        let tx = self.lock().remove(&key).ok_or_else(|| {
+        let w = self.lock().remove(&key).ok_or_else(|| {
             format!(
                 "no {} stream of container {:?} process {:?} is waiting (unknown process, stream not opened, or already attached)",
                 header.stream.as_str(),
@@ -68,18 +88,10 @@ impl StreamRegistry {
                 header.exec_id
             )
         })?;
-        tx.send(conn)
-            .map_err(|_| "the process's stream is gone".to_string())
-    }
-
-    /// Whether the stream named by `header` waits for a connection.
-    pub fn is_waiting(&self, header: &StreamHeader) -> bool {
-        let key = (
-            header.container_id.clone(),
-            header.exec_id.clone(),
-            header.stream,
-        );
-        self.lock().contains_key(&key)
+        if let Some(d) = &w.drained {
+            d.send_replace(false);
+        }
+        Ok(Claimed(Some(w)))
     }
 
     /// Forgets the waiting streams of a container (all its processes), ending their pumps.
@@ -87,10 +99,36 @@ impl StreamRegistry {
         self.lock().retain(|(cid, _, _), _| cid != container_id);
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<StreamKey, oneshot::Sender<Box<dyn Conn>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<StreamKey, Waiting>> {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A stream taken for a connection; dropping it without delivering leaves the pump to drain
+/// and discard.
+#[derive(Debug)]
+pub struct Claimed(Option<Waiting>);
+
+impl Claimed {
+    /// Hands the connection to the stream's pump.
+    pub fn deliver(mut self, conn: Box<dyn Conn>) -> Result<(), String> {
+        let w = self.0.take().expect("delivered once");
+        w.conn.send(conn).map_err(|_| {
+            if let Some(d) = &w.drained {
+                d.send_replace(true);
+            }
+            "the process's stream is gone".to_string()
+        })
+    }
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        // Not delivered: the pump sees its attach channel closed, drains, discards and marks
+        // the stream drained itself.
+        if let Some(w) = self.0.take() {
+            drop(w.conn);
+        }
     }
 }
 
@@ -211,7 +249,7 @@ impl HostSide {
         let close_stdin = Arc::new(Notify::new());
         if let Some(fd) = self.stdin {
             set_nonblocking(&fd)?;
-            let attach = registry.add(key(StdioStream::Stdin));
+            let attach = registry.add(key(StdioStream::Stdin), None);
             let close = close_stdin.clone();
             let terminal = self.terminal;
             tokio::spawn(pump_stdin(async_fd(fd)?, attach, close, terminal));
@@ -223,9 +261,11 @@ impl HostSide {
         }
         for (stream, fd) in outputs {
             set_nonblocking(&fd)?;
-            let (tx, rx) = watch::channel(false);
+            // Nothing to deliver until a client attaches.
+            let (tx, rx) = watch::channel(true);
+            let tx = Arc::new(tx);
             drained.push(rx);
-            let attach = registry.add(key(stream));
+            let attach = registry.add(key(stream), Some(tx.clone()));
             tokio::spawn(pump_output(
                 async_fd(fd)?,
                 attach,
@@ -243,7 +283,8 @@ impl HostSide {
 }
 
 impl Streams {
-    /// Waits until every output stream holds all the process wrote (call after it exited).
+    /// Waits until every attached output stream has carried all the process wrote (call after
+    /// it exited).
     pub async fn drained(&self) {
         for d in &self.drained {
             let mut d = d.clone();
@@ -285,7 +326,7 @@ async fn pump_output(
     fd: AsyncFd<OwnedFd>,
     attach: oneshot::Receiver<Box<dyn Conn>>,
     mut exited: ExitWatch,
-    drained: watch::Sender<bool>,
+    drained: Arc<watch::Sender<bool>>,
     pty: bool,
 ) {
     // Until a connection comes, the output waits in the pipe (bounded by the pipe's size).

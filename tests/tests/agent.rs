@@ -133,8 +133,18 @@ async fn namespaces_isolate_the_container() {
     let host = nix::unistd::gethostname().unwrap();
     assert_ne!(host.to_string_lossy(), "husk-test");
 
-    // mount: the test's own temporary directory (a host path) is invisible inside, and the
-    // mount table is the container's own.
+    // mount: a mount made on the host is invisible inside, and the mount table is the
+    // container's own (its root is the rootfs).
+    let marker = agent.dir.path().join("host-only-marker");
+    std::fs::create_dir_all(&marker).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &marker,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
     let f = run_container(
         &c,
         "mnt",
@@ -143,10 +153,24 @@ async fn namespaces_isolate_the_container() {
         None,
     )
     .await;
+    nix::mount::umount(&marker).unwrap();
     assert_eq!(f.status, 0);
-    let tmp = agent.dir.path().display().to_string();
-    assert!(!f.stdout.contains(&tmp), "host paths visible: {}", f.stdout);
-    assert!(f.stdout.contains(" / "), "no root mount: {}", f.stdout);
+    assert!(
+        !f.stdout.contains("host-only-marker"),
+        "host mount visible: {}",
+        f.stdout
+    );
+    let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        f.stdout.lines().count() < host.lines().count(),
+        "the container sees as many mounts as the host:\n{}",
+        f.stdout
+    );
+    assert!(
+        f.stdout.lines().any(|l| l.split(' ').nth(4) == Some("/")),
+        "no root mount: {}",
+        f.stdout
+    );
 }
 
 #[tokio::test]
@@ -201,7 +225,7 @@ async fn exec_joins_the_running_container() {
         .await
         .unwrap();
     let f = finish(&c, "long", "ps", out, Some(err)).await;
-    assert_eq!(f.stdout, "husk-test\nsleep1000\n", "{f:?}");
+    assert_eq!(f.stdout, "husk-test\nsleep\u{0}1000\u{0}\n", "{f:?}");
     assert_eq!(f.status, 5);
 
     // The same exec id twice.
