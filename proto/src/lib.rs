@@ -119,8 +119,17 @@ impl StreamHeader {
 
     /// The header as a line, newline included.
     pub fn to_line(&self) -> String {
-        let exec = if self.exec_id.is_empty() { "-" } else { &self.exec_id };
-        format!("STREAM {} {} {}\n", self.container_id, exec, self.stream.as_str())
+        let exec = if self.exec_id.is_empty() {
+            "-"
+        } else {
+            &self.exec_id
+        };
+        format!(
+            "STREAM {} {} {}\n",
+            self.container_id,
+            exec,
+            self.stream.as_str()
+        )
     }
 
     /// Parses a header line (with or without its newline).
@@ -131,7 +140,11 @@ impl StreamHeader {
             ["STREAM", cid, exec, stream] if !cid.is_empty() && !exec.is_empty() => {
                 Ok(StreamHeader {
                     container_id: (*cid).to_string(),
-                    exec_id: if *exec == "-" { String::new() } else { (*exec).to_string() },
+                    exec_id: if *exec == "-" {
+                        String::new()
+                    } else {
+                        (*exec).to_string()
+                    },
                     stream: stream.parse()?,
                 })
             }
@@ -158,7 +171,13 @@ mod tests {
 
     #[test]
     fn header_rejects_garbage() {
-        for bad in ["", "STREAM", "STREAM c1 - stdfoo", "HELLO c1 - stdin", "STREAM  - stdin"] {
+        for bad in [
+            "",
+            "STREAM",
+            "STREAM c1 - stdfoo",
+            "HELLO c1 - stdin",
+            "STREAM  - stdin",
+        ] {
             assert!(StreamHeader::parse(bad).is_err(), "{bad:?} parsed");
         }
     }
