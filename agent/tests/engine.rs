@@ -598,3 +598,66 @@ fn terminal_gets_a_controlling_tty() {
     assert!(out.contains("is-a-tty"), "{out}");
     c.destroy().unwrap();
 }
+
+#[test]
+fn block_device_rootfs() {
+    let w = World::new("block", true);
+    let img = w.dir.path().join("rootfs.img");
+    let ok = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(w.rootfs())
+        .arg(&img)
+        .arg("16M")
+        .status();
+    if !ok.is_ok_and(|s| s.success()) {
+        eprintln!("mkfs.ext4 not usable; skipped");
+        return;
+    }
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "no loop device: {}; skipped",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let (io, output) = pipes();
+    let spec: Spec =
+        serde_json::from_value(spec(&["sh", "-c", "cat /etc/passwd | head -1"])).unwrap();
+    let res = Container::create(
+        &w.cfg,
+        &w.sandbox,
+        "blk",
+        spec,
+        RootfsSource::Block {
+            source: dev.clone(),
+            fstype: "ext4".into(),
+            options: vec!["noatime".into()],
+            readonly: true,
+        },
+        io,
+    );
+    let check = || -> (i32, String) {
+        let mut c = res.expect("create");
+        let mnt = w.cfg.state_dir.join("blk/rootfs");
+        assert!(mountinfo_mentions(mnt.to_str().unwrap()));
+        c.start().unwrap();
+        let code = exit_code(wait(c.init_pid()));
+        c.destroy().unwrap();
+        assert!(!mountinfo_mentions(mnt.to_str().unwrap()));
+        assert!(!w.cfg.state_dir.join("blk").exists());
+        (code, output.finish().0)
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(check));
+    let _ = std::process::Command::new("losetup")
+        .arg("-d")
+        .arg(&dev)
+        .status();
+    let (code, out) = result.unwrap();
+    assert_eq!((code, out.as_str()), (0, "root:x:0:0:root:/root:/bin/sh\n"));
+}

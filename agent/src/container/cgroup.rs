@@ -476,6 +476,9 @@ impl Cgroup {
 
     /// SIGKILLs every process of the cgroup (cgroup.kill, or one by one on older kernels).
     pub fn kill_all(&self) -> Result<(), CgroupError> {
+        if !self.path.exists() {
+            return Ok(());
+        }
         let kill = self.path.join("cgroup.kill");
         if kill.exists() {
             return write(&kill, "1");
