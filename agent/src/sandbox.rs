@@ -200,6 +200,15 @@ impl Sandbox {
         if let Some(e) = first_err {
             return Err(e);
         }
+        if let Some(root) = &self.engine_cfg.cgroup_root {
+            // The engine removes container cgroups; the sandbox's own is ours.
+            let dir = root.join(id);
+            if dir.exists() {
+                if let Err(e) = std::fs::remove_dir(&dir) {
+                    tracing::warn!("removing the sandbox cgroup {}: {e}", dir.display());
+                }
+            }
+        }
         *lock(&self.sandbox_id) = None;
         Ok(())
     }
@@ -364,6 +373,12 @@ impl Sandbox {
                 req.container_id
             )));
         }
+        if lock(&c.flags).paused {
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {:?} is paused",
+                req.container_id
+            )));
+        }
         // Reserve the exec id: a placeholder would need a pid, so check-and-insert after the
         // exec under the same lock, refusing a duplicate up front as well.
         if lock(&c.execs).contains_key(&req.exec_id) {
@@ -521,6 +536,9 @@ impl Sandbox {
             if let Err(e) = self.remove_container(&cid).await {
                 tracing::warn!(container = %cid, "removing on shutdown: {e}");
             }
+        }
+        if let Some(root) = &self.engine_cfg.cgroup_root {
+            let _ = std::fs::remove_dir(root.join(self.sandbox_id()));
         }
     }
 

@@ -146,6 +146,10 @@ pub struct HostSide {
 pub fn prepare(terminal: bool, stdin: bool) -> io::Result<(ProcessIo, HostSide)> {
     if terminal {
         let pty = openpty(None, None).map_err(io::Error::from)?;
+        // Close-on-exec everywhere: the engine dups the child's ends onto 0/1/2 itself, and
+        // no other child spawned meanwhile may inherit them (it would delay EOF).
+        set_cloexec(&pty.master)?;
+        set_cloexec(&pty.slave)?;
         let slave = pty.slave;
         let io = ProcessIo {
             stdin: slave.try_clone()?,
@@ -169,19 +173,14 @@ pub fn prepare(terminal: bool, stdin: bool) -> io::Result<(ProcessIo, HostSide)>
         ))
     } else {
         let (child_in, host_in) = if stdin {
-            let (r, w) = nix::unistd::pipe().map_err(io::Error::from)?;
+            let (r, w) = pipe()?;
             (r, Some(w))
         } else {
+            // std opens files close-on-exec.
             (std::fs::File::open("/dev/null")?.into(), None)
         };
-        let (out_r, out_w) = nix::unistd::pipe().map_err(io::Error::from)?;
-        let (err_r, err_w) = nix::unistd::pipe().map_err(io::Error::from)?;
-        for fd in [&out_r, &err_r] {
-            set_cloexec(fd)?;
-        }
-        if let Some(w) = &host_in {
-            set_cloexec(w)?;
-        }
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
         Ok((
             ProcessIo {
                 stdin: child_in,
@@ -197,6 +196,11 @@ pub fn prepare(terminal: bool, stdin: bool) -> io::Result<(ProcessIo, HostSide)>
             },
         ))
     }
+}
+
+/// A close-on-exec pipe: (read end, write end).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)
 }
 
 fn set_cloexec(fd: &OwnedFd) -> io::Result<()> {
@@ -449,14 +453,15 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    // Multi-threaded: the "process" below blocks on a full pipe until the pump reads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn output_written_before_attach_and_exit_all_arrives() {
         let registry = StreamRegistry::default();
         let (io, host) = prepare(false, true).unwrap();
         let (exit_tx, exit_rx) = watch::channel(None);
         let streams = host.start(&registry, "c", "", exit_rx).unwrap();
-        // The "process" writes 100 KiB (more than a pipe holds? no: it writes in a thread,
-        // blocking on the full pipe until the client attaches) and exits.
+        // The "process" writes 100 KiB, more than a pipe holds: it blocks until the client
+        // attaches and the pump reads.
         let out = std::fs::File::from(io.stdout);
         let writer = std::thread::spawn(move || {
             use std::io::Write;
@@ -474,7 +479,9 @@ mod tests {
         registry
             .attach(&header(StdioStream::Stderr), Box::new(eserver))
             .unwrap();
-        writer.join().unwrap();
+        tokio::task::spawn_blocking(move || writer.join().unwrap())
+            .await
+            .unwrap();
         exit_tx.send_replace(Some(Exit {
             status: 0,
             at: SystemTime::now(),
