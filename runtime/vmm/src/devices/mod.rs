@@ -1,0 +1,4 @@
+//! Devices: the legacy port-I/O ones and virtio-mmio.
+
+pub mod legacy;
+pub mod virtio;

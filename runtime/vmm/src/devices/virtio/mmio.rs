@@ -1,0 +1,285 @@
+//! The virtio-mmio transport, version 2: registers, feature negotiation, queue setup.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{IrqLine, VirtioDevice};
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x4b53_5548; // "HUSK"
+
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FAILED: u32 = 0x80;
+
+/// One device's mmio window.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    irq: Arc<IrqLine>,
+    queues: Vec<Queue>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    activated: bool,
+    config_generation: u32,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+impl MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: Arc<IrqLine>) -> Self {
+        let queues = Self::fresh_queues(device.as_ref());
+        MmioTransport {
+            device,
+            mem,
+            irq,
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            activated: false,
+            config_generation: 0,
+        }
+    }
+
+    fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+        device
+            .queue_max_sizes()
+            .iter()
+            .map(|&m| Queue::new(m).expect("queue sizes are powers of two"))
+            .collect()
+    }
+
+    /// The device, e.g. for backend events and drive updates.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    /// Marks a configuration change (the config generation moves, the driver is told).
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.irq.signal_config();
+    }
+
+    fn queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// A read of `data.len()` bytes at `offset` in the window.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            self.device.read_config(offset - 0x100, data);
+            return;
+        }
+        if data.len() != 4 {
+            data.fill(0);
+            return;
+        }
+        let v: u32 = match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => self.device.device_type(),
+            0x00c => VENDOR,
+            0x010 => {
+                let f = self.device.features();
+                match self.device_features_sel {
+                    0 => f as u32,
+                    1 => (f >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            0x034 => self.queue().map_or(0, |q| q.max_size() as u32),
+            0x044 => self.queue().map_or(0, |q| q.ready() as u32),
+            0x060 => self.irq.status(),
+            0x070 => self.status,
+            0x0fc => self.config_generation,
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// A write of `data` at `offset` in the window.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= 0x100 {
+            // No device here has writable configuration.
+            return;
+        }
+        if data.len() != 4 {
+            return;
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let setting_up = !self.activated;
+        match offset {
+            0x014 => self.device_features_sel = v,
+            0x020 if setting_up => {
+                let shift = match self.driver_features_sel {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                // Only what the device offers can be accepted.
+                let accepted = ((v as u64) << shift) & self.device.features();
+                self.driver_features |= accepted;
+            }
+            0x024 => self.driver_features_sel = v,
+            0x030 => self.queue_sel = v,
+            0x038 if setting_up => {
+                if let Some(q) = self.queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            0x044 if setting_up => {
+                if let Some(q) = self.queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            0x050 if self.activated => self.device.queue_notify(v as u16),
+            0x064 => self.irq.ack(v),
+            0x070 => self.set_status(v),
+            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if setting_up => {
+                let (low, high) = if offset & 4 == 0 {
+                    (Some(v), None)
+                } else {
+                    (None, Some(v))
+                };
+                if let Some(q) = self.queue() {
+                    match offset & !4 {
+                        0x080 => q.set_desc_table_address(low, high),
+                        0x090 => q.set_avail_ring_address(low, high),
+                        _ => q.set_used_ring_address(low, high),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            // Reset.
+            self.device.reset();
+            self.queues = Self::fresh_queues(self.device.as_ref());
+            self.status = 0;
+            self.activated = false;
+            self.driver_features = 0;
+            self.irq.ack(u32::MAX);
+            return;
+        }
+        self.status = v;
+        if v & STATUS_DRIVER_OK != 0 && !self.activated {
+            let valid = self
+                .queues
+                .iter()
+                .all(|q| !q.ready() || q.is_valid(&self.mem));
+            if !valid {
+                self.status |= STATUS_FAILED;
+                return;
+            }
+            self.activated = true;
+            let queues = std::mem::take(&mut self.queues);
+            self.queues = Self::fresh_queues(self.device.as_ref());
+            self.device
+                .activate(self.mem.clone(), queues, self.irq.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    struct Dummy(Vec<u16>, std::sync::Arc<std::sync::atomic::AtomicU32>);
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn features(&self) -> u64 {
+            super::super::VIRTIO_F_VERSION_1 | 1
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.0
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(7);
+        }
+        fn activate(&mut self, _: GuestMemoryMmap, q: Vec<Queue>, _: Arc<IrqLine>) {
+            self.1
+                .store(q.len() as u32, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn queue_notify(&mut self, _: u16) {}
+    }
+
+    fn r(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut d = [0u8; 4];
+        t.read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn negotiation_and_activation() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let activated = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut t = MmioTransport::new(
+            Box::new(Dummy(vec![16, 16], activated.clone())),
+            mem,
+            IrqLine::new(EventFd::new(0).unwrap()),
+        );
+        assert_eq!(r(&mut t, 0), MAGIC);
+        assert_eq!(r(&mut t, 4), 2);
+        assert_eq!(r(&mut t, 8), 42);
+        t.write(0x14, &1u32.to_le_bytes());
+        assert_eq!(r(&mut t, 0x10), 1);
+        // The driver cannot accept a feature that was not offered.
+        t.write(0x24, &0u32.to_le_bytes());
+        t.write(0x20, &0xffu32.to_le_bytes());
+        assert_eq!(t.driver_features, 1);
+        for q in 0..2u32 {
+            t.write(0x30, &q.to_le_bytes());
+            assert_eq!(r(&mut t, 0x34), 16);
+            t.write(0x38, &8u32.to_le_bytes());
+            t.write(0x80, &(0x1000 * (q + 1)).to_le_bytes());
+            t.write(0x90, &(0x4000 + 0x1000 * q).to_le_bytes());
+            t.write(0xa0, &(0x8000 + 0x1000 * q).to_le_bytes());
+            t.write(0x44, &1u32.to_le_bytes());
+        }
+        t.write(0x70, &(1 | 2 | 8 | 4u32).to_le_bytes());
+        assert_eq!(activated.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let mut c = [0u8; 2];
+        t.read(0x100, &mut c);
+        assert_eq!(c, [7, 7]);
+        // Odd-sized register accesses are ignored, not fatal.
+        let mut odd = [1u8; 2];
+        t.read(0x10, &mut odd);
+        assert_eq!(odd, [0, 0]);
+        // A queue outside guest memory fails activation instead of being used.
+        let activated = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut t = MmioTransport::new(
+            Box::new(Dummy(vec![16], activated.clone())),
+            mem,
+            IrqLine::new(EventFd::new(0).unwrap()),
+        );
+        t.write(0x38, &8u32.to_le_bytes());
+        t.write(0x80, &0xffff_0000u32.to_le_bytes());
+        t.write(0x44, &1u32.to_le_bytes());
+        t.write(0x70, &(1 | 2 | 8 | 4u32).to_le_bytes());
+        assert_eq!(activated.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_ne!(r(&mut t, 0x70) & STATUS_FAILED, 0);
+    }
+}

@@ -1,0 +1,913 @@
+//! virtio-vsock emulated in user space, with the hybrid-vsock (Firecracker) convention on the
+//! host side:
+//! - the host connects to the Unix socket `uds`, writes `CONNECT <port>\n`, and once the guest
+//!   accepts gets `OK <hostport>\n`; then bytes flow to the guest listener on `port`;
+//! - a guest connection to CID 2 port P is forwarded to the Unix socket `<uds>_P`.
+//!
+//! Flow control is virtio's credit scheme: we never send the guest more than it said it has
+//! room for (buf_alloc - (rx_cnt - fwd_cnt)), and we advertise [`BUF_ALLOC`] of our own,
+//! keeping at most that much of the guest's data per connection while the host reader is slow.
+//! Everything from the guest is bounded: packet sizes, connection buffers, the control queue.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    io::{ErrorKind, Read, Write},
+    os::{
+        fd::{AsRawFd, RawFd},
+        unix::net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+
+const VIRTIO_ID_VSOCK: u32 = 19;
+const HOST_CID: u64 = 2;
+const HDR_LEN: usize = 44;
+const TYPE_STREAM: u16 = 1;
+/// Operations.
+pub const OP_REQUEST: u16 = 1;
+pub const OP_RESPONSE: u16 = 2;
+pub const OP_RST: u16 = 3;
+pub const OP_SHUTDOWN: u16 = 4;
+pub const OP_RW: u16 = 5;
+pub const OP_CREDIT_UPDATE: u16 = 6;
+pub const OP_CREDIT_REQUEST: u16 = 7;
+const SHUTDOWN_SEND: u32 = 2;
+/// What we tell the guest we can buffer per connection.
+pub const BUF_ALLOC: u32 = 256 * 1024;
+/// The largest payload we accept in one packet from the guest.
+const MAX_PKT: usize = 64 * 1024;
+/// How much we read from a host socket at once.
+const READ_CHUNK: usize = 64 * 1024;
+/// Control packets waiting for RX buffers at most (beyond: new connections are refused).
+const MAX_CTRL: usize = 4096;
+const MAX_CONNS: usize = 1024;
+const QUEUE_SIZES: &[u16] = &[256, 256, 256];
+const LISTENER: u64 = u64::MAX;
+/// Host ports of host-initiated connections start here.
+const FIRST_HOST_PORT: u32 = 1 << 30;
+
+/// A vsock packet header.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Header {
+    pub src_cid: u64,
+    pub dst_cid: u64,
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub len: u32,
+    pub typ: u16,
+    pub op: u16,
+    pub flags: u32,
+    pub buf_alloc: u32,
+    pub fwd_cnt: u32,
+}
+
+impl Header {
+    /// Parses a header from the start of `b`.
+    pub fn parse(b: &[u8]) -> Option<Header> {
+        if b.len() < HDR_LEN {
+            return None;
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));
+        let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().expect("2"));
+        Some(Header {
+            src_cid: u64_at(0),
+            dst_cid: u64_at(8),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            typ: u16_at(28),
+            op: u16_at(30),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        })
+    }
+
+    pub fn to_bytes(self) -> [u8; HDR_LEN] {
+        let mut b = [0u8; HDR_LEN];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.typ.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+}
+
+/// Errors setting the device up.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("listening on the vsock socket {0}")]
+    Listen(String, #[source] std::io::Error),
+    #[error("creating the vsock event loop")]
+    Epoll(#[source] std::io::Error),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    /// Host-initiated, REQUEST sent, waiting for the guest's RESPONSE.
+    Connecting,
+    Established,
+}
+
+/// (host port, guest port)
+type Key = (u32, u32);
+
+#[derive(Debug)]
+struct Conn {
+    stream: UnixStream,
+    state: State,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    /// Bytes sent to the guest.
+    rx_cnt: u32,
+    /// Bytes of the guest's taken out of `tx_buf` into the host socket.
+    fwd_cnt: u32,
+    last_fwd_cnt_sent: u32,
+    /// Guest-to-host bytes waiting for the host socket.
+    tx_buf: Vec<u8>,
+    /// Host-to-guest bytes waiting for RX buffers.
+    rx_pending: Vec<u8>,
+    host_eof: bool,
+    guest_done_sending: bool,
+    registered: Option<EventSet>,
+}
+
+impl Conn {
+    fn new(stream: UnixStream, state: State) -> Conn {
+        Conn {
+            stream,
+            state,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            rx_cnt: 0,
+            fwd_cnt: 0,
+            last_fwd_cnt_sent: 0,
+            tx_buf: Vec::new(),
+            rx_pending: Vec::new(),
+            host_eof: false,
+            guest_done_sending: false,
+            registered: None,
+        }
+    }
+
+    fn peer_credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.rx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    fn wanted_events(&self) -> EventSet {
+        let mut e = EventSet::empty();
+        if self.state == State::Established
+            && !self.host_eof
+            && self.rx_pending.is_empty()
+            && self.peer_credit() > 0
+        {
+            e |= EventSet::IN;
+        }
+        if !self.tx_buf.is_empty() {
+            e |= EventSet::OUT;
+        }
+        e
+    }
+
+    /// Writes what the host socket takes now; false if the host side is gone.
+    fn flush(&mut self) -> bool {
+        while !self.tx_buf.is_empty() {
+            match self.stream.write(&self.tx_buf) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.tx_buf.drain(..n);
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        }
+        if self.tx_buf.is_empty() && self.guest_done_sending {
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        }
+        true
+    }
+}
+
+/// A connection accepted on `uds`, waiting for its `CONNECT <port>` line.
+#[derive(Debug)]
+struct Pending {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+/// The vsock device.
+#[derive(Debug)]
+pub struct Vsock {
+    cid: u64,
+    uds: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    conns: HashMap<Key, Conn>,
+    by_fd: HashMap<RawFd, Key>,
+    pending: HashMap<RawFd, Pending>,
+    ctrl: VecDeque<Header>,
+    next_host_port: u32,
+    mem: Option<GuestMemoryMmap>,
+    queues: Vec<Queue>,
+    irq: Option<Arc<IrqLine>>,
+}
+
+impl Vsock {
+    /// Listens on `uds` for the host side.
+    pub fn new(cid: u64, uds: &Path) -> Result<Vsock, VsockError> {
+        let _ = std::fs::remove_file(uds);
+        let listener = UnixListener::bind(uds)
+            .map_err(|e| VsockError::Listen(uds.display().to_string(), e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| VsockError::Listen(uds.display().to_string(), e))?;
+        let epoll = Epoll::new().map_err(VsockError::Epoll)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, LISTENER),
+            )
+            .map_err(VsockError::Epoll)?;
+        Ok(Vsock {
+            cid,
+            uds: uds.to_path_buf(),
+            listener,
+            epoll,
+            conns: HashMap::new(),
+            by_fd: HashMap::new(),
+            pending: HashMap::new(),
+            ctrl: VecDeque::new(),
+            next_host_port: FIRST_HOST_PORT,
+            mem: None,
+            queues: Vec::new(),
+            irq: None,
+        })
+    }
+
+    fn reply(&self, to: &Header, op: u16, flags: u32, fwd_cnt: u32) -> Header {
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cid,
+            src_port: to.dst_port,
+            dst_port: to.src_port,
+            len: 0,
+            typ: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: BUF_ALLOC,
+            fwd_cnt,
+        }
+    }
+
+    fn push_ctrl(&mut self, h: Header) {
+        if self.ctrl.len() < MAX_CTRL {
+            self.ctrl.push_back(h);
+        } else {
+            tracing::warn!("vsock: control queue full, dropping a packet");
+        }
+    }
+}
+
+/// A packet from the host side of connection `key` to the guest `cid`.
+fn packet(cid: u64, key: Key, op: u16, flags: u32, fwd_cnt: u32) -> Header {
+    Header {
+        src_cid: HOST_CID,
+        dst_cid: cid,
+        src_port: key.0,
+        dst_port: key.1,
+        len: 0,
+        typ: TYPE_STREAM,
+        op,
+        flags,
+        buf_alloc: BUF_ALLOC,
+        fwd_cnt,
+    }
+}
+
+impl Vsock {
+    fn remove(&mut self, key: Key) {
+        if let Some(c) = self.conns.remove(&key) {
+            let fd = c.stream.as_raw_fd();
+            self.by_fd.remove(&fd);
+            if c.registered.is_some() {
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            }
+        }
+    }
+
+    fn reset(&mut self, key: Key) {
+        self.remove(key);
+        let h = packet(self.cid, key, OP_RST, 0, 0);
+        self.push_ctrl(h);
+    }
+
+    /// Handles one packet from the guest.
+    pub fn handle_guest_packet(&mut self, h: Header, payload: &[u8]) {
+        if h.src_cid != self.cid || h.dst_cid != HOST_CID || h.typ != TYPE_STREAM {
+            if h.op != OP_RST {
+                let r = self.reply(&h, OP_RST, 0, 0);
+                self.push_ctrl(r);
+            }
+            return;
+        }
+        let key = (h.dst_port, h.src_port);
+        if h.op == OP_REQUEST {
+            if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNS {
+                let r = self.reply(&h, OP_RST, 0, 0);
+                self.push_ctrl(r);
+                return;
+            }
+            let path = format!("{}_{}", self.uds.display(), h.dst_port);
+            match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+                Ok(stream) => {
+                    let mut c = Conn::new(stream, State::Established);
+                    c.peer_buf_alloc = h.buf_alloc;
+                    c.peer_fwd_cnt = h.fwd_cnt;
+                    self.by_fd.insert(c.stream.as_raw_fd(), key);
+                    self.conns.insert(key, c);
+                    let r = self.reply(&h, OP_RESPONSE, 0, 0);
+                    self.push_ctrl(r);
+                }
+                Err(_) => {
+                    let r = self.reply(&h, OP_RST, 0, 0);
+                    self.push_ctrl(r);
+                }
+            }
+            return;
+        }
+        let Some(c) = self.conns.get_mut(&key) else {
+            if h.op != OP_RST {
+                let r = self.reply(&h, OP_RST, 0, 0);
+                self.push_ctrl(r);
+            }
+            return;
+        };
+        c.peer_buf_alloc = h.buf_alloc;
+        c.peer_fwd_cnt = h.fwd_cnt;
+        match h.op {
+            OP_RESPONSE if c.state == State::Connecting => {
+                c.state = State::Established;
+                // Ours, not the guest's: it goes straight to the fresh (empty) socket and
+                // does not count against the guest's credit.
+                let ok = format!("OK {}\n", key.0);
+                if c.stream.write_all(ok.as_bytes()).is_err() {
+                    self.reset(key);
+                }
+            }
+            OP_RW if c.state == State::Established => {
+                if c.tx_buf.len() + payload.len() > BUF_ALLOC as usize + MAX_PKT {
+                    // The guest ignored our credit.
+                    self.reset(key);
+                    return;
+                }
+                c.tx_buf.extend_from_slice(payload);
+                if !c.flush() {
+                    self.reset(key);
+                    return;
+                }
+                if c.fwd_cnt.wrapping_sub(c.last_fwd_cnt_sent) >= BUF_ALLOC / 4 {
+                    c.last_fwd_cnt_sent = c.fwd_cnt;
+                    let u = packet(self.cid, key, OP_CREDIT_UPDATE, 0, c.fwd_cnt);
+                    self.push_ctrl(u);
+                }
+            }
+            OP_CREDIT_REQUEST => {
+                c.last_fwd_cnt_sent = c.fwd_cnt;
+                let u = packet(self.cid, key, OP_CREDIT_UPDATE, 0, c.fwd_cnt);
+                self.push_ctrl(u);
+            }
+            OP_CREDIT_UPDATE => {}
+            OP_SHUTDOWN => {
+                if h.flags & SHUTDOWN_SEND != 0 {
+                    c.guest_done_sending = true;
+                    let _ = c.flush();
+                }
+                if h.flags & 3 == 3 {
+                    // Both directions closed by the guest: it waits for our RST to finish.
+                    let _ = c.flush();
+                    self.reset(key);
+                }
+            }
+            OP_RST => self.remove(key),
+            _ => self.reset(key),
+        }
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    if s.set_nonblocking(true).is_err() || self.pending.len() >= MAX_CONNS {
+                        continue;
+                    }
+                    let fd = s.as_raw_fd();
+                    if self
+                        .epoll
+                        .ctl(
+                            ControlOperation::Add,
+                            fd,
+                            EpollEvent::new(EventSet::IN, fd as u64),
+                        )
+                        .is_ok()
+                    {
+                        self.pending.insert(
+                            fd,
+                            Pending {
+                                stream: s,
+                                line: Vec::new(),
+                            },
+                        );
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!("vsock accept: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Reads a pending connection's CONNECT line; starts the guest connection when complete.
+    fn read_connect_line(&mut self, fd: RawFd) {
+        let Some(p) = self.pending.get_mut(&fd) else {
+            return;
+        };
+        let mut b = [0u8; 1];
+        let port = loop {
+            match p.stream.read(&mut b) {
+                Ok(0) => break None,
+                Ok(_) if b[0] == b'\n' => {
+                    let line = String::from_utf8_lossy(&p.line).into_owned();
+                    break line
+                        .strip_prefix("CONNECT ")
+                        .and_then(|n| n.trim().parse::<u32>().ok());
+                }
+                Ok(_) => {
+                    p.line.push(b[0]);
+                    if p.line.len() > 64 {
+                        break None;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break None,
+            }
+        };
+        let p = self.pending.remove(&fd).expect("present");
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        let Some(port) = port else { return };
+        if self.conns.len() >= MAX_CONNS {
+            return;
+        }
+        let host_port = self.next_host_port;
+        self.next_host_port = self.next_host_port.wrapping_add(1).max(FIRST_HOST_PORT);
+        let key = (host_port, port);
+        let c = Conn::new(p.stream, State::Connecting);
+        self.by_fd.insert(fd, key);
+        self.conns.insert(key, c);
+        let req = packet(self.cid, key, OP_REQUEST, 0, 0);
+        self.push_ctrl(req);
+    }
+
+    /// Reads what the host wrote on an established connection, within the guest's credit.
+    fn read_host(&mut self, key: Key) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let want = (c.peer_credit() as usize).min(READ_CHUNK);
+        if want == 0 || !c.rx_pending.is_empty() || c.host_eof {
+            return;
+        }
+        let mut buf = vec![0u8; want];
+        match c.stream.read(&mut buf) {
+            Ok(0) => {
+                c.host_eof = true;
+                let h = packet(self.cid, key, OP_SHUTDOWN, SHUTDOWN_SEND, c.fwd_cnt);
+                self.push_ctrl(h);
+            }
+            Ok(n) => {
+                buf.truncate(n);
+                c.rx_pending = buf;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => self.reset(key),
+        }
+    }
+
+    fn handle_host_events(&mut self) {
+        let mut events = [EpollEvent::default(); 64];
+        let n = match self.epoll.wait(0, &mut events) {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token == LISTENER {
+                self.accept_all();
+                continue;
+            }
+            let fd = token as RawFd;
+            if self.pending.contains_key(&fd) {
+                self.read_connect_line(fd);
+                continue;
+            }
+            let Some(&key) = self.by_fd.get(&fd) else {
+                continue;
+            };
+            let set = ev.event_set();
+            if set.contains(EventSet::OUT) {
+                if let Some(c) = self.conns.get_mut(&key) {
+                    if !c.flush() {
+                        self.reset(key);
+                        continue;
+                    }
+                    if c.fwd_cnt.wrapping_sub(c.last_fwd_cnt_sent) >= BUF_ALLOC / 4 {
+                        c.last_fwd_cnt_sent = c.fwd_cnt;
+                        let u = packet(self.cid, key, OP_CREDIT_UPDATE, 0, c.fwd_cnt);
+                        self.push_ctrl(u);
+                    }
+                }
+            }
+            if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                self.read_host(key);
+            }
+        }
+    }
+
+    /// Takes the guest's packets off the TX queue.
+    fn process_tx(&mut self) -> bool {
+        let Some(mem) = self.mem.clone() else {
+            return false;
+        };
+        let mut used = false;
+        loop {
+            let Some(q) = self.queues.get_mut(1) else {
+                return false;
+            };
+            let Some(chain) = q.pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let mut pkt = Vec::new();
+            for d in chain.take(QUEUE_SIZES[1] as usize) {
+                if d.is_write_only() {
+                    break;
+                }
+                let room = HDR_LEN + MAX_PKT - pkt.len();
+                let n = (d.len() as usize).min(room);
+                let start = pkt.len();
+                pkt.resize(start + n, 0);
+                if mem.read_slice(&mut pkt[start..], d.addr()).is_err() {
+                    pkt.truncate(start);
+                    break;
+                }
+                if room == n {
+                    break;
+                }
+            }
+            let _ = q.add_used(&mem, head, 0);
+            used = true;
+            if let Some(h) = Header::parse(&pkt) {
+                let end = (HDR_LEN + h.len as usize).min(pkt.len());
+                self.handle_guest_packet(h, &pkt[HDR_LEN..end]);
+            }
+        }
+        used
+    }
+
+    /// Fills the guest's RX buffers with control packets and host data.
+    fn process_rx(&mut self) -> bool {
+        let Some(mem) = self.mem.clone() else {
+            return false;
+        };
+        let mut used = false;
+        loop {
+            // What to send next: control first, then data of any connection.
+            let data_key = if self.ctrl.is_empty() {
+                self.conns
+                    .iter()
+                    .find(|(_, c)| !c.rx_pending.is_empty())
+                    .map(|(k, _)| *k)
+            } else {
+                None
+            };
+            if self.ctrl.is_empty() && data_key.is_none() {
+                break;
+            }
+            let Some(q) = self.queues.get_mut(0) else {
+                return used;
+            };
+            let Some(chain) = q.pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let bufs: Vec<(GuestAddress, usize)> = chain
+                .take(QUEUE_SIZES[0] as usize)
+                .filter(|d| d.is_write_only())
+                .map(|d| (d.addr(), d.len() as usize))
+                .collect();
+            let cap: usize = bufs.iter().map(|b| b.1).sum();
+            let (hdr, data) = if let Some(h) = self.ctrl.pop_front() {
+                (h, Vec::new())
+            } else {
+                let key = data_key.expect("checked above");
+                let fwd = self.conns[&key].fwd_cnt;
+                let mut h = packet(self.cid, key, OP_RW, 0, fwd);
+                let c = self.conns.get_mut(&key).expect("present");
+                let n = c.rx_pending.len().min(cap.saturating_sub(HDR_LEN));
+                let data: Vec<u8> = c.rx_pending.drain(..n).collect();
+                c.rx_cnt = c.rx_cnt.wrapping_add(n as u32);
+                c.last_fwd_cnt_sent = fwd;
+                h.len = n as u32;
+                (h, data)
+            };
+            let mut bytes = hdr.to_bytes().to_vec();
+            bytes.extend_from_slice(&data);
+            let written = if cap >= HDR_LEN {
+                write_scattered(&mem, &bufs, &bytes)
+            } else {
+                0
+            };
+            let q = self.queues.get_mut(0).expect("checked above");
+            let _ = q.add_used(&mem, head, written as u32);
+            used = true;
+        }
+        used
+    }
+
+    /// Registers each connection's socket for exactly the events it can act on.
+    fn update_interests(&mut self) {
+        for c in self.conns.values_mut() {
+            let want = c.wanted_events();
+            let fd = c.stream.as_raw_fd();
+            let op = match (c.registered, want.is_empty()) {
+                (None, true) => continue,
+                (Some(_), true) => ControlOperation::Delete,
+                (None, false) => ControlOperation::Add,
+                (Some(cur), false) if cur == want => continue,
+                (Some(_), false) => ControlOperation::Modify,
+            };
+            if self
+                .epoll
+                .ctl(op, fd, EpollEvent::new(want, fd as u64))
+                .is_ok()
+            {
+                c.registered = (!want.is_empty()).then_some(want);
+            }
+        }
+    }
+
+    /// One pass over everything: guest packets, host sockets, guest RX buffers.
+    pub fn process(&mut self) {
+        let mut used = self.process_tx();
+        self.handle_host_events();
+        used |= self.process_rx();
+        self.update_interests();
+        if used {
+            let mem = self.mem.clone();
+            let notify = match (mem, self.queues.get_mut(0)) {
+                (Some(m), Some(q)) => q.needs_notification(&m).unwrap_or(true),
+                _ => true,
+            };
+            if notify {
+                if let Some(irq) = &self.irq {
+                    irq.signal_used();
+                }
+            }
+        }
+    }
+}
+
+/// Writes `bytes` across the guest buffers; returns how much fit.
+fn write_scattered(mem: &GuestMemoryMmap, bufs: &[(GuestAddress, usize)], bytes: &[u8]) -> usize {
+    let mut done = 0;
+    for &(addr, len) in bufs {
+        if done == bytes.len() {
+            break;
+        }
+        let n = len.min(bytes.len() - done);
+        if mem.write_slice(&bytes[done..done + n], addr).is_err() {
+            break;
+        }
+        done += n;
+    }
+    done
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds);
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = self.cid.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, irq: Arc<IrqLine>) {
+        self.mem = Some(mem);
+        self.queues = queues;
+        self.irq = Some(irq);
+        self.process();
+    }
+
+    fn queue_notify(&mut self, _index: u16) {
+        self.process();
+    }
+
+    fn backend_fd(&self) -> Option<RawFd> {
+        Some(self.epoll.as_raw_fd())
+    }
+
+    fn process_backend(&mut self) {
+        self.process();
+    }
+
+    fn reset(&mut self) {
+        let keys: Vec<Key> = self.conns.keys().copied().collect();
+        for k in keys {
+            self.remove(k);
+        }
+        self.ctrl.clear();
+        self.mem = None;
+        self.queues.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdr(op: u16, src_port: u32, dst_port: u32, len: u32) -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            len,
+            typ: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: 65536,
+            fwd_cnt: 0,
+        }
+    }
+
+    #[test]
+    fn header_round_trips_and_short_input_is_rejected() {
+        let h = hdr(OP_RW, 1, 2, 3);
+        assert_eq!(Header::parse(&h.to_bytes()), Some(h));
+        assert_eq!(Header::parse(&[0u8; 43]), None);
+    }
+
+    #[test]
+    fn guest_connections_are_forwarded_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let mut v = Vsock::new(3, &uds).unwrap();
+        // Nobody listens on port 5000: RST.
+        v.handle_guest_packet(hdr(OP_REQUEST, 1234, 5000, 0), &[]);
+        assert_eq!(v.ctrl.pop_front().unwrap().op, OP_RST);
+        // A listener on uds_5001: RESPONSE, then data reaches it.
+        let l = UnixListener::bind(format!("{}_5001", uds.display())).unwrap();
+        v.handle_guest_packet(hdr(OP_REQUEST, 1234, 5001, 0), &[]);
+        let r = v.ctrl.pop_front().unwrap();
+        assert_eq!((r.op, r.src_port, r.dst_port), (OP_RESPONSE, 5001, 1234));
+        let (mut s, _) = l.accept().unwrap();
+        v.handle_guest_packet(hdr(OP_RW, 1234, 5001, 5), b"hello");
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        // A packet from a wrong CID, and data on an unknown connection: RST.
+        let mut bad = hdr(OP_RW, 1, 5001, 0);
+        bad.src_cid = 99;
+        v.handle_guest_packet(bad, &[]);
+        assert_eq!(v.ctrl.pop_front().unwrap().op, OP_RST);
+        v.handle_guest_packet(hdr(OP_RW, 777, 5001, 1), b"x");
+        assert_eq!(v.ctrl.pop_front().unwrap().op, OP_RST);
+        // A guest that ignores our credit is reset.
+        let big = vec![0u8; MAX_PKT];
+        drop(s); // the host stops reading
+        for _ in 0..((BUF_ALLOC as usize / MAX_PKT) + 3) {
+            v.handle_guest_packet(hdr(OP_RW, 1234, 5001, MAX_PKT as u32), &big);
+        }
+        assert!(v.conns.is_empty());
+        assert!(v.ctrl.iter().any(|h| h.op == OP_RST));
+        // Full shutdown from the guest gets an RST and forgets the connection.
+        v.ctrl.clear();
+        v.handle_guest_packet(hdr(OP_REQUEST, 1300, 5001, 0), &[]);
+        let _ = l.accept().unwrap();
+        v.ctrl.clear();
+        let mut sd = hdr(OP_SHUTDOWN, 1300, 5001, 0);
+        sd.flags = 3;
+        v.handle_guest_packet(sd, &[]);
+        assert_eq!(v.ctrl.pop_front().unwrap().op, OP_RST);
+        assert!(v.conns.is_empty());
+    }
+
+    #[test]
+    fn host_connect_line_makes_a_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let mut v = Vsock::new(3, &uds).unwrap();
+        let mut c = UnixStream::connect(&uds).unwrap();
+        c.write_all(b"CONNECT 1024\n").unwrap();
+        for _ in 0..10 {
+            v.handle_host_events();
+        }
+        let req = v.ctrl.pop_front().expect("a REQUEST");
+        assert_eq!((req.op, req.dst_port, req.dst_cid), (OP_REQUEST, 1024, 3));
+        // The guest accepts: the host reads OK <port>.
+        let mut resp = hdr(OP_RESPONSE, 1024, req.src_port, 0);
+        resp.dst_port = req.src_port;
+        v.handle_guest_packet(resp, &[]);
+        let mut line = [0u8; 64];
+        let n = c.read(&mut line).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&line[..n]).unwrap(),
+            format!("OK {}\n", req.src_port)
+        );
+        // Garbage instead of CONNECT closes the connection without a request.
+        let mut g = UnixStream::connect(&uds).unwrap();
+        g.write_all(b"HELLO\n").unwrap();
+        for _ in 0..10 {
+            v.handle_host_events();
+        }
+        assert!(v.ctrl.is_empty());
+        let mut b = [0u8; 1];
+        assert_eq!(g.read(&mut b).unwrap(), 0);
+        drop(v);
+        assert!(!uds.exists(), "the socket file is removed");
+    }
+
+    /// Random packets never panic or grow buffers without bound.
+    #[test]
+    fn random_packets_are_harmless() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = Vsock::new(3, &dir.path().join("v.sock")).unwrap();
+        let mut seed = 0x1234_5678_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let mut b = [0u8; HDR_LEN + 8];
+            for x in b.iter_mut() {
+                *x = next() as u8;
+            }
+            // Keep some packets well-formed enough to reach deeper paths.
+            if next() % 2 == 0 {
+                b[0..8].copy_from_slice(&3u64.to_le_bytes());
+                b[8..16].copy_from_slice(&HOST_CID.to_le_bytes());
+                b[28..30].copy_from_slice(&TYPE_STREAM.to_le_bytes());
+                b[30..32].copy_from_slice(&((next() % 9) as u16).to_le_bytes());
+            }
+            if let Some(h) = Header::parse(&b) {
+                v.handle_guest_packet(h, &b[HDR_LEN..]);
+            }
+        }
+        assert!(v.ctrl.len() <= MAX_CTRL);
+        assert!(v.conns.len() <= MAX_CONNS);
+    }
+}

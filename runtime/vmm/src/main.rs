@@ -1,0 +1,38 @@
+//! `husk-vmm`: runs one microVM from command-line flags; exits when the guest ends.
+//! Exit status: 0 guest reboot/poweroff or stop, 2 guest kernel panic, 3 guest crash,
+//! 1 VMM error.
+
+use clap::Parser;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HUSK_VMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = husk_vmm::config::VmConfig::parse();
+    let code = match husk_vmm::vmm::run(&cfg) {
+        Ok(outcome) => outcome.exit_code(),
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            eprintln!("husk-vmm: {msg}");
+            // Remove our sockets on this path too.
+            for p in [cfg.vsock_uds.as_ref(), cfg.api_sock.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                let _ = std::fs::remove_file(p);
+            }
+            1
+        }
+    };
+    // Ends every thread (vCPUs blocked in KVM_RUN included) and closes every fd.
+    std::process::exit(code);
+}

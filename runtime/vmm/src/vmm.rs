@@ -1,0 +1,481 @@
+//! Builds a microVM from its configuration and runs it until the guest ends.
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Write},
+    os::{fd::AsRawFd, unix::net::UnixListener},
+    path::{Path, PathBuf},
+    sync::{mpsc, Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use kvm_ioctls::VcpuExit;
+use linux_loader::{
+    cmdline::Cmdline,
+    loader::{elf::Elf, load_cmdline, KernelLoader},
+};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::{
+    epoll::{ControlOperation, Epoll, EpollEvent, EventSet},
+    eventfd::EventFd,
+};
+
+use crate::{
+    arch::{self, layout, mptable},
+    config::VmConfig,
+    devices::{
+        legacy::{GuestExit, LegacyBus},
+        virtio::{block::Block, mmio::MmioTransport, vsock::Vsock, IrqLine, VirtioDevice},
+    },
+    vstate::{vcpu, vm::Vm},
+};
+
+/// Why the VMM could not build or run the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    #[error("opening the kernel {0}")]
+    KernelOpen(PathBuf, #[source] std::io::Error),
+    #[error("loading the kernel {0} (an ELF vmlinux is needed)")]
+    KernelLoad(PathBuf, #[source] linux_loader::loader::Error),
+    #[error("reading the initramfs {0}")]
+    Initramfs(PathBuf, #[source] std::io::Error),
+    #[error("the kernel command line")]
+    Cmdline(#[from] linux_loader::cmdline::Error),
+    #[error("writing the kernel command line")]
+    CmdlineLoad(#[source] linux_loader::loader::Error),
+    #[error(transparent)]
+    Boot(#[from] arch::BootError),
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    #[error("guest memory")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+    #[error("opening the serial log {0}")]
+    SerialLog(PathBuf, #[source] std::io::Error),
+    #[error("an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Block(#[from] crate::devices::virtio::block::BlockError),
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    #[error("the control socket {0}")]
+    Api(PathBuf, #[source] std::io::Error),
+    #[error("the device event loop")]
+    Epoll(#[source] std::io::Error),
+    #[error("starting a thread")]
+    Thread(#[source] std::io::Error),
+    #[error("vCPU {0} failed: {1}")]
+    VcpuRun(u8, String),
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest rebooted or powered off (its normal end).
+    GuestExit,
+    /// The guest kernel panicked.
+    GuestPanic,
+    /// Stopped through the control API.
+    Stopped,
+    /// A triple fault or other guest shutdown.
+    GuestCrash,
+}
+
+impl Outcome {
+    /// The VMM's exit status for this outcome.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::GuestExit | Outcome::Stopped => 0,
+            Outcome::GuestPanic => 2,
+            Outcome::GuestCrash => 3,
+        }
+    }
+}
+
+enum Event {
+    Guest(GuestExit),
+    Crash,
+    Stop,
+    VcpuFailed(u8, String),
+}
+
+type Transports = Arc<Vec<(String, Arc<Mutex<MmioTransport>>)>>;
+
+/// The default kernel command line: serial console, reboot via the i8042, no probing of
+/// hardware that is not there.
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodules 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable quiet";
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The VMM's own memory: its proportional set size minus what the guest touched, in KiB.
+pub fn overhead_kib(guest_start: u64) -> Option<u64> {
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let pss = field_kib(&rollup, "Pss:")?;
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let prefix = format!("{guest_start:x}-");
+    let mut guest = 0;
+    let mut inside = false;
+    for line in smaps.lines() {
+        if line.contains('-') && line.split_whitespace().count() >= 5 && !line.ends_with("kB") {
+            inside = line.starts_with(&prefix);
+        } else if inside && line.starts_with("Pss:") {
+            guest = field_kib(line, "Pss:").unwrap_or(0);
+        }
+    }
+    Some(pss.saturating_sub(guest))
+}
+
+fn field_kib(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Builds the VM described by `cfg` and runs it to its end.
+pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
+    let started = Instant::now();
+    let vm = Vm::new(cfg.mem_mib as u64)?;
+    let mem_size = (cfg.mem_mib as u64) << 20;
+
+    let mut kernel =
+        File::open(&cfg.kernel).map_err(|e| VmmError::KernelOpen(cfg.kernel.clone(), e))?;
+    let loaded = Elf::load(
+        &vm.mem,
+        None,
+        &mut kernel,
+        Some(GuestAddress(layout::HIMEM)),
+    )
+    .map_err(|e| VmmError::KernelLoad(cfg.kernel.clone(), e))?;
+    let entry = loaded.kernel_load.0;
+
+    let initrd = match &cfg.initramfs {
+        Some(p) => {
+            let bytes = std::fs::read(p).map_err(|e| VmmError::Initramfs(p.clone(), e))?;
+            let addr = arch::initrd_addr(mem_size, bytes.len() as u64)?;
+            vm.mem.write_slice(&bytes, addr)?;
+            Some((addr, bytes.len() as u64))
+        }
+        None => None,
+    };
+
+    // Devices: block drives first (so they are vda, vdb, ... in order), then vsock.
+    let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    for d in &cfg.drives {
+        devices.push((
+            d.id.clone(),
+            Box::new(Block::new(&d.id, d.path.as_deref(), d.read_only)?),
+        ));
+    }
+    let mut sockets: Vec<PathBuf> = Vec::new();
+    if let Some(uds) = &cfg.vsock_uds {
+        devices.push(("vsock".into(), Box::new(Vsock::new(cfg.guest_cid, uds)?)));
+        sockets.push(uds.clone());
+    }
+
+    let mut cmdline = Cmdline::new(layout::CMDLINE_MAX)?;
+    cmdline.insert_str(BASE_CMDLINE)?;
+    let mut transports = Vec::new();
+    let mut backend_fds = Vec::new();
+    for (i, (id, dev)) in devices.into_iter().enumerate() {
+        let base = layout::MMIO_BASE + i as u64 * layout::MMIO_SIZE;
+        let gsi = layout::MMIO_IRQ_BASE + i as u32;
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.register_irqfd(&evt, gsi)?;
+        cmdline.insert_str(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"))?;
+        if let Some(fd) = dev.backend_fd() {
+            backend_fds.push((fd, i));
+        }
+        let t = MmioTransport::new(dev, vm.mem.clone(), IrqLine::new(evt));
+        transports.push((id, Arc::new(Mutex::new(t))));
+    }
+    if !cfg.cmdline_extra.is_empty() {
+        cmdline.insert_str(&cfg.cmdline_extra)?;
+    }
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map(|c| c.as_bytes().len())
+        .unwrap_or(0);
+    load_cmdline(&vm.mem, GuestAddress(layout::CMDLINE), &cmdline)
+        .map_err(VmmError::CmdlineLoad)?;
+    arch::write_boot_tables(&vm.mem)?;
+    arch::write_boot_params(&vm.mem, mem_size, cmdline_len, initrd)?;
+    mptable::write(&vm.mem, cfg.vcpus, layout::MPTABLE)?;
+
+    // Serial console and the rest of the port-I/O bus.
+    let serial_out: Box<dyn Write + Send> = match &cfg.serial_log {
+        Some(p) => Box::new(File::create(p).map_err(|e| VmmError::SerialLog(p.clone(), e))?),
+        None => Box::new(std::io::stdout()),
+    };
+    let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.register_irqfd(&serial_evt, layout::SERIAL_IRQ)?;
+    let (exit_tx, exit_rx) = mpsc::channel::<GuestExit>();
+    let (event_tx, event_rx) = mpsc::channel::<Event>();
+    {
+        let event_tx = event_tx.clone();
+        thread::Builder::new()
+            .name("exit".into())
+            .spawn(move || {
+                for e in exit_rx {
+                    let _ = event_tx.send(Event::Guest(e));
+                }
+            })
+            .map_err(VmmError::Thread)?;
+    }
+    let guest_start = vm.host_range().0;
+    let mut legacy = LegacyBus::new(serial_evt, serial_out, exit_tx, started);
+    legacy.on_ready(Box::new(move || {
+        if let Some(kib) = overhead_kib(guest_start) {
+            println!(
+                "vmm memory overhead {:.1} MiB (PSS minus guest memory)",
+                kib as f64 / 1024.0
+            );
+        }
+    }));
+    let legacy = Arc::new(Mutex::new(legacy));
+    let transports: Transports = Arc::new(transports);
+
+    // Control socket.
+    let api = match &cfg.api_sock {
+        Some(p) => {
+            let _ = std::fs::remove_file(p);
+            let l = UnixListener::bind(p).map_err(|e| VmmError::Api(p.clone(), e))?;
+            sockets.push(p.clone());
+            Some(l)
+        }
+        None => None,
+    };
+    spawn_io_thread(
+        transports.clone(),
+        backend_fds,
+        api,
+        legacy.clone(),
+        event_tx.clone(),
+    )?;
+
+    // vCPUs.
+    for id in 0..cfg.vcpus {
+        let fd = vcpu::create(&vm.kvm, &vm.fd, id, cfg.vcpus, (id == 0).then_some(entry))?;
+        let legacy = legacy.clone();
+        let transports = transports.clone();
+        let event_tx = event_tx.clone();
+        thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || run_vcpu(id, fd, legacy, transports, event_tx, started))
+            .map_err(VmmError::Thread)?;
+    }
+
+    let outcome = match event_rx.recv() {
+        Ok(Event::Guest(GuestExit::Reset)) if lock(&legacy).saw_panic() => Ok(Outcome::GuestPanic),
+        Ok(Event::Guest(GuestExit::Reset)) => Ok(Outcome::GuestExit),
+        Ok(Event::Crash) | Err(_) => Ok(Outcome::GuestCrash),
+        Ok(Event::Stop) => Ok(Outcome::Stopped),
+        Ok(Event::VcpuFailed(id, e)) => Err(VmmError::VcpuRun(id, e)),
+    };
+    for s in sockets {
+        let _ = std::fs::remove_file(s);
+    }
+    println!(
+        "vm ended after {} ms: {:?}",
+        started.elapsed().as_millis(),
+        outcome
+    );
+    let _ = std::io::stdout().flush();
+    outcome
+}
+
+fn run_vcpu(
+    id: u8,
+    mut fd: kvm_ioctls::VcpuFd,
+    legacy: Arc<Mutex<LegacyBus>>,
+    transports: Transports,
+    events: mpsc::Sender<Event>,
+    started: Instant,
+) {
+    let mut first = true;
+    loop {
+        if first && id == 0 {
+            println!(
+                "first vCPU entry after {} ms",
+                started.elapsed().as_millis()
+            );
+            first = false;
+        }
+        match fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                lock(&legacy).write(port, data);
+            }
+            Ok(VcpuExit::IoIn(port, data)) => lock(&legacy).read(port, data),
+            Ok(VcpuExit::MmioRead(addr, data)) => match mmio_slot(addr, transports.len()) {
+                Some((i, off)) => lock(&transports[i].1).read(off, data),
+                None => data.fill(0),
+            },
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if let Some((i, off)) = mmio_slot(addr, transports.len()) {
+                    lock(&transports[i].1).write(off, data);
+                }
+            }
+            Ok(VcpuExit::Hlt) => thread::sleep(Duration::from_millis(1)),
+            Ok(VcpuExit::Shutdown) => {
+                let _ = events.send(Event::Crash);
+                return;
+            }
+            Ok(VcpuExit::SystemEvent(..)) => {
+                let _ = events.send(Event::Guest(GuestExit::Reset));
+                return;
+            }
+            Ok(VcpuExit::Intr) => {}
+            Ok(other) => {
+                let _ = events.send(Event::VcpuFailed(id, format!("unexpected exit {other:?}")));
+                return;
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                let _ = events.send(Event::VcpuFailed(id, format!("KVM_RUN: {e}")));
+                return;
+            }
+        }
+    }
+}
+
+/// The device index and offset of an MMIO address, if it falls in a device window.
+fn mmio_slot(addr: u64, count: usize) -> Option<(usize, u64)> {
+    let rel = addr.checked_sub(layout::MMIO_BASE)?;
+    let i = (rel / layout::MMIO_SIZE) as usize;
+    (i < count).then_some((i, rel % layout::MMIO_SIZE))
+}
+
+const API_TOKEN: u64 = u64::MAX;
+
+fn spawn_io_thread(
+    transports: Transports,
+    backends: Vec<(std::os::fd::RawFd, usize)>,
+    api: Option<UnixListener>,
+    legacy: Arc<Mutex<LegacyBus>>,
+    events: mpsc::Sender<Event>,
+) -> Result<(), VmmError> {
+    let epoll = Epoll::new().map_err(VmmError::Epoll)?;
+    for (fd, i) in &backends {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                *fd,
+                EpollEvent::new(EventSet::IN, *i as u64),
+            )
+            .map_err(VmmError::Epoll)?;
+    }
+    if let Some(l) = &api {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                l.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, API_TOKEN),
+            )
+            .map_err(VmmError::Epoll)?;
+    }
+    thread::Builder::new()
+        .name("io".into())
+        .spawn(move || {
+            let mut evs = [EpollEvent::default(); 16];
+            loop {
+                let n = match epoll.wait(-1, &mut evs) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                };
+                for ev in &evs[..n] {
+                    if ev.data() == API_TOKEN {
+                        if let Some(l) = &api {
+                            serve_api(l, &transports, &legacy, &events);
+                        }
+                    } else if let Some((_, t)) = transports.get(ev.data() as usize) {
+                        lock(t).device_mut().process_backend();
+                    }
+                }
+            }
+        })
+        .map_err(VmmError::Thread)?;
+    Ok(())
+}
+
+/// One request of the control API: a JSON line in, a JSON line out.
+fn serve_api(
+    l: &UnixListener,
+    transports: &Transports,
+    legacy: &Arc<Mutex<LegacyBus>>,
+    events: &mpsc::Sender<Event>,
+) {
+    let Ok((s, _)) = l.accept() else { return };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut reader = BufReader::new(&s);
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let answer = api_answer(&line, transports, legacy, events);
+    let mut w = &s;
+    let _ = writeln!(w, "{answer}");
+}
+
+fn api_answer(
+    line: &str,
+    transports: &Transports,
+    legacy: &Arc<Mutex<LegacyBus>>,
+    events: &mpsc::Sender<Event>,
+) -> serde_json::Value {
+    use serde_json::json;
+    let req: serde_json::Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => return json!({"error": format!("not JSON: {e}")}),
+    };
+    if req.get("status").is_some() {
+        let ready = lock(legacy).ready_after().map(|d| d.as_millis() as u64);
+        json!({"state": "running", "ready_ms": ready})
+    } else if req.get("stop").is_some() {
+        let _ = events.send(Event::Stop);
+        json!({"ok": true})
+    } else if let Some(u) = req.get("update_drive") {
+        let (Some(id), Some(path)) = (u["id"].as_str(), u["path"].as_str()) else {
+            return json!({"error": "update_drive needs id and path"});
+        };
+        let Some((_, t)) = transports.iter().find(|(i, _)| i == id) else {
+            return json!({"error": format!("no drive {id:?}")});
+        };
+        let mut t = lock(t);
+        match t.device_mut().update_backing(Path::new(path)) {
+            Ok(()) => {
+                t.config_changed();
+                json!({"ok": true})
+            }
+            Err(e) => json!({"error": e}),
+        }
+    } else {
+        json!({"error": "unknown request (status, stop, update_drive)"})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mmio_addresses_map_to_devices() {
+        assert_eq!(mmio_slot(layout::MMIO_BASE + 0x70, 2), Some((0, 0x70)));
+        assert_eq!(mmio_slot(layout::MMIO_BASE + 0x1100, 2), Some((1, 0x100)));
+        assert_eq!(mmio_slot(layout::MMIO_BASE + 0x2000, 2), None);
+        assert_eq!(mmio_slot(0x1000, 2), None);
+    }
+
+    #[test]
+    fn overhead_is_measurable() {
+        assert!(overhead_kib(0).is_some());
+    }
+}
