@@ -40,13 +40,18 @@ struct Args {
 fn main() {
     // Re-exec'd helpers of the container engine run here and never return.
     husk_agent::container::maybe_run_child();
-    let args = Args::parse();
+    let pid1 = std::process::id() == 1;
+    // As init, argv holds whatever kernel parameters the kernel did not know: ignore them.
+    let args = if pid1 {
+        Args::parse_from(["husk-agent"])
+    } else {
+        Args::parse()
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    let pid1 = std::process::id() == 1;
     if let Err(e) = run(args, pid1) {
         tracing::error!("{e:#}");
         if pid1 {

@@ -107,7 +107,7 @@ type Transports = Arc<Vec<(String, Arc<Mutex<MmioTransport>>)>>;
 
 /// The default kernel command line: serial console, reboot via the i8042, no probing of
 /// hardware that is not there.
-const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodules 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable quiet";
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable quiet";
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
