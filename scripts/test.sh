@@ -17,5 +17,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build"
 cargo build --workspace --locked
 
+echo "== guest image (cached by content hash under \$HUSK_CACHE)"
+bash guest-image/build.sh
+
 echo "== tests"
 cargo test --workspace --locked -- --test-threads="${HUSK_TEST_THREADS:-2}"

@@ -1,0 +1,219 @@
+//! husk end to end in microVMs: `husk run` boots the guest image with husk-vmm inside the
+//! nested-KVM testbed and runs busybox containers through the agent.
+//!
+//! Needs root, the testbed's prerequisites (qemu, linux-source) and a built guest image
+//! (`guest-image/build.sh`, which `scripts/test.sh` runs first). Slow: one L1 boot, then a
+//! microVM per check, all under TCG.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use husk_tests::{agent::workspace_bin, rootfs::busybox_rootfs, testbed};
+
+/// A directory the testbed sees (its /tmp is its own; the repository is shared).
+fn shared_dir(name: &str) -> PathBuf {
+    let target = workspace_bin("husk")
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    let d = target.join("husk-test-tmp").join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// An initramfs whose init never answers: it only sleeps.
+fn never_ready_initramfs(dir: &Path) -> PathBuf {
+    let root = dir.join("never-ready");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("dev")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    std::fs::write(
+        root.join("init"),
+        "#!/bin/busybox sh\n/bin/busybox sleep 100000\n",
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("755")
+        .arg(root.join("init"))
+        .status()
+        .unwrap();
+    let out = dir.join("never-ready.cpio.gz");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find . | cpio -o -H newc 2>/dev/null | gzip > {}",
+            root.display(),
+            out.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "making the never-ready initramfs (needs cpio)"
+    );
+    out
+}
+
+/// Splits the script's output into sections: name -> (output, rc).
+fn sections(out: &str) -> HashMap<String, (String, Option<i32>)> {
+    let mut map = HashMap::new();
+    let mut cur: Option<(String, String)> = None;
+    for line in out.lines() {
+        if let Some(rest) = line.strip_prefix("=== ") {
+            if let Some((name, rc)) = rest.rsplit_once(" rc=") {
+                if let Some((n, text)) = cur.take() {
+                    if n == name {
+                        map.insert(n, (text, rc.trim().parse().ok()));
+                        continue;
+                    }
+                }
+            }
+            if let Some((n, text)) = cur.take() {
+                map.insert(n, (text, None));
+            }
+            cur = Some((rest.to_string(), String::new()));
+        } else if let Some((_, text)) = cur.as_mut() {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    if let Some((n, text)) = cur {
+        map.insert(n, (text, None));
+    }
+    map
+}
+
+#[test]
+fn husk_run_in_microvms() {
+    husk_tests::agent::require_root();
+    let image = std::env::var("HUSK_CACHE").unwrap_or_else(|_| "/var/cache/husk".into());
+    for f in ["current/vmlinux", "current/initramfs.cpio.gz"] {
+        let p = Path::new(&image).join(f);
+        assert!(
+            p.exists(),
+            "{} missing: build the guest image with guest-image/build.sh",
+            p.display()
+        );
+    }
+    let dir = shared_dir("microvm");
+    let rootfs = busybox_rootfs(&dir);
+    let never_ready = never_ready_initramfs(&dir);
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let script = repo.join("tests/scripts/microvm-checks.sh");
+    let cmd = format!(
+        "bash {} {} {} {}",
+        script.display(),
+        repo.display(),
+        rootfs.display(),
+        never_ready.display()
+    );
+    let t0 = std::time::Instant::now();
+    let out = testbed::run(&cmd, Duration::from_secs(1500)).expect("the testbed ran");
+    println!(
+        "testbed run took {:.1} s\n{}",
+        t0.elapsed().as_secs_f64(),
+        out.stdout
+    );
+    let s = sections(&out.stdout);
+    let get = |n: &str| {
+        s.get(n)
+            .cloned()
+            .unwrap_or_else(|| panic!("no section {n}: {}", out.stdout))
+    };
+
+    // Output and exit code come through.
+    let (text, rc) = get("hello");
+    assert!(text.contains("hello from husk"), "{text}");
+    assert_eq!(rc, Some(7), "{text}");
+
+    // The guest kernel, not the host's or L1's; cgroup v2.
+    let (text, rc) = get("kernel");
+    assert_eq!(rc, Some(0), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    let host = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
+    assert_ne!(
+        lines[0],
+        host.trim(),
+        "the container runs the host's kernel"
+    );
+    let (l1_boot_id, _) = get("l1 boot_id");
+    assert_ne!(
+        lines[1],
+        l1_boot_id.trim(),
+        "the container shares L1's boot id: no microVM"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("0::")),
+        "not cgroup v2: {text}"
+    );
+
+    // The container sees only its own processes (not the agent).
+    let (text, rc) = get("ps");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(
+        !text.contains("husk-agent") && !text.contains("init"),
+        "{text}"
+    );
+    assert!(text.lines().count() <= 3, "{text}");
+
+    // A 64 MiB container that allocates 200 MiB is OOM-killed, and husk says so.
+    let (text, rc) = get("oom");
+    assert!(!text.contains("survived"), "{text}");
+    assert!(text.contains("OOM-killed"), "{text}");
+    assert_eq!(rc, Some(137), "{text}");
+
+    // Half a core: a busy loop gets about half of its wall time, and is throttled.
+    let (text, rc) = get("cpu");
+    assert_eq!(rc, Some(0), "{text}");
+    let kv: HashMap<&str, f64> = text
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .filter_map(|(k, v)| v.parse().ok().map(|v| (k, v)))
+        .collect();
+    let (cpu, wall) = (kv["cpu_usec"], kv["wall_sec"]);
+    let share = cpu / (wall * 1e6);
+    println!("cpu limit 0.5: the busy loop got {share:.2} of a core");
+    assert!(
+        share < 0.7,
+        "a 0.5-core limit gave {share:.2} of a core: {text}"
+    );
+    let throttled: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("nr_throttled "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("nr_throttled");
+    assert!(throttled > 0, "{text}");
+
+    // stdin reaches the container.
+    let (text, rc) = get("stdin");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(text.contains("one\ntwo"), "{text}");
+
+    // A guest that never becomes ready, and a missing kernel: clear errors.
+    let (text, rc) = get("never_ready");
+    assert_ne!(rc, Some(0), "{text}");
+    assert!(text.contains("did not become ready within 20"), "{text}");
+    let (text, rc) = get("missing_kernel");
+    assert_ne!(rc, Some(0), "{text}");
+    assert!(text.contains("/nonexistent/vmlinux"), "{text}");
+
+    // Nothing left: no VMM process, no run directory, no mount.
+    let (text, _) = get("leftovers");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines, vec!["0"], "left behind: {text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sections_parse() {
+    let s = sections("noise\n=== a\nx\ny\n=== a rc=3\n=== b\nz\n=== b rc=0\n=== c\nw\n");
+    assert_eq!(s["a"], ("x\ny\n".to_string(), Some(3)));
+    assert_eq!(s["b"], ("z\n".to_string(), Some(0)));
+    assert_eq!(s["c"], ("w\n".to_string(), None));
+}
