@@ -292,6 +292,48 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     outcome
 }
 
+/// Runs flat 16-bit `code` loaded at 0x1000 on one vCPU with the legacy devices, until the
+/// guest resets or crashes: the smallest guest that exercises the vCPU loop, for tests on
+/// hosts whose KVM cannot boot Linux. The serial output goes to `serial`.
+pub fn run_raw(
+    code: &[u8],
+    serial: Box<dyn Write + Send>,
+) -> Result<(Outcome, Option<Duration>), VmmError> {
+    let started = Instant::now();
+    let vm = Vm::new(16)?;
+    vm.mem.write_slice(code, GuestAddress(0x1000))?;
+    let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.register_irqfd(&serial_evt, layout::SERIAL_IRQ)?;
+    let (exit_tx, exit_rx) = mpsc::channel::<GuestExit>();
+    let legacy = Arc::new(Mutex::new(LegacyBus::new(
+        serial_evt, serial, exit_tx, started,
+    )));
+    let (event_tx, event_rx) = mpsc::channel::<Event>();
+    let fd = vcpu::create(&vm.kvm, &vm.fd, 0, 1, None)?;
+    vcpu::set_real_mode_entry(&fd, 0x1000)?;
+    {
+        let (legacy, event_tx) = (legacy.clone(), event_tx.clone());
+        thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || run_vcpu(0, fd, legacy, Arc::new(Vec::new()), event_tx, started))
+            .map_err(VmmError::Thread)?;
+    }
+    let outcome = loop {
+        if let Ok(GuestExit::Reset) = exit_rx.try_recv() {
+            break Ok(Outcome::GuestExit);
+        }
+        match event_rx.recv_timeout(Duration::from_millis(10)) {
+            Ok(Event::Crash) => break Ok(Outcome::GuestCrash),
+            Ok(Event::VcpuFailed(id, e)) => break Err(VmmError::VcpuRun(id, e)),
+            Ok(_) => break Ok(Outcome::GuestExit),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(Outcome::GuestCrash),
+        }
+    }?;
+    let ready = lock(&legacy).ready_after();
+    Ok((outcome, ready))
+}
+
 fn run_vcpu(
     id: u8,
     mut fd: kvm_ioctls::VcpuFd,
