@@ -25,6 +25,7 @@ check hello "$husk" run --timings "$rootfs" -- sh -c 'echo hello from husk; exit
 echo "husk run wall time: $(( ($(date +%s%N) - start) / 1000000 )) ms"
 check kernel "$husk" run "$rootfs" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; cat /proc/self/cgroup'
 echo "=== l1 boot_id"; cat /proc/sys/kernel/random/boot_id
+check meminfo "$husk" run "$rootfs" -- sh -c 'grep -E "^(MemTotal|MemAvailable):" /proc/meminfo'
 check ps "$husk" run "$rootfs" -- sh -c 'ps -o pid,comm'
 check oom "$husk" run --memory 512 --container-memory 64 "$rootfs" -- dd if=/dev/zero of=/dev/null bs=200M count=1
 check cpu "$husk" run --cpus 2 --container-cpus 0.5 "$rootfs" -- sh -c \

@@ -153,6 +153,23 @@ fn husk_run_in_microvms() {
         "not cgroup v2: {text}"
     );
 
+    // Guest memory in use after boot, for the record.
+    let (text, _) = get("meminfo");
+    let kib: HashMap<&str, u64> = text
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?.trim_end_matches(':'), w.next()?.parse().ok()?))
+        })
+        .collect();
+    if let (Some(t), Some(a)) = (kib.get("MemTotal"), kib.get("MemAvailable")) {
+        println!(
+            "guest memory in use after boot: {:.1} MiB of {:.1} MiB",
+            (t - a) as f64 / 1024.0,
+            *t as f64 / 1024.0
+        );
+    }
+
     // The container sees only its own processes (not the agent).
     let (text, rc) = get("ps");
     assert_eq!(rc, Some(0), "{text}");
