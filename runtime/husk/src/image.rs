@@ -300,6 +300,9 @@ mod tests {
             let mut h = tar::Header::new_gnu();
             h.set_size(data.len() as u64);
             h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
             h.set_cksum();
             b.append_data(&mut h, name, *data).unwrap();
         }
