@@ -57,7 +57,8 @@ ln -sfn /proc/self/fd $r/dev/fd
 ln -sfn /proc/self/fd/0 $r/dev/stdin
 ln -sfn /proc/self/fd/1 $r/dev/stdout
 ln -sfn /proc/self/fd/2 $r/dev/stderr
-mount -t tmpfs -o mode=1777 tmpfs $r/tmp || fail "mount /tmp"
+# /tmp stays the overlay's: the host's /tmp shows through (a checkout or test files there
+# must be visible inside), and writes go to the tmpfs upper layer.
 mount -t tmpfs -o mode=0755 tmpfs $r/run || fail "mount /run"
 ip link set lo up || fail "cannot bring up lo"
 
