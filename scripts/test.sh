@@ -21,4 +21,4 @@ echo "== guest image (cached by content hash under \$HUSK_CACHE)"
 bash guest-image/build.sh
 
 echo "== tests"
-cargo test --workspace --locked -- --test-threads="${HUSK_TEST_THREADS:-2}"
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${HUSK_TEST_THREADS:-2}"
