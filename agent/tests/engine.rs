@@ -200,6 +200,35 @@ fn start_reaper() {
     });
 }
 
+/// Runs a helper command to its end. Its exit goes through the reaper thread (which reaps
+/// every child), so `Command::status()` would race it; returns (success, stdout, stderr).
+fn run_cmd(cmd: &mut std::process::Command) -> (bool, String, String) {
+    use std::io::Read;
+    start_reaper();
+    // The reaper thread waits for it (below, through `wait`).
+    #[allow(clippy::zombie_processes)]
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning a helper command");
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let st = wait(Pid::from_raw(child.id() as i32));
+    (matches!(st, WaitStatus::Exited(_, 0)), out, err)
+}
+
 /// The exit status of `pid` (we are its parent or subreaper), within 30 s.
 fn wait(pid: Pid) -> WaitStatus {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -603,29 +632,21 @@ fn terminal_gets_a_controlling_tty() {
 fn block_device_rootfs() {
     let w = World::new("block", true);
     let img = w.dir.path().join("rootfs.img");
-    let ok = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(w.rootfs())
-        .arg(&img)
-        .arg("16M")
-        .status();
-    if !ok.is_ok_and(|s| s.success()) {
-        eprintln!("mkfs.ext4 not usable; skipped");
-        return;
-    }
-    let out = std::process::Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(&img)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        eprintln!(
-            "no loop device: {}; skipped",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        return;
-    }
-    let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let (ok, _, err) = run_cmd(
+        std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(w.rootfs())
+            .arg(&img)
+            .arg("16M"),
+    );
+    assert!(ok, "mkfs.ext4 (e2fsprogs) failed: {err}");
+    let (ok, out, err) = run_cmd(
+        std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&img),
+    );
+    assert!(ok, "this test needs a loop device (losetup -f): {err}");
+    let dev = PathBuf::from(out.trim());
     let (io, output) = pipes();
     let spec: Spec =
         serde_json::from_value(spec(&["sh", "-c", "cat /etc/passwd | head -1"])).unwrap();
@@ -654,10 +675,7 @@ fn block_device_rootfs() {
         (code, output.finish().0)
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(check));
-    let _ = std::process::Command::new("losetup")
-        .arg("-d")
-        .arg(&dev)
-        .status();
+    let _ = run_cmd(std::process::Command::new("losetup").arg("-d").arg(&dev));
     let (code, out) = result.unwrap();
     assert_eq!((code, out.as_str()), (0, "root:x:0:0:root:/root:/bin/sh\n"));
 }
