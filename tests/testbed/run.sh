@@ -64,12 +64,13 @@ result() { # result STATUS-LINE
     reported=1
     [[ -z $status_file ]] || printf '%s\n' "$1" >"$status_file"
 }
-job='' timeout_pid=''
+job='' timeout_pid='' awk_pid=''
 # shellcheck disable=SC2317 # called by the EXIT trap
 on_exit() {
     local status=$? pid
     # Never leave a QEMU behind (timeout, Ctrl-C, errors of this script).
     [[ -n $timeout_pid ]] && kill -TERM "$timeout_pid" 2>/dev/null
+    [[ -n $awk_pid ]] && kill -TERM "$awk_pid" 2>/dev/null
     if [[ -n $job && -f $job/qemu.pid ]]; then
         pid=$(cat "$job/qemu.pid" 2>/dev/null || true)
         if [[ -n $pid ]] && grep -qaF "$job" "/proc/$pid/cmdline" 2>/dev/null; then
@@ -121,8 +122,8 @@ mkdir -p "$HUSK_CACHE/testbed/jobs"
 job=$(mktemp -d "$HUSK_CACHE/testbed/jobs/job.XXXXXX")
 
 env_args=(TERM=dumb)
-for name in PATH HOME USER LANG HUSK_CACHE RUST_LOG RUST_BACKTRACE; do
-    [[ -n ${!name:-} ]] && env_args+=("$name=${!name}")
+for var in PATH HOME USER LANG HUSK_CACHE RUST_LOG RUST_BACKTRACE; do
+    [[ -n ${!var:-} ]] && env_args+=("$var=${!var}")
 done
 env_args+=("${envs[@]}")
 {
@@ -134,7 +135,26 @@ env_args+=("${envs[@]}")
 } >"$job/job.sh"
 
 # --- boot L1 -------------------------------------------------------------------------
+# L1's TSC is the host's (TCG's rdtsc reads the host TSC), but L1 cannot calibrate it: its
+# only reference is an emulated PIT, and on a busy host the PIT calibration fails ("Marking
+# TSC unstable due to could not calculate TSC khz"). With tsc_khz 0, L1's KVM never enters a
+# guest: every vCPU spins in the kvmclock update (KVM_RUN never returns, the guest never runs
+# its first instruction). So L1 is told the host's TSC frequency, and that its TSC is
+# reliable (it is the host's: better than anything emulated).
+host_tsc_khz() {
+    local mhz
+    mhz=$(dmesg 2>/dev/null | sed -n 's/.*tsc: Refined TSC clocksource calibration: \([0-9.]*\) MHz.*/\1/p' | tail -1)
+    [[ -n $mhz ]] || mhz=$(dmesg 2>/dev/null | sed -n 's/.*tsc: Detected \([0-9.]*\) MHz processor.*/\1/p' | tail -1)
+    [[ -n $mhz ]] || mhz=$(awk -F': *' '/^cpu MHz/ { print $2; exit }' /proc/cpuinfo)
+    [[ -n $mhz ]] && awk -v m="$mhz" 'BEGIN { printf "%d", m * 1000 }'
+}
+tsc_khz=$(host_tsc_khz || true)
 cmdline="console=ttyS0 quiet loglevel=1 panic=-1 reboot=t husk.job=$job husk.time=$(date +%s)"
+if [[ -n $tsc_khz && $tsc_khz -gt 0 ]]; then
+    cmdline+=" tsc_early_khz=$tsc_khz tsc=reliable"
+else
+    husk_log "warning: the host's TSC frequency is unknown; L1 calibrates it (may fail on a busy host)"
+fi
 ((verbose)) && cmdline=${cmdline/ quiet loglevel=1/}
 # shellcheck disable=SC2054 # QEMU options use commas
 qemu=(
@@ -152,7 +172,8 @@ start=$(husk_now)
 mkfifo "$job/console"
 # QEMU in the background (so this shell can kill it), its console through a
 # filter: lines before BEGIN are L1 boot noise (shown with --verbose), lines
-# between BEGIN and EXIT are the command's output.
+# between BEGIN and EXIT are the command's output. Both in the background:
+# bash runs the INT/TERM traps during `wait`, not during a foreground job.
 timeout -k 5 "$timeout" "${qemu[@]}" </dev/null >"$job/console" 2>"$job/qemu.err" &
 timeout_pid=$!
 set +e
@@ -162,11 +183,13 @@ awk -v verbose="$verbose" -v logfile="$job/console.log" '
     /^HUSK-TESTBED-(EXIT|ERROR)=/ { inside = 0; if (verbose) print > "/dev/stderr"; next }
     inside { print; fflush(); next }
     verbose { print > "/dev/stderr"; fflush("/dev/stderr") }
-' <"$job/console"
+' <"$job/console" &
+awk_pid=$!
 wait "$timeout_pid"
 qemu_status=$?
+wait "$awk_pid"
 set -e
-timeout_pid=
+timeout_pid='' awk_pid=''
 elapsed=$(husk_elapsed "$start")
 
 show_log() {

@@ -25,10 +25,24 @@ fn run(cmd: &str) -> testbed::Output {
 
 #[test]
 fn kvm_works_inside_l1() {
-    let out = run("test -c /dev/kvm && dmesg | grep -i 'nested paging'");
+    let out = run("test -c /dev/kvm && dmesg | grep -i 'nested paging' && \
+         echo clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource) && \
+         dmesg | grep 'tsc:'");
     assert_eq!(
         out.status, 0,
         "no /dev/kvm or no nested paging: {}",
+        out.stdout
+    );
+    // L1 must know its TSC frequency: with tsc_khz 0 its KVM never enters a guest (every
+    // microVM hangs before its first instruction), which happened on a busy CI host.
+    assert!(
+        !out.stdout.contains("could not calculate TSC khz"),
+        "L1 has no TSC frequency: {}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("clocksource=tsc\n"),
+        "L1 does not run on its TSC: {}",
         out.stdout
     );
 
