@@ -5,7 +5,10 @@ use std::{
     io::{BufRead, BufReader, Write},
     os::{fd::AsRawFd, unix::net::UnixListener},
     path::{Path, PathBuf},
-    sync::{mpsc, Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc, Arc, Mutex,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -38,6 +41,8 @@ pub enum VmmError {
     Vm(#[from] crate::vstate::vm::VmError),
     #[error(transparent)]
     Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    #[error("installing the vCPU kick signal handler")]
+    Signal(#[source] std::io::Error),
     #[error("opening the kernel {0}")]
     KernelOpen(PathBuf, #[source] std::io::Error),
     #[error("loading the kernel {0} (an ELF vmlinux is needed)")]
@@ -105,6 +110,104 @@ enum Event {
 
 type Transports = Arc<Vec<(String, Arc<Mutex<MmioTransport>>)>>;
 
+/// What one vCPU has been doing, for the control API's status: a guest that never gets
+/// ready shows whether it still exits to the VMM (and where) or sits inside KVM.
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    exits: AtomicU64,
+    io: AtomicU64,
+    mmio: AtomicU64,
+    /// The last port or MMIO address, with its kind in the top byte (1 port, 2 MMIO).
+    last: AtomicU64,
+    /// The vCPU thread, to kick out of KVM_RUN with SIGRTMIN (0 until it runs).
+    thread: AtomicU64,
+    /// Set by a status request: the vCPU thread samples its registers at the next exit.
+    want_regs: std::sync::atomic::AtomicBool,
+    /// The sampled instruction pointer and CR0/CR3/CR4, valid after a sample.
+    rip: AtomicU64,
+    cr: [AtomicU64; 3],
+    samples: AtomicU64,
+}
+
+impl VcpuStats {
+    fn record(&self, kind: u64, addr: u64) {
+        self.exits.fetch_add(1, Ordering::Relaxed);
+        match kind {
+            1 => self.io.fetch_add(1, Ordering::Relaxed),
+            2 => self.mmio.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+        if kind != 0 {
+            self.last
+                .store(kind << 56 | (addr & ((1 << 56) - 1)), Ordering::Relaxed);
+        }
+    }
+
+    /// Samples the registers on the vCPU thread if a status request asked for it.
+    fn maybe_sample(&self, fd: &kvm_ioctls::VcpuFd) {
+        if !self.want_regs.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        if let (Ok(r), Ok(s)) = (fd.get_regs(), fd.get_sregs()) {
+            self.rip.store(r.rip, Ordering::Relaxed);
+            for (slot, v) in self.cr.iter().zip([s.cr0, s.cr3, s.cr4]) {
+                slot.store(v, Ordering::Relaxed);
+            }
+            self.samples.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// Asks the vCPU thread for a register sample and kicks it out of KVM_RUN; waits up to
+    /// `wait` for the sample.
+    fn sample(&self, wait: Duration) -> bool {
+        let thread = self.thread.load(Ordering::Acquire);
+        if thread == 0 {
+            return false;
+        }
+        let before = self.samples.load(Ordering::Acquire);
+        self.want_regs.store(true, Ordering::Release);
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            // SAFETY: the thread id is that of a vCPU thread, which lives as long as the VMM;
+            // SIGRTMIN has a no-op handler, so the signal only interrupts KVM_RUN.
+            unsafe { libc::pthread_kill(thread as libc::pthread_t, libc::SIGRTMIN()) };
+            thread::sleep(Duration::from_millis(10));
+            if self.samples.load(Ordering::Acquire) != before {
+                return true;
+            }
+        }
+        self.want_regs.store(false, Ordering::Release);
+        false
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let sampled = self.sample(Duration::from_millis(300));
+        let regs = sampled.then(|| {
+            let [cr0, cr3, cr4] = [0, 1, 2].map(|i| self.cr[i].load(Ordering::Relaxed));
+            serde_json::json!({
+                "rip": format!("{:#x}", self.rip.load(Ordering::Relaxed)),
+                "cr0": format!("{cr0:#x}"),
+                "cr3": format!("{cr3:#x}"),
+                "cr4": format!("{cr4:#x}"),
+            })
+        });
+        let last = self.last.load(Ordering::Relaxed);
+        let addr = last & ((1 << 56) - 1);
+        let last = match last >> 56 {
+            1 => format!("port {addr:#x}"),
+            2 => format!("mmio {addr:#x}"),
+            _ => "none".into(),
+        };
+        serde_json::json!({
+            "exits": self.exits.load(Ordering::Relaxed),
+            "io_exits": self.io.load(Ordering::Relaxed),
+            "mmio_exits": self.mmio.load(Ordering::Relaxed),
+            "last_io": last,
+            "regs": regs,
+        })
+    }
+}
+
 /// The default kernel command line: serial console, reboot via the i8042, no probing of
 /// hardware that is not there.
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable quiet";
@@ -141,8 +244,17 @@ fn field_kib(text: &str, key: &str) -> Option<u64> {
 }
 
 /// Builds the VM described by `cfg` and runs it to its end.
+/// A no-op handler for SIGRTMIN: the signal only kicks a vCPU thread out of KVM_RUN.
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn register_kick_handler() -> Result<(), VmmError> {
+    vmm_sys_util::signal::register_signal_handler(libc::SIGRTMIN(), kick_handler)
+        .map_err(|e| VmmError::Signal(std::io::Error::from_raw_os_error(e.errno())))
+}
+
 pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     let started = Instant::now();
+    register_kick_handler()?;
     let vm = Vm::new(cfg.mem_mib as u64)?;
     let mem_size = (cfg.mem_mib as u64) << 20;
 
@@ -253,12 +365,15 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
         }
         None => None,
     };
+    let stats: Arc<Vec<VcpuStats>> =
+        Arc::new((0..cfg.vcpus).map(|_| VcpuStats::default()).collect());
     spawn_io_thread(
         transports.clone(),
         backend_fds,
         api,
         legacy.clone(),
         event_tx.clone(),
+        stats.clone(),
     )?;
 
     // vCPUs.
@@ -267,9 +382,13 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
         let legacy = legacy.clone();
         let transports = transports.clone();
         let event_tx = event_tx.clone();
+        let stats = stats.clone();
         thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || run_vcpu(id, fd, legacy, transports, event_tx, started))
+            .spawn(move || {
+                let stats = &stats[id as usize];
+                run_vcpu(id, fd, legacy, transports, event_tx, started, stats)
+            })
             .map_err(VmmError::Thread)?;
     }
 
@@ -300,6 +419,7 @@ pub fn run_raw(
     serial: Box<dyn Write + Send>,
 ) -> Result<(Outcome, Option<Duration>), VmmError> {
     let started = Instant::now();
+    register_kick_handler()?;
     let vm = Vm::new(16)?;
     vm.mem.write_slice(code, GuestAddress(0x1000))?;
     let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
@@ -315,7 +435,18 @@ pub fn run_raw(
         let (legacy, event_tx) = (legacy.clone(), event_tx.clone());
         thread::Builder::new()
             .name("vcpu0".into())
-            .spawn(move || run_vcpu(0, fd, legacy, Arc::new(Vec::new()), event_tx, started))
+            .spawn(move || {
+                let stats = VcpuStats::default();
+                run_vcpu(
+                    0,
+                    fd,
+                    legacy,
+                    Arc::new(Vec::new()),
+                    event_tx,
+                    started,
+                    &stats,
+                )
+            })
             .map_err(VmmError::Thread)?;
     }
     let outcome = loop {
@@ -341,9 +472,15 @@ fn run_vcpu(
     transports: Transports,
     events: mpsc::Sender<Event>,
     started: Instant,
+    stats: &VcpuStats,
 ) {
+    // SAFETY: pthread_self has no preconditions.
+    stats
+        .thread
+        .store(unsafe { libc::pthread_self() } as u64, Ordering::Release);
     let mut first = true;
     loop {
+        stats.maybe_sample(&fd);
         if first && id == 0 {
             println!(
                 "first vCPU entry after {} ms",
@@ -353,19 +490,30 @@ fn run_vcpu(
         }
         match fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
+                stats.record(1, port.into());
                 lock(&legacy).write(port, data);
             }
-            Ok(VcpuExit::IoIn(port, data)) => lock(&legacy).read(port, data),
-            Ok(VcpuExit::MmioRead(addr, data)) => match mmio_slot(addr, transports.len()) {
-                Some((i, off)) => lock(&transports[i].1).read(off, data),
-                None => data.fill(0),
-            },
+            Ok(VcpuExit::IoIn(port, data)) => {
+                stats.record(1, port.into());
+                lock(&legacy).read(port, data)
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                stats.record(2, addr);
+                match mmio_slot(addr, transports.len()) {
+                    Some((i, off)) => lock(&transports[i].1).read(off, data),
+                    None => data.fill(0),
+                }
+            }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                stats.record(2, addr);
                 if let Some((i, off)) = mmio_slot(addr, transports.len()) {
                     lock(&transports[i].1).write(off, data);
                 }
             }
-            Ok(VcpuExit::Hlt) => thread::sleep(Duration::from_millis(1)),
+            Ok(VcpuExit::Hlt) => {
+                stats.record(0, 0);
+                thread::sleep(Duration::from_millis(1))
+            }
             Ok(VcpuExit::Shutdown) => {
                 let _ = events.send(Event::Crash);
                 return;
@@ -374,7 +522,7 @@ fn run_vcpu(
                 let _ = events.send(Event::Guest(GuestExit::Reset));
                 return;
             }
-            Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::Intr) => stats.record(0, 0),
             Ok(other) => {
                 let _ = events.send(Event::VcpuFailed(id, format!("unexpected exit {other:?}")));
                 return;
@@ -403,6 +551,7 @@ fn spawn_io_thread(
     api: Option<UnixListener>,
     legacy: Arc<Mutex<LegacyBus>>,
     events: mpsc::Sender<Event>,
+    stats: Arc<Vec<VcpuStats>>,
 ) -> Result<(), VmmError> {
     let epoll = Epoll::new().map_err(VmmError::Epoll)?;
     for (fd, i) in &backends {
@@ -436,7 +585,7 @@ fn spawn_io_thread(
                 for ev in &evs[..n] {
                     if ev.data() == API_TOKEN {
                         if let Some(l) = &api {
-                            serve_api(l, &transports, &legacy, &events);
+                            serve_api(l, &transports, &legacy, &events, &stats);
                         }
                     } else if let Some((_, t)) = transports.get(ev.data() as usize) {
                         lock(t).device_mut().process_backend();
@@ -454,6 +603,7 @@ fn serve_api(
     transports: &Transports,
     legacy: &Arc<Mutex<LegacyBus>>,
     events: &mpsc::Sender<Event>,
+    stats: &[VcpuStats],
 ) {
     let Ok((s, _)) = l.accept() else { return };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
@@ -462,7 +612,7 @@ fn serve_api(
     if reader.read_line(&mut line).is_err() {
         return;
     }
-    let answer = api_answer(&line, transports, legacy, events);
+    let answer = api_answer(&line, transports, legacy, events, stats);
     let mut w = &s;
     let _ = writeln!(w, "{answer}");
 }
@@ -472,6 +622,7 @@ fn api_answer(
     transports: &Transports,
     legacy: &Arc<Mutex<LegacyBus>>,
     events: &mpsc::Sender<Event>,
+    stats: &[VcpuStats],
 ) -> serde_json::Value {
     use serde_json::json;
     let req: serde_json::Value = match serde_json::from_str(line) {
@@ -480,7 +631,12 @@ fn api_answer(
     };
     if req.get("status").is_some() {
         let ready = lock(legacy).ready_after().map(|d| d.as_millis() as u64);
-        json!({"state": "running", "ready_ms": ready})
+        let devices: Vec<_> = transports
+            .iter()
+            .map(|(id, t)| json!({"id": id, "driver_status": lock(t).driver_status()}))
+            .collect();
+        let vcpus: Vec<_> = stats.iter().map(VcpuStats::json).collect();
+        json!({"state": "running", "ready_ms": ready, "vcpus": vcpus, "devices": devices})
     } else if req.get("stop").is_some() {
         let _ = events.send(Event::Stop);
         json!({"ok": true})

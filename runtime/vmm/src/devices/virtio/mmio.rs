@@ -64,6 +64,12 @@ impl MmioTransport {
             .collect()
     }
 
+    /// The driver's status register (ACKNOWLEDGE 1, DRIVER 2, DRIVER_OK 4, FEATURES_OK 8,
+    /// FAILED 128): how far the guest got with this device.
+    pub fn driver_status(&self) -> u32 {
+        self.status
+    }
+
     /// The device, e.g. for backend events and drive updates.
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
         self.device.as_mut()
