@@ -62,6 +62,12 @@ pub struct RunArgs {
     /// Print boot timings to stderr.
     #[arg(long)]
     pub timings: bool,
+    /// Extra guest kernel command line, e.g. "loglevel=7" to see the kernel boot.
+    #[arg(long, default_value = "")]
+    pub kernel_args: String,
+    /// Keep the guest's serial console in this file (default: discarded with the VM).
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
 }
 
 /// Runs the container; returns its exit status.
@@ -78,6 +84,8 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     if let Some(v) = a.vmm.clone() {
         img.vmm = v;
     }
+    img.kernel_args = a.kernel_args.clone();
+    img.console_log = a.console_log.clone();
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| "/run/husk".into());

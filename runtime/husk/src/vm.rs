@@ -19,6 +19,11 @@ pub struct VmImage {
     pub vmm: PathBuf,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// Appended to the VMM's kernel command line (e.g. `loglevel=7` to see the boot).
+    pub kernel_args: String,
+    /// Where the guest's serial console goes (default: `serial.log` in the VM's directory,
+    /// removed with it).
+    pub console_log: Option<PathBuf>,
 }
 
 /// How big the VM is.
@@ -40,6 +45,7 @@ pub struct Drive {
 #[derive(Debug)]
 pub struct Vm {
     pub dir: PathBuf,
+    console: PathBuf,
     child: Option<Child>,
 }
 
@@ -58,6 +64,8 @@ pub fn default_image() -> VmImage {
         vmm,
         kernel: cache.join("current/vmlinux"),
         initramfs: cache.join("current/initramfs.cpio.gz"),
+        kernel_args: String::new(),
+        console_log: None,
     }
 }
 
@@ -78,6 +86,13 @@ pub fn check_kvm() -> Result<()> {
 }
 
 impl Vm {
+    fn console_path(image: &VmImage, dir: &Path) -> PathBuf {
+        image
+            .console_log
+            .clone()
+            .unwrap_or_else(|| dir.join("serial.log"))
+    }
+
     /// The hybrid-vsock socket of the VM.
     pub fn vsock_path(dir: &Path) -> PathBuf {
         dir.join("vsock.sock")
@@ -104,7 +119,7 @@ impl Vm {
             .arg("--mem-mib")
             .arg(size.mem_mib.to_string())
             .arg("--serial-log")
-            .arg(dir.join("serial.log"))
+            .arg(Self::console_path(image, dir))
             .arg("--vsock-uds")
             .arg(Self::vsock_path(dir))
             .arg("--api-sock")
@@ -117,6 +132,9 @@ impl Vm {
                 d.read_only
             ));
         }
+        if !image.kernel_args.is_empty() {
+            cmd.arg("--cmdline-extra").arg(&image.kernel_args);
+        }
         let log = fs::File::create(dir.join("vmm.log")).context("creating vmm.log")?;
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -127,6 +145,7 @@ impl Vm {
             .with_context(|| format!("starting the VMM {}", image.vmm.display()))?;
         Ok(Vm {
             dir: dir.to_path_buf(),
+            console: Self::console_path(image, dir),
             child: Some(child),
         })
     }
@@ -138,7 +157,12 @@ impl Vm {
         tokio::select! {
             r = AgentClient::connect_when_ready(&addr, timeout) => match r {
                 Ok(c) => Ok(c),
-                Err(e) => bail!("the guest agent did not become ready within {:.0} s: {e}\n{}", timeout.as_secs_f64(), self.logs_tail()),
+                Err(e) => bail!(
+                    "the guest agent did not become ready within {:.0} s: {e}\n--- VMM status\n{}\n{}",
+                    timeout.as_secs_f64(),
+                    self.vmm_status(),
+                    self.logs_tail()
+                ),
             },
             status = child.wait() => {
                 let status = status.context("waiting for the VMM")?;
@@ -148,13 +172,32 @@ impl Vm {
         }
     }
 
+    /// The VMM's answer to a status request on its control socket (vCPU exits, how far the
+    /// guest's drivers got with each device), or why there is none.
+    pub fn vmm_status(&self) -> String {
+        use std::io::{BufRead, BufReader, Write};
+        let path = self.dir.join("api.sock");
+        let ask = || -> std::io::Result<String> {
+            let s = std::os::unix::net::UnixStream::connect(&path)?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            (&s).write_all(b"{\"status\": {}}\n")?;
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line)?;
+            Ok(line.trim_end().to_string())
+        };
+        ask().unwrap_or_else(|e| format!("no answer from {}: {e}", path.display()))
+    }
+
     /// The last lines of the VMM log and the serial console, for error messages.
     pub fn logs_tail(&self) -> String {
         let mut s = String::new();
-        for name in ["vmm.log", "serial.log"] {
-            let text = fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+        for (name, path) in [
+            ("vmm.log", self.dir.join("vmm.log")),
+            ("guest console", self.console.clone()),
+        ] {
+            let text = fs::read_to_string(path).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(15)..];
+            let tail = &lines[lines.len().saturating_sub(25)..];
             if !tail.is_empty() {
                 s.push_str(&format!("--- {name} (last lines)\n{}\n", tail.join("\n")));
             }
