@@ -47,8 +47,13 @@ pub enum CreateError {
     /// A setup step in the container's init failed (mount, pivot_root, user, ...).
     #[error("container setup failed")]
     Setup(#[source] ChildError),
-    #[error("the container's init exited during setup without a report")]
-    Exited,
+    /// The helper or the init died without a report (a signal, or a crash); `status` is what
+    /// could be learnt about how (e.g. "killed by SIGKILL"), when the agent is its parent.
+    #[error("the container's {who} exited during setup without a report{}", status.as_deref().map(|s| format!(" ({s})")).unwrap_or_default())]
+    Exited {
+        who: &'static str,
+        status: Option<String>,
+    },
     #[error("watching the init process {pid}")]
     Pidfd {
         pid: Pid,

@@ -310,6 +310,7 @@ impl Container {
         }
 
         let deadline = Instant::now() + SETUP_TIMEOUT;
+        let mut ready = false;
         loop {
             let msg = match status.next(deadline, SETUP_TIMEOUT) {
                 Ok(m) => m,
@@ -321,15 +322,31 @@ impl Container {
             match msg {
                 Some(Msg::Pid { pid }) => {
                     self.init_pid = Pid::from_raw(pid);
-                    self.init_pidfd =
-                        Some(
-                            pidfd_open(self.init_pid).map_err(|source| CreateError::Pidfd {
+                    match pidfd_open(self.init_pid) {
+                        Ok(fd) => self.init_pidfd = Some(fd),
+                        // Already exited and reaped (its report, an error, is still in the
+                        // pipe): read on.
+                        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                        Err(source) => {
+                            return Err(CreateError::Pidfd {
                                 pid: self.init_pid,
                                 source,
-                            })?,
-                        );
+                            })
+                        }
+                    }
+                    if ready && self.init_pidfd.is_some() {
+                        break;
+                    }
                 }
-                Some(Msg::Ready) => break,
+                // The helper reports the pid and the init reports readiness: two processes
+                // writing to one pipe, so Ready may come first when the init is scheduled
+                // before its parent. Setup is done once both are in.
+                Some(Msg::Ready) => {
+                    ready = true;
+                    if self.init_pidfd.is_some() {
+                        break;
+                    }
+                }
                 Some(Msg::Error(e)) => return Err(CreateError::Setup(e)),
                 Some(Msg::ExecFailed { program, message }) => {
                     return Err(CreateError::Setup(channel::ChildError::new(
@@ -337,11 +354,19 @@ impl Container {
                         message,
                     )))
                 }
-                None => return Err(CreateError::Exited),
+                None => {
+                    let (who, fd) = match (&self.init_pidfd, self.init_pid.as_raw()) {
+                        (Some(fd), _) => ("init", Some(fd)),
+                        // Reported, then gone before we could watch it.
+                        (None, p) if p != 0 => ("init", None),
+                        (None, _) => ("init helper", helper_fd.as_ref()),
+                    };
+                    return Err(CreateError::Exited {
+                        who,
+                        status: fd.and_then(|fd| exit_status(fd, deadline)),
+                    });
+                }
             }
-        }
-        if self.init_pid.as_raw() == 0 {
-            return Err(CreateError::Exited);
         }
         // The helper exits right after reporting the pid; once it is gone, the init is the
         // agent's child (reparented), which the caller's reaper relies on.
@@ -727,6 +752,42 @@ fn pidfd_signal(fd: &OwnedFd, sig: Signal) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// How the process behind `fd` ended, without reaping it (the reaper still gets it): waits
+/// (bounded) for the exit, then peeks with waitid(P_PIDFD, WNOWAIT). None when the caller is
+/// not its parent or a reaper was faster.
+fn exit_status(fd: &OwnedFd, deadline: Instant) -> Option<String> {
+    if !wait_exited(fd, deadline.min(Instant::now() + Duration::from_secs(1))) {
+        return Some("still running".into());
+    }
+    // SAFETY: siginfo_t is plain data; waitid fills it for a valid pidfd.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: P_PIDFD with an fd we own, a valid siginfo pointer, and flags that neither block
+    // nor reap.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            fd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: waitid succeeded with WEXITED, so si_status and si_code are set.
+    let (code, status) = unsafe { (info.si_code, info.si_status()) };
+    match code {
+        libc::CLD_EXITED => Some(format!("exit status {status}")),
+        libc::CLD_KILLED | libc::CLD_DUMPED => Some(format!(
+            "killed by {}",
+            Signal::try_from(status)
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_else(|_| format!("signal {status}"))
+        )),
+        _ => None,
+    }
 }
 
 /// Waits until the process of `fd` has exited (a pidfd turns readable), at most until

@@ -79,6 +79,18 @@ pub fn run(verb: &OsStr) -> ! {
     // SAFETY: by the protocol with the agent, fd FD_STATUS is the status pipe's write end,
     // open and owned by nobody else in this fresh process.
     let mut status = File::from(unsafe { OwnedFd::from_raw_fd(FD_STATUS) });
+    // A panic (a bug) in the helper or the container's init is reported like any setup error,
+    // instead of an unexplained exit.
+    std::panic::set_hook(Box::new(|info| {
+        // SAFETY: FD_STATUS stays open for the life of this process (`status` owns it; the
+        // ManuallyDrop keeps this borrow from closing it).
+        let mut f =
+            std::mem::ManuallyDrop::new(File::from(unsafe { OwnedFd::from_raw_fd(FD_STATUS) }));
+        let _ = channel::send(
+            &mut f,
+            &Msg::Error(ChildError::new("panic", info.to_string())),
+        );
+    }));
     let is_init = verb == VERB_INIT;
     let keep: &[RawFd] = if is_init {
         &[FD_CONFIG, FD_STATUS, FD_START]
