@@ -15,6 +15,9 @@ pub struct AgentArgs {
     /// How long to wait for the connection.
     #[arg(long, default_value = "10")]
     timeout_secs: u64,
+    /// Retry until the agent answers a health check (a VM that is still booting).
+    #[arg(long)]
+    wait: bool,
     #[command(subcommand)]
     cmd: AgentCmd,
 }
@@ -42,7 +45,7 @@ enum AgentCmd {
         /// Root filesystem directory (default: the spec's root.path, relative to the bundle).
         #[arg(long, conflicts_with = "block")]
         rootfs: Option<String>,
-        /// Root filesystem block device in the guest, as DEVICE:FSTYPE (e.g. /dev/vdb:ext4).
+        /// Root filesystem block device in the guest, as DEVICE:FSTYPE[:ro] (e.g. /dev/vdb:ext4).
         #[arg(long)]
         block: Option<String>,
         /// Open a stdin stream.
@@ -108,7 +111,12 @@ enum AgentCmd {
 
 pub async fn run(a: AgentArgs) -> Result<i32> {
     let addr: AgentAddr = a.addr.parse()?;
-    let c = AgentClient::connect(&addr, Duration::from_secs(a.timeout_secs)).await?;
+    let timeout = Duration::from_secs(a.timeout_secs);
+    let c = if a.wait {
+        AgentClient::connect_when_ready(&addr, timeout).await?
+    } else {
+        AgentClient::connect(&addr, timeout).await?
+    };
     match a.cmd {
         AgentCmd::Check => {
             let r = c.check().await?;
@@ -144,12 +152,18 @@ pub async fn run(a: AgentArgs) -> Result<i32> {
             r.stdin = stdin;
             let mut root = pb::Rootfs::new();
             if let Some(b) = block {
-                let (dev, fstype) = b
-                    .split_once(':')
-                    .context("--block wants DEVICE:FSTYPE, e.g. /dev/vdb:ext4")?;
+                let mut parts = b.split(':');
+                let (Some(dev), Some(fstype)) = (parts.next(), parts.next()) else {
+                    bail!("--block wants DEVICE:FSTYPE[:ro], e.g. /dev/vdb:ext4");
+                };
                 let mut bd = pb::BlockDevice::new();
                 bd.source = dev.into();
                 bd.fstype = fstype.into();
+                match parts.next() {
+                    None => {}
+                    Some("ro") => bd.readonly = true,
+                    Some(other) => bail!("--block {b:?}: {other:?} is not \"ro\""),
+                }
                 root.set_block(bd);
             } else {
                 let path = match rootfs {

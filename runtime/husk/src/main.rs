@@ -4,6 +4,7 @@ mod agent_cmd;
 mod image;
 mod run;
 mod vm;
+mod vmm_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -20,13 +21,19 @@ enum Cmd {
     Agent(agent_cmd::AgentArgs),
     /// Run a container in a fresh microVM and return its exit status.
     Run(run::RunArgs),
+    /// Talk to a running husk-vmm through its control socket (debugging).
+    Vmm(vmm_cmd::VmmArgs),
 }
 
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // ttrpc logs an error for every request future dropped on purpose (e.g.
+                // a wait cut short by Ctrl-C); HUSK_LOG=debug shows it.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("warn,ttrpc::asynchronous::client=off")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -45,6 +52,7 @@ fn main() {
         match cli.cmd {
             Cmd::Agent(a) => agent_cmd::run(a).await,
             Cmd::Run(a) => run::run(a).await,
+            Cmd::Vmm(a) => vmm_cmd::run(a),
         }
     });
     match res {
