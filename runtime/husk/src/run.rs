@@ -73,6 +73,9 @@ pub struct RunArgs {
 /// Runs the container; returns its exit status.
 pub async fn run(a: RunArgs) -> Result<i32> {
     let t0 = Instant::now();
+    // From here on SIGINT (Ctrl-C) and SIGTERM do not kill husk: they end the container
+    // and the VM, and everything is cleaned up (exit status 130 or 143).
+    let mut stop = Interrupts::new()?;
     check_kvm()?;
     let mut img = default_image();
     if let Some(k) = a.kernel.clone() {
@@ -99,6 +102,9 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     let disk = work.path().join("rootfs.ext4");
     image::make_ext4(&rootfs.dir, &disk, 64)?;
     let spec = build_spec(&a, &rootfs.config)?;
+    if let Some(code) = stop.pending() {
+        return Ok(code);
+    }
 
     let mut vm = Vm::start(
         &img,
@@ -113,14 +119,16 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         }],
         &work.path().join("vm"),
     )?;
-    let agent = vm
-        .connect_agent(Duration::from_secs(a.boot_timeout))
-        .await?;
+    let agent = tokio::select! {
+        r = vm.connect_agent(Duration::from_secs(a.boot_timeout)) => r?,
+        // Dropping the Vm kills the VMM and removes its directory.
+        code = stop.next() => return Ok(code),
+    };
     let t_ready = t0.elapsed();
 
     let run = tokio::select! {
         r = run_in_vm(&agent, &spec, a.tty, a.interactive, t0, a.timings) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        code = stop.next() => Ok(code),
     };
     // Power the VM off whatever happened; the Vm's drop kills it if that fails.
     let mut req = pb::DestroySandboxRequest::new();
@@ -145,6 +153,46 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     let code = run?;
     exit?;
     Ok(code)
+}
+
+/// SIGINT and SIGTERM, caught for the whole run so that husk always cleans up.
+struct Interrupts {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Interrupts {
+    fn new() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("catching SIGINT")?,
+            term: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+        })
+    }
+
+    /// Waits for a signal; returns husk's exit status for it (128 + signal number).
+    async fn next(&mut self) -> i32 {
+        let code = tokio::select! {
+            _ = self.int.recv() => 130,
+            _ = self.term.recv() => 143,
+        };
+        eprintln!("husk: interrupted: stopping the container and the VM");
+        code
+    }
+
+    /// A signal that came while husk was busy with something else.
+    fn pending(&mut self) -> Option<i32> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let code = if self.int.poll_recv(&mut cx).is_ready() {
+            130
+        } else if self.term.poll_recv(&mut cx).is_ready() {
+            143
+        } else {
+            return None;
+        };
+        eprintln!("husk: interrupted");
+        Some(code)
+    }
 }
 
 async fn run_in_vm(
