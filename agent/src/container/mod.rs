@@ -230,6 +230,7 @@ impl Container {
                 options,
                 readonly,
             } => {
+                wait_for_media(&source, MEDIA_TIMEOUT);
                 let target = self.state_dir.join("rootfs");
                 fs::create_dir_all(&target).map_err(|source| CreateError::StateDir {
                     path: target.clone(),
@@ -787,6 +788,30 @@ fn exit_status(fd: &OwnedFd, deadline: Instant) -> Option<String> {
                 .unwrap_or_else(|_| format!("signal {status}"))
         )),
         _ => None,
+    }
+}
+
+/// How long a block rootfs may take to get its media (a drive slot the VMM just filled).
+const MEDIA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits (bounded) while the block device `dev` has no media (size 0): a drive the
+/// VMM filled a moment ago reaches the guest kernel as a config-change interrupt, and the
+/// new capacity shows up shortly after. Mounting before that fails with a confusing "can't
+/// read superblock"; after the timeout the mount's own error says what is wrong.
+fn wait_for_media(dev: &Path, timeout: Duration) {
+    let Some(name) = dev.file_name() else { return };
+    let size = Path::new("/sys/class/block").join(name).join("size");
+    let deadline = Instant::now() + timeout;
+    loop {
+        // No such block device: nothing to wait for (the mount says so).
+        let Ok(text) = fs::read_to_string(&size) else {
+            return;
+        };
+        let ready = text.trim().parse::<u64>().is_ok_and(|sectors| sectors > 0);
+        if ready || Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
