@@ -9,6 +9,8 @@ set -uo pipefail
 repo=$1 rootfs=$2 never_ready=$3
 husk="$repo/target/debug/husk"
 vmm="$repo/target/debug/husk-vmm"
+kernel=${HUSK_CACHE:-/var/cache/husk}/current/vmlinux
+initramfs=${HUSK_CACHE:-/var/cache/husk}/current/initramfs.cpio.gz
 export XDG_RUNTIME_DIR=/run/husk-test
 mkdir -p "$XDG_RUNTIME_DIR"
 
@@ -28,9 +30,82 @@ echo "=== l1 boot_id"; cat /proc/sys/kernel/random/boot_id
 check meminfo "$husk" run "$rootfs" -- sh -c 'grep -E "^(MemTotal|MemAvailable):" /proc/meminfo'
 check ps "$husk" run "$rootfs" -- sh -c 'ps -o pid,comm'
 check oom "$husk" run --memory 512 --container-memory 64 "$rootfs" -- dd if=/dev/zero of=/dev/null bs=200M count=1
+# shellcheck disable=SC2016 # expanded by the container's shell
 check cpu "$husk" run --cpus 2 --container-cpus 0.5 "$rootfs" -- sh -c \
-    'a=$(grep usage_usec /sys/fs/cgroup/cpu.stat | head -1 | cut -d" " -f2); t0=$(date +%s); while [ $(( $(date +%s) - t0 )) -lt 4 ]; do :; done; b=$(grep usage_usec /sys/fs/cgroup/cpu.stat | head -1 | cut -d" " -f2); echo "cpu_usec=$((b - a)) wall_sec=$(( $(date +%s) - t0 ))"; grep nr_throttled /sys/fs/cgroup/cpu.stat'
+    'echo "nproc=$(nproc)"; a=$(grep usage_usec /sys/fs/cgroup/cpu.stat | head -1 | cut -d" " -f2); t0=$(date +%s); while [ $(( $(date +%s) - t0 )) -lt 4 ]; do :; done; b=$(grep usage_usec /sys/fs/cgroup/cpu.stat | head -1 | cut -d" " -f2); echo "cpu_usec=$((b - a)) wall_sec=$(( $(date +%s) - t0 ))"; grep nr_throttled /sys/fs/cgroup/cpu.stat'
 check stdin sh -c "printf 'one\ntwo\n' | '$husk' run -i '$rootfs' -- cat"
+# A terminal: `script` gives husk a pty on this side.
+check tty script -qec "'$husk' run -t '$rootfs' -- sh -c 'test -t 0 && test -t 1 && echo tty-ok; stty size'" /dev/null
+
+# Ctrl-C (SIGINT) while the container runs: husk ends it and the VM, and cleans up.
+interrupt() {
+    local log=$XDG_RUNTIME_DIR/interrupt.log pid rc i
+    "$husk" run --timings "$rootfs" -- sleep 1000 >"$log" 2>&1 &
+    pid=$!
+    for ((i = 0; i < 600; i++)); do
+        grep -q "container starting" "$log" && break
+        sleep 0.2
+    done
+    sleep 1
+    kill -INT "$pid"
+    for ((i = 0; i < 300; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$pid" 2>/dev/null && { echo "husk still running 30 s after SIGINT"; kill -KILL "$pid"; }
+    wait "$pid"
+    rc=$?
+    cat "$log"
+    rm -f "$log"
+    return "$rc"
+}
+check interrupt interrupt
+
+# Drives (husk-vmm and the agent driven directly): a container on a read-only ext4 drive,
+# then a second drive filled later through the control API, used by a second container;
+# after the guest powers off the VMM is gone and left nothing behind.
+drives() {
+    local d rc vmm_pid
+    d=$(mktemp -d "$XDG_RUNTIME_DIR/drives.XXXXXX")
+    for n in a b; do
+        mkdir -p "$d/$n"
+        cp -a "$rootfs/." "$d/$n/"
+        echo "drive-$n" >"$d/$n/marker"
+        mkfs.ext4 -q -d "$d/$n" "$d/$n.ext4" 64M || return 1
+        rm -rf "${d:?}/$n"
+    done
+    mkdir -p "$d/bundle"
+    cat >"$d/bundle/config.json" <<'JSON'
+{"ociVersion": "1.0.2",
+ "process": {"args": ["sh", "-c", "cat /marker; if touch /written; then echo writable; else echo read-only; fi"],
+             "cwd": "/", "env": ["PATH=/bin:/sbin:/usr/bin"], "user": {"uid": 0, "gid": 0}},
+ "root": {"path": "rootfs"},
+ "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+ "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]}}
+JSON
+    "$vmm" --kernel "$kernel" --initramfs "$initramfs" --mem-mib 256 \
+        --serial-log "$d/serial.log" --vsock-uds "$d/vsock.sock" --api-sock "$d/api.sock" \
+        --drive "id=rootfs,path=$d/a.ext4,ro=true" --drive "id=late,path=" >"$d/vmm.log" 2>&1 &
+    vmm_pid=$!
+    local A=("$husk" agent --addr "hvsock:$d/vsock.sock" --timeout-secs 60)
+    "${A[@]}" --wait check >/dev/null &&
+        "${A[@]}" create-sandbox pod >/dev/null &&
+        "${A[@]}" create --bundle "$d/bundle" --block /dev/vda:ext4:ro first >/dev/null &&
+        "${A[@]}" start first >/dev/null && "${A[@]}" attach first &&
+        "$husk" vmm --api "$d/api.sock" update-drive late "$d/b.ext4" >/dev/null &&
+        "${A[@]}" create --bundle "$d/bundle" --block /dev/vdb:ext4 second >/dev/null &&
+        "${A[@]}" start second >/dev/null && "${A[@]}" attach second &&
+        "${A[@]}" destroy-sandbox pod
+    rc=$?
+    ((rc == 0)) || { tail -n 5 "$d/vmm.log" "$d/serial.log"; kill "$vmm_pid"; }
+    wait "$vmm_pid"
+    echo "vmm exit $?"
+    find "$d" -name '*.sock' | wc -l
+    rm -rf "$d"
+    return "$rc"
+}
+check drives drives
+
 check never_ready "$husk" run --boot-timeout 20 --initramfs "$never_ready" "$rootfs" -- true
 check missing_kernel "$husk" run --kernel /nonexistent/vmlinux "$rootfs" -- true
 echo "=== leftovers"

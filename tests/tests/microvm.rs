@@ -193,6 +193,8 @@ fn husk_run_in_microvms() {
         .filter_map(|w| w.split_once('='))
         .filter_map(|(k, v)| v.parse().ok().map(|v| (k, v)))
         .collect();
+    // Two vCPUs (the MP table) are two CPUs in the guest.
+    assert_eq!(kv.get("nproc"), Some(&2.0), "{text}");
     let (cpu, wall) = (kv["cpu_usec"], kv["wall_sec"]);
     let share = cpu / (wall * 1e6);
     println!("cpu limit 0.5: the busy loop got {share:.2} of a core");
@@ -211,6 +213,32 @@ fn husk_run_in_microvms() {
     let (text, rc) = get("stdin");
     assert_eq!(rc, Some(0), "{text}");
     assert!(text.contains("one\ntwo"), "{text}");
+
+    // -t gives the container a terminal.
+    let (text, rc) = get("tty");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(text.contains("tty-ok"), "{text}");
+
+    // SIGINT while the container runs: husk stops it and the VM and exits 130 (the
+    // leftovers check below covers what it must not leave behind).
+    let (text, rc) = get("interrupt");
+    assert_eq!(rc, Some(130), "{text}");
+    assert!(text.contains("interrupted"), "{text}");
+
+    // Drives: the first container on a read-only drive, the second on a drive filled later
+    // through the control API; the VMM ends with the guest and leaves no socket.
+    let (text, rc) = get("drives");
+    assert_eq!(rc, Some(0), "{text}");
+    let seen: Vec<&str> = text
+        .lines()
+        .filter(|l| ["drive-a", "drive-b", "read-only", "writable"].contains(l))
+        .collect();
+    assert_eq!(
+        seen,
+        ["drive-a", "read-only", "drive-b", "writable"],
+        "{text}"
+    );
+    assert!(text.contains("vmm exit 0\n0\n"), "{text}");
 
     // A guest that never becomes ready, and a missing kernel: clear errors.
     let (text, rc) = get("never_ready");
