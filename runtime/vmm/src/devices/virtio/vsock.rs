@@ -28,7 +28,8 @@ use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const VIRTIO_ID_VSOCK: u32 = 19;
 const HOST_CID: u64 = 2;
-const HDR_LEN: usize = 44;
+/// The size of a virtio-vsock packet header.
+pub const HDR_LEN: usize = 44;
 const TYPE_STREAM: u16 = 1;
 /// Operations.
 pub const OP_REQUEST: u16 = 1;
@@ -121,6 +122,10 @@ enum State {
     /// Host-initiated, REQUEST sent, waiting for the guest's RESPONSE.
     Connecting,
     Established,
+    /// The guest is gone from this connection (it shut both directions or reset it), but
+    /// bytes it sent still wait for the host socket: they are flushed, then the connection
+    /// is dropped. Nothing the guest wrote before closing is lost to a slow host reader.
+    Draining,
 }
 
 /// (host port, guest port)
@@ -362,6 +367,10 @@ impl Vsock {
             }
             return;
         };
+        if c.state == State::Draining {
+            // Already reset on the guest's side; only the host side is still being fed.
+            return;
+        }
         c.peer_buf_alloc = h.buf_alloc;
         c.peer_fwd_cnt = h.fwd_cnt;
         match h.op {
@@ -404,11 +413,26 @@ impl Vsock {
                 }
                 if h.flags & 3 == 3 {
                     // Both directions closed by the guest: it waits for our RST to finish.
-                    let _ = c.flush();
-                    self.reset(key);
+                    c.guest_done_sending = true;
+                    if c.flush() && !c.tx_buf.is_empty() {
+                        c.state = State::Draining;
+                        c.rx_pending.clear();
+                        let r = packet(self.cid, key, OP_RST, 0, 0);
+                        self.push_ctrl(r);
+                    } else {
+                        self.reset(key);
+                    }
                 }
             }
-            OP_RST => self.remove(key),
+            OP_RST => {
+                c.guest_done_sending = true;
+                if c.flush() && !c.tx_buf.is_empty() {
+                    c.state = State::Draining;
+                    c.rx_pending.clear();
+                } else {
+                    self.remove(key);
+                }
+            }
             _ => self.reset(key),
         }
     }
@@ -538,6 +562,20 @@ impl Vsock {
                 continue;
             };
             let set = ev.event_set();
+            if self
+                .conns
+                .get(&key)
+                .is_some_and(|c| c.state == State::Draining)
+            {
+                let done = match self.conns.get_mut(&key) {
+                    Some(c) => !c.flush() || c.tx_buf.is_empty(),
+                    None => true,
+                };
+                if done || set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                    self.remove(key);
+                }
+                continue;
+            }
             if set.contains(EventSet::OUT) {
                 if let Some(c) = self.conns.get_mut(&key) {
                     if !c.flush() {
@@ -609,7 +647,7 @@ impl Vsock {
             let data_key = if self.ctrl.is_empty() {
                 self.conns
                     .iter()
-                    .find(|(_, c)| !c.rx_pending.is_empty())
+                    .find(|(_, c)| c.state != State::Draining && !c.rx_pending.is_empty())
                     .map(|(k, _)| *k)
             } else {
                 None
@@ -789,6 +827,63 @@ mod tests {
             flags: 0,
             buf_alloc: 65536,
             fwd_cnt: 0,
+        }
+    }
+
+    /// The guest writes more than the host socket buffer takes and closes at once: every
+    /// byte still reaches a slow host reader (it once lost the unflushed tail).
+    #[test]
+    fn bytes_sent_before_a_guest_close_reach_a_slow_host() {
+        for close in [3u32, 0] {
+            let dir = tempfile::tempdir().unwrap();
+            let uds = dir.path().join("v.sock");
+            let mut v = Vsock::new(3, &uds).unwrap();
+            let l = UnixListener::bind(format!("{}_6000", uds.display())).unwrap();
+            v.handle_guest_packet(hdr(OP_REQUEST, 1234, 6000, 0), &[]);
+            let (mut s, _) = l.accept().unwrap();
+            let mut sent = Vec::new();
+            for i in 0..(BUF_ALLOC as usize / MAX_PKT) {
+                let chunk = vec![i as u8; MAX_PKT];
+                v.handle_guest_packet(hdr(OP_RW, 1234, 6000, MAX_PKT as u32), &chunk);
+                sent.extend_from_slice(&chunk);
+            }
+            assert!(
+                !v.conns[&(6000, 1234)].tx_buf.is_empty(),
+                "the socket buffer took everything: the test proves nothing"
+            );
+            if close == 3 {
+                let mut sd = hdr(OP_SHUTDOWN, 1234, 6000, 0);
+                sd.flags = 3;
+                v.handle_guest_packet(sd, &[]);
+                assert!(
+                    v.ctrl.iter().any(|h| h.op == OP_RST),
+                    "the guest waits for RST"
+                );
+            } else {
+                v.handle_guest_packet(hdr(OP_RST, 1234, 6000, 0), &[]);
+            }
+            // The host reads slowly; the device keeps flushing on EPOLLOUT.
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => return got,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !v.conns.is_empty() && std::time::Instant::now() < deadline {
+                v.update_interests();
+                v.handle_host_events();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert!(v.conns.is_empty(), "the draining connection never finished");
+            let got = reader.join().unwrap();
+            assert_eq!(got.len(), sent.len(), "close flags {close}");
+            assert!(got == sent);
         }
     }
 
