@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Benchmarks that print numbers (never pass/fail on them), as root, after scripts/setup.sh:
+# release builds of husk and husk-vmm, the guest image, then inside the nested-KVM testbed
+# (or directly where /dev/kvm has vmx/svm): vsock stdio throughput beside a Unix-socket copy.
+#
+#   bash scripts/bench.sh [SIZE_MIB]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+cargo build --release --locked -p husk -p husk-vmm
+bash guest-image/build.sh
+
+rootfs=$repo/target/bench-rootfs
+if [[ ! -f $rootfs/bin/busybox ]]; then
+    mkdir -p "$rootfs"/{bin,proc,sys,dev,tmp,etc,root}
+    cp /bin/busybox "$rootfs/bin/busybox"
+    for a in $(/bin/busybox --list); do
+        [[ $a == busybox ]] || ln -sf busybox "$rootfs/bin/$a"
+    done
+fi
+bench=(bash "$repo/tests/bench/vsock-throughput.sh" "$repo" "$rootfs" "${1:-256}")
+if grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -c /dev/kvm ]]; then
+    exec "${bench[@]}"
+fi
+echo "bench: no vmx/svm here; running inside the nested-KVM testbed" >&2
+exec tests/testbed/run.sh --timeout 1500 -- "${bench[@]}"
