@@ -20,5 +20,8 @@ cargo build --workspace --locked
 echo "== guest image (cached by content hash under \$HUSK_CACHE)"
 bash guest-image/build.sh
 
+echo "== fuzz husk-vmm's guest-facing parsers (cargo-fuzz, nightly)"
+bash scripts/fuzz.sh "${HUSK_FUZZ_SECS:-45}"
+
 echo "== tests"
 cargo test --workspace --locked --no-fail-fast -- --test-threads="${HUSK_TEST_THREADS:-2}"
