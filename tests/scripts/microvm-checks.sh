@@ -80,7 +80,8 @@ drives() {
  "process": {"args": ["sh", "-c", "cat /marker; if touch /written; then echo writable; else echo read-only; fi"],
              "cwd": "/", "env": ["PATH=/bin:/sbin:/usr/bin"], "user": {"uid": 0, "gid": 0}},
  "root": {"path": "rootfs"},
- "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+ "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]}],
  "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]}}
 JSON
     "$vmm" --kernel "$kernel" --initramfs "$initramfs" --mem-mib 256 \
