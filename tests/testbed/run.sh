@@ -203,10 +203,8 @@ error_line=$(grep -a -m1 '^HUSK-TESTBED-ERROR=' "$job/console.log" || true)
 if [[ -n $exit_line ]]; then
     status=${exit_line#HUSK-TESTBED-EXIT=}
     status=${status%% *}
-    if ((verbose)); then
-        begin=$(grep -a -m1 '^HUSK-TESTBED-BEGIN' "$job/console.log" | sed 's/.*uptime=//')
-        husk_log "L1 kernel uptime at the command: ${begin}s; whole run ${elapsed}s (host), status $status"
-    fi
+    begin=$(grep -a -m1 '^HUSK-TESTBED-BEGIN' "$job/console.log" | sed 's/.*uptime=//')
+    husk_log "L1 booted in ${begin}s (its uptime when the command began); whole run ${elapsed}s, status $status"
     result "exit $status"
     exit "$status"
 elif ((qemu_status == 124 || qemu_status == 137)); then
