@@ -2,6 +2,7 @@
 
 mod agent_cmd;
 mod image;
+mod install;
 mod run;
 mod vm;
 mod vmm_cmd;
@@ -23,6 +24,10 @@ enum Cmd {
     Run(run::RunArgs),
     /// Talk to a running husk-vmm through its control socket (debugging).
     Vmm(vmm_cmd::VmmArgs),
+    /// Install the containerd shim and register the runtimes `husk` and `untrusted`.
+    Install(install::InstallArgs),
+    /// Undo `husk install`.
+    Uninstall(install::UninstallArgs),
 }
 
 fn main() {
@@ -53,6 +58,8 @@ fn main() {
             Cmd::Agent(a) => agent_cmd::run(a).await,
             Cmd::Run(a) => run::run(a).await,
             Cmd::Vmm(a) => vmm_cmd::run(a),
+            Cmd::Install(a) => install::install(a),
+            Cmd::Uninstall(a) => install::uninstall(a),
         }
     });
     match res {
