@@ -1,4 +1,5 @@
 //! Shared helpers of the end-to-end tests.
 pub mod agent;
 pub mod rootfs;
+pub mod sections;
 pub mod testbed;

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use husk_tests::{agent::workspace_bin, rootfs::busybox_rootfs, testbed};
+use husk_tests::{agent::workspace_bin, rootfs::busybox_rootfs, sections::sections, testbed};
 
 /// A directory the testbed sees (its /tmp is its own; the repository is shared).
 fn shared_dir(name: &str) -> PathBuf {
@@ -58,35 +58,6 @@ fn never_ready_initramfs(dir: &Path) -> PathBuf {
         "making the never-ready initramfs (needs cpio)"
     );
     out
-}
-
-/// Splits the script's output into sections: name -> (output, rc).
-fn sections(out: &str) -> HashMap<String, (String, Option<i32>)> {
-    let mut map = HashMap::new();
-    let mut cur: Option<(String, String)> = None;
-    for line in out.lines() {
-        if let Some(rest) = line.strip_prefix("=== ") {
-            if let Some((name, rc)) = rest.rsplit_once(" rc=") {
-                if let Some((n, text)) = cur.take() {
-                    if n == name {
-                        map.insert(n, (text, rc.trim().parse().ok()));
-                        continue;
-                    }
-                }
-            }
-            if let Some((n, text)) = cur.take() {
-                map.insert(n, (text, None));
-            }
-            cur = Some((rest.to_string(), String::new()));
-        } else if let Some((_, text)) = cur.as_mut() {
-            text.push_str(line);
-            text.push('\n');
-        }
-    }
-    if let Some((n, text)) = cur {
-        map.insert(n, (text, None));
-    }
-    map
 }
 
 #[test]
@@ -253,12 +224,4 @@ fn husk_run_in_microvms() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines, vec!["0"], "left behind: {text}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-#[test]
-fn sections_parse() {
-    let s = sections("noise\n=== a\nx\ny\n=== a rc=3\n=== b\nz\n=== b rc=0\n=== c\nw\n");
-    assert_eq!(s["a"], ("x\ny\n".to_string(), Some(3)));
-    assert_eq!(s["b"], ("z\n".to_string(), Some(0)));
-    assert_eq!(s["c"], ("w\n".to_string(), None));
 }

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Run inside the nested-KVM testbed by tests/tests/cri.rs: containerd 1.6 with the CRI plugin
+# and crictl, the same pod and container steps with each runtime, timed. Sections as in
+# microvm-checks.sh:  === NAME / output / === NAME rc=N
+# Usage: cri-checks.sh REPO
+set -uo pipefail
+repo=$1
+# shellcheck source-path=SCRIPTDIR source=cri-env.sh
+. "$repo/tests/scripts/cri-env.sh"
+now() { date +%s%N; }
+ms() { echo $((($2 - $1) / 1000000)); }
+
+# steps RUNTIME_LABEL UNTRUSTED: runp, create, start, logs, exec, stop, rm, stopp, rmp.
+steps() {
+    local label=$1 untrusted=$2 d pod ctr t0 t1 t2 t3 i
+    d=$(mktemp -d)
+    pod_json "$d/pod.json" "pod-$label" "$untrusted"
+    container_json "$d/c.json" "c-$label" '["sh","-c","echo hello from the container; sleep 1000"]'
+    t0=$(now)
+    pod=$("${CRICTL[@]}" runp "$d/pod.json") || return 1
+    t1=$(now)
+    ctr=$("${CRICTL[@]}" create "$pod" "$d/c.json" "$d/pod.json") || return 1
+    "${CRICTL[@]}" start "$ctr" >/dev/null || return 1
+    t2=$(now)
+    for ((i = 0; i < 600; i++)); do
+        "${CRICTL[@]}" logs "$ctr" 2>/dev/null | grep -q hello && break
+        sleep 0.05
+    done
+    t3=$(now)
+    "${CRICTL[@]}" logs "$ctr"
+    "${CRICTL[@]}" exec -s "$ctr" echo exec-ok || return 1
+    "${CRICTL[@]}" stop -t 2 "$ctr" >/dev/null && "${CRICTL[@]}" rm "$ctr" >/dev/null &&
+        "${CRICTL[@]}" stopp "$pod" >/dev/null && "${CRICTL[@]}" rmp "$pod" >/dev/null || return 1
+    echo "timing $label: runp->ready $(ms "$t0" "$t1") ms, create+start $(ms "$t1" "$t2") ms, start->first log line $(ms "$t2" "$t3") ms"
+    echo "pods left: $("${CRICTL[@]}" pods -q | wc -l)"
+    rm -rf "$d"
+}
+
+echo "=== containerd"
+cri_start ""
+echo "=== containerd rc=$?"
+echo "=== runc"
+steps runc false
+echo "=== runc rc=$?"
+cri_stop

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Sourced INSIDE the nested-KVM testbed by the containerd tests: a private containerd 1.6 with
+# the CRI plugin, a CNI bridge network, local images (pause and busybox, built here as OCI
+# archives and imported with ctr) and crictl pointed at it.
+#
+#   . tests/scripts/cri-env.sh; cri_start [EXTRA_CONFIG_FILE]; ...; cri_stop
+# Needs: containerd, runc, containernetworking-plugins, busybox-static, crictl (scripts/setup.sh).
+
+CRI_ROOT=/run/husk-cri
+CRI_SOCK=$CRI_ROOT/containerd.sock
+export CONTAINER_RUNTIME_ENDPOINT=unix://$CRI_SOCK IMAGE_SERVICE_ENDPOINT=unix://$CRI_SOCK
+CRICTL=(crictl --config "$CRI_ROOT/crictl.yaml" --timeout 120s)
+
+# oci_image DIR NAME ENTRYPOINT_JSON -> DIR/image.tar: a one-layer OCI archive of a busybox
+# root, named NAME for `ctr images import`.
+oci_image() {
+    local dir=$1 name=$2 entrypoint=$3 root layer cfg man a
+    root=$dir/root
+    mkdir -p "$root"/{bin,dev,proc,sys,tmp,etc,root} "$dir/oci/blobs/sha256"
+    cp /bin/busybox "$root/bin/busybox"
+    for a in $(/bin/busybox --list); do
+        [[ $a == busybox ]] || ln -sf busybox "$root/bin/$a"
+    done
+    tar -C "$root" --numeric-owner --owner=0 --group=0 -cf "$dir/layer.tar" .
+    layer=$(sha256sum "$dir/layer.tar" | cut -d' ' -f1)
+    mv "$dir/layer.tar" "$dir/oci/blobs/sha256/$layer"
+    printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":%s,"Env":["PATH=/bin"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+        "$entrypoint" "$layer" >"$dir/config.json"
+    cfg=$(sha256sum "$dir/config.json" | cut -d' ' -f1)
+    mv "$dir/config.json" "$dir/oci/blobs/sha256/$cfg"
+    printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%d}]}' \
+        "$cfg" "$(stat -c %s "$dir/oci/blobs/sha256/$cfg")" "$layer" "$(stat -c %s "$dir/oci/blobs/sha256/$layer")" >"$dir/manifest.json"
+    man=$(sha256sum "$dir/manifest.json" | cut -d' ' -f1)
+    mv "$dir/manifest.json" "$dir/oci/blobs/sha256/$man"
+    printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%d,"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"}}]}' \
+        "$man" "$(stat -c %s "$dir/oci/blobs/sha256/$man")" "$name" "${name##*:}" >"$dir/oci/index.json"
+    echo '{"imageLayoutVersion":"1.0.0"}' >"$dir/oci/oci-layout"
+    tar -C "$dir/oci" -cf "$dir/image.tar" .
+}
+
+# cri_start [EXTRA_TOML]: containerd with its state on a tmpfs (the testbed's root is an
+# overlay, which overlayfs snapshots cannot sit on), runc as the default runtime.
+cri_start() {
+    local extra=${1:-} i
+    mkdir -p "$CRI_ROOT"
+    mount -t tmpfs -o size=1g tmpfs "$CRI_ROOT"
+    mkdir -p "$CRI_ROOT"/{root,state,images,cni-conf} /etc/cni/net.d /var/lib/cni /run/netns
+    printf 'runtime-endpoint: unix://%s\nimage-endpoint: unix://%s\ntimeout: 120\n' \
+        "$CRI_SOCK" "$CRI_SOCK" >"$CRI_ROOT/crictl.yaml"
+    cat >"$CRI_ROOT/cni-conf/10-husk.conflist" <<'JSON'
+{"cniVersion": "1.0.0", "name": "husk-test",
+ "plugins": [{"type": "bridge", "bridge": "husk-cni0", "isGateway": true, "ipMasq": false,
+              "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.77.0/24"}]]}},
+             {"type": "loopback"}]}
+JSON
+    {
+        cat <<EOF
+version = 2
+root = "$CRI_ROOT/root"
+state = "$CRI_ROOT/state"
+[grpc]
+  address = "$CRI_SOCK"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "docker.io/husk/pause:1"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$CRI_ROOT/cni-conf"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+EOF
+        [[ -n $extra ]] && cat "$extra"
+    } >"$CRI_ROOT/config.toml"
+    containerd --config "$CRI_ROOT/config.toml" >"$CRI_ROOT/containerd.log" 2>&1 &
+    echo $! >"$CRI_ROOT/containerd.pid"
+    for ((i = 0; i < 300; i++)); do
+        "${CRICTL[@]}" info >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+    "${CRICTL[@]}" info >/dev/null || { tail -n 30 "$CRI_ROOT/containerd.log"; return 1; }
+    oci_image "$CRI_ROOT/images/pause" docker.io/husk/pause:1 \
+        '["/bin/sh","-c","trap \"exit 0\" TERM INT; while :; do sleep 3600 & wait; done"]'
+    oci_image "$CRI_ROOT/images/busybox" docker.io/husk/busybox:1 '["/bin/sh"]'
+    for i in pause busybox; do
+        ctr --address "$CRI_SOCK" -n k8s.io images import "$CRI_ROOT/images/$i/image.tar" >/dev/null ||
+            return 1
+    done
+}
+
+cri_stop() {
+    local pid
+    pid=$(cat "$CRI_ROOT/containerd.pid" 2>/dev/null) && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+    umount -l "$CRI_ROOT" 2>/dev/null
+    return 0
+}
+
+# pod_json FILE NAME RUNTIME_ANNOTATION(true|false): a pod sandbox config for crictl runp.
+pod_json() {
+    cat >"$1" <<EOF
+{"metadata": {"name": "$2", "namespace": "default", "uid": "$2-uid", "attempt": 0},
+ "log_directory": "$CRI_ROOT/logs/$2",
+ "annotations": {"io.kubernetes.cri.untrusted-workload": "$3"},
+ "linux": {}}
+EOF
+}
+
+# container_json FILE NAME ARGS_JSON [EXTRA_LINUX_JSON]
+container_json() {
+    cat >"$1" <<EOF
+{"metadata": {"name": "$2"}, "image": {"image": "docker.io/husk/busybox:1"},
+ "command": $3, "log_path": "$2.log", "linux": {${4:-}}}
+EOF
+}
