@@ -16,6 +16,8 @@ use toml_edit::{DocumentMut, Item, Table};
 
 /// The shim binary; containerd maps runtime_type `io.containerd.husk.v2` to it.
 pub const SHIM_BINARY: &str = "containerd-shim-husk-v2";
+/// The VMM, installed beside the shim (which looks for it there).
+pub const VMM_BINARY: &str = "husk-vmm";
 pub const RUNTIME_TYPE: &str = "io.containerd.husk.v2";
 /// The runtime names husk registers.
 pub const RUNTIMES: [&str; 2] = ["husk", "untrusted"];
@@ -69,15 +71,23 @@ pub fn install(a: InstallArgs) -> Result<i32> {
     let text = read_config(&a.config)?;
     let new =
         add_runtimes(&text, a.force).with_context(|| format!("editing {}", a.config.display()))?;
+    // The shim finds husk-vmm next to itself.
+    let vmm = shim.with_file_name(VMM_BINARY);
+    if !vmm.is_file() {
+        bail!("{} does not exist: build it (cargo build)", vmm.display());
+    }
     fs::create_dir_all(&a.bin_dir).with_context(|| format!("creating {}", a.bin_dir.display()))?;
+    for (src, name) in [(&shim, SHIM_BINARY), (&vmm, VMM_BINARY)] {
+        let dest = a.bin_dir.join(name);
+        let tmp = a.bin_dir.join(format!(".{name}.tmp"));
+        fs::copy(src, &tmp)
+            .with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
+        fs::rename(&tmp, &dest).with_context(|| format!("installing {}", dest.display()))?;
+    }
     let dest = a.bin_dir.join(SHIM_BINARY);
-    let tmp = a.bin_dir.join(format!(".{SHIM_BINARY}.tmp"));
-    fs::copy(&shim, &tmp)
-        .with_context(|| format!("copying {} to {}", shim.display(), tmp.display()))?;
-    fs::rename(&tmp, &dest).with_context(|| format!("installing {}", dest.display()))?;
     write_config(&a.config, &new)?;
     println!(
-        "installed {}; runtimes {} in {} (restart containerd to use them)",
+        "installed {} and {VMM_BINARY}; runtimes {} in {} (restart containerd to use them)",
         dest.display(),
         RUNTIMES.join(" and "),
         a.config.display()
@@ -94,12 +104,15 @@ pub fn uninstall(a: UninstallArgs) -> Result<i32> {
             write_config(&a.config, &new)?;
         }
     }
-    let dest = a.bin_dir.join(SHIM_BINARY);
-    match fs::remove_file(&dest) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", dest.display())),
+    for name in [SHIM_BINARY, VMM_BINARY] {
+        let dest = a.bin_dir.join(name);
+        match fs::remove_file(&dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", dest.display())),
+        }
     }
+    let dest = a.bin_dir.join(SHIM_BINARY);
     println!(
         "removed {} and husk's runtimes from {}",
         dest.display(),

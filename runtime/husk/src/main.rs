@@ -1,10 +1,8 @@
 //! `husk`: the command-line tool of the husk runtime.
 
 mod agent_cmd;
-mod image;
 mod install;
 mod run;
-mod vm;
 mod vmm_cmd;
 
 use clap::{Parser, Subcommand};

@@ -13,11 +13,12 @@ use oci_spec::runtime::{
     LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Spec,
 };
 
-use crate::{
-    agent_cmd::attach,
+use husk::{
     image,
     vm::{check_kvm, default_image, Drive, Vm, VmSize},
 };
+
+use crate::agent_cmd::attach;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {

@@ -140,6 +140,16 @@ impl Vm {
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; the closure allocates nothing. The VMM dies with
+        // whoever started it (husk run, the shim), even when that is SIGKILLed.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("starting the VMM {}", image.vmm.display()))?;
@@ -203,6 +213,19 @@ impl Vm {
             }
         }
         s
+    }
+
+    /// The VMM's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// Waits for the VMM to exit, however long that takes; its exit status.
+    pub async fn wait(&mut self) -> Result<std::process::ExitStatus> {
+        let child = self.child.as_mut().context("the VMM is gone")?;
+        let status = child.wait().await.context("waiting for the VMM")?;
+        self.child = None;
+        Ok(status)
     }
 
     /// The VMM's own log (boot timings).

@@ -1,0 +1,83 @@
+//! `containerd-shim-husk-v2`: containerd's task API v2 for husk. One shim process and one
+//! microVM per pod: containerd starts a shim for the pod's sandbox (pause) task, and every
+//! later task of the pod (grouped by the `io.kubernetes.cri.sandbox-id` annotation) reuses it.
+//!
+//! The sandbox task stands for the VM: `Create` boots it and connects to the agent, `Kill`
+//! powers it off, and its exit is the VMM's. A VMM that dies on its own (crash, SIGKILL) is
+//! reported as the sandbox task's exit.
+
+mod service;
+
+use containerd_shim::{
+    asynchronous::{publisher::RemotePublisher, run, spawn, ExitSignal, Shim},
+    protos::shim::shim::DeleteResponse,
+    Config, Flags, StartOpts,
+};
+use std::sync::Arc;
+
+pub const RUNTIME_ID: &str = "io.containerd.husk.v2";
+
+struct HuskShim {
+    exit: Arc<ExitSignal>,
+    id: String,
+    namespace: String,
+}
+
+/// The pod a task belongs to: the sandbox id annotation of its bundle, or its own id (the
+/// sandbox task itself, or a task started outside of CRI).
+fn grouping(id: &str) -> String {
+    std::fs::read("config.json")
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| {
+            v["annotations"]["io.kubernetes.cri.sandbox-id"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| id.to_string())
+}
+
+#[async_trait::async_trait]
+impl Shim for HuskShim {
+    type T = service::TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, config: &mut Config) -> Self {
+        // The VMM is our child and we wait for it ourselves.
+        config.no_reaper = true;
+        HuskShim {
+            exit: Arc::new(ExitSignal::default()),
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        let group = grouping(&opts.id);
+        let address = spawn(opts, &group, Vec::new()).await?;
+        containerd_shim::asynchronous::util::write_str_to_file("address", &address).await?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        // containerd calls this after a shim died: nothing of ours survives a dead shim (the
+        // VMM is killed with it, see service::Pod), so there is only the answer to give.
+        log::info!("delete_shim {} in {}", self.id, self.namespace);
+        let mut r = DeleteResponse::new();
+        r.exit_status = 128 + libc::SIGKILL as u32;
+        r.exited_at = Some(service::now()).into();
+        Ok(r)
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        service::TaskService::new(self.namespace.clone(), self.exit.clone(), publisher)
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    run::<HuskShim>(RUNTIME_ID, None).await;
+}
