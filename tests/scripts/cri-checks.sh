@@ -36,10 +36,47 @@ steps() {
     rm -rf "$d"
 }
 
+husk=$repo/target/debug/husk
 echo "=== containerd"
-cri_start ""
+cri_config &&
+    "$husk" install --config "$CRI_ROOT/config.toml" --bin-dir /usr/local/bin &&
+    cri_launch
 echo "=== containerd rc=$?"
 echo "=== runc"
 steps runc false
 echo "=== runc rc=$?"
+
+# The untrusted annotation selects husk: the pod is a microVM. (Containers in it come next.)
+husk_pod() {
+    local d pod t0 t1 rc
+    d=$(mktemp -d)
+    pod_json "$d/pod.json" pod-husk true
+    t0=$(now)
+    pod=$("${CRICTL[@]}" runp "$d/pod.json") || { tail -n 20 "$CRI_ROOT/containerd.log"; return 1; }
+    t1=$(now)
+    echo "timing husk: runp->ready $(ms "$t0" "$t1") ms"
+    "${CRICTL[@]}" pods --id "$pod" -o json | grep -o '"state": *"[A-Z_]*"'
+    echo "vmm processes: $(pgrep -c husk-vmm)"
+    "${CRICTL[@]}" stopp "$pod" >/dev/null && "${CRICTL[@]}" rmp "$pod" >/dev/null
+    rc=$?
+    sleep 1
+    echo "after rmp: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) pods $("${CRICTL[@]}" pods -q | wc -l)"
+    rm -rf "$d"
+    return "$rc"
+}
+echo "=== husk"
+husk_pod
+echo "=== husk rc=$?"
+
+# A pod whose VM cannot start fails runp with why, and leaves nothing.
+echo "=== husk_no_kernel"
+cache=${HUSK_CACHE:-/var/cache/husk}/current
+mv "$cache/vmlinux" "$cache/vmlinux.away"
+d=$(mktemp -d)
+pod_json "$d/pod.json" pod-nokernel true
+"${CRICTL[@]}" runp "$d/pod.json" 2>&1 | grep -o "the guest kernel [^ ]* does not exist"
+mv "$cache/vmlinux.away" "$cache/vmlinux"
+sleep 1
+echo "after: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) pods $("${CRICTL[@]}" pods -q | wc -l)"
+echo "=== husk_no_kernel rc=0"
 cri_stop

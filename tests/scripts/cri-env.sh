@@ -3,7 +3,7 @@
 # the CRI plugin, a CNI bridge network, local images (pause and busybox, built here as OCI
 # archives and imported with ctr) and crictl pointed at it.
 #
-#   . tests/scripts/cri-env.sh; cri_start [EXTRA_CONFIG_FILE]; ...; cri_stop
+#   . tests/scripts/cri-env.sh; cri_config; (edit $CRI_ROOT/config.toml); cri_launch; ...; cri_stop
 # Needs: containerd, runc, containernetworking-plugins, busybox-static, crictl (scripts/setup.sh).
 
 CRI_ROOT=/run/husk-cri
@@ -38,10 +38,9 @@ oci_image() {
     tar -C "$dir/oci" -cf "$dir/image.tar" .
 }
 
-# cri_start [EXTRA_TOML]: containerd with its state on a tmpfs (the testbed's root is an
+# cri_config: containerd's configuration and state on a tmpfs (the testbed's root is an
 # overlay, which overlayfs snapshots cannot sit on), runc as the default runtime.
-cri_start() {
-    local extra=${1:-} i
+cri_config() {
     mkdir -p "$CRI_ROOT"
     mount -t tmpfs -o size=1g tmpfs "$CRI_ROOT"
     mkdir -p "$CRI_ROOT"/{root,state,images,cni-conf} /etc/cni/net.d /var/lib/cni /run/netns
@@ -71,8 +70,12 @@ state = "$CRI_ROOT/state"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
 EOF
-        [[ -n $extra ]] && cat "$extra"
     } >"$CRI_ROOT/config.toml"
+}
+
+# cri_launch: containerd, and the pause and busybox images imported.
+cri_launch() {
+    local i
     containerd --config "$CRI_ROOT/config.toml" >"$CRI_ROOT/containerd.log" 2>&1 &
     echo $! >"$CRI_ROOT/containerd.pid"
     for ((i = 0; i < 300; i++)); do

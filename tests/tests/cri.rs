@@ -48,4 +48,24 @@ fn crictl_pod_lifecycle() {
     assert!(text.contains("exec-ok"), "{text}");
     assert!(text.contains("pods left: 0"), "{text}");
     assert!(text.contains("timing runc:"), "{text}");
+
+    // The untrusted annotation selects husk (`husk install` registered it): the pod is a
+    // microVM, and stopp/rmp leave no VMM, shim or run directory.
+    let (text, rc) = get("husk");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(text.contains("SANDBOX_READY"), "{text}");
+    assert!(
+        text.contains("vmm processes: 1\n"),
+        "no microVM for the pod: {text}"
+    );
+    assert!(
+        text.contains("after rmp: vmm 0 shim 0 run dirs 0 pods 0"),
+        "{text}"
+    );
+
+    // A pod whose VM cannot start: runp fails saying why, nothing is left.
+    let (text, rc) = get("husk_no_kernel");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(text.contains("vmlinux does not exist"), "{text}");
+    assert!(text.contains("after: vmm 0 shim 0 pods 0"), "{text}");
 }
