@@ -68,6 +68,37 @@ echo "=== husk"
 husk_pod
 echo "=== husk rc=$?"
 
+# Two pods are two microVMs; SIGKILL to one VMM: its pod is reported not ready (the sandbox
+# task exited), the other runs on, and both are removed without leftovers.
+husk_two_pods() {
+    local d p1 p2 vmm1 i state
+    d=$(mktemp -d)
+    pod_json "$d/p1.json" pod-a true
+    pod_json "$d/p2.json" pod-b true
+    p1=$("${CRICTL[@]}" runp "$d/p1.json") && p2=$("${CRICTL[@]}" runp "$d/p2.json") || return 1
+    echo "vmm processes: $(pgrep -c husk-vmm)"
+    vmm1=$(pgrep -f "husk-vmm.*/$p1/" | head -1)
+    [[ -n $vmm1 ]] || { echo "no VMM found for pod $p1"; pgrep -af husk-vmm; return 1; }
+    kill -KILL "$vmm1"
+    for ((i = 0; i < 100; i++)); do
+        state=$("${CRICTL[@]}" pods --id "$p1" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1)
+        [[ $state == SANDBOX_NOTREADY ]] && break
+        sleep 0.2
+    done
+    echo "killed pod: $state"
+    echo "other pod: $("${CRICTL[@]}" pods --id "$p2" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1)"
+    echo "vmm processes: $(pgrep -c husk-vmm)"
+    for p in "$p1" "$p2"; do
+        "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
+    done
+    sleep 1
+    echo "after rmp: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) pods $("${CRICTL[@]}" pods -q | wc -l)"
+    rm -rf "$d"
+}
+echo "=== husk_two_pods"
+husk_two_pods
+echo "=== husk_two_pods rc=$?"
+
 # A pod whose VM cannot start fails runp with why, and leaves nothing.
 echo "=== husk_no_kernel"
 cache=${HUSK_CACHE:-/var/cache/husk}/current

@@ -16,7 +16,7 @@ fn crictl_pod_lifecycle() {
         assert!(
             std::process::Command::new("sh")
                 .arg("-c")
-                .arg(format!("command -v {tool}"))
+                .arg(format!("command -v {tool} >/dev/null"))
                 .status()
                 .unwrap()
                 .success(),
@@ -58,6 +58,18 @@ fn crictl_pod_lifecycle() {
         text.contains("vmm processes: 1\n"),
         "no microVM for the pod: {text}"
     );
+    assert!(
+        text.contains("after rmp: vmm 0 shim 0 run dirs 0 pods 0"),
+        "{text}"
+    );
+
+    // Two pods are two microVMs. SIGKILL to one VMM: that pod's sandbox task has exited (NOT
+    // READY), the other pod is untouched, and both go without leftovers.
+    let (text, rc) = get("husk_two_pods");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(text.contains("vmm processes: 2\n"), "{text}");
+    assert!(text.contains("killed pod: SANDBOX_NOTREADY"), "{text}");
+    assert!(text.contains("other pod: SANDBOX_READY"), "{text}");
     assert!(
         text.contains("after rmp: vmm 0 shim 0 run dirs 0 pods 0"),
         "{text}"
