@@ -99,6 +99,25 @@ echo "=== husk_two_pods"
 husk_two_pods
 echo "=== husk_two_pods rc=$?"
 
+# containerd restarts: the pod's shim and VM live on, containerd reconnects to them, and the
+# pod still stops and goes.
+husk_restart() {
+    local d p vmm
+    d=$(mktemp -d)
+    pod_json "$d/p.json" pod-r true
+    p=$("${CRICTL[@]}" runp "$d/p.json") || return 1
+    vmm=$(pgrep -f "husk-vmm.*/$p/" | head -1)
+    cri_restart || { echo "containerd did not come back"; return 1; }
+    echo "after restart: $("${CRICTL[@]}" pods --id "$p" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1), same vmm $(kill -0 "$vmm" 2>/dev/null && echo yes || echo no)"
+    "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
+    sleep 1
+    echo "after rmp: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) pods $("${CRICTL[@]}" pods -q | wc -l)"
+    rm -rf "$d"
+}
+echo "=== husk_restart"
+husk_restart
+echo "=== husk_restart rc=$?"
+
 # A pod whose VM cannot start fails runp with why, and leaves nothing.
 echo "=== husk_no_kernel"
 cache=${HUSK_CACHE:-/var/cache/husk}/current

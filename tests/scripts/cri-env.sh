@@ -92,6 +92,20 @@ cri_launch() {
     done
 }
 
+# cri_restart: containerd stops and starts again (its state and the shims stay).
+cri_restart() {
+    local pid i
+    pid=$(cat "$CRI_ROOT/containerd.pid")
+    kill "$pid" && wait "$pid" 2>/dev/null
+    containerd --config "$CRI_ROOT/config.toml" >>"$CRI_ROOT/containerd.log" 2>&1 &
+    echo $! >"$CRI_ROOT/containerd.pid"
+    for ((i = 0; i < 300; i++)); do
+        "${CRICTL[@]}" info >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
 cri_stop() {
     local pid
     pid=$(cat "$CRI_ROOT/containerd.pid" 2>/dev/null) && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null

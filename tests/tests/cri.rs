@@ -75,6 +75,19 @@ fn crictl_pod_lifecycle() {
         "{text}"
     );
 
+    // containerd restarts: it reconnects to the pod's shim; the same VM runs on and still
+    // stops cleanly.
+    let (text, rc) = get("husk_restart");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(
+        text.contains("after restart: SANDBOX_READY, same vmm yes"),
+        "{text}"
+    );
+    assert!(
+        text.contains("after rmp: vmm 0 shim 0 run dirs 0 pods 0"),
+        "{text}"
+    );
+
     // A pod whose VM cannot start: runp fails saying why, nothing is left.
     let (text, rc) = get("husk_no_kernel");
     assert_eq!(rc, Some(0), "{text}");
