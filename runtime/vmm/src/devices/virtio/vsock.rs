@@ -208,6 +208,18 @@ impl Conn {
         }
         true
     }
+
+    /// The guest is gone from this connection: flushes what it sent, and if the host socket
+    /// cannot take all of it now, turns to Draining (true) instead of being dropped.
+    fn drain(&mut self) -> bool {
+        self.guest_done_sending = true;
+        if self.flush() && !self.tx_buf.is_empty() {
+            self.state = State::Draining;
+            self.rx_pending.clear();
+            return true;
+        }
+        false
+    }
 }
 
 /// A connection accepted on `uds`, waiting for its `CONNECT <port>` line.
@@ -413,10 +425,7 @@ impl Vsock {
                 }
                 if h.flags & 3 == 3 {
                     // Both directions closed by the guest: it waits for our RST to finish.
-                    c.guest_done_sending = true;
-                    if c.flush() && !c.tx_buf.is_empty() {
-                        c.state = State::Draining;
-                        c.rx_pending.clear();
+                    if c.drain() {
                         let r = packet(self.cid, key, OP_RST, 0, 0);
                         self.push_ctrl(r);
                     } else {
@@ -425,11 +434,7 @@ impl Vsock {
                 }
             }
             OP_RST => {
-                c.guest_done_sending = true;
-                if c.flush() && !c.tx_buf.is_empty() {
-                    c.state = State::Draining;
-                    c.rx_pending.clear();
-                } else {
+                if !c.drain() {
                     self.remove(key);
                 }
             }
@@ -562,16 +567,15 @@ impl Vsock {
                 continue;
             };
             let set = ev.event_set();
-            if self
+            if let Some(c) = self
                 .conns
-                .get(&key)
-                .is_some_and(|c| c.state == State::Draining)
+                .get_mut(&key)
+                .filter(|c| c.state == State::Draining)
             {
-                let done = match self.conns.get_mut(&key) {
-                    Some(c) => !c.flush() || c.tx_buf.is_empty(),
-                    None => true,
-                };
-                if done || set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                let done = !c.flush()
+                    || c.tx_buf.is_empty()
+                    || set.intersects(EventSet::HANG_UP | EventSet::ERROR);
+                if done {
                     self.remove(key);
                 }
                 continue;
