@@ -69,6 +69,25 @@ pub fn default_image() -> VmImage {
     }
 }
 
+/// One request on a VMM's control socket: a JSON line out, a JSON line back (waiting at most
+/// `timeout` for it).
+pub fn vmm_request(
+    api: &Path,
+    req: &serde_json::Value,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(api)
+        .with_context(|| format!("connecting to the VMM control socket {}", api.display()))?;
+    s.set_read_timeout(Some(timeout))?;
+    (&s).write_all(format!("{req}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .context("reading the VMM's answer")?;
+    serde_json::from_str(&line).with_context(|| format!("the VMM's answer {line:?}"))
+}
+
 /// Fails, in one line that says why, on a host whose KVM cannot boot a Linux guest.
 pub fn check_kvm() -> Result<()> {
     if !Path::new("/dev/kvm").exists() {
@@ -185,17 +204,11 @@ impl Vm {
     /// The VMM's answer to a status request on its control socket (vCPU exits, how far the
     /// guest's drivers got with each device), or why there is none.
     pub fn vmm_status(&self) -> String {
-        use std::io::{BufRead, BufReader, Write};
-        let path = self.dir.join("api.sock");
-        let ask = || -> std::io::Result<String> {
-            let s = std::os::unix::net::UnixStream::connect(&path)?;
-            s.set_read_timeout(Some(Duration::from_secs(3)))?;
-            (&s).write_all(b"{\"status\": {}}\n")?;
-            let mut line = String::new();
-            BufReader::new(&s).read_line(&mut line)?;
-            Ok(line.trim_end().to_string())
-        };
-        ask().unwrap_or_else(|e| format!("no answer from {}: {e}", path.display()))
+        let req = serde_json::json!({"status": {}});
+        match vmm_request(&self.dir.join("api.sock"), &req, Duration::from_secs(3)) {
+            Ok(answer) => answer.to_string(),
+            Err(e) => format!("no answer: {e:#}"),
+        }
     }
 
     /// The last lines of the VMM log and the serial console, for error messages.
