@@ -21,12 +21,12 @@ pub const VMM_BINARY: &str = "husk-vmm";
 pub const RUNTIME_TYPE: &str = "io.containerd.husk.v2";
 /// The runtime names husk registers.
 pub const RUNTIMES: [&str; 2] = ["husk", "untrusted"];
-const RUNTIMES_PATH: [&str; 5] = [
+/// Where containerd's CRI plugin keeps its runtimes (config version 2).
+const RUNTIMES_PATH: [&str; 4] = [
     "plugins",
     "io.containerd.grpc.v1.cri",
     "containerd",
     "runtimes",
-    "",
 ];
 
 #[derive(Debug, clap::Args)]
@@ -154,7 +154,7 @@ fn parse(text: &str) -> Result<DocumentMut> {
 /// The runtimes table, created (with implicit parents) when `create`.
 fn runtimes_table(doc: &mut DocumentMut, create: bool) -> Result<Option<&mut Table>> {
     let mut t = doc.as_table_mut();
-    for key in &RUNTIMES_PATH[..4] {
+    for key in &RUNTIMES_PATH {
         if !t.contains_key(key) {
             if !create {
                 return Ok(None);
@@ -217,7 +217,7 @@ pub fn remove_runtimes(text: &str) -> Result<String> {
         }
     }
     // Parents that only existed for our runtimes go too.
-    prune_empty(doc.as_table_mut(), &RUNTIMES_PATH[..4]);
+    prune_empty(doc.as_table_mut(), &RUNTIMES_PATH);
     Ok(doc.to_string())
 }
 
