@@ -11,13 +11,7 @@ cargo build --release --locked -p husk -p husk-vmm
 bash guest-image/build.sh
 
 rootfs=$repo/target/bench-rootfs
-if [[ ! -f $rootfs/bin/busybox ]]; then
-    mkdir -p "$rootfs"/{bin,proc,sys,dev,tmp,etc,root}
-    cp /bin/busybox "$rootfs/bin/busybox"
-    for a in $(/bin/busybox --list); do
-        [[ $a == busybox ]] || ln -sf busybox "$rootfs/bin/$a"
-    done
-fi
+bash scripts/busybox-rootfs.sh "$rootfs"
 bench=(bash "$repo/tests/bench/vsock-throughput.sh" "$repo" "$rootfs" "${1:-256}")
 if grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -c /dev/kvm ]]; then
     exec "${bench[@]}"

@@ -13,14 +13,7 @@ cargo build --workspace --locked
 bash guest-image/build.sh
 
 rootfs=$repo/target/demo-rootfs
-if [[ ! -f $rootfs/bin/busybox || -L $rootfs/bin/busybox ]]; then
-    rm -rf "$rootfs"
-    mkdir -p "$rootfs"/{bin,proc,sys,dev,tmp,etc,root}
-    cp /bin/busybox "$rootfs/bin/busybox"
-    for a in $(/bin/busybox --list); do
-        [[ $a == busybox ]] || ln -sf busybox "$rootfs/bin/$a"
-    done
-fi
+bash scripts/busybox-rootfs.sh "$rootfs"
 
 if (($#)); then
     cmd=("$@")

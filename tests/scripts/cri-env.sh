@@ -6,6 +6,7 @@
 #   . tests/scripts/cri-env.sh; cri_config; (edit $CRI_ROOT/config.toml); cri_launch; ...; cri_stop
 # Needs: containerd, runc, containernetworking-plugins, busybox-static, crictl (scripts/setup.sh).
 
+CRI_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CRI_ROOT=/run/husk-cri
 CRI_SOCK=$CRI_ROOT/containerd.sock
 export CONTAINER_RUNTIME_ENDPOINT=unix://$CRI_SOCK IMAGE_SERVICE_ENDPOINT=unix://$CRI_SOCK
@@ -14,13 +15,10 @@ CRICTL=(crictl --config "$CRI_ROOT/crictl.yaml" --timeout 120s)
 # oci_image DIR NAME ENTRYPOINT_JSON -> DIR/image.tar: a one-layer OCI archive of a busybox
 # root, named NAME for `ctr images import`.
 oci_image() {
-    local dir=$1 name=$2 entrypoint=$3 root layer cfg man a
+    local dir=$1 name=$2 entrypoint=$3 root layer cfg man
     root=$dir/root
-    mkdir -p "$root"/{bin,dev,proc,sys,tmp,etc,root} "$dir/oci/blobs/sha256"
-    cp /bin/busybox "$root/bin/busybox"
-    for a in $(/bin/busybox --list); do
-        [[ $a == busybox ]] || ln -sf busybox "$root/bin/$a"
-    done
+    bash "$CRI_REPO/scripts/busybox-rootfs.sh" "$root"
+    mkdir -p "$dir/oci/blobs/sha256"
     tar -C "$root" --numeric-owner --owner=0 --group=0 -cf "$dir/layer.tar" .
     layer=$(sha256sum "$dir/layer.tar" | cut -d' ' -f1)
     mv "$dir/layer.tar" "$dir/oci/blobs/sha256/$layer"
