@@ -66,8 +66,14 @@ impl Block {
         Ok(b)
     }
 
-    /// Replaces the backing file (the caller then signals a configuration change).
+    /// Replaces the backing file (the caller then signals a configuration change). An empty
+    /// path empties the slot: the guest sees a disk of size 0, and I/O to it fails.
     pub fn set_backing(&mut self, path: &Path) -> Result<(), BlockError> {
+        if path.as_os_str().is_empty() {
+            self.file = None;
+            self.capacity = 0;
+            return Ok(());
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(!self.read_only)
@@ -437,5 +443,10 @@ mod tests {
         b.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 16);
         assert!(b.set_backing(Path::new("/nonexistent/disk")).is_err());
+        // An empty path empties the slot again.
+        b.set_backing(Path::new("")).unwrap();
+        b.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 0);
+        assert!(b.file.is_none());
     }
 }
