@@ -25,7 +25,7 @@ check() {
 start=$(date +%s%N)
 check hello "$husk" run --timings "$rootfs" -- sh -c 'echo hello from husk; exit 7'
 echo "husk run wall time: $(( ($(date +%s%N) - start) / 1000000 )) ms"
-check kernel "$husk" run "$rootfs" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; cat /proc/self/cgroup'
+check kernel "$husk" run "$rootfs" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; cat /proc/self/cgroup; grep -o -m1 -w tsc_deadline_timer /proc/cpuinfo'
 echo "=== l1 boot_id"; cat /proc/sys/kernel/random/boot_id
 check meminfo "$husk" run "$rootfs" -- sh -c 'grep -E "^(MemTotal|MemAvailable):" /proc/meminfo'
 check ps "$husk" run "$rootfs" -- sh -c 'ps -o pid,comm'
