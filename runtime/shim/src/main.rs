@@ -6,7 +6,9 @@
 //! powers it off, and its exit is the VMM's. A VMM that dies on its own (crash, SIGKILL) is
 //! reported as the sandbox task's exit.
 
+mod container;
 mod service;
+mod stdio;
 
 use containerd_shim::{
     asynchronous::{publisher::RemotePublisher, run, spawn, ExitSignal, Shim},
