@@ -46,72 +46,139 @@ echo "=== runc"
 steps runc false
 echo "=== runc rc=$?"
 
-# The untrusted annotation selects husk: the pod is a microVM. (Containers in it come next.)
-husk_pod() {
-    local d pod t0 t1 rc
+# leftovers: what a husk pod could leave behind once it is gone.
+leftovers() {
+    sleep 1
+    echo "leftovers: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) images $(find /run/husk/shim -name '*.ext4' 2>/dev/null | wc -l) rootfs mounts $(grep -c "$CRI_ROOT/state/.*/rootfs" /proc/mounts) pods $("${CRICTL[@]}" pods -q | wc -l) containers $("${CRICTL[@]}" ps -aq | wc -l)"
+}
+
+# wait_log CTR TEXT: waits (at most 30 s) until the container's log holds TEXT.
+wait_log() {
+    local i
+    for ((i = 0; i < 600; i++)); do
+        "${CRICTL[@]}" logs "$1" 2>/dev/null | grep -q "$2" && return 0
+        sleep 0.05
+    done
+    return 1
+}
+
+# The untrusted annotation selects husk: the pod is a microVM, and its container runs in it
+# through every CRI step, timed like runc's above.
+husk_containers() {
+    local d pod ctr t0 t1 t2 t3
     d=$(mktemp -d)
     pod_json "$d/pod.json" pod-husk true
+    container_json "$d/c.json" c-husk '["sh","-c","echo hello from the container; sleep 1000"]'
     t0=$(now)
     pod=$("${CRICTL[@]}" runp "$d/pod.json") || { tail -n 20 "$CRI_ROOT/containerd.log"; return 1; }
     t1=$(now)
-    echo "timing husk: runp->ready $(ms "$t0" "$t1") ms"
     "${CRICTL[@]}" pods --id "$pod" -o json | grep -o '"state": *"[A-Z_]*"'
     echo "vmm processes: $(pgrep -c husk-vmm)"
-    "${CRICTL[@]}" stopp "$pod" >/dev/null && "${CRICTL[@]}" rmp "$pod" >/dev/null
-    rc=$?
-    sleep 1
-    echo "after rmp: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) pods $("${CRICTL[@]}" pods -q | wc -l)"
+    ctr=$("${CRICTL[@]}" create "$pod" "$d/c.json" "$d/pod.json") || { tail -n 20 "$CRI_ROOT/containerd.log"; return 1; }
+    "${CRICTL[@]}" start "$ctr" >/dev/null || return 1
+    t2=$(now)
+    wait_log "$ctr" hello
+    t3=$(now)
+    "${CRICTL[@]}" logs "$ctr"
+    "${CRICTL[@]}" exec -s "$ctr" echo exec-ok || return 1
+    # L1 runs a kernel built from the same source: the boot id tells the VM's kernel apart.
+    echo "boot id in the container: $("${CRICTL[@]}" exec -s "$ctr" cat /proc/sys/kernel/random/boot_id), in L1: $(cat /proc/sys/kernel/random/boot_id)"
+    echo "processes in the container: $("${CRICTL[@]}" exec -s "$ctr" ps -o comm | tail -n +2 | sort | xargs)"
+    echo "container hosts file: $("${CRICTL[@]}" exec -s "$ctr" cat /etc/hosts | grep -c localhost) localhost lines"
+    "${CRICTL[@]}" inspect "$ctr" | grep -o '"state": *"[A-Z_]*"' | head -1
+    echo "stats: $("${CRICTL[@]}" stats -o json --id "$ctr" | grep -A1 '"workingSetBytes"' | grep -o '"value": *"[0-9]*"')"
+    "${CRICTL[@]}" stop -t 2 "$ctr" >/dev/null || return 1
+    "${CRICTL[@]}" inspect "$ctr" | grep -o '"state": *"[A-Z_]*"' | head -1
+    "${CRICTL[@]}" rm "$ctr" >/dev/null && "${CRICTL[@]}" stopp "$pod" >/dev/null &&
+        "${CRICTL[@]}" rmp "$pod" >/dev/null || return 1
+    echo "timing husk: runp->ready $(ms "$t0" "$t1") ms, create+start $(ms "$t1" "$t2") ms, start->first log line $(ms "$t2" "$t3") ms"
+    leftovers
     rm -rf "$d"
-    return "$rc"
 }
 echo "=== husk"
-husk_pod
+husk_containers
 echo "=== husk rc=$?"
 
-# Two pods are two microVMs; SIGKILL to one VMM: its pod is reported not ready (the sandbox
-# task exited), the other runs on, and both are removed without leftovers.
+# Two pods are two microVMs: different boot ids, neither sees the other's processes. SIGKILL
+# to one VMM: its pod is reported not ready and its container exited, the other runs on, and
+# both are removed without leftovers.
 husk_two_pods() {
-    local d p1 p2 vmm1 i state
+    local d p1 p2 c1 c2 vmm1 i state
     d=$(mktemp -d)
     pod_json "$d/p1.json" pod-a true
     pod_json "$d/p2.json" pod-b true
+    container_json "$d/c1.json" c-a '["sleep","1001"]'
+    container_json "$d/c2.json" c-b '["sleep","1002"]'
     p1=$("${CRICTL[@]}" runp "$d/p1.json") && p2=$("${CRICTL[@]}" runp "$d/p2.json") || return 1
+    c1=$("${CRICTL[@]}" create "$p1" "$d/c1.json" "$d/p1.json") && "${CRICTL[@]}" start "$c1" >/dev/null &&
+        c2=$("${CRICTL[@]}" create "$p2" "$d/c2.json" "$d/p2.json") && "${CRICTL[@]}" start "$c2" >/dev/null || return 1
     echo "vmm processes: $(pgrep -c husk-vmm)"
+    local b1 b2
+    b1=$("${CRICTL[@]}" exec -s "$c1" cat /proc/sys/kernel/random/boot_id)
+    b2=$("${CRICTL[@]}" exec -s "$c2" cat /proc/sys/kernel/random/boot_id)
+    echo "boot ids: $b1 $b2 $([[ -n $b1 && $b1 != "$b2" ]] && echo differ || echo SAME)"
+    echo "pod b sees: $("${CRICTL[@]}" exec -s "$c2" ps -o args | tail -n +2 | tr '\n' ' ')"
     vmm1=$(pgrep -f "husk-vmm.*/$p1/" | head -1)
     [[ -n $vmm1 ]] || { echo "no VMM found for pod $p1"; pgrep -af husk-vmm; return 1; }
     kill -KILL "$vmm1"
     for ((i = 0; i < 100; i++)); do
         state=$("${CRICTL[@]}" pods --id "$p1" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1)
-        [[ $state == SANDBOX_NOTREADY ]] && break
+        [[ $state == SANDBOX_NOTREADY ]] && "${CRICTL[@]}" inspect "$c1" | grep -q CONTAINER_EXITED && break
         sleep 0.2
     done
-    echo "killed pod: $state"
-    echo "other pod: $("${CRICTL[@]}" pods --id "$p2" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1)"
+    echo "killed pod: $state, its container: $("${CRICTL[@]}" inspect "$c1" | grep -o '"state": *"[A-Z_]*"' | head -1)"
+    echo "other pod: $("${CRICTL[@]}" pods --id "$p2" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1), its container: $("${CRICTL[@]}" inspect "$c2" | grep -o '"state": *"[A-Z_]*"' | head -1)"
     echo "vmm processes: $(pgrep -c husk-vmm)"
+    "${CRICTL[@]}" stop -t 1 "$c2" >/dev/null || return 1
+    for c in "$c1" "$c2"; do "${CRICTL[@]}" rm "$c" >/dev/null || return 1; done
     for p in "$p1" "$p2"; do
         "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
     done
-    sleep 1
-    echo "after rmp: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) pods $("${CRICTL[@]}" pods -q | wc -l)"
+    leftovers
     rm -rf "$d"
 }
 echo "=== husk_two_pods"
 husk_two_pods
 echo "=== husk_two_pods rc=$?"
 
-# containerd restarts: the pod's shim and VM live on, containerd reconnects to them, and the
-# pod still stops and goes.
+# A container over its memory limit is OOM-killed in the guest, and CRI says so.
+husk_oom() {
+    local d p c i
+    d=$(mktemp -d)
+    pod_json "$d/p.json" pod-oom true
+    container_json "$d/c.json" c-oom '["dd","if=/dev/zero","of=/dev/null","bs=200M","count=1"]' \
+        '"resources": {"memory_limit_in_bytes": 67108864}'
+    p=$("${CRICTL[@]}" runp "$d/p.json") || return 1
+    c=$("${CRICTL[@]}" create "$p" "$d/c.json" "$d/p.json") && "${CRICTL[@]}" start "$c" >/dev/null || return 1
+    for ((i = 0; i < 300; i++)); do
+        "${CRICTL[@]}" inspect "$c" | grep -q CONTAINER_EXITED && break
+        sleep 0.1
+    done
+    "${CRICTL[@]}" inspect "$c" | grep -o -e '"state": *"[A-Z_]*"' -e '"reason": *"[A-Za-z]*"' -e '"exitCode": *[0-9]*' | head -3
+    "${CRICTL[@]}" rm "$c" >/dev/null && "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
+    leftovers
+    rm -rf "$d"
+}
+echo "=== husk_oom"
+husk_oom
+echo "=== husk_oom rc=$?"
+
+# containerd restarts: the pod's shim and VM live on, containerd reconnects to them, the
+# container still runs and takes execs, and the pod still stops and goes.
 husk_restart() {
-    local d p vmm
+    local d p c vmm
     d=$(mktemp -d)
     pod_json "$d/p.json" pod-r true
+    container_json "$d/c.json" c-r '["sleep","1000"]'
     p=$("${CRICTL[@]}" runp "$d/p.json") || return 1
+    c=$("${CRICTL[@]}" create "$p" "$d/c.json" "$d/p.json") && "${CRICTL[@]}" start "$c" >/dev/null || return 1
     vmm=$(pgrep -f "husk-vmm.*/$p/" | head -1)
     cri_restart || { echo "containerd did not come back"; return 1; }
     echo "after restart: $("${CRICTL[@]}" pods --id "$p" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1), same vmm $(kill -0 "$vmm" 2>/dev/null && echo yes || echo no)"
-    "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
-    sleep 1
-    echo "after rmp: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) pods $("${CRICTL[@]}" pods -q | wc -l)"
+    "${CRICTL[@]}" exec -s "$c" echo still-running
+    "${CRICTL[@]}" stop -t 1 "$c" >/dev/null && "${CRICTL[@]}" rm "$c" >/dev/null &&
+        "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
+    leftovers
     rm -rf "$d"
 }
 echo "=== husk_restart"
@@ -126,7 +193,6 @@ d=$(mktemp -d)
 pod_json "$d/pod.json" pod-nokernel true
 "${CRICTL[@]}" runp "$d/pod.json" 2>&1 | grep -o "the guest kernel [^ ]* does not exist"
 mv "$cache/vmlinux.away" "$cache/vmlinux"
-sleep 1
-echo "after: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) pods $("${CRICTL[@]}" pods -q | wc -l)"
+leftovers
 echo "=== husk_no_kernel rc=0"
 cri_stop

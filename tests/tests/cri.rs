@@ -49,8 +49,12 @@ fn crictl_pod_lifecycle() {
     assert!(text.contains("pods left: 0"), "{text}");
     assert!(text.contains("timing runc:"), "{text}");
 
+    const CLEAN: &str =
+        "leftovers: vmm 0 shim 0 run dirs 0 images 0 rootfs mounts 0 pods 0 containers 0";
+
     // The untrusted annotation selects husk (`husk install` registered it): the pod is a
-    // microVM, and stopp/rmp leave no VMM, shim or run directory.
+    // microVM, its container runs in the guest through every CRI step, and afterwards no
+    // VMM, shim, run directory, image file or mount is left.
     let (text, rc) = get("husk");
     assert_eq!(rc, Some(0), "{text}");
     assert!(text.contains("SANDBOX_READY"), "{text}");
@@ -58,39 +62,91 @@ fn crictl_pod_lifecycle() {
         text.contains("vmm processes: 1\n"),
         "no microVM for the pod: {text}"
     );
+    assert!(text.contains("hello from the container"), "{text}");
+    assert!(text.contains("exec-ok"), "{text}");
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix}: {text}"))
+            .to_string()
+    };
+    let ids = line("boot id in the container: ");
+    let (guest, l1) = ids
+        .strip_prefix("boot id in the container: ")
+        .unwrap()
+        .split_once(", in L1: ")
+        .unwrap();
     assert!(
-        text.contains("after rmp: vmm 0 shim 0 run dirs 0 pods 0"),
+        guest.len() == 36 && guest != l1,
+        "not the VM's kernel: {ids}"
+    );
+    // The container sees its own processes (the exec'd ps and its sleep; `sh -c` exec'd
+    // into sleep), not the agent's.
+    assert_eq!(
+        line("processes in the container: "),
+        "processes in the container: ps sleep",
         "{text}"
     );
+    assert!(
+        !text.contains("container hosts file: 0 "),
+        "CRI's /etc/hosts did not reach the container: {text}"
+    );
+    assert!(text.contains("\"state\": \"CONTAINER_RUNNING\""), "{text}");
+    assert!(text.contains("\"state\": \"CONTAINER_EXITED\""), "{text}");
+    let stats = line("stats: ");
+    let ws: u64 = stats
+        .rsplit('"')
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no working set in {stats}"));
+    assert!(ws > 0, "{stats}");
+    assert!(text.contains("timing husk:"), "{text}");
+    assert!(text.contains(CLEAN), "{text}");
 
-    // Two pods are two microVMs. SIGKILL to one VMM: that pod's sandbox task has exited (NOT
-    // READY), the other pod is untouched, and both go without leftovers.
+    // Two pods are two microVMs: different boot ids, and neither sees the other's processes.
+    // SIGKILL to one VMM: that pod's sandbox task and its container have exited, the other
+    // pod is untouched, and both go without leftovers.
     let (text, rc) = get("husk_two_pods");
     assert_eq!(rc, Some(0), "{text}");
     assert!(text.contains("vmm processes: 2\n"), "{text}");
-    assert!(text.contains("killed pod: SANDBOX_NOTREADY"), "{text}");
-    assert!(text.contains("other pod: SANDBOX_READY"), "{text}");
+    assert!(text.contains(" differ\n"), "{text}");
+    assert!(text.contains("pod b sees: sleep 1002 "), "{text}");
+    assert!(!text.contains("sleep 1001 "), "{text}");
     assert!(
-        text.contains("after rmp: vmm 0 shim 0 run dirs 0 pods 0"),
+        text.contains(
+            "killed pod: SANDBOX_NOTREADY, its container: \"state\": \"CONTAINER_EXITED\""
+        ),
         "{text}"
     );
+    assert!(
+        text.contains("other pod: SANDBOX_READY, its container: \"state\": \"CONTAINER_RUNNING\""),
+        "{text}"
+    );
+    assert!(text.contains("vmm processes: 1\n"), "{text}");
+    assert!(text.contains(CLEAN), "{text}");
 
-    // containerd restarts: it reconnects to the pod's shim; the same VM runs on and still
-    // stops cleanly.
+    // Over its memory limit, a container is OOM-killed in the guest and CRI reports OOMKilled.
+    let (text, rc) = get("husk_oom");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(text.contains("\"state\": \"CONTAINER_EXITED\""), "{text}");
+    assert!(text.contains("\"reason\": \"OOMKilled\""), "{text}");
+    assert!(text.contains("\"exitCode\": 137"), "{text}");
+    assert!(text.contains(CLEAN), "{text}");
+
+    // containerd restarts: it reconnects to the pod's shim; the same VM and its container run
+    // on, take an exec, and still stop cleanly.
     let (text, rc) = get("husk_restart");
     assert_eq!(rc, Some(0), "{text}");
     assert!(
         text.contains("after restart: SANDBOX_READY, same vmm yes"),
         "{text}"
     );
-    assert!(
-        text.contains("after rmp: vmm 0 shim 0 run dirs 0 pods 0"),
-        "{text}"
-    );
+    assert!(text.contains("still-running"), "{text}");
+    assert!(text.contains(CLEAN), "{text}");
 
     // A pod whose VM cannot start: runp fails saying why, nothing is left.
     let (text, rc) = get("husk_no_kernel");
     assert_eq!(rc, Some(0), "{text}");
     assert!(text.contains("vmlinux does not exist"), "{text}");
-    assert!(text.contains("after: vmm 0 shim 0 pods 0"), "{text}");
+    assert!(text.contains(CLEAN), "{text}");
 }
