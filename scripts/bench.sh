@@ -2,6 +2,7 @@
 # Benchmarks that print numbers (never pass/fail on them), as root, after scripts/setup.sh:
 # release builds of husk and husk-vmm, the guest image, then inside the nested-KVM testbed
 # (or directly where /dev/kvm has vmx/svm): vsock stdio throughput beside a Unix-socket copy.
+# First, on this host: what packing a container's rootfs into its block image costs, beside cp -a.
 #
 #   bash scripts/bench.sh [SIZE_MIB]
 set -euo pipefail
@@ -12,6 +13,9 @@ bash guest-image/build.sh
 
 rootfs=$repo/target/bench-rootfs
 bash scripts/busybox-rootfs.sh "$rootfs"
+echo "== container rootfs images (what the shim does per container), beside cp -a"
+cargo run --release --locked -q -p husk --example pack-bench -- "$rootfs"
+echo "== vsock stdio throughput"
 bench=(bash "$repo/tests/bench/vsock-throughput.sh" "$repo" "$rootfs" "${1:-256}")
 if grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -c /dev/kvm ]]; then
     exec "${bench[@]}"
