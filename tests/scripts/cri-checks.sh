@@ -81,6 +81,12 @@ husk_containers() {
     t3=$(now)
     "${CRICTL[@]}" logs "$ctr"
     "${CRICTL[@]}" exec -s "$ctr" echo exec-ok || return 1
+    echo "stdin through exec -i: $(printf 'one\ntwo\n' | "${CRICTL[@]}" exec -i "$ctr" cat | xargs)"
+    "${CRICTL[@]}" update --memory 104857600 "$ctr" >/dev/null &&
+        echo "memory.max after update: $("${CRICTL[@]}" exec -s "$ctr" cat /sys/fs/cgroup/memory.max)"
+    local CTR=(ctr --address "$CRI_SOCK" -n k8s.io)
+    "${CTR[@]}" task pause "$ctr" && echo "after pause: $("${CTR[@]}" task ls | awk -v id="$ctr" '$1 == id {print $3}')"
+    "${CTR[@]}" task resume "$ctr" && echo "after resume: $("${CTR[@]}" task ls | awk -v id="$ctr" '$1 == id {print $3}')"
     # L1 runs a kernel built from the same source: the boot id tells the VM's kernel apart.
     echo "boot id in the container: $("${CRICTL[@]}" exec -s "$ctr" cat /proc/sys/kernel/random/boot_id), in L1: $(cat /proc/sys/kernel/random/boot_id)"
     echo "processes in the container: $("${CRICTL[@]}" exec -s "$ctr" ps -o comm | tail -n +2 | sort | xargs)"

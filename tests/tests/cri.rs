@@ -87,6 +87,15 @@ fn crictl_pod_lifecycle() {
         "processes in the container: ps sleep",
         "{text}"
     );
+    // stdin reaches an exec and ends with CloseIO; Update changes the guest cgroup live;
+    // Pause and Resume freeze and thaw it.
+    assert!(text.contains("stdin through exec -i: one two\n"), "{text}");
+    assert!(
+        text.contains("memory.max after update: 104857600\n"),
+        "{text}"
+    );
+    assert!(text.contains("after pause: PAUSED\n"), "{text}");
+    assert!(text.contains("after resume: RUNNING\n"), "{text}");
     assert!(
         !text.contains("container hosts file: 0 "),
         "CRI's /etc/hosts did not reach the container: {text}"
