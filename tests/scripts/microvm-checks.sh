@@ -109,6 +109,13 @@ check drives drives
 
 check never_ready "$husk" run --boot-timeout 20 --initramfs "$never_ready" "$rootfs" -- true
 check missing_kernel "$husk" run --kernel /nonexistent/vmlinux "$rootfs" -- true
+# husk's configuration file is read (its kernel is the one looked for), and a mistake in it
+# is named.
+printf '[guest]\nkernel = "/nonexistent/configured-vmlinux"\n' >"$XDG_RUNTIME_DIR/config.toml"
+check config_kernel env HUSK_CONFIG="$XDG_RUNTIME_DIR/config.toml" "$husk" run "$rootfs" -- true
+printf '[pod]\nvcpu = 2\n' >"$XDG_RUNTIME_DIR/config.toml"
+check config_bad env HUSK_CONFIG="$XDG_RUNTIME_DIR/config.toml" "$husk" run "$rootfs" -- true
+rm -f "$XDG_RUNTIME_DIR/config.toml"
 echo "=== leftovers"
 pgrep -a husk-vmm
 ls -A "$XDG_RUNTIME_DIR"

@@ -225,6 +225,17 @@ fn husk_run_in_microvms() {
     assert_ne!(rc, Some(0), "{text}");
     assert!(text.contains("/nonexistent/vmlinux"), "{text}");
 
+    // /etc/husk/config.toml ($HUSK_CONFIG here) chooses the kernel; a wrong key is named.
+    let (text, rc) = get("config_kernel");
+    assert_ne!(rc, Some(0), "{text}");
+    assert!(
+        text.contains("the guest kernel /nonexistent/configured-vmlinux does not exist"),
+        "{text}"
+    );
+    let (text, rc) = get("config_bad");
+    assert_ne!(rc, Some(0), "{text}");
+    assert!(text.contains("unknown key pod.vcpu "), "{text}");
+
     // Nothing left: no VMM process, no run directory, no mount.
     let (text, _) = get("leftovers");
     let lines: Vec<&str> = text.lines().collect();

@@ -1,5 +1,6 @@
 //! The host side of husk shared by its binaries (`husk` and `containerd-shim-husk-v2`):
-//! microVMs ([`vm`]) and container images ([`image`]).
+//! microVMs ([`vm`]), container images ([`image`]) and the configuration file ([`config`]).
 
+pub mod config;
 pub mod image;
 pub mod vm;

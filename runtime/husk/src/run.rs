@@ -48,10 +48,12 @@ pub struct RunArgs {
     /// Environment variables KEY=VALUE for the container.
     #[arg(short, long)]
     pub env: Vec<String>,
-    /// Guest kernel (default: $HUSK_CACHE/current/vmlinux).
+    /// Guest kernel (default: guest.kernel of /etc/husk/config.toml, else
+    /// $HUSK_CACHE/current/vmlinux).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
-    /// Guest initramfs (default: $HUSK_CACHE/current/initramfs.cpio.gz).
+    /// Guest initramfs (default: guest.initramfs of /etc/husk/config.toml, else
+    /// $HUSK_CACHE/current/initramfs.cpio.gz).
     #[arg(long)]
     pub initramfs: Option<PathBuf>,
     /// The VMM binary (default: husk-vmm next to husk).
@@ -78,7 +80,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     // and the VM, and everything is cleaned up (exit status 130 or 143).
     let mut stop = Interrupts::new()?;
     check_kvm()?;
-    let mut img = default_image();
+    let mut img = default_image()?;
     if let Some(k) = a.kernel.clone() {
         img.kernel = k;
     }
@@ -88,7 +90,11 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     if let Some(v) = a.vmm.clone() {
         img.vmm = v;
     }
-    img.kernel_args = a.kernel_args.clone();
+    if !a.kernel_args.is_empty() {
+        img.kernel_args = format!("{} {}", img.kernel_args, a.kernel_args)
+            .trim()
+            .to_string();
+    }
     img.console_log = a.console_log.clone();
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)

@@ -49,22 +49,32 @@ pub struct Vm {
     child: Option<Child>,
 }
 
-/// The default location of the guest image and VMM: `$HUSK_CACHE/current` (as built by
-/// guest-image/build.sh) and the `husk-vmm` next to this executable.
-pub fn default_image() -> VmImage {
+/// The guest image and VMM to use: what husk's configuration file says (see
+/// [`crate::config`]), else `$HUSK_CACHE/current` (as built by guest-image/build.sh) and the
+/// `husk-vmm` next to this executable.
+pub fn default_image() -> Result<VmImage> {
+    Ok(image_from(crate::config::Config::load()?))
+}
+
+/// The guest image and VMM of an already loaded configuration (see [`default_image`]).
+pub fn image_from(cfg: crate::config::Config) -> VmImage {
     let cache = std::env::var_os("HUSK_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| "/var/cache/husk".into());
-    let vmm = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("husk-vmm")))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| "husk-vmm".into());
+    let vmm = cfg.vmm.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("husk-vmm")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| "husk-vmm".into())
+    });
     VmImage {
         vmm,
-        kernel: cache.join("current/vmlinux"),
-        initramfs: cache.join("current/initramfs.cpio.gz"),
-        kernel_args: String::new(),
+        kernel: cfg.kernel.unwrap_or_else(|| cache.join("current/vmlinux")),
+        initramfs: cfg
+            .initramfs
+            .unwrap_or_else(|| cache.join("current/initramfs.cpio.gz")),
+        kernel_args: cfg.kernel_args,
         console_log: None,
     }
 }

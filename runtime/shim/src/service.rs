@@ -41,7 +41,10 @@ use containerd_shim::{
     },
     Context, Task, TtrpcResult,
 };
-use husk::vm::{default_image, vmm_request, Drive, Vm, VmSize};
+use husk::{
+    config::{Config, PodDefaults},
+    vm::{image_from, vmm_request, Drive, Vm, VmSize},
+};
 use husk_client::{pb, AgentClient, ClientError};
 use tokio::sync::{oneshot, watch};
 
@@ -261,7 +264,15 @@ impl TaskService {
                 "this shim already runs a pod",
             ));
         }
-        let size = vm_size(&spec["annotations"]);
+        let bad_config = |e: anyhow::Error| {
+            err(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("husk's configuration: {e:#}"),
+            )
+        };
+        let cfg = Config::load().map_err(bad_config)?;
+        let size = vm_size(&spec["annotations"], &cfg.pod);
+        let image = image_from(cfg);
         let dir = PathBuf::from("/run/husk/shim")
             .join(&self.namespace)
             .join(&req.id);
@@ -272,7 +283,7 @@ impl TaskService {
                 read_only: false,
             })
             .collect();
-        let mut vm = Vm::start(&default_image(), &size, &slots, &dir).map_err(|e| {
+        let mut vm = Vm::start(&image, &size, &slots, &dir).map_err(|e| {
             err(
                 ttrpc::Code::FAILED_PRECONDITION,
                 format!("starting the pod's microVM: {e:#}"),
@@ -624,6 +635,36 @@ impl TaskService {
         Ok(r)
     }
 
+    /// Pauses (freezes the guest cgroup of) or resumes container `id`.
+    async fn freeze(&self, id: String, pause: bool) -> TtrpcResult<Empty> {
+        self.container(&id, |_| Ok(()))?;
+        let agent = self.agent()?;
+        let done = if pause {
+            let mut q = pb::PauseContainerRequest::new();
+            q.container_id = id.clone();
+            agent.pause_container(q).await
+        } else {
+            let mut q = pb::ResumeContainerRequest::new();
+            q.container_id = id.clone();
+            agent.resume_container(q).await
+        };
+        done.map_err(|e| agent_err(if pause { "pausing" } else { "resuming" }, e))?;
+        self.container(&id, |c| {
+            c.paused = pause;
+            Ok(())
+        })?;
+        if pause {
+            let mut e = TaskPaused::new();
+            e.container_id = id;
+            self.publish(TASK_PAUSED_EVENT_TOPIC, Box::new(e)).await;
+        } else {
+            let mut e = TaskResumed::new();
+            e.container_id = id;
+            self.publish(TASK_RESUMED_EVENT_TOPIC, Box::new(e)).await;
+        }
+        Ok(Empty::new())
+    }
+
     /// Ends the shim once it has nothing left to serve.
     fn exit_if_idle(&self) {
         let st = self.lock();
@@ -663,9 +704,9 @@ async fn publish(publisher: &RemotePublisher, ns: &str, topic: &str, event: Box<
     }
 }
 
-/// The VM's size: the CRI sandbox annotations when present, else 1 vCPU and 256 MiB, plus
-/// a fixed overhead for the guest kernel and agent.
-fn vm_size(annotations: &serde_json::Value) -> VmSize {
+/// The VM's size: the CRI sandbox annotations (cpu quota/period, memory plus the overhead
+/// for the guest kernel and agent) where present, else husk's configured pod defaults.
+fn vm_size(annotations: &serde_json::Value, defaults: &PodDefaults) -> VmSize {
     let num = |k: &str| {
         annotations[k]
             .as_str()
@@ -677,11 +718,11 @@ fn vm_size(annotations: &serde_json::Value) -> VmSize {
         num("io.kubernetes.cri.sandbox-cpu-period"),
     ) {
         (Some(q), Some(p)) => q.div_ceil(p).clamp(1, 16) as u8,
-        _ => 1,
+        _ => defaults.vcpus,
     };
     let mem_mib = num("io.kubernetes.cri.sandbox-memory")
-        .map(|b| (b >> 20) as u32 + 64)
-        .unwrap_or(256)
+        .map(|b| (b >> 20) as u32 + defaults.overhead_mib)
+        .unwrap_or(defaults.memory_mib)
         .max(128);
     VmSize { vcpus, mem_mib }
 }
@@ -940,39 +981,11 @@ impl Task for TaskService {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
-        self.container(&req.id, |_| Ok(()))?;
-        let mut q = pb::PauseContainerRequest::new();
-        q.container_id = req.id.clone();
-        self.agent()?
-            .pause_container(q)
-            .await
-            .map_err(|e| agent_err("pausing the container", e))?;
-        self.container(&req.id, |c| {
-            c.paused = true;
-            Ok(())
-        })?;
-        let mut e = TaskPaused::new();
-        e.container_id = req.id;
-        self.publish(TASK_PAUSED_EVENT_TOPIC, Box::new(e)).await;
-        Ok(Empty::new())
+        self.freeze(req.id, true).await
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
-        self.container(&req.id, |_| Ok(()))?;
-        let mut q = pb::ResumeContainerRequest::new();
-        q.container_id = req.id.clone();
-        self.agent()?
-            .resume_container(q)
-            .await
-            .map_err(|e| agent_err("resuming the container", e))?;
-        self.container(&req.id, |c| {
-            c.paused = false;
-            Ok(())
-        })?;
-        let mut e = TaskResumed::new();
-        e.container_id = req.id;
-        self.publish(TASK_RESUMED_EVENT_TOPIC, Box::new(e)).await;
-        Ok(Empty::new())
+        self.freeze(req.id, false).await
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
@@ -1239,12 +1252,26 @@ mod tests {
             "io.kubernetes.cri.sandbox-cpu-period": "100000",
             "io.kubernetes.cri.sandbox-memory": "536870912",
         });
-        let s = vm_size(&a);
+        let d = Config::default().pod;
+        let s = vm_size(&a, &d);
         assert_eq!((s.vcpus, s.mem_mib), (2, 512 + 64));
-        let s = vm_size(&serde_json::json!({}));
+        let s = vm_size(&serde_json::json!({}), &d);
         assert_eq!((s.vcpus, s.mem_mib), (1, 256));
-        let s = vm_size(&serde_json::json!({"io.kubernetes.cri.sandbox-memory": "0"}));
+        let s = vm_size(
+            &serde_json::json!({"io.kubernetes.cri.sandbox-memory": "0"}),
+            &d,
+        );
         assert_eq!(s.mem_mib, 256);
+        // The configured defaults where CRI says nothing, and its overhead where it does.
+        let d = PodDefaults {
+            vcpus: 2,
+            memory_mib: 1024,
+            overhead_mib: 100,
+        };
+        let s = vm_size(&serde_json::json!({}), &d);
+        assert_eq!((s.vcpus, s.mem_mib), (2, 1024));
+        let s = vm_size(&a, &d);
+        assert_eq!((s.vcpus, s.mem_mib), (2, 612));
     }
 
     #[test]
