@@ -221,6 +221,15 @@ fn husk_run_in_microvms() {
     let (text, rc) = get("never_ready");
     assert_ne!(rc, Some(0), "{text}");
     assert!(text.contains("did not become ready within 20"), "{text}");
+    // The VMM status says where the guest is: registers, run state, TSC and timer deadline.
+    for field in [
+        "\"rip\":\"0x",
+        "\"mp_state\":\"",
+        "\"tsc\":",
+        "\"tsc_deadline_in\":",
+    ] {
+        assert!(text.contains(field), "no {field} in the VMM status: {text}");
+    }
     let (text, rc) = get("missing_kernel");
     assert_ne!(rc, Some(0), "{text}");
     assert!(text.contains("/nonexistent/vmlinux"), "{text}");

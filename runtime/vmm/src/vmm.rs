@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuExit;
 use linux_loader::{
     cmdline::Cmdline,
@@ -126,6 +127,12 @@ pub struct VcpuStats {
     /// The sampled instruction pointer and CR0/CR3/CR4, valid after a sample.
     rip: AtomicU64,
     cr: [AtomicU64; 3],
+    /// The sampled KVM multiprocessing state (runnable, halted, ...), the guest's TSC and
+    /// its LAPIC's TSC deadline (0: none armed): a halted vCPU whose deadline is long past
+    /// is waiting for a timer interrupt that never came.
+    mp_state: AtomicU64,
+    tsc: AtomicU64,
+    tsc_deadline: AtomicU64,
     samples: AtomicU64,
 }
 
@@ -152,6 +159,20 @@ impl VcpuStats {
             self.rip.store(r.rip, Ordering::Relaxed);
             for (slot, v) in self.cr.iter().zip([s.cr0, s.cr3, s.cr4]) {
                 slot.store(v, Ordering::Relaxed);
+            }
+            let mp = fd.get_mp_state().map_or(u64::MAX, |m| m.mp_state.into());
+            self.mp_state.store(mp, Ordering::Relaxed);
+            let mut msrs = Msrs::from_entries(
+                &[vcpu::MSR_IA32_TSC, vcpu::MSR_IA32_TSC_DEADLINE].map(|index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                }),
+            )
+            .expect("two MSRs fit");
+            if matches!(fd.get_msrs(&mut msrs), Ok(2)) {
+                let e = msrs.as_slice();
+                self.tsc.store(e[0].data, Ordering::Relaxed);
+                self.tsc_deadline.store(e[1].data, Ordering::Relaxed);
             }
             self.samples.fetch_add(1, Ordering::Release);
         }
@@ -184,11 +205,27 @@ impl VcpuStats {
         let sampled = self.sample(Duration::from_millis(300));
         let regs = sampled.then(|| {
             let [cr0, cr3, cr4] = [0, 1, 2].map(|i| self.cr[i].load(Ordering::Relaxed));
+            let mp_state = match self.mp_state.load(Ordering::Relaxed) {
+                0 => "runnable".to_string(),
+                1 => "uninitialized".to_string(),
+                2 => "init-received".to_string(),
+                3 => "halted".to_string(),
+                4 => "sipi-received".to_string(),
+                n => format!("unknown ({n})"),
+            };
+            let (tsc, deadline) = (
+                self.tsc.load(Ordering::Relaxed),
+                self.tsc_deadline.load(Ordering::Relaxed),
+            );
             serde_json::json!({
                 "rip": format!("{:#x}", self.rip.load(Ordering::Relaxed)),
                 "cr0": format!("{cr0:#x}"),
                 "cr3": format!("{cr3:#x}"),
                 "cr4": format!("{cr4:#x}"),
+                "mp_state": mp_state,
+                "tsc": tsc,
+                // How far the armed timer is ahead of the TSC (negative: overdue).
+                "tsc_deadline_in": (deadline != 0).then(|| deadline as i128 - tsc as i128),
             })
         });
         let last = self.last.load(Ordering::Relaxed);

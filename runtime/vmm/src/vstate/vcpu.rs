@@ -20,7 +20,9 @@ const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_CSTAR: u32 = 0xc000_0083;
 const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-const MSR_IA32_TSC: u32 = 0x10;
+pub const MSR_IA32_TSC: u32 = 0x10;
+/// The LAPIC timer's deadline in TSC-deadline mode.
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 
 /// CPUID.1:ECX bit: the LAPIC timer has TSC-deadline mode.
