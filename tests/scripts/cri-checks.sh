@@ -65,8 +65,11 @@ wait_log() {
 # The untrusted annotation selects husk: the pod is a microVM, and its container runs in it
 # through every CRI step, timed like runc's above.
 husk_containers() {
-    local d pod ctr t0 t1 t2 t3
+    local d pod ctr t0 t1 t2 t3 events
     d=$(mktemp -d)
+    # containerd's events for this pod, to check what the shim published and in which order.
+    ctr --address "$CRI_SOCK" events >"$d/events" 2>&1 &
+    events=$!
     pod_json "$d/pod.json" pod-husk true
     container_json "$d/c.json" c-husk '["sh","-c","echo hello from the container; sleep 1000"]'
     t0=$(now)
@@ -98,6 +101,8 @@ husk_containers() {
     "${CRICTL[@]}" rm "$ctr" >/dev/null && "${CRICTL[@]}" stopp "$pod" >/dev/null &&
         "${CRICTL[@]}" rmp "$pod" >/dev/null || return 1
     echo "timing husk: runp->ready $(ms "$t0" "$t1") ms, create+start $(ms "$t1" "$t2") ms, start->first log line $(ms "$t2" "$t3") ms"
+    kill "$events"
+    echo "container events: $(grep -F "\"$ctr\"" "$d/events" | grep -o ' /tasks/[a-z-]*' | xargs)"
     leftovers
     rm -rf "$d"
 }
@@ -149,8 +154,10 @@ echo "=== husk_two_pods rc=$?"
 
 # A container over its memory limit is OOM-killed in the guest, and CRI says so.
 husk_oom() {
-    local d p c i
+    local d p c i events
     d=$(mktemp -d)
+    ctr --address "$CRI_SOCK" events >"$d/events" 2>&1 &
+    events=$!
     pod_json "$d/p.json" pod-oom true
     container_json "$d/c.json" c-oom '["dd","if=/dev/zero","of=/dev/null","bs=200M","count=1"]' \
         '"resources": {"memory_limit_in_bytes": 67108864}'
@@ -161,6 +168,8 @@ husk_oom() {
         sleep 0.1
     done
     "${CRICTL[@]}" inspect "$c" | grep -o -e '"state": *"[A-Z_]*"' -e '"reason": *"[A-Za-z]*"' -e '"exitCode": *[0-9]*' | head -3
+    kill "$events"
+    echo "container events: $(grep -F "\"$c\"" "$d/events" | grep -o ' /tasks/[a-z-]*' | xargs)"
     "${CRICTL[@]}" rm "$c" >/dev/null && "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
     leftovers
     rm -rf "$d"

@@ -110,6 +110,20 @@ fn crictl_pod_lifecycle() {
         .unwrap_or_else(|| panic!("no working set in {stats}"));
     assert!(ws > 0, "{stats}");
     assert!(text.contains("timing husk:"), "{text}");
+    // The shim's events, as containerd saw them, in order: the container's create and start,
+    // each exec's added/started/exit, pause and resume, and its exit before its delete.
+    let events = line("container events: ");
+    assert!(
+        events.starts_with(
+            "container events: /tasks/create /tasks/start /tasks/exec-added /tasks/exec-started /tasks/exit /tasks/exec-added"
+        ),
+        "{events}"
+    );
+    assert!(
+        events.contains(" /tasks/paused /tasks/resumed "),
+        "{events}"
+    );
+    assert!(events.ends_with(" /tasks/exit /tasks/delete"), "{events}");
     assert!(text.contains(CLEAN), "{text}");
 
     // Two pods are two microVMs: different boot ids, and neither sees the other's processes.
@@ -140,6 +154,15 @@ fn crictl_pod_lifecycle() {
     assert!(text.contains("\"state\": \"CONTAINER_EXITED\""), "{text}");
     assert!(text.contains("\"reason\": \"OOMKilled\""), "{text}");
     assert!(text.contains("\"exitCode\": 137"), "{text}");
+    let events = text
+        .lines()
+        .find_map(|l| l.strip_prefix("container events: "))
+        .unwrap_or_else(|| panic!("no events: {text}"));
+    assert!(
+        events.starts_with("/tasks/create /tasks/start /tasks/oom ")
+            && events.contains(" /tasks/exit"),
+        "the OOM event comes before the exit: {events}"
+    );
     assert!(text.contains(CLEAN), "{text}");
 
     // containerd restarts: it reconnects to the pod's shim; the same VM and its container run

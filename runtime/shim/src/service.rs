@@ -166,6 +166,8 @@ struct Container {
     slot: usize,
     image: PathBuf,
     paused: bool,
+    /// OOM events published for this container.
+    ooms_reported: u32,
     init: Proc,
     execs: HashMap<String, Proc>,
 }
@@ -329,13 +331,18 @@ impl TaskService {
             publish(&publisher, &ns, TASK_EXIT_EVENT_TOPIC, Box::new(e)).await;
         });
         // OOM kills in any container, as containerd events.
-        let (publisher, ns, oom_agent) = (
+        let (publisher, ns, oom_agent, state) = (
             self.publisher.clone(),
             self.namespace.clone(),
             agent.clone(),
+            self.state.clone(),
         );
         tokio::spawn(async move {
             while let Ok(o) = oom_agent.get_oom_event(pb::GetOomEventRequest::new()).await {
+                // A kill of the init process that its exit already reported is not repeated.
+                if !oom_to_report(&state, &o.container_id, false) {
+                    continue;
+                }
                 let mut e = TaskOOM::new();
                 e.container_id = o.container_id;
                 publish(&publisher, &ns, TASK_OOM_EVENT_TOPIC, Box::new(e)).await;
@@ -455,6 +462,7 @@ impl TaskService {
                 slot,
                 image,
                 paused: false,
+                ooms_reported: 0,
                 init,
                 execs: HashMap::new(),
             },
@@ -539,6 +547,7 @@ impl TaskService {
             (p.exit_tx.take(), p.copies.take(), p.pid)
         };
         let Some(tx) = tx else { return };
+        let state = self.state.clone();
         let (publisher, ns, id, exec_id) = (
             self.publisher.clone(),
             self.namespace.clone(),
@@ -571,7 +580,7 @@ impl TaskService {
             if let Some(mut c) = copies {
                 c.drained().await;
             }
-            if oom && exec_id.is_empty() {
+            if oom && exec_id.is_empty() && oom_to_report(&state, &id, true) {
                 let mut e = TaskOOM::new();
                 e.container_id = id.clone();
                 publish(&publisher, &ns, TASK_OOM_EVENT_TOPIC, Box::new(e)).await;
@@ -672,6 +681,27 @@ impl TaskService {
             self.exit_signal.signal();
         }
     }
+}
+
+/// Whether an OOM kill in container `id` still needs its event, counting it if so. The
+/// agent's OOM events and the init process's exit status both report OOM kills: the init's
+/// exit (`at_exit`) reports one only if no event did yet, and an event that comes after the
+/// init's exit reported one is not repeated. The event always precedes the exit it explains.
+fn oom_to_report(state: &Mutex<State>, id: &str, at_exit: bool) -> bool {
+    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(c) = st.containers.get_mut(id) else {
+        return !at_exit;
+    };
+    let exited = c.init.exit.borrow().is_some();
+    let report = if at_exit {
+        c.ooms_reported == 0
+    } else {
+        !(exited && c.ooms_reported > 0)
+    };
+    if report {
+        c.ooms_reported += 1;
+    }
+    report
 }
 
 /// Empties drive slot `slot` of the VM in `dir` (the guest sees a disk of size 0).
