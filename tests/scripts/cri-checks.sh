@@ -85,6 +85,9 @@ husk_containers() {
     "${CRICTL[@]}" logs "$ctr"
     "${CRICTL[@]}" exec -s "$ctr" echo exec-ok || return 1
     echo "stdin through exec -i: $(printf 'one\ntwo\n' | "${CRICTL[@]}" exec -i "$ctr" cat | xargs)"
+    # A terminal (script gives crictl a pty): the exec gets one, and crictl's size reaches it
+    # (ResizePty comes just after the start: the shell waits for it).
+    echo "exec -it: $(script -qec "stty rows 33 cols 111; ${CRICTL[*]} exec -it $ctr sh -c 'test -t 0 && test -t 1 && echo tty-ok; sleep 2; stty size'" /dev/null | tr -d '\r' | xargs)"
     "${CRICTL[@]}" update --memory 104857600 "$ctr" >/dev/null &&
         echo "memory.max after update: $("${CRICTL[@]}" exec -s "$ctr" cat /sys/fs/cgroup/memory.max)"
     local CTR=(ctr --address "$CRI_SOCK" -n k8s.io)
@@ -103,6 +106,7 @@ husk_containers() {
     echo "timing husk: runp->ready $(ms "$t0" "$t1") ms, create+start $(ms "$t1" "$t2") ms, start->first log line $(ms "$t2" "$t3") ms"
     kill "$events"
     echo "container events: $(grep -F "\"$ctr\"" "$d/events" | grep -o ' /tasks/[a-z-]*' | xargs)"
+    grep -o "container $ctr: rootfs image.*ms" "$CRI_ROOT/containerd.log" | head -1
     leftovers
     rm -rf "$d"
 }

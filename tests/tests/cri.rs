@@ -90,6 +90,13 @@ fn crictl_pod_lifecycle() {
     // stdin reaches an exec and ends with CloseIO; Update changes the guest cgroup live;
     // Pause and Resume freeze and thaw it.
     assert!(text.contains("stdin through exec -i: one two\n"), "{text}");
+    // A terminal exec sees a tty of crictl's size (ResizePty). (The terminal may echo a
+    // control character crictl sends between the two.)
+    let tty = line("exec -it: ");
+    assert!(
+        tty.starts_with("exec -it: tty-ok ") && tty.ends_with("33 111"),
+        "{tty}"
+    );
     assert!(
         text.contains("memory.max after update: 104857600\n"),
         "{text}"

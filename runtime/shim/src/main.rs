@@ -7,6 +7,7 @@
 //! reported as the sandbox task's exit.
 
 mod container;
+mod metrics;
 mod service;
 mod stdio;
 

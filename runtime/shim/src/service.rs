@@ -22,15 +22,11 @@ use containerd_shim::{
     },
     asynchronous::{publisher::RemotePublisher, ExitSignal},
     protos::{
-        cgroups_v2::metrics as cg2,
         events::task::{
             TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
             TaskResumed, TaskStart,
         },
-        protobuf::{
-            well_known_types::{any::Any, timestamp::Timestamp},
-            Message, MessageDyn,
-        },
+        protobuf::{well_known_types::timestamp::Timestamp, MessageDyn},
         topics::{
             TASK_CREATE_EVENT_TOPIC, TASK_DELETE_EVENT_TOPIC, TASK_EXEC_ADDED_EVENT_TOPIC,
             TASK_EXEC_STARTED_EVENT_TOPIC, TASK_EXIT_EVENT_TOPIC, TASK_OOM_EVENT_TOPIC,
@@ -50,6 +46,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::{
     container,
+    metrics::{self, Metrics},
     stdio::{self, Fifos},
 };
 
@@ -59,9 +56,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// Empty drive slots of a pod's VM, one per container that can run at once. They are
 /// /dev/vda.. in the guest, in this order.
 const SLOTS: usize = 8;
-
-/// The type URL containerd's CRI plugin decodes cgroup v2 metrics by.
-const METRICS_V2_TYPE: &str = "io.containerd.cgroups.v2.Metrics";
 
 pub fn now() -> Timestamp {
     let d = std::time::SystemTime::now()
@@ -404,12 +398,16 @@ impl TaskService {
             }
         };
         let image = dir.join(format!("{}.ext4", req.id));
-        let made = self.prepare_rootfs(req, &copies, &image, &dir, slot).await;
-        if let Err(e) = made {
-            let _ = std::fs::remove_file(&image);
-            release(self);
-            return Err(e);
-        }
+        let t0 = std::time::Instant::now();
+        let size = match self.prepare_rootfs(req, &copies, &image, &dir, slot).await {
+            Ok(size) => size,
+            Err(e) => {
+                let _ = std::fs::remove_file(&image);
+                release(self);
+                return Err(e);
+            }
+        };
+        let packed = t0.elapsed();
 
         let fifos = Fifos {
             stdin: req.stdin.clone(),
@@ -440,6 +438,13 @@ impl TaskService {
             Ok::<_, ttrpc::Error>((pid, copies))
         }
         .await;
+        log::info!(
+            "container {}: rootfs image of {} MiB ready in slot {slot} after {} ms, created in the guest after {} ms",
+            req.id,
+            size >> 20,
+            packed.as_millis(),
+            t0.elapsed().as_millis()
+        );
         let (pid, copies) = match created {
             Ok(c) => c,
             Err(e) => {
@@ -471,7 +476,7 @@ impl TaskService {
     }
 
     /// Mounts the container's snapshot, packs it into `image`, unmounts it, and gives the image
-    /// to the VM's drive `slot`.
+    /// to the VM's drive `slot`; the image's size.
     async fn prepare_rootfs(
         &self,
         req: &CreateTaskRequest,
@@ -479,7 +484,7 @@ impl TaskService {
         image: &std::path::Path,
         dir: &std::path::Path,
         slot: usize,
-    ) -> TtrpcResult<()> {
+    ) -> TtrpcResult<u64> {
         let target = PathBuf::from(&req.bundle).join("rootfs");
         let mounts = req.rootfs.clone();
         let (copies, image2) = (copies.to_vec(), image.to_path_buf());
@@ -498,12 +503,6 @@ impl TaskService {
         .await
         .map_err(|e| err(ttrpc::Code::INTERNAL, e.to_string()))?;
         let size = packed.map_err(|e| err(ttrpc::Code::INTERNAL, format!("{e:#}")))?;
-        log::info!(
-            "container {}: rootfs image {} ({} MiB)",
-            req.id,
-            image.display(),
-            size >> 20
-        );
         let (api, id, path) = (
             dir.join("api.sock"),
             format!("slot{slot}"),
@@ -530,7 +529,7 @@ impl TaskService {
                 format!("the VMM refused the rootfs image: {e}"),
             ));
         }
-        Ok(())
+        Ok(size)
     }
 
     /// Starts the waiter of a started process: it reports the exit once the process ended
@@ -755,66 +754,6 @@ fn vm_size(annotations: &serde_json::Value, defaults: &PodDefaults) -> VmSize {
         .unwrap_or(defaults.memory_mib)
         .max(128);
     VmSize { vcpus, mem_mib }
-}
-
-/// The agent's cgroup v2 statistics as containerd's cgroups v2 Metrics.
-fn metrics(s: &pb::ContainerStatsResponse) -> cg2::Metrics {
-    let mut m = cg2::Metrics::new();
-    let mut cpu = cg2::CPUStat::new();
-    cpu.usage_usec = s.cpu_usage_usec;
-    cpu.user_usec = s.cpu_user_usec;
-    cpu.system_usec = s.cpu_system_usec;
-    cpu.nr_periods = s.cpu_nr_periods;
-    cpu.nr_throttled = s.cpu_nr_throttled;
-    cpu.throttled_usec = s.cpu_throttled_usec;
-    m.cpu = Some(cpu).into();
-    let stat = |k: &str| s.memory_stat.get(k).copied().unwrap_or_default();
-    let mut mem = cg2::MemoryStat::new();
-    mem.usage = s.memory_current;
-    mem.usage_limit = if s.memory_max == 0 {
-        u64::MAX
-    } else {
-        s.memory_max
-    };
-    mem.swap_usage = s.memory_swap_current;
-    mem.anon = stat("anon");
-    mem.file = stat("file");
-    mem.kernel_stack = stat("kernel_stack");
-    mem.slab = stat("slab");
-    mem.sock = stat("sock");
-    mem.shmem = stat("shmem");
-    mem.file_mapped = stat("file_mapped");
-    mem.file_dirty = stat("file_dirty");
-    mem.file_writeback = stat("file_writeback");
-    mem.inactive_anon = stat("inactive_anon");
-    mem.active_anon = stat("active_anon");
-    mem.inactive_file = stat("inactive_file");
-    mem.active_file = stat("active_file");
-    mem.unevictable = stat("unevictable");
-    mem.pgfault = stat("pgfault");
-    mem.pgmajfault = stat("pgmajfault");
-    m.memory = Some(mem).into();
-    let event = |k: &str| s.memory_events.get(k).copied().unwrap_or_default();
-    let mut ev = cg2::MemoryEvents::new();
-    ev.low = event("low");
-    ev.high = event("high");
-    ev.max = event("max");
-    ev.oom = event("oom");
-    ev.oom_kill = event("oom_kill");
-    m.memory_events = Some(ev).into();
-    let mut pids = cg2::PidsStat::new();
-    pids.current = s.pids_current;
-    pids.limit = s.pids_max;
-    m.pids = Some(pids).into();
-    let mut io = cg2::IOStat::new();
-    let mut entry = cg2::IOEntry::new();
-    entry.rbytes = s.io_read_bytes;
-    entry.wbytes = s.io_write_bytes;
-    entry.rios = s.io_read_ios;
-    entry.wios = s.io_write_ios;
-    io.usage.push(entry);
-    m.io = Some(io).into();
-    m
 }
 
 #[async_trait::async_trait]
@@ -1177,7 +1116,8 @@ impl Task for TaskService {
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
         let m = if self.pod(&req.id, |_| ()).is_some() {
-            cg2::Metrics::new()
+            // The VM has no cgroup of its own that containerd could use.
+            Metrics::new()
         } else {
             self.container(&req.id, |_| Ok(()))?;
             let mut q = pb::ContainerStatsRequest::new();
@@ -1187,15 +1127,11 @@ impl Task for TaskService {
                 .container_stats(q)
                 .await
                 .map_err(|e| agent_err("reading the container's statistics", e))?;
-            metrics(&s)
+            metrics::from_agent(&s)
         };
-        let mut any = Any::new();
-        any.type_url = METRICS_V2_TYPE.to_string();
-        any.value = m
-            .write_to_bytes()
-            .map_err(|e| err(ttrpc::Code::INTERNAL, e.to_string()))?;
         let mut r = StatsResponse::new();
-        r.stats = Some(any).into();
+        r.stats = Some(metrics::to_any(&m).map_err(|e| err(ttrpc::Code::INTERNAL, e.to_string()))?)
+            .into();
         Ok(r)
     }
 
@@ -1302,34 +1238,6 @@ mod tests {
         assert_eq!((s.vcpus, s.mem_mib), (2, 1024));
         let s = vm_size(&a, &d);
         assert_eq!((s.vcpus, s.mem_mib), (2, 612));
-    }
-
-    #[test]
-    fn agent_stats_become_cgroup_v2_metrics() {
-        let mut s = pb::ContainerStatsResponse::new();
-        s.cpu_usage_usec = 1500;
-        s.memory_current = 4 << 20;
-        s.memory_max = 0;
-        s.memory_stat.insert("inactive_file".into(), 4096);
-        s.memory_events.insert("oom_kill".into(), 2);
-        s.pids_current = 3;
-        s.io_read_bytes = 512;
-        let m = metrics(&s);
-        assert_eq!(m.cpu.usage_usec, 1500);
-        assert_eq!(m.memory.usage, 4 << 20);
-        assert_eq!(m.memory.usage_limit, u64::MAX);
-        assert_eq!(m.memory.inactive_file, 4096);
-        assert_eq!(m.memory_events.oom_kill, 2);
-        assert_eq!(m.pids.current, 3);
-        assert_eq!(m.io.usage[0].rbytes, 512);
-        // What containerd decodes: the v2 type name and a message that parses back.
-        let back = cg2::Metrics::parse_from_bytes(&m.write_to_bytes().unwrap()).unwrap();
-        assert_eq!(back, m);
-        assert_eq!(
-            <cg2::Metrics as containerd_shim::protos::protobuf::MessageFull>::descriptor()
-                .full_name(),
-            METRICS_V2_TYPE
-        );
     }
 
     #[test]
