@@ -254,6 +254,7 @@ impl Sandbox {
             .as_ref()
             .and_then(|p| p.terminal())
             .unwrap_or(false);
+        let console_size = spec.process().as_ref().and_then(|p| p.console_size());
         {
             let mut map = lock(&self.containers);
             if map.contains_key(&req.container_id) {
@@ -265,7 +266,13 @@ impl Sandbox {
             map.insert(req.container_id.clone(), Slot::Creating);
         }
         let res = self
-            .create_container_inner(&req.container_id, spec, rootfs, terminal, req.stdin)
+            .create_container_inner(
+                &req.container_id,
+                spec,
+                rootfs,
+                (terminal, console_size),
+                req.stdin,
+            )
             .await;
         let mut map = lock(&self.containers);
         match res {
@@ -286,10 +293,10 @@ impl Sandbox {
         id: &str,
         spec: Spec,
         rootfs: RootfsSource,
-        terminal: bool,
+        (terminal, console_size): (bool, Option<oci_spec::runtime::Box>),
         stdin: bool,
     ) -> Result<Arc<ContainerEntry>> {
-        let (io, host) = stdio::prepare(terminal, stdin)
+        let (io, host) = stdio::prepare(terminal, console_size, stdin)
             .map_err(|e| AgentError::internal("making the process's stdio", &e))?;
         let cfg = self.engine_cfg.clone();
         let sandbox_id = self.sandbox_id();
@@ -388,7 +395,7 @@ impl Sandbox {
             )));
         }
         let terminal = process.terminal().unwrap_or(false);
-        let (io, host) = stdio::prepare(terminal, req.stdin)
+        let (io, host) = stdio::prepare(terminal, process.console_size(), req.stdin)
             .map_err(|e| AgentError::internal("making the process's stdio", &e))?;
         let pid = c
             .with_engine(move |e| e.exec(&process, io))

@@ -141,11 +141,22 @@ pub struct HostSide {
     terminal: bool,
 }
 
-/// Makes the stdio of a new process: pipes, or a pty when `terminal`. Returns what the engine
-/// gives the process and what the agent keeps.
-pub fn prepare(terminal: bool, stdin: bool) -> io::Result<(ProcessIo, HostSide)> {
+/// Makes the stdio of a new process: pipes, or a pty when `terminal` (of the size the spec's
+/// `process.consoleSize` gives, else 0x0 until a resize). Returns what the engine gives the
+/// process and what the agent keeps.
+pub fn prepare(
+    terminal: bool,
+    size: Option<oci_spec::runtime::Box>,
+    stdin: bool,
+) -> io::Result<(ProcessIo, HostSide)> {
     if terminal {
-        let pty = openpty(None, None).map_err(io::Error::from)?;
+        let ws = size.map(|b| Winsize {
+            ws_row: b.height().min(u16::MAX.into()) as u16,
+            ws_col: b.width().min(u16::MAX.into()) as u16,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        });
+        let pty = openpty(ws.as_ref(), None).map_err(io::Error::from)?;
         // Close-on-exec everywhere: the engine dups the child's ends onto 0/1/2 itself, and
         // no other child spawned meanwhile may inherit them (it would delay EOF).
         set_cloexec(&pty.master)?;
@@ -457,7 +468,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn output_written_before_attach_and_exit_all_arrives() {
         let registry = StreamRegistry::default();
-        let (io, host) = prepare(false, true).unwrap();
+        let (io, host) = prepare(false, None, true).unwrap();
         let (exit_tx, exit_rx) = watch::channel(None);
         let streams = host.start(&registry, "c", "", exit_rx).unwrap();
         // The "process" writes 100 KiB, more than a pipe holds: it blocks until the client
@@ -505,7 +516,7 @@ mod tests {
     #[tokio::test]
     async fn drained_even_if_a_child_keeps_the_pipe_open() {
         let registry = StreamRegistry::default();
-        let (io, host) = prepare(false, false).unwrap();
+        let (io, host) = prepare(false, None, false).unwrap();
         let (exit_tx, exit_rx) = watch::channel(None);
         let streams = host.start(&registry, "c", "", exit_rx).unwrap();
         let (mut client, server) = tokio::io::duplex(1024);
@@ -534,7 +545,7 @@ mod tests {
     #[tokio::test]
     async fn stdin_reaches_the_pipe_and_eof_closes_it() {
         let registry = StreamRegistry::default();
-        let (io, host) = prepare(false, true).unwrap();
+        let (io, host) = prepare(false, None, true).unwrap();
         let (_exit_tx, exit_rx) = watch::channel(None);
         let _streams = host.start(&registry, "c", "", exit_rx).unwrap();
         let (mut client, server) = tokio::io::duplex(1024);

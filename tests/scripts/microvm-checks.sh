@@ -35,7 +35,7 @@ check cpu "$husk" run --cpus 2 --container-cpus 0.5 "$rootfs" -- sh -c \
     'echo "nproc=$(nproc)"; a=$(grep usage_usec /sys/fs/cgroup/cpu.stat | head -1 | cut -d" " -f2); t0=$(date +%s); while [ $(( $(date +%s) - t0 )) -lt 4 ]; do :; done; b=$(grep usage_usec /sys/fs/cgroup/cpu.stat | head -1 | cut -d" " -f2); echo "cpu_usec=$((b - a)) wall_sec=$(( $(date +%s) - t0 ))"; grep nr_throttled /sys/fs/cgroup/cpu.stat'
 check stdin sh -c "printf 'one\ntwo\n' | '$husk' run -i '$rootfs' -- cat"
 # A terminal: `script` gives husk a pty on this side.
-check tty script -qec "'$husk' run -t '$rootfs' -- sh -c 'test -t 0 && test -t 1 && echo tty-ok; stty size'" /dev/null
+check tty script -qec "stty rows 30 cols 100; '$husk' run -t '$rootfs' -- sh -c 'test -t 0 && test -t 1 && echo tty-ok; stty size'" /dev/null
 
 # Ctrl-C (SIGINT) while the container runs: husk ends it and the VM, and cleans up.
 interrupt() {

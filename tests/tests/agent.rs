@@ -309,6 +309,43 @@ async fn terminal_session_with_resize() {
 }
 
 #[tokio::test]
+async fn terminal_starts_with_the_spec_console_size() {
+    let agent = TestAgent::start();
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let c = agent.client().await;
+    create_container(&c, "sized", &spec(&["sleep", "1000"]), &rootfs, false)
+        .await
+        .unwrap();
+    c.start_container(start_req("sized")).await.unwrap();
+    let mut p = process(&["stty", "size"]);
+    p.set_terminal(Some(true));
+    p.set_console_size(Some(
+        oci_spec::runtime::BoxBuilder::default()
+            .height(25u64)
+            .width(90u64)
+            .build()
+            .unwrap(),
+    ));
+    let mut req = pb::ExecProcessRequest::new();
+    req.container_id = "sized".into();
+    req.exec_id = "stty".into();
+    req.process_json = serde_json::to_vec(&p).unwrap();
+    c.exec_process(req).await.unwrap();
+    let mut out = c
+        .open_stream("sized", "stty", StdioStream::Stdout)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), out.read_to_end(&mut got))
+        .await
+        .expect("terminal output ends")
+        .unwrap();
+    // No resize was sent: the size is the spec's from the start.
+    assert_eq!(String::from_utf8_lossy(&got).trim(), "25 90");
+    remove(&c, "sized").await;
+}
+
+#[tokio::test]
 async fn errors_carry_the_right_codes() {
     let agent = TestAgent::start();
     let rootfs = busybox_rootfs(agent.dir.path());

@@ -195,6 +195,8 @@ fn husk_run_in_microvms() {
     let (text, rc) = get("tty");
     assert_eq!(rc, Some(0), "{text}");
     assert!(text.contains("tty-ok"), "{text}");
+    // The container's terminal has husk's terminal size from its first instant.
+    assert!(text.contains("30 100"), "{text}");
 
     // SIGINT while the container runs: husk stops it and the VM and exits 130 (the
     // leftovers check below covers what it must not leave behind).

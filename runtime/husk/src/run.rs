@@ -227,21 +227,8 @@ async fn run_in_vm(
     req.rootfs = Some(root).into();
     agent.create_container(req).await?;
 
+    // The terminal's size is in the spec (process.consoleSize).
     let _raw = if tty { RawTerminal::enter() } else { None };
-    if tty {
-        if let Some((rows, cols)) = terminal_size() {
-            let mut r = pb::ResizeTerminalRequest::new();
-            r.container_id = "main".into();
-            r.rows = rows.into();
-            r.cols = cols.into();
-            // The process does not exist until started; resize after start below.
-            let agent2 = agent.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let _ = agent2.resize_terminal(r).await;
-            });
-        }
-    }
     let mut req = pb::StartContainerRequest::new();
     req.container_id = "main".into();
     let agent2 = agent.clone();
@@ -289,6 +276,16 @@ fn build_spec(a: &RunArgs, cfg: &image::ImageConfig) -> Result<Spec> {
     p.set_args(Some(args));
     p.set_env(Some(env));
     p.set_terminal(Some(a.tty));
+    if a.tty {
+        if let Some((rows, cols)) = terminal_size() {
+            p.set_console_size(Some(
+                oci_spec::runtime::BoxBuilder::default()
+                    .height(rows)
+                    .width(cols)
+                    .build()?,
+            ));
+        }
+    }
     if let Some(wd) = &cfg.working_dir {
         p.set_cwd(wd.into());
     }
