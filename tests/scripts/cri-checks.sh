@@ -93,6 +93,7 @@ husk_containers() {
     local CTR=(ctr --address "$CRI_SOCK" -n k8s.io)
     "${CTR[@]}" task pause "$ctr" && echo "after pause: $("${CTR[@]}" task ls | awk -v id="$ctr" '$1 == id {print $3}')"
     "${CTR[@]}" task resume "$ctr" && echo "after resume: $("${CTR[@]}" task ls | awk -v id="$ctr" '$1 == id {print $3}')"
+    echo "checkpoint: $("${CTR[@]}" task checkpoint "$ctr" 2>&1 | grep -o -e 'cannot checkpoint task' -e 'not implemented' | sort -u | xargs)"
     # L1 runs a kernel built from the same source: the boot id tells the VM's kernel apart.
     echo "boot id in the container: $("${CRICTL[@]}" exec -s "$ctr" cat /proc/sys/kernel/random/boot_id), in L1: $(cat /proc/sys/kernel/random/boot_id)"
     echo "processes in the container: $("${CRICTL[@]}" exec -s "$ctr" ps -o comm | tail -n +2 | sort | xargs)"

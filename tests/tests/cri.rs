@@ -103,6 +103,11 @@ fn crictl_pod_lifecycle() {
     );
     assert!(text.contains("after pause: PAUSED\n"), "{text}");
     assert!(text.contains("after resume: RUNNING\n"), "{text}");
+    // Checkpoint is refused as not implemented, saying so.
+    assert!(
+        text.contains("checkpoint: cannot checkpoint task not implemented\n"),
+        "{text}"
+    );
     assert!(
         !text.contains("container hosts file: 0 "),
         "CRI's /etc/hosts did not reach the container: {text}"

@@ -14,11 +14,11 @@ use std::{
 
 use containerd_shim::{
     api::{
-        CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
-        DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PauseRequest,
-        PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest,
-        StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, Status,
-        UpdateTaskRequest, WaitRequest, WaitResponse,
+        CheckpointTaskRequest, CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest,
+        CreateTaskResponse, DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest,
+        PauseRequest, PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest,
+        StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse,
+        Status, UpdateTaskRequest, WaitRequest, WaitResponse,
     },
     asynchronous::{publisher::RemotePublisher, ExitSignal},
     protos::{
@@ -1199,6 +1199,22 @@ impl Task for TaskService {
         r.shim_pid = std::process::id();
         r.task_pid = pid;
         Ok(r)
+    }
+
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CheckpointTaskRequest,
+    ) -> TtrpcResult<Empty> {
+        // The generated default answers NOT_FOUND, which containerd would take for a missing
+        // task.
+        Err(err(
+            ttrpc::Code::UNIMPLEMENTED,
+            format!(
+                "husk cannot checkpoint task {} (a microVM snapshot is not implemented)",
+                req.id
+            ),
+        ))
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
