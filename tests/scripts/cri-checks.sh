@@ -175,6 +175,23 @@ husk_oom() {
     "${CRICTL[@]}" inspect "$c" | grep -o -e '"state": *"[A-Z_]*"' -e '"reason": *"[A-Za-z]*"' -e '"exitCode": *[0-9]*' | head -3
     kill "$events"
     echo "container events: $(grep -F "\"$c\"" "$d/events" | grep -o ' /tasks/[a-z-]*' | xargs)"
+    "${CRICTL[@]}" rm "$c" >/dev/null || return 1
+    # A container whose program does not exist: start fails saying so, and its removal
+    # leaves nothing (image, drive slot) behind; the pod takes the next container.
+    container_json "$d/bad.json" c-bad '["/no/such/program"]'
+    c=$("${CRICTL[@]}" create "$p" "$d/bad.json" "$d/p.json") || return 1
+    echo "bad start: $("${CRICTL[@]}" start "$c" 2>&1 | grep -o '/no/such/program.\{0,3\}: no such file or directory' | head -1)"
+    echo "bad container: $("${CRICTL[@]}" inspect "$c" | grep -o -e '"state": *"[A-Z_]*"' -e '"exitCode": *[0-9]*' | head -2 | xargs)"
+    "${CRICTL[@]}" rm "$c" >/dev/null || return 1
+    echo "images in the pod after rm: $(find /run/husk/shim -name '*.ext4' | wc -l)"
+    container_json "$d/ok.json" c-ok '["echo","next container ok"]'
+    c=$("${CRICTL[@]}" create "$p" "$d/ok.json" "$d/p.json") && "${CRICTL[@]}" start "$c" >/dev/null || return 1
+    wait_log "$c" "next container ok" && echo "next container ok"
+    for ((i = 0; i < 300; i++)); do
+        "${CRICTL[@]}" inspect "$c" | grep -q CONTAINER_EXITED && break
+        sleep 0.1
+    done
+    echo "next container: $("${CRICTL[@]}" inspect "$c" | grep -o -e '"state": *"[A-Z_]*"' -e '"exitCode": *[0-9]*' | head -2 | xargs)"
     "${CRICTL[@]}" rm "$c" >/dev/null && "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
     leftovers
     rm -rf "$d"

@@ -175,6 +175,22 @@ fn crictl_pod_lifecycle() {
             && events.contains(" /tasks/exit"),
         "the OOM event comes before the exit: {events}"
     );
+    // A program that does not exist: start says so; its removal frees the image and the
+    // drive slot, and the pod's next container runs.
+    assert!(
+        text.contains("bad start: /no/such/program") && text.contains("no such file or directory"),
+        "{text}"
+    );
+    assert!(
+        text.contains("bad container: exitCode: 128 state: CONTAINER_EXITED\n"),
+        "{text}"
+    );
+    assert!(text.contains("images in the pod after rm: 0\n"), "{text}");
+    assert!(text.contains("next container ok\n"), "{text}");
+    assert!(
+        text.contains("next container: exitCode: 0 state: CONTAINER_EXITED\n"),
+        "{text}"
+    );
     assert!(text.contains(CLEAN), "{text}");
 
     // containerd restarts: it reconnects to the pod's shim; the same VM and its container run

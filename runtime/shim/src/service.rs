@@ -851,11 +851,28 @@ impl Task for TaskService {
         let (pid, copies) = match started {
             Ok(s) => s,
             Err(e) => {
-                // Not started after all: it can be deleted.
-                let _ = self.container(&req.id, |c| {
-                    c.proc(&req.id, &req.exec_id)?.started = false;
-                    Ok(())
-                });
+                // The process never ran: it has exited (128, as runc reports a failed start),
+                // so that containerd sees it stopped and can delete it.
+                let exit = Exit {
+                    status: 128,
+                    at: now(),
+                };
+                let (tx, pid) = self
+                    .container(&req.id, |c| {
+                        let p = c.proc(&req.id, &req.exec_id)?;
+                        Ok((p.exit_tx.take(), p.pid))
+                    })
+                    .unwrap_or((None, 0));
+                if let Some(tx) = tx {
+                    let _ = tx.send(Some(exit.clone()));
+                    let proc_id = if req.exec_id.is_empty() {
+                        &req.id
+                    } else {
+                        &req.exec_id
+                    };
+                    let event = exit_event(&req.id, proc_id, pid, &exit);
+                    self.publish(TASK_EXIT_EVENT_TOPIC, Box::new(event)).await;
+                }
                 return Err(e);
             }
         };
