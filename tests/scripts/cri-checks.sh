@@ -222,6 +222,32 @@ echo "=== husk_restart"
 husk_restart
 echo "=== husk_restart rc=$?"
 
+# The pod's shim is SIGKILLed: its VMM dies with it, containerd reports the pod and its
+# container stopped, and removing them leaves nothing (containerd's `shim delete` cleans up).
+husk_shim_killed() {
+    local d p c shim i
+    d=$(mktemp -d)
+    pod_json "$d/p.json" pod-k true
+    container_json "$d/c.json" c-k '["sleep","1000"]'
+    p=$("${CRICTL[@]}" runp "$d/p.json") || return 1
+    c=$("${CRICTL[@]}" create "$p" "$d/c.json" "$d/p.json") && "${CRICTL[@]}" start "$c" >/dev/null || return 1
+    shim=$(pgrep -f "containerd-shim-husk-v2 .*-id $p" | head -1)
+    [[ -n $shim ]] || { echo "no shim found for pod $p"; pgrep -af containerd-shim; return 1; }
+    kill -KILL "$shim"
+    for ((i = 0; i < 150; i++)); do
+        "${CRICTL[@]}" pods --id "$p" -o json | grep -q SANDBOX_NOTREADY &&
+            "${CRICTL[@]}" inspect "$c" | grep -q CONTAINER_EXITED && break
+        sleep 0.2
+    done
+    echo "after the shim's SIGKILL: $("${CRICTL[@]}" pods --id "$p" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1), container $("${CRICTL[@]}" inspect "$c" | grep -o 'CONTAINER_[A-Z]*' | head -1), vmm $(pgrep -c husk-vmm)"
+    "${CRICTL[@]}" rm "$c" >/dev/null && "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
+    leftovers
+    rm -rf "$d"
+}
+echo "=== husk_shim_killed"
+husk_shim_killed
+echo "=== husk_shim_killed rc=$?"
+
 # A pod whose VM cannot start fails runp with why, and leaves nothing.
 echo "=== husk_no_kernel"
 cache=${HUSK_CACHE:-/var/cache/husk}/current

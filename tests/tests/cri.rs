@@ -204,6 +204,18 @@ fn crictl_pod_lifecycle() {
     assert!(text.contains("still-running"), "{text}");
     assert!(text.contains(CLEAN), "{text}");
 
+    // SIGKILL to a pod's shim: its VM goes with it, containerd sees the pod and its container
+    // stopped, and removing them leaves nothing.
+    let (text, rc) = get("husk_shim_killed");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(
+        text.contains(
+            "after the shim's SIGKILL: SANDBOX_NOTREADY, container CONTAINER_EXITED, vmm 0"
+        ),
+        "{text}"
+    );
+    assert!(text.contains(CLEAN), "{text}");
+
     // A pod whose VM cannot start: runp fails saying why, nothing is left.
     let (text, rc) = get("husk_no_kernel");
     assert_eq!(rc, Some(0), "{text}");

@@ -44,9 +44,7 @@ fn grouping(id: &str) -> String {
 impl Shim for HuskShim {
     type T = service::TaskService;
 
-    async fn new(_runtime_id: &str, args: &Flags, config: &mut Config) -> Self {
-        // The VMM is our child and we wait for it ourselves.
-        config.no_reaper = true;
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         HuskShim {
             exit: Arc::new(ExitSignal::default()),
             id: args.id.clone(),
@@ -62,9 +60,17 @@ impl Shim for HuskShim {
     }
 
     async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
-        // containerd calls this after a shim died: nothing of ours survives a dead shim (the
-        // VMM is killed with it, see service::Pod), so there is only the answer to give.
+        // containerd runs this (in the task's bundle) after a shim died. Its VMM died with it
+        // (PR_SET_PDEATHSIG); what may be left is the pod's run directory (sockets, container
+        // images) and a container rootfs the shim had mounted while packing it.
         log::info!("delete_shim {} in {}", self.id, self.namespace);
+        container::unmount(std::path::Path::new("rootfs"));
+        let dir = service::pod_dir(&self.namespace, &self.id);
+        if dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                log::warn!("removing {}: {e}", dir.display());
+            }
+        }
         let mut r = DeleteResponse::new();
         r.exit_status = 128 + libc::SIGKILL as u32;
         r.exited_at = Some(service::now()).into();
@@ -82,5 +88,14 @@ impl Shim for HuskShim {
 
 #[tokio::main]
 async fn main() {
-    run::<HuskShim>(RUNTIME_ID, None).await;
+    // Every child of the shim (the VMM, mkfs.ext4, debugfs) is waited for by whoever started
+    // it: the crate's reaper (waitpid(-1) on SIGCHLD) would take their exit statuses away
+    // (ECHILD). It has to be off from the start: the crate installs it before Shim::new. No
+    // subreaper either: nothing of ours leaves orphans to collect.
+    let config = Config {
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    };
+    run::<HuskShim>(RUNTIME_ID, Some(config)).await;
 }

@@ -57,6 +57,12 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// /dev/vda.. in the guest, in this order.
 const SLOTS: usize = 8;
 
+/// The run directory of pod `id` in containerd namespace `ns`: the VM's sockets and logs and
+/// its containers' rootfs images.
+pub fn pod_dir(ns: &str, id: &str) -> PathBuf {
+    PathBuf::from("/run/husk/shim").join(ns).join(id)
+}
+
 pub fn now() -> Timestamp {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -269,9 +275,7 @@ impl TaskService {
         let cfg = Config::load().map_err(bad_config)?;
         let size = vm_size(&spec["annotations"], &cfg.pod);
         let image = image_from(cfg);
-        let dir = PathBuf::from("/run/husk/shim")
-            .join(&self.namespace)
-            .join(&req.id);
+        let dir = pod_dir(&self.namespace, &req.id);
         let slots: Vec<Drive> = (0..SLOTS)
             .map(|i| Drive {
                 id: format!("slot{i}"),
