@@ -10,9 +10,31 @@ repo=$1
 now() { date +%s%N; }
 ms() { echo $((($2 - $1) / 1000000)); }
 
+# wait_log CTR TEXT: waits (at most 30 s) until the container's log holds TEXT.
+wait_log() {
+    local i
+    for ((i = 0; i < 600; i++)); do
+        "${CRICTL[@]}" logs "$1" 2>/dev/null | grep -q "$2" && return 0
+        sleep 0.05
+    done
+    return 1
+}
+
+# wait_stopped SECS CTR [POD]: waits (at most SECS) until the container has exited and, when
+# given, the pod is not ready.
+wait_stopped() {
+    local i
+    for ((i = 0; i < $1 * 5; i++)); do
+        { [[ -z ${3:-} ]] || "${CRICTL[@]}" pods --id "$3" -o json | grep -q SANDBOX_NOTREADY; } &&
+            "${CRICTL[@]}" inspect "$2" | grep -q CONTAINER_EXITED && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
 # steps RUNTIME_LABEL UNTRUSTED: runp, create, start, logs, exec, stop, rm, stopp, rmp.
 steps() {
-    local label=$1 untrusted=$2 d pod ctr t0 t1 t2 t3 i
+    local label=$1 untrusted=$2 d pod ctr t0 t1 t2 t3
     d=$(mktemp -d)
     pod_json "$d/pod.json" "pod-$label" "$untrusted"
     container_json "$d/c.json" "c-$label" '["sh","-c","echo hello from the container; sleep 1000"]'
@@ -22,10 +44,7 @@ steps() {
     ctr=$("${CRICTL[@]}" create "$pod" "$d/c.json" "$d/pod.json") || return 1
     "${CRICTL[@]}" start "$ctr" >/dev/null || return 1
     t2=$(now)
-    for ((i = 0; i < 600; i++)); do
-        "${CRICTL[@]}" logs "$ctr" 2>/dev/null | grep -q hello && break
-        sleep 0.05
-    done
+    wait_log "$ctr" hello
     t3=$(now)
     "${CRICTL[@]}" logs "$ctr"
     "${CRICTL[@]}" exec -s "$ctr" echo exec-ok || return 1
@@ -52,15 +71,6 @@ leftovers() {
     echo "leftovers: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) images $(find /run/husk/shim -name '*.ext4' 2>/dev/null | wc -l) rootfs mounts $(grep -c "$CRI_ROOT/state/.*/rootfs" /proc/mounts) pods $("${CRICTL[@]}" pods -q | wc -l) containers $("${CRICTL[@]}" ps -aq | wc -l)"
 }
 
-# wait_log CTR TEXT: waits (at most 30 s) until the container's log holds TEXT.
-wait_log() {
-    local i
-    for ((i = 0; i < 600; i++)); do
-        "${CRICTL[@]}" logs "$1" 2>/dev/null | grep -q "$2" && return 0
-        sleep 0.05
-    done
-    return 1
-}
 
 # The untrusted annotation selects husk: the pod is a microVM, and its container runs in it
 # through every CRI step, timed like runc's above.
@@ -119,7 +129,7 @@ echo "=== husk rc=$?"
 # to one VMM: its pod is reported not ready and its container exited, the other runs on, and
 # both are removed without leftovers.
 husk_two_pods() {
-    local d p1 p2 c1 c2 vmm1 i state
+    local d p1 p2 c1 c2 vmm1
     d=$(mktemp -d)
     pod_json "$d/p1.json" pod-a true
     pod_json "$d/p2.json" pod-b true
@@ -137,12 +147,8 @@ husk_two_pods() {
     vmm1=$(pgrep -f "husk-vmm.*/$p1/" | head -1)
     [[ -n $vmm1 ]] || { echo "no VMM found for pod $p1"; pgrep -af husk-vmm; return 1; }
     kill -KILL "$vmm1"
-    for ((i = 0; i < 100; i++)); do
-        state=$("${CRICTL[@]}" pods --id "$p1" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1)
-        [[ $state == SANDBOX_NOTREADY ]] && "${CRICTL[@]}" inspect "$c1" | grep -q CONTAINER_EXITED && break
-        sleep 0.2
-    done
-    echo "killed pod: $state, its container: $("${CRICTL[@]}" inspect "$c1" | grep -o '"state": *"[A-Z_]*"' | head -1)"
+    wait_stopped 20 "$c1" "$p1"
+    echo "killed pod: $("${CRICTL[@]}" pods --id "$p1" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1), its container: $("${CRICTL[@]}" inspect "$c1" | grep -o '"state": *"[A-Z_]*"' | head -1)"
     echo "other pod: $("${CRICTL[@]}" pods --id "$p2" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1), its container: $("${CRICTL[@]}" inspect "$c2" | grep -o '"state": *"[A-Z_]*"' | head -1)"
     echo "vmm processes: $(pgrep -c husk-vmm)"
     "${CRICTL[@]}" stop -t 1 "$c2" >/dev/null || return 1
@@ -159,7 +165,7 @@ echo "=== husk_two_pods rc=$?"
 
 # A container over its memory limit is OOM-killed in the guest, and CRI says so.
 husk_oom() {
-    local d p c i events
+    local d p c events
     d=$(mktemp -d)
     ctr --address "$CRI_SOCK" events >"$d/events" 2>&1 &
     events=$!
@@ -168,10 +174,7 @@ husk_oom() {
         '"resources": {"memory_limit_in_bytes": 67108864}'
     p=$("${CRICTL[@]}" runp "$d/p.json") || return 1
     c=$("${CRICTL[@]}" create "$p" "$d/c.json" "$d/p.json") && "${CRICTL[@]}" start "$c" >/dev/null || return 1
-    for ((i = 0; i < 300; i++)); do
-        "${CRICTL[@]}" inspect "$c" | grep -q CONTAINER_EXITED && break
-        sleep 0.1
-    done
+    wait_stopped 30 "$c"
     "${CRICTL[@]}" inspect "$c" | grep -o -e '"state": *"[A-Z_]*"' -e '"reason": *"[A-Za-z]*"' -e '"exitCode": *[0-9]*' | head -3
     kill "$events"
     echo "container events: $(grep -F "\"$c\"" "$d/events" | grep -o ' /tasks/[a-z-]*' | xargs)"
@@ -187,10 +190,7 @@ husk_oom() {
     container_json "$d/ok.json" c-ok '["echo","next container ok"]'
     c=$("${CRICTL[@]}" create "$p" "$d/ok.json" "$d/p.json") && "${CRICTL[@]}" start "$c" >/dev/null || return 1
     wait_log "$c" "next container ok" && echo "next container ok"
-    for ((i = 0; i < 300; i++)); do
-        "${CRICTL[@]}" inspect "$c" | grep -q CONTAINER_EXITED && break
-        sleep 0.1
-    done
+    wait_stopped 30 "$c"
     echo "next container: $("${CRICTL[@]}" inspect "$c" | grep -o -e '"state": *"[A-Z_]*"' -e '"exitCode": *[0-9]*' | head -2 | xargs)"
     "${CRICTL[@]}" rm "$c" >/dev/null && "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
     leftovers
@@ -225,7 +225,7 @@ echo "=== husk_restart rc=$?"
 # The pod's shim is SIGKILLed: its VMM dies with it, containerd reports the pod and its
 # container stopped, and removing them leaves nothing (containerd's `shim delete` cleans up).
 husk_shim_killed() {
-    local d p c shim i
+    local d p c shim
     d=$(mktemp -d)
     pod_json "$d/p.json" pod-k true
     container_json "$d/c.json" c-k '["sleep","1000"]'
@@ -234,11 +234,7 @@ husk_shim_killed() {
     shim=$(pgrep -f "containerd-shim-husk-v2 .*-id $p" | head -1)
     [[ -n $shim ]] || { echo "no shim found for pod $p"; pgrep -af containerd-shim; return 1; }
     kill -KILL "$shim"
-    for ((i = 0; i < 150; i++)); do
-        "${CRICTL[@]}" pods --id "$p" -o json | grep -q SANDBOX_NOTREADY &&
-            "${CRICTL[@]}" inspect "$c" | grep -q CONTAINER_EXITED && break
-        sleep 0.2
-    done
+    wait_stopped 30 "$c" "$p"
     echo "after the shim's SIGKILL: $("${CRICTL[@]}" pods --id "$p" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1), container $("${CRICTL[@]}" inspect "$c" | grep -o 'CONTAINER_[A-Z]*' | head -1), vmm $(pgrep -c husk-vmm)"
     "${CRICTL[@]}" rm "$c" >/dev/null && "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
     leftovers

@@ -323,10 +323,8 @@ impl TaskService {
                 Err(_) => 255,
             };
             let exit = Exit { status, at: now() };
-            let e = exit_event(&id, &id, vmm_pid, &exit);
-            let _ = tx.send(Some(exit));
             drop(vm); // removes the VM's directory with the containers' images
-            publish(&publisher, &ns, TASK_EXIT_EVENT_TOPIC, Box::new(e)).await;
+            report_exit(&publisher, &ns, &tx, &id, "", vmm_pid, exit).await;
         });
         // OOM kills in any container, as containerd events.
         let (publisher, ns, oom_agent, state) = (
@@ -507,32 +505,7 @@ impl TaskService {
         .await
         .map_err(|e| err(ttrpc::Code::INTERNAL, e.to_string()))?;
         let size = packed.map_err(|e| err(ttrpc::Code::INTERNAL, format!("{e:#}")))?;
-        let (api, id, path) = (
-            dir.join("api.sock"),
-            format!("slot{slot}"),
-            image.to_string_lossy().to_string(),
-        );
-        let answer = tokio::task::spawn_blocking(move || {
-            vmm_request(
-                &api,
-                &serde_json::json!({"update_drive": {"id": id, "path": path}}),
-                Duration::from_secs(5),
-            )
-        })
-        .await
-        .map_err(|e| err(ttrpc::Code::INTERNAL, e.to_string()))?
-        .map_err(|e| {
-            err(
-                ttrpc::Code::UNAVAILABLE,
-                format!("giving the rootfs to the VM: {e:#}"),
-            )
-        })?;
-        if let Some(e) = answer.get("error") {
-            return Err(err(
-                ttrpc::Code::INTERNAL,
-                format!("the VMM refused the rootfs image: {e}"),
-            ));
-        }
+        update_drive(dir, slot, image).await?;
         Ok(size)
     }
 
@@ -588,10 +561,7 @@ impl TaskService {
                 e.container_id = id.clone();
                 publish(&publisher, &ns, TASK_OOM_EVENT_TOPIC, Box::new(e)).await;
             }
-            let proc_id = if exec_id.is_empty() { &id } else { &exec_id };
-            let e = exit_event(&id, proc_id, pid, &exit);
-            let _ = tx.send(Some(exit));
-            publish(&publisher, &ns, TASK_EXIT_EVENT_TOPIC, Box::new(e)).await;
+            report_exit(&publisher, &ns, &tx, &id, &exec_id, pid, exit).await;
         });
     }
 
@@ -633,18 +603,19 @@ impl TaskService {
             status: 128 + libc::SIGKILL as u32,
             at: now(),
         });
+        Ok(self.task_deleted(id, c.init.pid, exit).await)
+    }
+
+    /// Tells containerd task `id` is gone; the answer to its Delete.
+    async fn task_deleted(&self, id: &str, pid: u32, exit: Exit) -> DeleteResponse {
         let mut e = TaskDelete::new();
         e.container_id = id.to_string();
         e.id = id.to_string();
-        e.pid = c.init.pid;
+        e.pid = pid;
         e.exit_status = exit.status;
         e.exited_at = Some(exit.at.clone()).into();
         self.publish(TASK_DELETE_EVENT_TOPIC, Box::new(e)).await;
-        let mut r = DeleteResponse::new();
-        r.pid = c.init.pid;
-        r.exit_status = exit.status;
-        r.exited_at = Some(exit.at).into();
-        Ok(r)
+        delete_response(pid, exit)
     }
 
     /// Pauses (freezes the guest cgroup of) or resumes container `id`.
@@ -707,25 +678,73 @@ fn oom_to_report(state: &Mutex<State>, id: &str, at_exit: bool) -> bool {
     report
 }
 
-/// Empties drive slot `slot` of the VM in `dir` (the guest sees a disk of size 0).
-async fn eject(dir: &std::path::Path, slot: usize) {
+/// Gives drive slot `slot` of the VM in `dir` the backing file `path` (empty: no file, the
+/// guest sees a disk of size 0), through the VMM's control socket.
+async fn update_drive(
+    dir: &std::path::Path,
+    slot: usize,
+    path: &std::path::Path,
+) -> TtrpcResult<()> {
     let api = dir.join("api.sock");
-    let req = serde_json::json!({"update_drive": {"id": format!("slot{slot}"), "path": ""}});
-    let r =
-        tokio::task::spawn_blocking(move || vmm_request(&api, &req, Duration::from_secs(5))).await;
-    if let Ok(Err(e)) = r {
-        log::debug!("emptying drive slot {slot}: {e:#}");
+    let req = serde_json::json!({"update_drive": {"id": format!("slot{slot}"), "path": path}});
+    let answer =
+        tokio::task::spawn_blocking(move || vmm_request(&api, &req, Duration::from_secs(5)))
+            .await
+            .map_err(|e| err(ttrpc::Code::INTERNAL, e.to_string()))?
+            .map_err(|e| {
+                err(
+                    ttrpc::Code::UNAVAILABLE,
+                    format!("updating drive slot{slot} of the VM: {e:#}"),
+                )
+            })?;
+    match answer.get("error") {
+        Some(e) => Err(err(
+            ttrpc::Code::INTERNAL,
+            format!("the VMM refused to update drive slot{slot}: {e}"),
+        )),
+        None => Ok(()),
     }
 }
 
-fn exit_event(container_id: &str, id: &str, pid: u32, exit: &Exit) -> TaskExit {
+/// Empties drive slot `slot` of the VM in `dir` (the guest sees a disk of size 0).
+async fn eject(dir: &std::path::Path, slot: usize) {
+    if let Err(e) = update_drive(dir, slot, std::path::Path::new("")).await {
+        log::debug!("emptying drive slot {slot}: {e}");
+    }
+}
+
+fn delete_response(pid: u32, exit: Exit) -> DeleteResponse {
+    let mut r = DeleteResponse::new();
+    r.pid = pid;
+    r.exit_status = exit.status;
+    r.exited_at = Some(exit.at).into();
+    r
+}
+
+/// Records how process `exec_id` of task `container_id` ended (empty: its init, or the
+/// sandbox task itself) for State and Wait, then tells containerd.
+async fn report_exit(
+    publisher: &RemotePublisher,
+    ns: &str,
+    tx: &watch::Sender<Option<Exit>>,
+    container_id: &str,
+    exec_id: &str,
+    pid: u32,
+    exit: Exit,
+) {
     let mut e = TaskExit::new();
     e.container_id = container_id.to_string();
-    e.id = id.to_string();
+    e.id = if exec_id.is_empty() {
+        container_id
+    } else {
+        exec_id
+    }
+    .to_string();
     e.pid = pid;
     e.exit_status = exit.status;
     e.exited_at = Some(exit.at.clone()).into();
-    e
+    let _ = tx.send(Some(exit));
+    publish(publisher, ns, TASK_EXIT_EVENT_TOPIC, Box::new(e)).await;
 }
 
 async fn publish(publisher: &RemotePublisher, ns: &str, topic: &str, event: Box<dyn MessageDyn>) {
@@ -868,14 +887,8 @@ impl Task for TaskService {
                     })
                     .unwrap_or((None, 0));
                 if let Some(tx) = tx {
-                    let _ = tx.send(Some(exit.clone()));
-                    let proc_id = if req.exec_id.is_empty() {
-                        &req.id
-                    } else {
-                        &req.exec_id
-                    };
-                    let event = exit_event(&req.id, proc_id, pid, &exit);
-                    self.publish(TASK_EXIT_EVENT_TOPIC, Box::new(event)).await;
+                    let (publisher, ns) = (&self.publisher, &self.namespace);
+                    report_exit(publisher, ns, &tx, &req.id, &req.exec_id, pid, exit).await;
                 }
                 return Err(e);
             }
@@ -1165,18 +1178,7 @@ impl Task for TaskService {
                 ));
             };
             self.lock().pod = None;
-            let mut e = TaskDelete::new();
-            e.container_id = req.id.clone();
-            e.id = req.id.clone();
-            e.pid = pid;
-            e.exit_status = exit.status;
-            e.exited_at = Some(exit.at.clone()).into();
-            self.publish(TASK_DELETE_EVENT_TOPIC, Box::new(e)).await;
-            let mut r = DeleteResponse::new();
-            r.pid = pid;
-            r.exit_status = exit.status;
-            r.exited_at = Some(exit.at).into();
-            return Ok(r);
+            return Ok(self.task_deleted(&req.id, pid, exit).await);
         }
         if req.exec_id.is_empty() {
             return self.delete_container(&req.id).await;
@@ -1198,11 +1200,7 @@ impl Task for TaskService {
             status: 0,
             at: now(),
         });
-        let mut r = DeleteResponse::new();
-        r.pid = pid;
-        r.exit_status = exit.status;
-        r.exited_at = Some(exit.at).into();
-        Ok(r)
+        Ok(delete_response(pid, exit))
     }
 
     async fn connect(
