@@ -83,6 +83,7 @@ fn cgroup_root(arg: Option<&str>, pid1: bool) -> Option<PathBuf> {
 
 fn run(args: Args, pid1: bool) -> anyhow::Result<()> {
     if pid1 {
+        pid1::leave_initramfs().context("moving off the initramfs")?;
         pid1::mount_basics().context("setting up the guest")?;
         if let Err(e) = pid1::loopback_up() {
             tracing::warn!("bringing up lo: {e}");

@@ -80,6 +80,45 @@ const MOUNTS: &[(&str, &str, MsFlags, &str)] = &[
     ),
 ];
 
+/// Moves PID 1 off the initramfs onto a fresh tmpfs root, as switch_root does. The kernel's
+/// initial rootfs can never be pivot_root'ed away, so without this every container would need
+/// the chroot fallback, which a process with CAP_SYS_CHROOT can climb out of into the guest.
+/// Nothing of the initramfs is needed afterwards: containers run the agent as /proc/self/exe.
+pub fn leave_initramfs() -> Result<(), Pid1Error> {
+    // linux/magic.h; nix does not name it.
+    const RAMFS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0x8584_58f6);
+    let on_rootfs = nix::sys::statfs::statfs("/")
+        .map(|s| {
+            let t = s.filesystem_type();
+            t == RAMFS_MAGIC || t == nix::sys::statfs::TMPFS_MAGIC
+        })
+        .unwrap_or(false);
+    if !on_rootfs {
+        return Ok(());
+    }
+    const NEW_ROOT: &str = "/newroot";
+    fs::create_dir_all(NEW_ROOT).map_err(|e| Pid1Error::Mkdir(NEW_ROOT, e))?;
+    let step = |target: &'static str, source: nix::Error| Pid1Error::Mount {
+        fstype: "tmpfs",
+        target,
+        source,
+    };
+    mount(
+        Some("tmpfs"),
+        NEW_ROOT,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(|e| step(NEW_ROOT, e))?;
+    nix::unistd::chdir(NEW_ROOT).map_err(|e| step(NEW_ROOT, e))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| step("/", e))?;
+    nix::unistd::chroot(".").map_err(|e| step("/", e))?;
+    nix::unistd::chdir("/").map_err(|e| step("/", e))?;
+    Ok(())
+}
+
 /// Mounts the guest's filesystems. An already-mounted target (EBUSY) is fine.
 pub fn mount_basics() -> Result<(), Pid1Error> {
     for &(fstype, target, flags, data) in MOUNTS {

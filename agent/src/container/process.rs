@@ -248,8 +248,8 @@ fn run_init(cfg: InitConfig, status: &mut File, mut start: File) -> Result<Infal
     }
     // Masked and read-only paths after the sysctls (/proc/sys is usually read-only).
     mounts::finish_rootfs(&sys, spec)?;
-    finalize(process, cfg.seccomp.as_ref())?;
-    let exec = Exec::prepare(process)?;
+    let late_filter = finalize(process, cfg.seccomp.as_ref())?;
+    let exec = Exec::prepare(process, late_filter)?;
     channel::send(status, &Msg::Ready).step(|| "reporting readiness".into())?;
 
     let mut byte = [0u8; 1];
@@ -297,8 +297,8 @@ fn run_exec(cfg: ExecConfig, status: &mut File) -> Result<Infallible, ChildError
     fork_and_report(status)?;
     session(cfg.terminal)?;
     let process = &cfg.process;
-    finalize(process, cfg.seccomp.as_ref())?;
-    let exec = Exec::prepare(process)?;
+    let late_filter = finalize(process, cfg.seccomp.as_ref())?;
+    let exec = Exec::prepare(process, late_filter)?;
     exec.run(status)
 }
 
@@ -336,7 +336,13 @@ fn rlimit_resource(t: PosixRlimitType) -> Resource {
 
 /// rlimits, seccomp, user, capabilities, no_new_privileges, umask, cwd: everything about
 /// the process itself, in the order that keeps the needed privileges until they are used.
-fn finalize(p: &Process, filter: Option<&seccomp::Program>) -> Result<(), ChildError> {
+/// With no_new_privileges the seccomp filter is not installed here but returned, for
+/// [`Exec::run`] to install right before execve (as runc does), so the profile never has to
+/// allow the helper's own remaining system calls.
+fn finalize<'a>(
+    p: &Process,
+    filter: Option<&'a seccomp::Program>,
+) -> Result<Option<&'a seccomp::Program>, ChildError> {
     for r in p.rlimits().iter().flatten() {
         setrlimit(rlimit_resource(r.typ()), r.soft(), r.hard())
             .step(|| format!("setting {} to {}/{}", r.typ(), r.soft(), r.hard()))?;
@@ -370,14 +376,11 @@ fn finalize(p: &Process, filter: Option<&seccomp::Program>) -> Result<(), ChildE
     }
     if nnp {
         prctl(libc::PR_SET_NO_NEW_PRIVS, 1).step(|| "PR_SET_NO_NEW_PRIVS".into())?;
-        if let Some(f) = filter {
-            seccomp::apply(f).step(|| "installing the seccomp filter".into())?;
-        }
     }
     let umask = user.umask().unwrap_or(0o022);
     nix::sys::stat::umask(Mode::from_bits_truncate(umask & 0o777));
     nix::unistd::chdir(p.cwd()).step(|| format!("changing to the cwd {}", p.cwd().display()))?;
-    Ok(())
+    Ok(filter.filter(|_| nnp))
 }
 
 fn prctl(option: libc::c_int, arg: libc::c_ulong) -> nix::Result<()> {
@@ -396,10 +399,12 @@ struct Exec {
     candidates: Vec<CString>,
     argv: Vec<CString>,
     envp: Vec<CString>,
+    /// A seccomp filter to install right before execve, and its flags.
+    filter: Option<(Vec<Vec<libc::sock_filter>>, u32)>,
 }
 
 impl Exec {
-    fn prepare(p: &Process) -> Result<Exec, ChildError> {
+    fn prepare(p: &Process, filter: Option<&seccomp::Program>) -> Result<Exec, ChildError> {
         let args = p.args().clone().unwrap_or_default();
         let program = args
             .first()
@@ -437,12 +442,25 @@ impl Exec {
                 .map(|e| cstring("process.env", e.as_bytes()))
                 .collect::<Result<_, _>>()?,
             program,
+            filter: filter.map(|f| (seccomp::to_kernel(f), f.flags)),
         })
     }
 
     /// execve's the program (trying PATH like execvp); on failure reports it and exits 127.
     fn run(self, status: &mut File) -> ! {
         reset_signals();
+        if let Some((filters, flags)) = &self.filter {
+            if let Err(e) = seccomp::install(filters, *flags) {
+                let _ = channel::send(
+                    status,
+                    &Msg::ExecFailed {
+                        program: self.program,
+                        message: format!("installing the seccomp filter: {e}"),
+                    },
+                );
+                exit(127)
+            }
+        }
         let mut err = Errno::ENOENT;
         for c in &self.candidates {
             let Err(e) = nix::unistd::execve(c, &self.argv, &self.envp);
@@ -525,7 +543,7 @@ mod tests {
             "env": ["PATH=/usr/bin:/bin", "A=1"], "user": {"uid": 0, "gid": 0}
         }))
         .unwrap();
-        let e = Exec::prepare(&p).unwrap();
+        let e = Exec::prepare(&p, None).unwrap();
         assert_eq!(
             e.candidates,
             vec![
@@ -540,7 +558,7 @@ mod tests {
             "args": ["/bin/true"], "cwd": "/", "env": ["HOME=/root"], "user": {"uid": 0, "gid": 0}
         }))
         .unwrap();
-        let e = Exec::prepare(&p).unwrap();
+        let e = Exec::prepare(&p, None).unwrap();
         assert_eq!(e.candidates, vec![CString::new("/bin/true").unwrap()]);
         assert_eq!(e.envp, vec![CString::new("HOME=/root").unwrap()]);
     }

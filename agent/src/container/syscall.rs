@@ -53,18 +53,9 @@ impl Syscall for Linux {
 
     fn pivot_root(&self, new_root: &Path) -> nix::Result<()> {
         nix::unistd::chdir(new_root)?;
-        match nix::unistd::pivot_root(".", ".") {
-            Ok(()) => {}
-            // The agent's root is the initramfs (rootfs), which cannot be pivoted away: move
-            // the new root over it and chroot, as runc does with --no-pivot. The initramfs
-            // stays underneath, unreachable without CAP_SYS_CHROOT.
-            Err(nix::Error::EINVAL) => {
-                nix::mount::mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
-                nix::unistd::chroot(".")?;
-                return nix::unistd::chdir("/");
-            }
-            Err(e) => return Err(e),
-        }
+        // No chroot fallback: a chroot can be climbed out of. As PID 1 the agent has moved
+        // off the initramfs (pid1::leave_initramfs), so pivot_root works in the guest too.
+        nix::unistd::pivot_root(".", ".")?;
         // The old root is now stacked under the new one at "."; keep its unmount from
         // propagating anywhere, then drop it.
         nix::mount::mount(
