@@ -3,7 +3,8 @@
 
 use std::{
     fs,
-    io::Read,
+    io::{Read, Seek},
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -72,8 +73,16 @@ pub fn prepare(src: &Path, work: &Path) -> Result<Rootfs, ImageError> {
     let layout = if src.is_file() {
         let dir = work.join("layout");
         fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let f = fs::File::open(src).map_err(io(src))?;
-        tar::Archive::new(f).unpack(&dir).map_err(io(src))?;
+        let mut f = fs::File::open(src).map_err(io(src))?;
+        let mut magic = [0u8; 2];
+        let gzip = f.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b];
+        f.rewind().map_err(io(src))?;
+        let reader: Box<dyn Read> = if gzip {
+            Box::new(flate2::read::GzDecoder::new(f))
+        } else {
+            Box::new(f)
+        };
+        tar::Archive::new(reader).unpack(&dir).map_err(io(src))?;
         dir
     } else if src.join("oci-layout").exists() {
         src.to_path_buf()
@@ -204,17 +213,25 @@ fn apply_layer(reader: impl Read, dest: &Path) -> std::io::Result<()> {
         }
         match name.as_deref() {
             Some(".wh..wh..opq") => {
-                let dir = dest.join(parent);
-                if let Ok(rd) = fs::read_dir(&dir) {
-                    for e in rd.flatten() {
-                        remove_any(&e.path())?;
+                // A directory reached through a symlink is not the layer's to empty.
+                if let Some(dir) = real_dir_in(dest, parent) {
+                    if let Ok(rd) = fs::read_dir(&dir) {
+                        for e in rd.flatten() {
+                            remove_any(&e.path())?;
+                        }
                     }
                 }
             }
             Some(n) if n.starts_with(".wh.") => {
-                let victim = dest.join(parent).join(&n[4..]);
-                if victim.symlink_metadata().is_ok() {
-                    remove_any(&victim)?;
+                let target = &n[4..];
+                if target.is_empty() || target == "." || target == ".." {
+                    return Err(std::io::Error::other(ImageError::Escape(path)));
+                }
+                if let Some(dir) = real_dir_in(dest, parent) {
+                    let victim = dir.join(target);
+                    if victim.symlink_metadata().is_ok() {
+                        remove_any(&victim)?;
+                    }
                 }
             }
             _ => {
@@ -231,6 +248,25 @@ fn remove_any(p: &Path) -> std::io::Result<()> {
     } else {
         fs::remove_file(p)
     }
+}
+
+/// `base/rel` if every component of `rel` is a plain name and none of the directories on the
+/// way (under `base`) is a symlink: whiteouts must never reach outside the rootfs through a
+/// link a lower layer planted. None also when the path does not exist (nothing to remove).
+fn real_dir_in(base: &Path, rel: &Path) -> Option<PathBuf> {
+    use std::path::Component;
+    let mut cur = base.to_path_buf();
+    for c in rel.components() {
+        match c {
+            Component::CurDir => continue,
+            Component::Normal(n) => cur.push(n),
+            _ => return None,
+        }
+        if !cur.symlink_metadata().ok()?.is_dir() {
+            return None;
+        }
+    }
+    Some(cur)
 }
 
 /// `base/rel` if `rel` has no `..` or root component.
@@ -265,6 +301,8 @@ pub fn make_ext4(dir: &Path, img: &Path, extra_mib: u64) -> Result<u64, ImageErr
     let size = du(dir) * 5 / 4 + (16 + extra_mib) * 1024 * 1024;
     let size_kib = size.div_ceil(1024);
     let out = Command::new("mkfs.ext4")
+        // Out of the terminal's process group: a Ctrl-C is for husk, which cleans up.
+        .process_group(0)
         .args([
             "-q",
             "-F",
@@ -333,6 +371,59 @@ mod tests {
         assert_eq!(fs::read(dest.join("b/new")).unwrap(), b"4");
     }
 
+    fn tar_with_link(link: &str, target: &Path) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append_link(&mut h, link, target).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn whiteouts_never_reach_through_a_symlink_or_up() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = d.path().join("outside");
+        fs::create_dir_all(outside.join("dir")).unwrap();
+        fs::write(outside.join("precious"), b"x").unwrap();
+        fs::write(outside.join("dir/file"), b"y").unwrap();
+        let dest = d.path().join("rootfs");
+        fs::create_dir_all(&dest).unwrap();
+        apply_layer(&tar_with_link("a", &outside)[..], &dest).unwrap();
+        // A whiteout under the link and an opaque marker under it leave the outside alone;
+        // the link itself may be whited out.
+        apply_layer(
+            &tar_of(&[("a/.wh.precious", b""), ("a/dir/.wh..wh..opq", b"")])[..],
+            &dest,
+        )
+        .unwrap();
+        assert!(outside.join("precious").exists());
+        assert!(outside.join("dir/file").exists());
+        apply_layer(&tar_of(&[(".wh.a", b"")])[..], &dest).unwrap();
+        assert!(dest.join("a").symlink_metadata().is_err());
+        assert!(outside.join("precious").exists());
+        // `.wh..` would name the rootfs's parent. (tar refuses to build a `..` path, so
+        // the header is written by hand.)
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..6].copy_from_slice(b".wh...");
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        let mut raw = h.as_bytes().to_vec();
+        raw.extend_from_slice(&[0; 1024]);
+        let e = apply_layer(&raw[..], &dest).unwrap_err();
+        assert!(e.to_string().contains("escapes"), "{e}");
+        assert!(dest.exists() && outside.join("precious").exists());
+    }
+
     #[test]
     fn a_plain_directory_is_used_as_is_and_a_missing_one_is_named() {
         let d = tempfile::tempdir().unwrap();
@@ -368,12 +459,23 @@ mod tests {
             format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest}"}}]}}"#),
         )
         .unwrap();
-        let work = d.path().join("work");
-        let r = prepare(&layout, &work).unwrap();
-        assert_eq!(fs::read(r.dir.join("bin/hello")).unwrap(), b"hi");
-        assert_eq!(r.config.cmd, vec!["/bin/hello"]);
-        assert_eq!(r.config.env, vec!["A=1"]);
-        assert_eq!(r.config.working_dir.as_deref(), Some("/w"));
+        let check = |r: Rootfs| {
+            assert_eq!(fs::read(r.dir.join("bin/hello")).unwrap(), b"hi");
+            assert_eq!(r.config.cmd, vec!["/bin/hello"]);
+            assert_eq!(r.config.env, vec!["A=1"]);
+            assert_eq!(r.config.working_dir.as_deref(), Some("/w"));
+        };
+        check(prepare(&layout, &d.path().join("work")).unwrap());
+        // The same layout as a tarball (`skopeo copy oci-archive:`), plain and gzipped.
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_dir_all(".", &layout).unwrap();
+        let tarball = b.into_inner().unwrap();
+        fs::write(d.path().join("img.tar"), &tarball).unwrap();
+        check(prepare(&d.path().join("img.tar"), &d.path().join("work-tar")).unwrap());
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tarball).unwrap();
+        fs::write(d.path().join("img.tar.gz"), gz.finish().unwrap()).unwrap();
+        check(prepare(&d.path().join("img.tar.gz"), &d.path().join("work-gz")).unwrap());
     }
 
     /// Blob names only need to be unique and stable in the test; the layout code never
