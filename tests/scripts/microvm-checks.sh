@@ -4,9 +4,9 @@
 #   === NAME
 #   ...output...
 #   === NAME rc=N
-# Usage: microvm-checks.sh REPO ROOTFS NEVER_READY_INITRAMFS
+# Usage: microvm-checks.sh REPO ROOTFS NEVER_READY_INITRAMFS OCI_LAYOUT OCI_TARBALL
 set -uo pipefail
-repo=$1 rootfs=$2 never_ready=$3
+repo=$1 rootfs=$2 never_ready=$3 oci_layout=$4 oci_tarball=$5
 husk="$repo/target/debug/husk"
 vmm="$repo/target/debug/husk-vmm"
 kernel=${HUSK_CACHE:-/var/cache/husk}/current/vmlinux
@@ -25,7 +25,21 @@ check() {
 start=$(date +%s%N)
 check hello "$husk" run --timings "$rootfs" -- sh -c 'echo hello from husk; exit 7'
 echo "husk run wall time: $(( ($(date +%s%N) - start) / 1000000 )) ms"
-check kernel "$husk" run "$rootfs" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; cat /proc/self/cgroup; grep -o -m1 -w tsc_deadline_timer /proc/cpuinfo'
+# stdout and stderr stay apart.
+streams() {
+    local err=$XDG_RUNTIME_DIR/streams.err out
+    out=$("$husk" run "$rootfs" -- sh -c 'echo to-stdout; echo to-stderr >&2' 2>"$err")
+    local rc=$?
+    echo "stdout: $out"
+    echo "stderr: $(grep -v '^husk' "$err")"
+    rm -f "$err"
+    return "$rc"
+}
+check streams streams
+check kernel "$husk" run "$rootfs" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; cat /proc/self/cgroup; grep -o -m1 -w tsc_deadline_timer /proc/cpuinfo; echo "controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"; echo "kernel controllers: $(cut -f1 /proc/cgroups | tail -n +2 | tr "\n" " ")"; echo "filesystems: $(grep -ow -E "ext4|overlay|erofs|tmpfs|cgroup2" /proc/filesystems | tr "\n" " ")"'
+# An OCI image layout, as a directory and as a tarball: its entrypoint runs.
+check oci_layout "$husk" run "$oci_layout"
+check oci_tarball "$husk" run "$oci_tarball" -- sh -c 'echo from the tarball; cat /etc/image-marker'
 echo "=== l1 boot_id"; cat /proc/sys/kernel/random/boot_id
 check meminfo "$husk" run "$rootfs" -- sh -c 'grep -E "^(MemTotal|MemAvailable):" /proc/meminfo'
 check ps "$husk" run "$rootfs" -- sh -c 'ps -o pid,comm'
@@ -37,17 +51,23 @@ check stdin sh -c "printf 'one\ntwo\n' | '$husk' run -i '$rootfs' -- cat"
 # A terminal: `script` gives husk a pty on this side.
 check tty script -qec "stty rows 30 cols 100; '$husk' run -t '$rootfs' -- sh -c 'test -t 0 && test -t 1 && echo tty-ok; stty size'" /dev/null
 
-# Ctrl-C (SIGINT) while the container runs: husk ends it and the VM, and cleans up.
+# Ctrl-C while the container runs, and while the VM boots: a terminal sends SIGINT to the
+# whole foreground process group, so husk runs in its own group (setsid) and the group gets
+# it; husk ends the container and the VM, and cleans up.
 interrupt() {
-    local log=$XDG_RUNTIME_DIR/interrupt.log pid rc i
-    "$husk" run --timings "$rootfs" -- sleep 1000 >"$log" 2>&1 &
+    local when=$1 log=$XDG_RUNTIME_DIR/interrupt.log pid rc i
+    setsid "$husk" run --timings "$rootfs" -- sleep 1000 >"$log" 2>&1 &
     pid=$!
-    for ((i = 0; i < 600; i++)); do
-        grep -q "container starting" "$log" && break
-        sleep 0.2
-    done
-    sleep 1
-    kill -INT "$pid"
+    if [[ $when == running ]]; then
+        for ((i = 0; i < 600; i++)); do
+            grep -q "container starting" "$log" && break
+            sleep 0.2
+        done
+        sleep 1
+    else
+        sleep 0.5
+    fi
+    kill -INT -- "-$pid"
     for ((i = 0; i < 300; i++)); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
@@ -59,7 +79,8 @@ interrupt() {
     rm -f "$log"
     return "$rc"
 }
-check interrupt interrupt
+check interrupt interrupt running
+check interrupt_boot interrupt booting
 
 # Drives (husk-vmm and the agent driven directly): a container on a read-only ext4 drive,
 # then a second drive filled later through the control API, used by a second container;

@@ -82,3 +82,73 @@ pub fn spec(args: &[&str]) -> Spec {
     }
     spec
 }
+
+/// An OCI image layout of the busybox rootfs `root` (one uncompressed layer, plus a file
+/// /etc/image-marker saying "from the image"), whose entrypoint prints "from the layout
+/// entrypoint": the layout directory and the same layout as a tarball, both in `dir`. Uses
+/// tar and sha256sum (coreutils).
+pub fn oci_layout(dir: &Path, root: &Path) -> (PathBuf, PathBuf) {
+    let layout = dir.join("oci-layout");
+    let blobs = layout.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    fs::write(root.join("etc/image-marker"), "from the image\n").unwrap();
+    let sh = |script: &str| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}: {out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let tmp = blobs.join("tmp");
+        fs::write(&tmp, bytes).unwrap();
+        let hash = sh(&format!("sha256sum {} | cut -d' ' -f1", tmp.display()));
+        fs::rename(&tmp, blobs.join(&hash)).unwrap();
+        (hash, bytes.len())
+    };
+    let layer_tar = dir.join("layer.tar");
+    sh(&format!(
+        "tar -C {} --numeric-owner --owner=0 --group=0 -cf {} .",
+        root.display(),
+        layer_tar.display()
+    ));
+    fs::remove_file(root.join("etc/image-marker")).unwrap();
+    let (layer, layer_size) = put(&fs::read(&layer_tar).unwrap());
+    fs::remove_file(&layer_tar).unwrap();
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Entrypoint": ["sh", "-c", "echo from the layout entrypoint; cat /etc/image-marker"],
+                   "Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer}")]},
+    });
+    let (cfg, cfg_size) = put(config.to_string().as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": format!("sha256:{cfg}"), "size": cfg_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": format!("sha256:{layer}"), "size": layer_size}],
+    });
+    let (man, man_size) = put(manifest.to_string().as_bytes());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": format!("sha256:{man}"), "size": man_size}],
+    });
+    fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let tarball = dir.join("oci-layout.tar");
+    sh(&format!(
+        "tar -C {} -cf {} .",
+        layout.display(),
+        tarball.display()
+    ));
+    (layout, tarball)
+}

@@ -12,7 +12,12 @@ use std::{
     time::Duration,
 };
 
-use husk_tests::{agent::workspace_bin, rootfs::busybox_rootfs, sections::sections, testbed};
+use husk_tests::{
+    agent::workspace_bin,
+    rootfs::{busybox_rootfs, oci_layout},
+    sections::sections,
+    testbed,
+};
 
 /// A directory the testbed sees (its /tmp is its own; the repository is shared).
 fn shared_dir(name: &str) -> PathBuf {
@@ -75,14 +80,17 @@ fn husk_run_in_microvms() {
     let dir = shared_dir("microvm");
     let rootfs = busybox_rootfs(&dir);
     let never_ready = never_ready_initramfs(&dir);
+    let (layout, tarball) = oci_layout(&dir, &rootfs);
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let script = repo.join("tests/scripts/microvm-checks.sh");
     let cmd = format!(
-        "bash {} {} {} {}",
+        "bash {} {} {} {} {} {}",
         script.display(),
         repo.display(),
         rootfs.display(),
-        never_ready.display()
+        never_ready.display(),
+        layout.display(),
+        tarball.display()
     );
     let t0 = std::time::Instant::now();
     let out = testbed::run(&cmd, Duration::from_secs(1500)).expect("the testbed ran");
@@ -102,6 +110,35 @@ fn husk_run_in_microvms() {
     let (text, rc) = get("hello");
     assert!(text.contains("hello from husk"), "{text}");
     assert_eq!(rc, Some(7), "{text}");
+    // --timings: the boot breakdown, the VMM's overhead and the first output line.
+    for line in [
+        "husk-vmm: first vCPU entry after ",
+        "husk-vmm: guest ready after ",
+        "husk-vmm: vmm memory overhead ",
+        "husk: first output ",
+    ] {
+        assert!(text.contains(line), "no {line:?} in: {text}");
+    }
+    let (text, rc) = get("streams");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(
+        text.contains("stdout: to-stdout\nstderr: to-stderr\n"),
+        "{text}"
+    );
+
+    // An OCI image layout: its entrypoint and its files, as a directory and as a tarball.
+    let (text, rc) = get("oci_layout");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(
+        text.contains("from the layout entrypoint\nfrom the image\n"),
+        "{text}"
+    );
+    let (text, rc) = get("oci_tarball");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(
+        text.contains("from the tarball\nfrom the image\n"),
+        "{text}"
+    );
 
     // The guest kernel, not the host's or L1's; cgroup v2.
     let (text, rc) = get("kernel");
@@ -119,10 +156,60 @@ fn husk_run_in_microvms() {
         l1_boot_id.trim(),
         "the container shares L1's boot id: no microVM"
     );
-    assert!(
-        lines.iter().any(|l| l.starts_with("0::")),
-        "not cgroup v2: {text}"
-    );
+    // ... and exactly the kernel husk booted (L1 may run the same release: the boot id
+    // above tells them apart).
+    let vmlinux = std::fs::read(Path::new(&image).join("current/vmlinux")).unwrap();
+    let banner = b"Linux version ";
+    let at = vmlinux
+        .windows(banner.len())
+        .position(|w| w == banner)
+        .expect("no version banner in vmlinux");
+    let release: String = vmlinux[at + banner.len()..]
+        .iter()
+        .take_while(|b| **b != b' ')
+        .map(|b| *b as char)
+        .collect();
+    assert_eq!(lines[0], release, "{text}");
+    // cgroup v2 only: one hierarchy, with the controllers limits need.
+    let cgroups: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains(':') && l.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(cgroups.len(), 1, "not cgroup v2 only: {text}");
+    assert!(cgroups[0].starts_with("0::"), "not cgroup v2: {text}");
+    let controllers = text
+        .lines()
+        .find_map(|l| l.strip_prefix("controllers: "))
+        .unwrap_or_default();
+    // The kernel has every controller the agent translates limits to; the ones statistics
+    // need are enabled for every container (the others when a limit asks for them).
+    let kernel_controllers = text
+        .lines()
+        .find_map(|l| l.strip_prefix("kernel controllers: "))
+        .unwrap_or_default();
+    // (/proc/cgroups still calls io "blkio".)
+    for c in ["cpuset", "cpu", "blkio", "memory", "pids"] {
+        assert!(
+            kernel_controllers.split_whitespace().any(|x| x == c),
+            "the guest kernel has no {c} controller: {text}"
+        );
+    }
+    for c in ["cpu", "io", "memory", "pids"] {
+        assert!(
+            controllers.split_whitespace().any(|x| x == c),
+            "no {c} controller for the container: {text}"
+        );
+    }
+    let filesystems = text
+        .lines()
+        .find_map(|l| l.strip_prefix("filesystems: "))
+        .unwrap_or_default();
+    for f in ["ext4", "overlay", "erofs", "tmpfs", "cgroup2"] {
+        assert!(
+            filesystems.split_whitespace().any(|x| x == f),
+            "the guest kernel lacks {f}: {text}"
+        );
+    }
     // husk-vmm announces the LAPIC's TSC-deadline mode, so the guest does not calibrate its
     // LAPIC timer (a loop seen to hang under nested KVM).
     assert!(
@@ -139,13 +226,19 @@ fn husk_run_in_microvms() {
             Some((w.next()?.trim_end_matches(':'), w.next()?.parse().ok()?))
         })
         .collect();
-    if let (Some(t), Some(a)) = (kib.get("MemTotal"), kib.get("MemAvailable")) {
-        println!(
-            "guest memory in use after boot: {:.1} MiB of {:.1} MiB",
-            (t - a) as f64 / 1024.0,
-            *t as f64 / 1024.0
-        );
-    }
+    let (Some(t), Some(a)) = (kib.get("MemTotal"), kib.get("MemAvailable")) else {
+        panic!("no MemTotal/MemAvailable: {text}");
+    };
+    println!(
+        "guest memory in use after boot: {:.1} MiB of {:.1} MiB",
+        (t - a) as f64 / 1024.0,
+        *t as f64 / 1024.0
+    );
+    // The VM has the 256 MiB asked for (less what the kernel reserves for itself).
+    assert!(
+        (200 * 1024..=256 * 1024).contains(t),
+        "MemTotal {t} kB for a 256 MiB VM"
+    );
 
     // The container sees only its own processes (not the agent).
     let (text, rc) = get("ps");
@@ -200,9 +293,11 @@ fn husk_run_in_microvms() {
 
     // SIGINT while the container runs: husk stops it and the VM and exits 130 (the
     // leftovers check below covers what it must not leave behind).
-    let (text, rc) = get("interrupt");
-    assert_eq!(rc, Some(130), "{text}");
-    assert!(text.contains("interrupted"), "{text}");
+    for when in ["interrupt", "interrupt_boot"] {
+        let (text, rc) = get(when);
+        assert_eq!(rc, Some(130), "{when}: {text}");
+        assert!(text.contains("interrupted"), "{when}: {text}");
+    }
 
     // Drives: the first container on a read-only drive, the second on a drive filled later
     // through the control API; the VMM ends with the guest and leaves no socket.

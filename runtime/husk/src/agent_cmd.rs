@@ -1,6 +1,14 @@
 //! `husk agent ...`: send any request to an agent, for debugging.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    os::fd::AsFd,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
@@ -74,8 +82,31 @@ enum AgentCmd {
         interactive: bool,
         #[arg(short, long)]
         tty: bool,
+        /// UID[:GID] to run as.
+        #[arg(short, long, default_value = "0:0")]
+        user: String,
+        /// Extra environment variables KEY=VALUE.
+        #[arg(short, long)]
+        env: Vec<String>,
+        /// Working directory in the container.
+        #[arg(long, default_value = "/")]
+        cwd: String,
         #[arg(required = true, trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// ResizeTerminal.
+    Resize {
+        id: String,
+        #[arg(long, default_value = "")]
+        exec_id: String,
+        rows: u32,
+        cols: u32,
+    },
+    /// CloseStdin (the process reads end of file).
+    CloseStdin {
+        id: String,
+        #[arg(long, default_value = "")]
+        exec_id: String,
     },
     /// SignalProcess.
     Kill {
@@ -194,28 +225,77 @@ pub async fn run(a: AgentArgs) -> Result<i32> {
             exec_id,
             interactive,
             tty,
-        } => return attach(&c, &id, &exec_id, interactive, tty).await,
+        } => {
+            let o = AttachOpts {
+                interactive,
+                tty,
+                ..Default::default()
+            };
+            return attach(&c, &id, &exec_id, o).await;
+        }
         AgentCmd::Exec {
             id,
             exec_id,
             interactive,
             tty,
+            user,
+            env,
+            cwd,
             args,
         } => {
-            let process = serde_json::json!({
+            let (uid, gid) = match user.split_once(':') {
+                Some((u, g)) => (u.parse::<u32>().ok(), g.parse::<u32>().ok()),
+                None => (user.parse::<u32>().ok(), Some(0)),
+            };
+            let (Some(uid), Some(gid)) = (uid, gid) else {
+                bail!("--user wants UID[:GID] (numbers), got {user:?}");
+            };
+            let mut envs = vec![
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+                "TERM=xterm".to_string(),
+            ];
+            envs.extend(env);
+            let mut process = serde_json::json!({
                 "terminal": tty,
-                "user": {"uid": 0, "gid": 0},
+                "user": {"uid": uid, "gid": gid},
                 "args": args,
-                "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
-                "cwd": "/",
+                "env": envs,
+                "cwd": cwd,
             });
+            if let Some((rows, cols)) = terminal_size().filter(|_| tty) {
+                process["consoleSize"] = serde_json::json!({"height": rows, "width": cols});
+            }
             let mut r = pb::ExecProcessRequest::new();
             r.container_id = id.clone();
             r.exec_id = exec_id.clone();
             r.stdin = interactive;
             r.process_json = serde_json::to_vec(&process)?;
             c.exec_process(r).await?;
-            return attach(&c, &id, &exec_id, interactive, tty).await;
+            let o = AttachOpts {
+                interactive,
+                tty,
+                ..Default::default()
+            };
+            return attach(&c, &id, &exec_id, o).await;
+        }
+        AgentCmd::Resize {
+            id,
+            exec_id,
+            rows,
+            cols,
+        } => {
+            let mut r = pb::ResizeTerminalRequest::new();
+            r.container_id = id;
+            r.exec_id = exec_id;
+            r.rows = rows;
+            r.cols = cols;
+            c.resize_terminal(r).await?;
+        }
+        AgentCmd::CloseStdin { id, exec_id } => {
+            let mut r = pb::CloseStdinRequest::new();
+            r.container_id = id;
+            r.exec_id = exec_id;
+            c.close_stdin(r).await?;
         }
         AgentCmd::Kill {
             id,
@@ -301,21 +381,30 @@ fn protobuf_json(s: &pb::ContainerStatsResponse) -> String {
     .to_string()
 }
 
+/// How [`attach`] connects this process's stdio to a process in the agent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttachOpts {
+    /// Stream this process's stdin to the process.
+    pub interactive: bool,
+    /// The process has a terminal: one output stream; with `interactive` the local terminal
+    /// goes raw, and its size changes (SIGWINCH) are passed on.
+    pub tty: bool,
+    /// Print "husk: first output after N ms" on stderr when the first byte of output arrives,
+    /// N counted from this instant.
+    pub first_output_since: Option<Instant>,
+}
+
 /// Streams this process's stdio to and from a process of the agent, then waits for it.
-pub async fn attach(
-    c: &AgentClient,
-    id: &str,
-    exec_id: &str,
-    interactive: bool,
-    tty: bool,
-) -> Result<i32> {
-    let mut out = c.open_stream(id, exec_id, StdioStream::Stdout).await?;
-    let err = if tty {
+pub async fn attach(c: &AgentClient, id: &str, exec_id: &str, o: AttachOpts) -> Result<i32> {
+    let out = c.open_stream(id, exec_id, StdioStream::Stdout).await?;
+    let err = if o.tty {
         None
     } else {
         Some(c.open_stream(id, exec_id, StdioStream::Stderr).await?)
     };
-    if interactive {
+    // Raw mode only when our keystrokes go to the process; otherwise Ctrl-C stays ours.
+    let _raw = (o.tty && o.interactive).then(RawTerminal::enter).flatten();
+    if o.interactive {
         let mut input = c.open_stream(id, exec_id, StdioStream::Stdin).await?;
         tokio::spawn(async move {
             let mut stdin = tokio::io::stdin();
@@ -323,33 +412,26 @@ pub async fn attach(
             let _ = input.shutdown().await;
         });
     }
-    let o = tokio::spawn(async move {
-        let mut stdout = tokio::io::stdout();
-        let _ = tokio::io::copy(&mut out, &mut stdout).await;
-        let _ = stdout.flush().await;
+    let resizer = o.tty.then(|| {
+        let (c, id, exec_id) = (c.clone(), id.to_string(), exec_id.to_string());
+        tokio::spawn(async move { forward_resizes(&c, &id, &exec_id).await })
     });
-    let e = err.map(|mut err| {
-        tokio::spawn(async move {
-            let mut stderr = tokio::io::stderr();
-            let mut buf = [0u8; 8192];
-            loop {
-                match err.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if stderr.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        })
+    let first = Arc::new(FirstOutput {
+        since: o.first_output_since,
+        seen: AtomicBool::new(false),
     });
+    let o_task = tokio::spawn(pump(out, tokio::io::stdout(), first.clone()));
+    let e_task = err.map(|err| tokio::spawn(pump(err, tokio::io::stderr(), first)));
     let mut r = pb::WaitProcessRequest::new();
     r.container_id = id.into();
     r.exec_id = exec_id.into();
-    let w = c.wait_process(r).await?;
-    let _ = o.await;
-    if let Some(e) = e {
+    let w = c.wait_process(r).await;
+    if let Some(t) = resizer {
+        t.abort();
+    }
+    let w = w?;
+    let _ = o_task.await;
+    if let Some(e) = e_task {
         let _ = e.await;
     }
     if w.oom_killed {
@@ -359,4 +441,96 @@ pub async fn attach(
         bail!("bad exit status {}", w.exit_status);
     }
     Ok(w.exit_status)
+}
+
+/// When the first output came, for `--timings`.
+struct FirstOutput {
+    since: Option<Instant>,
+    seen: AtomicBool,
+}
+
+/// Copies one output stream of the process to ours, flushing as it goes.
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    first: Arc<FirstOutput>,
+) {
+    let mut buf = [0u8; 8192];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if let Some(t) = first.since {
+                    if !first.seen.swap(true, Ordering::Relaxed) {
+                        eprintln!(
+                            "husk: first output {:.0} ms after husk run began",
+                            t.elapsed().as_secs_f64() * 1000.0
+                        );
+                    }
+                }
+                if to.write_all(&buf[..n]).await.is_err() || to.flush().await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Passes each size change of the local terminal (SIGWINCH) on to the process's terminal.
+async fn forward_resizes(c: &AgentClient, id: &str, exec_id: &str) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut winch) = signal(SignalKind::window_change()) else {
+        return;
+    };
+    while winch.recv().await.is_some() {
+        let Some((rows, cols)) = terminal_size() else {
+            continue;
+        };
+        let mut r = pb::ResizeTerminalRequest::new();
+        r.container_id = id.into();
+        r.exec_id = exec_id.into();
+        r.rows = rows.into();
+        r.cols = cols.into();
+        if let Err(e) = c.resize_terminal(r).await {
+            tracing::debug!("resizing the terminal: {e}");
+        }
+    }
+}
+
+/// The local terminal's size (rows, columns), if stdin is a terminal.
+pub fn terminal_size() -> Option<(u16, u16)> {
+    let mut ws: libc::winsize = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize into the live local `ws`.
+    let rc = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// The local terminal in raw mode while an interactive terminal session runs; restored on drop.
+struct RawTerminal(nix::sys::termios::Termios);
+
+impl RawTerminal {
+    fn enter() -> Option<RawTerminal> {
+        let stdin = std::io::stdin();
+        let saved = nix::sys::termios::tcgetattr(stdin.as_fd()).ok()?;
+        let mut raw = saved.clone();
+        nix::sys::termios::cfmakeraw(&mut raw);
+        nix::sys::termios::tcsetattr(stdin.as_fd(), nix::sys::termios::SetArg::TCSANOW, &raw)
+            .ok()?;
+        Some(RawTerminal(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin().as_fd(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.0,
+        );
+    }
 }

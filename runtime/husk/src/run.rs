@@ -2,7 +2,6 @@
 //! layout, with its stdio streamed and its exit status returned as husk's own.
 
 use std::{
-    os::fd::AsFd,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -18,7 +17,7 @@ use husk::{
     vm::{check_kvm, default_image, Drive, Vm, VmSize},
 };
 
-use crate::agent_cmd::attach;
+use crate::agent_cmd::{attach, terminal_size, AttachOpts};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -227,8 +226,7 @@ async fn run_in_vm(
     req.rootfs = Some(root).into();
     agent.create_container(req).await?;
 
-    // The terminal's size is in the spec (process.consoleSize).
-    let _raw = if tty { RawTerminal::enter() } else { None };
+    // The terminal's initial size is in the spec (process.consoleSize).
     let mut req = pb::StartContainerRequest::new();
     req.container_id = "main".into();
     let agent2 = agent.clone();
@@ -239,7 +237,12 @@ async fn run_in_vm(
             t0.elapsed().as_secs_f64() * 1000.0
         );
     }
-    let code = attach(agent, "main", "", interactive, tty);
+    let o = AttachOpts {
+        interactive,
+        tty,
+        first_output_since: timings.then_some(t0),
+    };
+    let code = attach(agent, "main", "", o);
     tokio::pin!(code);
     // Attach before the start completes so no output can be missed; a failed start ends it.
     match start.await? {
@@ -328,41 +331,4 @@ fn build_spec(a: &RunArgs, cfg: &image::ImageConfig) -> Result<Spec> {
     }
     linux.set_resources(Some(res.build()?));
     Ok(spec)
-}
-
-fn terminal_size() -> Option<(u16, u16)> {
-    let mut ws: libc::winsize = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ writes one winsize into the live local `ws`.
-    let rc = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) };
-    (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
-}
-
-/// Puts the local terminal in raw mode while a `-t` container runs; restores it on drop.
-struct RawTerminal(nix::sys::termios::Termios);
-
-impl RawTerminal {
-    fn enter() -> Option<RawTerminal> {
-        let stdin = std::io::stdin();
-        let saved = nix::sys::termios::tcgetattr(stdin.as_fd()).ok()?;
-        let mut raw = saved.clone();
-        nix::sys::termios::cfmakeraw(&mut raw);
-        nix::sys::termios::tcsetattr(stdin.as_fd(), nix::sys::termios::SetArg::TCSANOW, &raw)
-            .ok()?;
-        Some(RawTerminal(saved))
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        let _ = nix::sys::termios::tcsetattr(
-            std::io::stdin().as_fd(),
-            nix::sys::termios::SetArg::TCSANOW,
-            &self.0,
-        );
-    }
 }

@@ -168,6 +168,9 @@ impl Vm {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
+            // Its own process group: a Ctrl-C at the terminal is husk's to handle (stop the
+            // container, power the VM off), not a signal that kills the VMM under it.
+            .process_group(0)
             .kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe; the closure allocates nothing. The VMM dies with
         // whoever started it (husk run, the shim), even when that is SIGKILLed.
