@@ -366,6 +366,12 @@ impl Sandbox {
     pub async fn exec_process(&self, req: pb::ExecProcessRequest) -> Result<u32> {
         let c = self.get(&req.container_id)?;
         check_id("exec_id", &req.exec_id)?;
+        if req.exec_id == "-" {
+            return Err(AgentError::InvalidArgument(
+                "exec_id: \"-\" is reserved: it names the container's init in stream headers"
+                    .into(),
+            ));
+        }
         let process: Process = serde_json::from_slice(&req.process_json).map_err(|e| {
             AgentError::InvalidArgument(format!("process_json: not a valid OCI process: {e}"))
         })?;

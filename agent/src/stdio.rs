@@ -513,6 +513,46 @@ mod tests {
             .is_err());
     }
 
+    /// The ordering WaitProcess relies on: after the exit, `drained` waits until the client's
+    /// connection took every byte, not merely until the process is gone.
+    #[tokio::test]
+    async fn drained_waits_until_the_connection_took_everything() {
+        let registry = StreamRegistry::default();
+        let (io, host) = prepare(false, None, false).unwrap();
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let streams = host.start(&registry, "c", "", exit_rx).unwrap();
+        // 32 KiB fit in the pipe: the "process" is done at once; the connection holds 1 KiB.
+        nix::unistd::write(&io.stdout, &[b'y'; 32 * 1024]).unwrap();
+        drop(io);
+        let (mut client, server) = tokio::io::duplex(1024);
+        registry
+            .attach(&header(StdioStream::Stdout), Box::new(server))
+            .unwrap();
+        let (_ec, es) = tokio::io::duplex(1024);
+        registry
+            .attach(&header(StdioStream::Stderr), Box::new(es))
+            .unwrap();
+        exit_tx.send_replace(Some(Exit {
+            status: 0,
+            at: SystemTime::now(),
+        }));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), streams.drained())
+                .await
+                .is_err(),
+            "drained while 31 KiB had not reached the connection"
+        );
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got.len()
+        });
+        tokio::time::timeout(Duration::from_secs(10), streams.drained())
+            .await
+            .expect("drained once read");
+        assert_eq!(reader.await.unwrap(), 32 * 1024);
+    }
+
     #[tokio::test]
     async fn drained_even_if_a_child_keeps_the_pipe_open() {
         let registry = StreamRegistry::default();

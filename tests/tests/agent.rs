@@ -392,9 +392,32 @@ async fn errors_carry_the_right_codes() {
     )
     .await
     {
-        Err(e) => assert!(e.to_string().contains("/nonexistent/rootfs"), "{e}"),
-        Ok(_) => panic!("created a container on a missing rootfs"),
+        Err(ClientError::InvalidArgument(m)) => assert!(m.contains("/nonexistent/rootfs"), "{m}"),
+        other => panic!("created a container on a missing rootfs: {other:?}"),
     }
+    // A relative cwd is named.
+    let mut s = spec(&["true"]);
+    let mut p = s.process().clone().unwrap();
+    p.set_cwd("relative/dir".into());
+    s.set_process(Some(p));
+    match create_container(&c, "relcwd", &s, &rootfs, false).await {
+        Err(ClientError::InvalidArgument(m)) => assert!(m.contains("cwd"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // Unknown containers for signal and remove, an unknown exec for wait: NOT_FOUND.
+    let mut sig = pb::SignalProcessRequest::new();
+    sig.container_id = "nope".into();
+    sig.signal = 15;
+    assert!(matches!(
+        c.signal_process(sig).await,
+        Err(ClientError::NotFound(_))
+    ));
+    let mut rm = pb::RemoveContainerRequest::new();
+    rm.container_id = "nope".into();
+    assert!(matches!(
+        c.remove_container(rm).await,
+        Err(ClientError::NotFound(_))
+    ));
 
     // Duplicate id: ALREADY_EXISTS. Start twice: FAILED_PRECONDITION.
     create_container(&c, "dup", &spec(&["sleep", "1000"]), &rootfs, false)
@@ -409,6 +432,22 @@ async fn errors_carry_the_right_codes() {
         c.start_container(start_req("dup")).await,
         Err(ClientError::FailedPrecondition(_))
     ));
+    let mut w = pb::WaitProcessRequest::new();
+    w.container_id = "dup".into();
+    w.exec_id = "no-such-exec".into();
+    assert!(matches!(
+        c.wait_process(w).await,
+        Err(ClientError::NotFound(_))
+    ));
+    // "-" names the init process in stream headers: not an exec id.
+    let mut ex = pb::ExecProcessRequest::new();
+    ex.container_id = "dup".into();
+    ex.exec_id = "-".into();
+    ex.process_json = serde_json::to_vec(&process(&["true"])).unwrap();
+    match c.exec_process(ex).await {
+        Err(ClientError::InvalidArgument(m)) => assert!(m.contains("exec_id"), "{m}"),
+        other => panic!("{other:?}"),
+    }
     // A program that does not exist fails at start and says which.
     create_container(
         &c,
@@ -427,7 +466,7 @@ async fn errors_carry_the_right_codes() {
     remove(&c, "dup").await;
 
     // Failed creates left nothing: no container state, no cgroup.
-    for id in ["bad", "noargs", "noroot"] {
+    for id in ["bad", "noargs", "noroot", "relcwd"] {
         assert!(
             !agent.state_dir.join(id).exists(),
             "state of {id} left behind"
@@ -505,4 +544,105 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// An ext4 image of `rootfs` on a loop device; detached on drop.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn of(rootfs: &std::path::Path, dir: &std::path::Path) -> LoopDevice {
+        let img = dir.join("rootfs.ext4");
+        let st = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(rootfs)
+            .arg(&img)
+            .arg("64M")
+            .status()
+            .expect("mkfs.ext4 (e2fsprogs)");
+        assert!(st.success());
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&img)
+            .output()
+            .expect("losetup (util-linux)");
+        assert!(out.status.success(), "losetup: {out:?}");
+        LoopDevice(String::from_utf8(out.stdout).unwrap().trim().to_string())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+fn block_create(id: &str, s: &oci_spec::runtime::Spec, dev: &str) -> pb::CreateContainerRequest {
+    let mut req = pb::CreateContainerRequest::new();
+    req.container_id = id.into();
+    req.oci_spec_json = serde_json::to_vec(s).unwrap();
+    let mut bd = pb::BlockDevice::new();
+    bd.source = dev.into();
+    bd.fstype = "ext4".into();
+    let mut r = pb::Rootfs::new();
+    r.set_block(bd);
+    req.rootfs = Some(r).into();
+    req
+}
+
+/// A block-device rootfs is mounted by the agent itself (in its own mount namespace, which
+/// the test shares): removal unmounts it, and so does a create that fails after the mount.
+#[tokio::test]
+async fn a_block_rootfs_is_unmounted_on_removal_and_on_a_failed_create() {
+    let mut agent = TestAgent::start();
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let dev = LoopDevice::of(&rootfs, agent.dir.path());
+    let c = agent.client().await;
+    let mounted = |dev: &str| {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(&format!(" {dev} ")))
+    };
+
+    c.create_container(block_create("blk", &spec(&["sleep", "1000"]), &dev.0))
+        .await
+        .unwrap();
+    assert!(
+        mounted(&dev.0),
+        "{} is not mounted while the container exists",
+        dev.0
+    );
+    c.start_container(start_req("blk")).await.unwrap();
+    remove(&c, "blk").await;
+    assert!(!mounted(&dev.0), "{} still mounted after removal", dev.0);
+
+    // The cwd does not exist in the image: create fails in the container's init, after the
+    // agent mounted the device and made the cgroup.
+    let mut s = spec(&["true"]);
+    let mut p = s.process().clone().unwrap();
+    p.set_cwd("/no/such/dir".into());
+    s.set_process(Some(p));
+    match c
+        .create_container(block_create("blkfail", &s, &dev.0))
+        .await
+    {
+        Err(e) => assert!(e.to_string().contains("/no/such/dir"), "{e}"),
+        Ok(_) => panic!("created a container with a missing cwd"),
+    }
+    assert!(
+        !mounted(&dev.0),
+        "{} left mounted by a failed create",
+        dev.0
+    );
+    assert!(!agent.state_dir.join("blkfail").exists(), "state left");
+    if let Some(cg) = &agent.cgroup_root {
+        let left: Vec<_> = walk(cg)
+            .into_iter()
+            .filter(|p| p.ends_with("blkfail"))
+            .collect();
+        assert!(left.is_empty(), "cgroup left: {left:?}");
+    }
+    assert!(agent.stop().success());
 }

@@ -211,6 +211,11 @@ fn run_init(cfg: InitConfig, status: &mut File, mut start: File) -> Result<Infal
         .and_then(|l| l.namespaces().clone())
         .unwrap_or_default();
     for ns in &namespaces {
+        // The network namespace is the VM's own (its interfaces are the pod's): never a new
+        // one, never another.
+        if ns.typ() == LinuxNamespaceType::Network {
+            continue;
+        }
         match ns.path() {
             Some(p) => {
                 let f = File::open(p).step(|| format!("opening namespace {}", p.display()))?;

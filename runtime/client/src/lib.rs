@@ -54,6 +54,9 @@ pub enum ClientError {
     StreamRefused(String),
     #[error("stdio stream i/o")]
     StreamIo(#[source] std::io::Error),
+    /// The agent speaks another version of the API.
+    #[error("the agent at {addr} speaks agent API v{agent}, this client v{ours}: use a guest image built from the same husk")]
+    ApiMismatch { addr: String, agent: u32, ours: u32 },
 }
 
 impl From<ttrpc::Error> for ClientError {
@@ -89,6 +92,7 @@ impl ClientError {
             ClientError::Agent { code, .. } => *code,
             ClientError::Unavailable { .. } | ClientError::Transport(_) => Code::UNAVAILABLE,
             ClientError::StreamRefused(_) | ClientError::StreamIo(_) => Code::INTERNAL,
+            ClientError::ApiMismatch { .. } => Code::FAILED_PRECONDITION,
         }
     }
 }
@@ -136,7 +140,7 @@ impl AgentClient {
     }
 
     /// Connects, retrying until the agent answers a health check or `timeout` passes (for a VM
-    /// that is still booting).
+    /// that is still booting); then refuses an agent of another API version.
     pub async fn connect_when_ready(
         addr: &AgentAddr,
         timeout: Duration,
@@ -147,7 +151,17 @@ impl AgentClient {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match Self::connect(addr, left.max(Duration::from_millis(50))).await {
                 Ok(c) => match tokio::time::timeout(left, c.check()).await {
-                    Ok(Ok(_)) => return Ok(c),
+                    Ok(Ok(_)) => {
+                        let agent = c.version().await?.api_version;
+                        if agent != husk_proto::API_VERSION {
+                            return Err(ClientError::ApiMismatch {
+                                addr: addr.to_string(),
+                                agent,
+                                ours: husk_proto::API_VERSION,
+                            });
+                        }
+                        return Ok(c);
+                    }
                     Ok(Err(e)) => last = e,
                     Err(_) => last = ClientError::Timeout(format!("health check of {addr}")),
                 },
