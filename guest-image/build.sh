@@ -3,15 +3,18 @@
 # Builds the husk guest image: a kernel (vmlinux, ELF, 64-bit Linux boot
 # protocol) and an initramfs whose /init is husk-agent (static).
 #
-#   guest-image/build.sh [--debug] [--agent PATH]
+#   guest-image/build.sh [--agent PATH]
 #
-#   --debug       also put busybox (/bin/sh and its applets) into the initramfs;
-#                 written to current/initramfs-debug.cpio.gz
 #   --agent PATH  use this husk-agent binary instead of building it
+#
+# There is no shell in the guest: the agent moves off the initramfs at boot, so
+# tools put there would be unreachable anyway. To see into a guest: husk run
+# --console-log FILE --kernel-args loglevel=7, the VMM's status (husk vmm --api
+# SOCK status), and `husk agent exec` into a container.
 #
 # Results (HUSK_CACHE defaults to /var/cache/husk):
 #   $HUSK_CACHE/kernel/<key>/vmlinux              key: sha256(source package version, fragment, lib/kernel.sh)
-#   $HUSK_CACHE/initramfs/<key>/initramfs.cpio.gz key: sha256(agent binary, [busybox], this script)
+#   $HUSK_CACHE/initramfs/<key>/initramfs.cpio.gz key: sha256(agent binary, this script, lib/initramfs.sh)
 #   $HUSK_CACHE/current/vmlinux, current/initramfs.cpio.gz   symlinks to the latest build
 # The guest expects a command line like:
 #   console=ttyS0 reboot=k panic=-1 quiet virtio_mmio.device=4K@0xd0000000:5 ...
@@ -28,11 +31,9 @@ HUSK_LOG_TAG=guest-image
 # shellcheck source=lib/initramfs.sh
 . "$HERE/lib/initramfs.sh"
 
-debug=0
 agent=
 while (($#)); do
     case $1 in
-    --debug) debug=1 ;;
     --agent)
         agent=$(realpath "${2:?--agent needs a path}")
         shift
@@ -49,7 +50,6 @@ done
 start=$(husk_now)
 mkdir -p "$HUSK_CACHE"
 husk_ensure_packages gcc gzip file
-((debug)) && husk_ensure_packages busybox-static
 
 # --- kernel ------------------------------------------------------------------
 husk_kernel_build guest "$HERE/kernel/guest.config"
@@ -75,21 +75,15 @@ esac
 # --- initramfs -------------------------------------------------------------------
 # The list of the archive, in gen_init_cpio format.
 initramfs_list() {
-    husk_initramfs_dirs /dev /proc /sys /sys/fs /sys/fs/cgroup /tmp /run /mnt
+    husk_initramfs_dirs /dev /proc /sys /sys/fs /sys/fs/cgroup /tmp /run
     echo "nod /dev/console 0600 0 0 c 5 1"
     echo "file /init $agent 0755 0 0"
-    if ((debug)); then
-        husk_initramfs_dirs /bin
-        husk_initramfs_busybox
-    fi
 }
 
 variant=initramfs
-((debug)) && variant="initramfs-debug"
 key=$(
     {
         husk_hash_files "$agent" "${BASH_SOURCE[0]}" "$HERE/lib/initramfs.sh"
-        ((debug)) && husk_hash_files /bin/busybox
         initramfs_list | sed "s|$agent|husk-agent|"
     } | sha256sum | cut -d' ' -f1
 )

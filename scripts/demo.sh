@@ -18,6 +18,7 @@ bash scripts/busybox-rootfs.sh "$rootfs"
 if (($#)); then
     cmd=("$@")
 else
+    # shellcheck disable=SC2016 # expanded by the container's shell
     cmd=(sh -c 'echo "hello from a husk microVM"; echo "kernel: $(uname -r)"; echo "cgroup: $(cat /proc/self/cgroup)"; echo "processes:"; ps -o pid,comm')
 fi
 run=("$repo/target/debug/husk" run --timings "$rootfs" -- "${cmd[@]}")

@@ -13,6 +13,8 @@ fi
 echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+shellcheck -x .ci/run scripts/*.sh guest-image/build.sh guest-image/lib/*.sh tests/scripts/*.sh \
+    tests/testbed/*.sh tests/bench/*.sh
 
 echo "== build"
 cargo build --workspace --locked
@@ -24,4 +26,5 @@ echo "== fuzz husk-vmm's guest-facing parsers (cargo-fuzz, nightly)"
 bash scripts/fuzz.sh "${HUSK_FUZZ_SECS:-45}"
 
 echo "== tests"
-cargo test --workspace --locked --no-fail-fast -- --test-threads="${HUSK_TEST_THREADS:-2}"
+# --show-output: the numbers passing tests print (boot breakdown, memory, ratios to runc).
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${HUSK_TEST_THREADS:-2}" --show-output

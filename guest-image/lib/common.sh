@@ -30,8 +30,7 @@ husk_ensure_packages() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 }
 
-# husk_sha256 FILE...: one hash over the names and contents of the files,
-# plus whatever is on stdin if HUSK_HASH_STDIN=1.
+# husk_hash_files FILE...: one hash over the names and contents of the files.
 husk_hash_files() {
     local f
     for f in "$@"; do
@@ -40,17 +39,7 @@ husk_hash_files() {
     done | sha256sum | cut -d' ' -f1
 }
 
-# husk_publish SRC DEST: copy SRC to DEST atomically (tmp + rename), so a
-# reader never sees a half-written file.
-husk_publish() {
-    local src=$1 dest=$2 tmp
-    mkdir -p "$(dirname "$dest")"
-    tmp="$(dirname "$dest")/.tmp.$(basename "$dest").$$"
-    cp -f "$src" "$tmp"
-    mv -f "$tmp" "$dest"
-}
-
-# husk_human BYTES
+# husk_size FILE: its size in bytes and MiB, for logs.
 husk_size() {
     local bytes
     bytes=$(stat -c %s "$1")

@@ -26,13 +26,3 @@ husk_initramfs_dirs() {
         esac
     done
 }
-
-# husk_initramfs_busybox: gen_init_cpio lines for /bin/busybox and a
-# /bin/<applet> symlink for each of its applets (except init).
-husk_initramfs_busybox() {
-    local applet
-    echo "file /bin/busybox /bin/busybox 0755 0 0"
-    /bin/busybox --list | sort | while read -r applet; do
-        [[ $applet == busybox || $applet == init ]] || echo "slink /bin/$applet busybox 0777 0 0"
-    done
-}

@@ -36,7 +36,11 @@ husk_kernel_source() {
 # fragments: sha256 of (source package version + fragments + this file).
 husk_kernel_key() {
     local version
+    # The source package first: without it the key would name no version, and the next run
+    # (with the package) would not find this build.
+    husk_ensure_packages "$HUSK_KERNEL_SRC_PKG"
     version=$(dpkg-query -W -f '${Version}' "$HUSK_KERNEL_SRC_PKG")
+    [[ -n $version ]] || husk_die "no version of $HUSK_KERNEL_SRC_PKG installed"
     {
         printf '%s %s\n' "$HUSK_KERNEL_SRC_PKG" "$version"
         husk_hash_files "$@" "$HUSK_KERNEL_LIB"
@@ -104,6 +108,10 @@ husk_kernel_build() {
     local jobs=${HUSK_JOBS:-$(nproc)}
     mkdir -p "$build"
     husk_log "kernel $name: building $key in $build (-j$jobs)"
+    # Reproducible: the build stamp (uname -v) comes from the source package, not the clock
+    # or this machine.
+    export KBUILD_BUILD_TIMESTAMP KBUILD_BUILD_USER=husk KBUILD_BUILD_HOST=husk KBUILD_BUILD_VERSION=1
+    KBUILD_BUILD_TIMESTAMP=$(date -u -R -d "@$(stat -c %Y "$HUSK_KERNEL_TARBALL")")
     local mk=(make -C "$HUSK_KERNEL_TREE" O="$build" ARCH=x86_64 -s)
     "${mk[@]}" tinyconfig >&2
     (cd "$HUSK_KERNEL_TREE" &&

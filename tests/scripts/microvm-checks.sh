@@ -36,6 +36,7 @@ streams() {
     return "$rc"
 }
 check streams streams
+# shellcheck disable=SC2016 # expanded by the container's shell
 check kernel "$husk" run "$rootfs" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; cat /proc/self/cgroup; grep -o -m1 -w tsc_deadline_timer /proc/cpuinfo; echo "controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"; echo "kernel controllers: $(cut -f1 /proc/cgroups | tail -n +2 | tr "\n" " ")"; echo "filesystems: $(grep -ow -E "ext4|overlay|erofs|tmpfs|cgroup2" /proc/filesystems | tr "\n" " ")"'
 # An OCI image layout, as a directory and as a tarball: its entrypoint runs.
 check oci_layout "$husk" run "$oci_layout"

@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash
 # /init of the L1 testbed VM (busybox sh, PID 1). Started by tests/testbed/run.sh.
 #
 # Mounts the host's root (virtio-9p tag "hostroot", read-only) under a tmpfs
