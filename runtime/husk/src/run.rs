@@ -157,7 +157,11 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     }
     drop(vm);
     let code = run?;
-    exit?;
+    // The container's status is the answer; a VM that did not power off cleanly (it is
+    // killed with the Vm above) is worth a warning, not a different status.
+    if let Err(e) = exit {
+        eprintln!("husk: warning: the VM did not end cleanly: {e:#}");
+    }
     Ok(code)
 }
 
