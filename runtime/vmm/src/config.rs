@@ -61,7 +61,8 @@ pub struct VmConfig {
     /// Guest memory in MiB.
     #[arg(long, default_value = "256")]
     pub mem_mib: u32,
-    /// Where the guest's serial console goes (default: this process's stdout).
+    /// Where the guest's serial console goes (default: this process's stdout). A log file
+    /// keeps the first 16 MiB, then one line saying the rest was dropped.
     #[arg(long)]
     pub serial_log: Option<PathBuf>,
     /// The hybrid-vsock Unix socket (the host connects here; guest connections to host port P

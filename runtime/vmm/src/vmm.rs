@@ -3,7 +3,10 @@
 use std::{
     fs::File,
     io::{BufRead, BufReader, Write},
-    os::{fd::AsRawFd, unix::net::UnixListener},
+    os::{
+        fd::{AsRawFd, RawFd},
+        unix::net::UnixListener,
+    },
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -29,7 +32,7 @@ use crate::{
     arch::{self, layout, mptable},
     config::VmConfig,
     devices::{
-        legacy::{GuestExit, LegacyBus},
+        legacy::{CappedWriter, GuestExit, LegacyBus, SERIAL_LOG_MAX},
         virtio::{block::Block, mmio::MmioTransport, vsock::Vsock, IrqLine, VirtioDevice},
     },
     vstate::{vcpu, vm::Vm},
@@ -76,6 +79,10 @@ pub enum VmmError {
     Thread(#[source] std::io::Error),
     #[error("vCPU {0} failed: {1}")]
     VcpuRun(u8, String),
+    #[error("the test guest did not end within {0:?}")]
+    Timeout(Duration),
+    #[error("the test guest's code ({0} bytes) would overlap the boot stack and page tables")]
+    RawCodeTooBig(usize),
 }
 
 /// How the VM ended.
@@ -332,20 +339,11 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
 
     let mut cmdline = Cmdline::new(layout::CMDLINE_MAX)?;
     cmdline.insert_str(BASE_CMDLINE)?;
-    let mut transports = Vec::new();
-    let mut backend_fds = Vec::new();
-    for (i, (id, dev)) in devices.into_iter().enumerate() {
-        let base = layout::MMIO_BASE + i as u64 * layout::MMIO_SIZE;
-        let gsi = layout::MMIO_IRQ_BASE + i as u32;
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        vm.register_irqfd(&evt, gsi)?;
-        cmdline.insert_str(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"))?;
-        if let Some(fd) = dev.backend_fd() {
-            backend_fds.push((fd, i));
-        }
-        let t = MmioTransport::new(dev, vm.mem.clone(), IrqLine::new(evt));
-        transports.push((id, Arc::new(Mutex::new(t))));
+    let attached = attach_devices(&vm, devices)?;
+    for arg in &attached.cmdline {
+        cmdline.insert_str(arg)?;
     }
+    let (transports, backend_fds) = (attached.transports, attached.backend_fds);
     if !cfg.cmdline_extra.is_empty() {
         cmdline.insert_str(&cfg.cmdline_extra)?;
     }
@@ -361,24 +359,17 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
 
     // Serial console and the rest of the port-I/O bus.
     let serial_out: Box<dyn Write + Send> = match &cfg.serial_log {
-        Some(p) => Box::new(File::create(p).map_err(|e| VmmError::SerialLog(p.clone(), e))?),
+        Some(p) => Box::new(CappedWriter::new(
+            File::create(p).map_err(|e| VmmError::SerialLog(p.clone(), e))?,
+            SERIAL_LOG_MAX,
+        )),
         None => Box::new(std::io::stdout()),
     };
     let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     vm.register_irqfd(&serial_evt, layout::SERIAL_IRQ)?;
     let (exit_tx, exit_rx) = mpsc::channel::<GuestExit>();
     let (event_tx, event_rx) = mpsc::channel::<Event>();
-    {
-        let event_tx = event_tx.clone();
-        thread::Builder::new()
-            .name("exit".into())
-            .spawn(move || {
-                for e in exit_rx {
-                    let _ = event_tx.send(Event::Guest(e));
-                }
-            })
-            .map_err(VmmError::Thread)?;
-    }
+    spawn_exit_forwarder(exit_rx, event_tx.clone())?;
     let guest_start = vm.host_range().0;
     let mut legacy = LegacyBus::new(serial_evt, serial_out, exit_tx, started);
     legacy.on_ready(Box::new(move || {
@@ -429,13 +420,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
             .map_err(VmmError::Thread)?;
     }
 
-    let outcome = match event_rx.recv() {
-        Ok(Event::Guest(GuestExit::Reset)) if lock(&legacy).saw_panic() => Ok(Outcome::GuestPanic),
-        Ok(Event::Guest(GuestExit::Reset)) => Ok(Outcome::GuestExit),
-        Ok(Event::Crash) | Err(_) => Ok(Outcome::GuestCrash),
-        Ok(Event::Stop) => Ok(Outcome::Stopped),
-        Ok(Event::VcpuFailed(id, e)) => Err(VmmError::VcpuRun(id, e)),
-    };
+    let outcome = outcome_of(event_rx.recv().ok(), &legacy);
     for s in sockets {
         let _ = std::fs::remove_file(s);
     }
@@ -448,6 +433,110 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     outcome
 }
 
+/// How a VM ended, from the first event that ends it (`None`: every sender is gone).
+/// A reset after the guest printed "Kernel panic" is a panic, however much it printed after.
+fn outcome_of(event: Option<Event>, legacy: &Mutex<LegacyBus>) -> Result<Outcome, VmmError> {
+    match event {
+        Some(Event::Guest(GuestExit::Reset)) if lock(legacy).saw_panic() => Ok(Outcome::GuestPanic),
+        Some(Event::Guest(GuestExit::Reset)) => Ok(Outcome::GuestExit),
+        Some(Event::Crash) | None => Ok(Outcome::GuestCrash),
+        Some(Event::Stop) => Ok(Outcome::Stopped),
+        Some(Event::VcpuFailed(id, e)) => Err(VmmError::VcpuRun(id, e)),
+    }
+}
+
+/// The virtio-mmio devices of a VM, wired up.
+struct Attached {
+    transports: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+    /// Backend fds to poll, with the index of their device.
+    backend_fds: Vec<(RawFd, usize)>,
+    /// The `virtio_mmio.device=` kernel arguments that announce them.
+    cmdline: Vec<String>,
+}
+
+/// Puts each device behind a virtio-mmio window: device `i` at
+/// `layout::MMIO_BASE + i * layout::MMIO_SIZE`, its interrupt on GSI
+/// `layout::MMIO_IRQ_BASE + i`.
+fn attach_devices(
+    vm: &Vm,
+    devices: Vec<(String, Box<dyn VirtioDevice>)>,
+) -> Result<Attached, VmmError> {
+    let mut a = Attached {
+        transports: Vec::new(),
+        backend_fds: Vec::new(),
+        cmdline: Vec::new(),
+    };
+    for (i, (id, dev)) in devices.into_iter().enumerate() {
+        let base = layout::MMIO_BASE + i as u64 * layout::MMIO_SIZE;
+        let gsi = layout::MMIO_IRQ_BASE + i as u32;
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.register_irqfd(&evt, gsi)?;
+        a.cmdline
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        if let Some(fd) = dev.backend_fd() {
+            a.backend_fds.push((fd, i));
+        }
+        let t = MmioTransport::new(dev, vm.mem.clone(), IrqLine::new(evt));
+        a.transports.push((id, Arc::new(Mutex::new(t))));
+    }
+    Ok(a)
+}
+
+/// Forwards the legacy devices' guest exits to the VMM's event channel.
+fn spawn_exit_forwarder(
+    exit_rx: mpsc::Receiver<GuestExit>,
+    event_tx: mpsc::Sender<Event>,
+) -> Result<(), VmmError> {
+    thread::Builder::new()
+        .name("exit".into())
+        .spawn(move || {
+            for e in exit_rx {
+                let _ = event_tx.send(Event::Guest(e));
+            }
+        })
+        .map_err(VmmError::Thread)?;
+    Ok(())
+}
+
+/// The CPU mode a tiny test guest starts in (see [`run_raw_with`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RawMode {
+    /// Flat 16-bit real mode (CS base 0, no paging).
+    #[default]
+    Real,
+    /// 64-bit long mode as the Linux boot protocol enters it (the boot GDT, RSP at
+    /// `layout::BOOT_STACK`), with identity-mapped 2 MiB pages for the first GiB and for
+    /// 3-4 GiB, where the virtio-mmio windows are.
+    Long,
+}
+
+/// A tiny test guest: its code, the mode it starts in and its virtio devices.
+#[derive(Default)]
+pub struct RawGuest<'a> {
+    /// Loaded at guest address 0x1000, where the guest starts (in [`RawMode::Long`] at most
+    /// 24 KiB: the boot stack and page tables follow).
+    pub code: &'a [u8],
+    pub mode: RawMode,
+    /// Attached as [`run`] attaches its devices: device `i` at
+    /// `layout::MMIO_BASE + i * layout::MMIO_SIZE`.
+    pub devices: Vec<(String, Box<dyn VirtioDevice>)>,
+    /// How long the guest may run before the run fails (default 60 s).
+    pub timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for RawGuest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawGuest")
+            .field("code_len", &self.code.len())
+            .field("mode", &self.mode)
+            .field("devices", &self.devices.len())
+            .finish()
+    }
+}
+
+/// The page directory for 3-4 GiB in [`RawMode::Long`] (after the boot page tables).
+const RAW_HIGH_PD: u64 = layout::PD + 0x1000;
+
 /// Runs flat 16-bit `code` loaded at 0x1000 on one vCPU with the legacy devices, until the
 /// guest resets or crashes: the smallest guest that exercises the vCPU loop, for tests on
 /// hosts whose KVM cannot boot Linux. The serial output goes to `serial`.
@@ -455,10 +544,45 @@ pub fn run_raw(
     code: &[u8],
     serial: Box<dyn Write + Send>,
 ) -> Result<(Outcome, Option<Duration>), VmmError> {
+    run_raw_with(
+        RawGuest {
+            code,
+            ..Default::default()
+        },
+        serial,
+    )
+}
+
+/// Runs a tiny guest on one vCPU through the VMM's own vCPU loop, with the legacy devices
+/// and `guest.devices` behind virtio-mmio (port I/O and MMIO exits both reach real
+/// devices), until it resets or crashes. Returns how it ended (a reset after "Kernel panic"
+/// on the serial port is [`Outcome::GuestPanic`], as in [`run`]) and when it wrote the boot
+/// timer. Backend events of the devices are served as in [`run`]; there is no control API.
+pub fn run_raw_with(
+    guest: RawGuest<'_>,
+    serial: Box<dyn Write + Send>,
+) -> Result<(Outcome, Option<Duration>), VmmError> {
     let started = Instant::now();
     register_kick_handler()?;
     let vm = Vm::new(16)?;
-    vm.mem.write_slice(code, GuestAddress(0x1000))?;
+    let mode = guest.mode;
+    if mode == RawMode::Long && guest.code.len() > 0x6000 {
+        return Err(VmmError::RawCodeTooBig(guest.code.len()));
+    }
+    vm.mem.write_slice(guest.code, GuestAddress(0x1000))?;
+    if mode == RawMode::Long {
+        arch::write_boot_tables(&vm.mem)?;
+        vm.mem
+            .write_obj(RAW_HIGH_PD | 0x03, GuestAddress(layout::PDPT + 3 * 8))?;
+        for i in 0..512u64 {
+            let page = (3 << 30) + (i << 21);
+            // Present, writable, 2 MiB page, cache disabled (device memory).
+            vm.mem
+                .write_obj(page | 0x83 | 0x10, GuestAddress(RAW_HIGH_PD + i * 8))?;
+        }
+    }
+    let attached = attach_devices(&vm, guest.devices)?;
+    let transports: Transports = Arc::new(attached.transports);
     let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     vm.register_irqfd(&serial_evt, layout::SERIAL_IRQ)?;
     let (exit_tx, exit_rx) = mpsc::channel::<GuestExit>();
@@ -466,38 +590,43 @@ pub fn run_raw(
         serial_evt, serial, exit_tx, started,
     )));
     let (event_tx, event_rx) = mpsc::channel::<Event>();
-    let fd = vcpu::create(&vm.kvm, &vm.fd, 0, 1, None)?;
-    vcpu::set_real_mode_entry(&fd, 0x1000)?;
+    spawn_exit_forwarder(exit_rx, event_tx.clone())?;
+    if !attached.backend_fds.is_empty() {
+        spawn_io_thread(
+            transports.clone(),
+            attached.backend_fds,
+            None,
+            legacy.clone(),
+            event_tx.clone(),
+            Arc::new(Vec::new()),
+        )?;
+    }
+    let fd = match mode {
+        RawMode::Real => {
+            let fd = vcpu::create(&vm.kvm, &vm.fd, 0, 1, None)?;
+            vcpu::set_real_mode_entry(&fd, 0x1000)?;
+            fd
+        }
+        RawMode::Long => vcpu::create(&vm.kvm, &vm.fd, 0, 1, Some(0x1000))?,
+    };
     {
-        let (legacy, event_tx) = (legacy.clone(), event_tx.clone());
+        let (legacy, transports, event_tx) = (legacy.clone(), transports.clone(), event_tx.clone());
         thread::Builder::new()
             .name("vcpu0".into())
             .spawn(move || {
                 let stats = VcpuStats::default();
-                run_vcpu(
-                    0,
-                    fd,
-                    legacy,
-                    Arc::new(Vec::new()),
-                    event_tx,
-                    started,
-                    &stats,
-                )
+                run_vcpu(0, fd, legacy, transports, event_tx, started, &stats)
             })
             .map_err(VmmError::Thread)?;
     }
-    let outcome = loop {
-        if let Ok(GuestExit::Reset) = exit_rx.try_recv() {
-            break Ok(Outcome::GuestExit);
-        }
-        match event_rx.recv_timeout(Duration::from_millis(10)) {
-            Ok(Event::Crash) => break Ok(Outcome::GuestCrash),
-            Ok(Event::VcpuFailed(id, e)) => break Err(VmmError::VcpuRun(id, e)),
-            Ok(_) => break Ok(Outcome::GuestExit),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(Outcome::GuestCrash),
-        }
-    }?;
+    drop(event_tx);
+    let timeout = guest.timeout.unwrap_or(Duration::from_secs(60));
+    let event = match event_rx.recv_timeout(timeout) {
+        Ok(e) => Some(e),
+        Err(mpsc::RecvTimeoutError::Timeout) => return Err(VmmError::Timeout(timeout)),
+        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+    };
+    let outcome = outcome_of(event, &legacy)?;
     let ready = lock(&legacy).ready_after();
     Ok((outcome, ready))
 }
@@ -712,5 +841,242 @@ mod tests {
     #[test]
     fn overhead_is_measurable() {
         assert!(overhead_kib(0).is_some());
+    }
+
+    /// A kernel panic line, then a long stack dump (far more than any window of recent
+    /// output), then the reset of panic=-1: the VM ended in a panic (exit status 2).
+    #[test]
+    fn a_panic_then_a_long_dump_then_a_reset_is_a_panic() {
+        for panicked in [true, false] {
+            let (exit_tx, exit_rx) = mpsc::channel();
+            let legacy = Mutex::new(LegacyBus::new(
+                EventFd::new(0).unwrap(),
+                Box::new(std::io::sink()),
+                exit_tx,
+                Instant::now(),
+            ));
+            let print = |s: &[u8]| {
+                for b in s {
+                    lock(&legacy).write(0x3f8, &[*b]);
+                }
+            };
+            if panicked {
+                print(b"[    1.234567] Kernel panic - not syncing: Attempted to kill init!\n");
+            }
+            for i in 0..20_000 {
+                print(format!("[    1.{i:06}]  ? do_exit+0x{i:x}/0xb10\n").as_bytes());
+            }
+            assert!(lock(&legacy).write(0x64, &[0xfe]));
+            let event = exit_rx.try_recv().ok().map(Event::Guest);
+            let outcome = outcome_of(event, &legacy).unwrap();
+            if panicked {
+                assert_eq!(outcome, Outcome::GuestPanic);
+                assert_eq!(outcome.exit_code(), 2);
+            } else {
+                assert_eq!(outcome, Outcome::GuestExit);
+            }
+        }
+    }
+
+    #[test]
+    fn other_ends_map_to_their_outcomes() {
+        let (exit_tx, _exit_rx) = mpsc::channel();
+        let legacy = Mutex::new(LegacyBus::new(
+            EventFd::new(0).unwrap(),
+            Box::new(std::io::sink()),
+            exit_tx,
+            Instant::now(),
+        ));
+        let o = |e| outcome_of(e, &legacy);
+        assert_eq!(o(Some(Event::Crash)).unwrap(), Outcome::GuestCrash);
+        assert_eq!(o(None).unwrap(), Outcome::GuestCrash);
+        assert_eq!(o(Some(Event::Stop)).unwrap(), Outcome::Stopped);
+        assert!(matches!(
+            o(Some(Event::VcpuFailed(1, "x".into()))),
+            Err(VmmError::VcpuRun(1, _))
+        ));
+    }
+
+    /// The control API's inputs: a block drive, an empty drive slot, a vsock device.
+    struct Api {
+        _dir: tempfile::TempDir,
+        disk: PathBuf,
+        transports: Transports,
+        legacy: Arc<Mutex<LegacyBus>>,
+        events: mpsc::Sender<Event>,
+        events_rx: mpsc::Receiver<Event>,
+        stats: Vec<VcpuStats>,
+    }
+
+    impl Api {
+        fn new() -> Api {
+            let dir = tempfile::tempdir().unwrap();
+            let disk = dir.path().join("disk.img");
+            std::fs::write(&disk, vec![0u8; 8192]).unwrap();
+            let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)])
+                .unwrap();
+            let devices: Vec<(String, Box<dyn VirtioDevice>)> = vec![
+                (
+                    "rootfs".into(),
+                    Box::new(Block::new("rootfs", Some(&disk), true).unwrap()),
+                ),
+                (
+                    "slot1".into(),
+                    Box::new(Block::new("slot1", None, true).unwrap()),
+                ),
+                (
+                    "vsock".into(),
+                    Box::new(Vsock::new(3, &dir.path().join("v.sock")).unwrap()),
+                ),
+            ];
+            let transports = devices
+                .into_iter()
+                .map(|(id, d)| {
+                    let irq = IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+                    (
+                        id,
+                        Arc::new(Mutex::new(MmioTransport::new(d, mem.clone(), irq))),
+                    )
+                })
+                .collect();
+            let (exit_tx, _) = mpsc::channel();
+            let legacy = LegacyBus::new(
+                EventFd::new(0).unwrap(),
+                Box::new(std::io::sink()),
+                exit_tx,
+                Instant::now(),
+            );
+            let (events, events_rx) = mpsc::channel();
+            Api {
+                _dir: dir,
+                disk,
+                transports: Arc::new(transports),
+                legacy: Arc::new(Mutex::new(legacy)),
+                events,
+                events_rx,
+                stats: (0..2).map(|_| VcpuStats::default()).collect(),
+            }
+        }
+
+        fn ask(&self, line: &str) -> serde_json::Value {
+            api_answer(
+                line,
+                &self.transports,
+                &self.legacy,
+                &self.events,
+                &self.stats,
+            )
+        }
+
+        fn error(&self, line: &str) -> String {
+            let a = self.ask(line);
+            a["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{line} answered {a} without an error"))
+                .to_string()
+        }
+
+        /// A register of device `i`'s mmio window.
+        fn reg(&self, i: usize, off: u64) -> u32 {
+            let mut d = [0u8; 4];
+            lock(&self.transports[i].1).read(off, &mut d);
+            u32::from_le_bytes(d)
+        }
+    }
+
+    #[test]
+    fn api_refuses_unknown_and_malformed_requests() {
+        let api = Api::new();
+        assert!(api
+            .error(r#"{"frobnicate":{}}"#)
+            .contains("unknown request"));
+        assert!(api.error("{}").contains("unknown request"));
+        assert!(api.error("[1, 2]").contains("unknown request"));
+        for bad in [r#"{"status""#, "", "status", "{\"stop\":}"] {
+            assert!(api.error(bad).starts_with("not JSON"), "{bad:?}");
+        }
+        assert!(api.events_rx.try_recv().is_err(), "nothing was stopped");
+    }
+
+    #[test]
+    fn api_update_drive() {
+        let api = Api::new();
+        let disk = api.disk.display().to_string();
+        // Missing or mistyped fields.
+        for bad in [
+            r#"{"update_drive":{}}"#.to_string(),
+            r#"{"update_drive":{"id":"slot1"}}"#.to_string(),
+            format!(r#"{{"update_drive":{{"path":"{disk}"}}}}"#),
+            format!(r#"{{"update_drive":{{"id":1,"path":"{disk}"}}}}"#),
+            r#"{"update_drive":"slot1"}"#.to_string(),
+        ] {
+            assert_eq!(api.error(&bad), "update_drive needs id and path", "{bad}");
+        }
+        // An unknown drive, a device that is not a drive, a file that does not open.
+        let e = api.error(&format!(
+            r#"{{"update_drive":{{"id":"nope","path":"{disk}"}}}}"#
+        ));
+        assert_eq!(e, r#"no drive "nope""#);
+        let e = api.error(&format!(
+            r#"{{"update_drive":{{"id":"vsock","path":"{disk}"}}}}"#
+        ));
+        assert_eq!(e, "not a block device");
+        let e = api.error(r#"{"update_drive":{"id":"slot1","path":"/nonexistent/disk.img"}}"#);
+        assert!(
+            e.contains("opening the drive file /nonexistent/disk.img"),
+            "{e}"
+        );
+        // None of that changed a device's configuration.
+        for i in 0..3 {
+            assert_eq!(api.reg(i, 0xfc), 0, "config generation of device {i}");
+        }
+        // Filling the slot: the capacity and config generation move, the driver is told.
+        let a = api.ask(&format!(
+            r#"{{"update_drive":{{"id":"slot1","path":"{disk}"}}}}"#
+        ));
+        assert_eq!(a, serde_json::json!({"ok": true}));
+        assert_eq!(api.reg(1, 0x100), 16, "8 KiB in sectors");
+        assert_eq!(api.reg(1, 0xfc), 1);
+        assert_eq!(api.reg(1, 0x60) & 2, 2, "a configuration-change interrupt");
+        // Emptying it again.
+        let a = api.ask(r#"{"update_drive":{"id":"slot1","path":""}}"#);
+        assert_eq!(a, serde_json::json!({"ok": true}));
+        assert_eq!(api.reg(1, 0x100), 0);
+    }
+
+    #[test]
+    fn api_status_and_stop() {
+        let api = Api::new();
+        api.stats[0].record(1, 0x3f8);
+        api.stats[1].record(2, layout::MMIO_BASE + 0x70);
+        let st = api.ask(r#"{"status":{}}"#);
+        assert_eq!(st["state"], "running");
+        assert!(st["ready_ms"].is_null(), "not ready yet: {st}");
+        let vcpus = st["vcpus"].as_array().expect("vcpus");
+        assert_eq!(vcpus.len(), 2);
+        for v in vcpus {
+            for k in ["exits", "io_exits", "mmio_exits", "last_io", "regs"] {
+                assert!(v.get(k).is_some(), "vcpu field {k} missing: {v}");
+            }
+            assert!(v["regs"].is_null(), "no vCPU thread to sample");
+        }
+        assert_eq!(vcpus[0]["io_exits"], 1);
+        assert_eq!(vcpus[0]["last_io"], "port 0x3f8");
+        assert_eq!(vcpus[1]["mmio_exits"], 1);
+        assert_eq!(vcpus[1]["last_io"], "mmio 0xd0000070");
+        let devices = st["devices"].as_array().expect("devices");
+        let ids: Vec<_> = devices.iter().map(|d| d["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["rootfs", "slot1", "vsock"]);
+        assert!(devices.iter().all(|d| d["driver_status"] == 0));
+        // The guest signals ready and acknowledges a device.
+        lock(&api.legacy).write(crate::devices::legacy::BOOT_TIMER_PORT, &[1]);
+        lock(&api.transports[2].1).write(0x70, &1u32.to_le_bytes());
+        let st = api.ask(r#"{"status":{}}"#);
+        assert!(st["ready_ms"].is_u64(), "{st}");
+        assert_eq!(st["devices"][2]["driver_status"], 1);
+        assert!(api.events_rx.try_recv().is_err());
+        // Stop.
+        assert_eq!(api.ask(r#"{"stop":{}}"#), serde_json::json!({"ok": true}));
+        assert!(matches!(api.events_rx.try_recv(), Ok(Event::Stop)));
     }
 }

@@ -1,12 +1,18 @@
-//! A tiny hand-written guest through husk-vmm's real vCPU loop, on this host's own KVM
-//! (PVM runs such guests fine, though not Linux). Needs /dev/kvm; CI has it.
+//! Tiny hand-written guests through husk-vmm's real vCPU loop, on this host's own KVM
+//! (PVM runs such guests fine, though not Linux): port I/O to the legacy devices, MMIO exits
+//! to real virtio-mmio devices. Needs /dev/kvm (and root to open it); CI has both, so these
+//! tests fail rather than skip without them.
 
 use std::{
     io::Write,
     sync::{Arc, Mutex},
 };
 
-use husk_vmm::vmm::{run_raw, Outcome};
+use husk_vmm::{
+    arch::layout,
+    devices::virtio::{block::Block, vsock::Vsock},
+    vmm::{run_raw, run_raw_with, Outcome, RawGuest, RawMode},
+};
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -21,12 +27,16 @@ impl Write for Capture {
     }
 }
 
-#[test]
-fn tiny_guest_uses_serial_boot_timer_and_reset() {
+fn need_kvm() {
     assert!(
         std::path::Path::new("/dev/kvm").exists(),
         "this test needs /dev/kvm (CI machines have it)"
     );
+}
+
+#[test]
+fn tiny_guest_uses_serial_boot_timer_and_reset() {
+    need_kvm();
     #[rustfmt::skip]
     let code: &[u8] = &[
         0xba, 0xf8, 0x03,       // mov dx, 0x3f8 (COM1)
@@ -43,4 +53,127 @@ fn tiny_guest_uses_serial_boot_timer_and_reset() {
     assert_eq!(outcome, Outcome::GuestExit);
     assert_eq!(&out.0.lock().unwrap()[..], b"hi");
     assert!(ready.is_some(), "the boot-timer write was not seen");
+}
+
+/// Appends 64-bit code that reads the 32-bit register at `rbx + off` (one MMIO exit when
+/// rbx points at a virtio-mmio window) and sends it to the serial port (dx), low byte first.
+fn read_and_emit(code: &mut Vec<u8>, off: u32) {
+    code.extend_from_slice(&[0x8b, 0x83]); // mov eax, [rbx + disp32]
+    code.extend_from_slice(&off.to_le_bytes());
+    for i in 0..4 {
+        code.push(0xee); // out dx, al
+        if i < 3 {
+            code.extend_from_slice(&[0xc1, 0xe8, 0x08]); // shr eax, 8
+        }
+    }
+}
+
+/// The guest reads the virtio-mmio registers of a block device (backed by a temp file) and a
+/// vsock device through MMIO exits, writes one (the status register) and reads it back, and
+/// sends every value out on the serial port; the test checks them.
+#[test]
+fn tiny_guest_reads_virtio_mmio_registers() {
+    need_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let block = Block::new("rootfs", Some(&disk), false).unwrap();
+    let vsock = Vsock::new(42, &dir.path().join("v.sock")).unwrap();
+
+    let base = u32::try_from(layout::MMIO_BASE).expect("the MMIO windows are below 4 GiB");
+    let window = layout::MMIO_SIZE as u32;
+    // mov ebx, base (zero-extended into rbx); mov dx, 0x3f8 (COM1).
+    let mut code = vec![0xbb];
+    code.extend_from_slice(&base.to_le_bytes());
+    code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]);
+
+    // Device 0, the block device: magic, version, device id, vendor.
+    for off in [0x000, 0x004, 0x008, 0x00c] {
+        read_and_emit(&mut code, off);
+    }
+    // mov dword [rbx + 0x70], 1: the driver acknowledges the device (an MMIO write).
+    code.extend_from_slice(&[0xc7, 0x83, 0x70, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00]);
+    read_and_emit(&mut code, 0x070);
+    // The block device's configuration: its capacity in sectors (low half).
+    read_and_emit(&mut code, 0x100);
+    // Device 1, the vsock device: magic, device id, its configuration (the guest CID).
+    for off in [0x000, 0x008, 0x100] {
+        read_and_emit(&mut code, window + off);
+    }
+    // Past the last device: reads as 0.
+    read_and_emit(&mut code, 2 * window);
+    #[rustfmt::skip]
+    code.extend_from_slice(&[
+        0x66, 0xba, 0xf0, 0x03, // mov dx, 0x3f0 (boot timer)
+        0xb0, 0x01, 0xee,       // mov al, 1; out dx, al
+        0x66, 0xba, 0x64, 0x00, // mov dx, 0x64 (i8042)
+        0xb0, 0xfe, 0xee,       // mov al, 0xfe; out dx, al (reset)
+        0xf4,                   // hlt
+    ]);
+
+    let out = Capture::default();
+    let (outcome, ready) = run_raw_with(
+        RawGuest {
+            code: &code,
+            mode: RawMode::Long,
+            devices: vec![
+                ("rootfs".into(), Box::new(block)),
+                ("vsock".into(), Box::new(vsock)),
+            ],
+            ..Default::default()
+        },
+        Box::new(out.clone()),
+    )
+    .expect("the tiny guest ran");
+    assert_eq!(outcome, Outcome::GuestExit);
+    assert!(ready.is_some(), "the boot-timer write was not seen");
+    let got: Vec<u32> = out
+        .0
+        .lock()
+        .unwrap()
+        .chunks(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("whole registers")))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            0x7472_6976, // "virt"
+            2,           // virtio-mmio version 2
+            2,           // virtio-blk
+            0x4b53_5548, // "HUSK"
+            1,           // the status the guest wrote
+            2048,        // 1 MiB in 512-byte sectors
+            0x7472_6976,
+            19, // virtio-vsock
+            42, // its guest CID
+            0,
+        ],
+        "registers as the guest read them"
+    );
+}
+
+/// A guest that prints a panic line, then a long dump (far more than any window of recent
+/// output), then resets: the VM ended in a panic, not a clean exit.
+#[test]
+fn tiny_guest_panic_survives_a_long_dump() {
+    need_kvm();
+    let mut code = vec![0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for b in b"Kernel panic - not syncing: test\n" {
+        code.extend_from_slice(&[0xb0, *b, 0xee]); // mov al, b; out dx, al
+    }
+    #[rustfmt::skip]
+    code.extend_from_slice(&[
+        0xb9, 0x00, 0x40,       // mov cx, 0x4000
+        0xb0, b'x', 0xee,       // l: mov al, 'x'; out dx, al
+        0xe2, 0xfb,             // loop l
+        0xba, 0x64, 0x00,       // mov dx, 0x64 (i8042)
+        0xb0, 0xfe, 0xee,       // mov al, 0xfe; out dx, al (reset)
+        0xf4,                   // hlt
+    ]);
+    let out = Capture::default();
+    let (outcome, _) = run_raw(&code, Box::new(out.clone())).expect("the tiny guest ran");
+    let out = out.0.lock().unwrap();
+    assert!(out.starts_with(b"Kernel panic - not syncing: test\n"));
+    assert_eq!(out.iter().filter(|&&b| b == b'x').count(), 0x4000);
+    assert_eq!(outcome, Outcome::GuestPanic);
 }

@@ -32,11 +32,70 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// What the guest kernel prints when it panics.
+const PANIC_LINE: &[u8] = b"Kernel panic";
+
+/// The most serial output a log file gets: a guest printing in a loop cannot fill the host's
+/// disk.
+pub const SERIAL_LOG_MAX: u64 = 16 << 20;
+
+/// Passes the first `max` bytes on to `inner`, then writes one line saying the rest was
+/// dropped, then drops everything (still reporting success, so the serial device goes on).
+#[derive(Debug)]
+pub struct CappedWriter<W> {
+    inner: W,
+    max: u64,
+    written: u64,
+    truncated: bool,
+}
+
+impl<W: Write> CappedWriter<W> {
+    pub fn new(inner: W, max: u64) -> Self {
+        CappedWriter {
+            inner,
+            max,
+            written: 0,
+            truncated: false,
+        }
+    }
+}
+
+impl<W: Write> Write for CappedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.truncated {
+            return Ok(buf.len());
+        }
+        let room = self.max - self.written;
+        if room == 0 {
+            self.truncated = true;
+            let _ = write!(
+                self.inner,
+                "\n[husk-vmm: serial log truncated after {} bytes; further output is dropped]\n",
+                self.max
+            );
+            let _ = self.inner.flush();
+            return Ok(buf.len());
+        }
+        let n = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = self.inner.write(&buf[..n])?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Everything on the port-I/O bus.
 pub struct LegacyBus {
     serial: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
-    /// Recent serial output, to recognise a kernel panic.
-    tail: Vec<u8>,
+    /// The last few bytes of serial output (up to the length of [`PANIC_LINE`]), to
+    /// recognise the panic line however the guest's writes split it.
+    recent: Vec<u8>,
+    /// The guest printed [`PANIC_LINE`]: sticky, so no amount of output after it (a long
+    /// stack dump) hides the panic from the reset that follows.
+    panicked: bool,
     exit: Sender<GuestExit>,
     started: Instant,
     ready: Option<std::time::Duration>,
@@ -60,7 +119,8 @@ impl LegacyBus {
     ) -> Self {
         LegacyBus {
             serial: Serial::new(IrqTrigger(serial_irq), out),
-            tail: Vec::new(),
+            recent: Vec::with_capacity(PANIC_LINE.len()),
+            panicked: false,
             exit,
             started,
             ready: None,
@@ -73,9 +133,21 @@ impl LegacyBus {
         self.on_ready = Some(f);
     }
 
-    /// Whether the serial output mentions a kernel panic.
+    /// Whether the serial output ever mentioned a kernel panic.
     pub fn saw_panic(&self) -> bool {
-        String::from_utf8_lossy(&self.tail).contains("Kernel panic")
+        self.panicked
+    }
+
+    /// Watches one byte of serial output for the panic line.
+    fn watch(&mut self, b: u8) {
+        if self.panicked {
+            return;
+        }
+        if self.recent.len() == PANIC_LINE.len() {
+            self.recent.remove(0);
+        }
+        self.recent.push(b);
+        self.panicked = self.recent == PANIC_LINE;
     }
 
     /// When the guest signalled ready, since VMM start.
@@ -89,10 +161,7 @@ impl LegacyBus {
         match port {
             p if (SERIAL_BASE..SERIAL_BASE + 8).contains(&p) => {
                 if p == SERIAL_BASE {
-                    self.tail.push(v);
-                    if self.tail.len() > 4096 {
-                        self.tail.drain(..2048);
-                    }
+                    self.watch(v);
                 }
                 let _ = self.serial.write((p - SERIAL_BASE) as u8, v);
                 true
@@ -172,5 +241,70 @@ mod tests {
         bus.read(0x1234, &mut d);
         assert_eq!(d[0], 0xff);
         assert!(!bus.write(0x1234, &[1]));
+    }
+
+    fn bus(out: Box<dyn Write + Send>) -> (LegacyBus, mpsc::Receiver<GuestExit>) {
+        let (tx, rx) = mpsc::channel();
+        let bus = LegacyBus::new(EventFd::new(0).unwrap(), out, tx, Instant::now());
+        (bus, rx)
+    }
+
+    fn print(bus: &mut LegacyBus, s: &[u8]) {
+        for b in s {
+            bus.write(SERIAL_BASE, &[*b]);
+        }
+    }
+
+    /// The panic line is recognised wherever the output splits it, near misses are not, and
+    /// once seen it stays seen through any amount of output after it.
+    #[test]
+    fn the_panic_line_is_sticky() {
+        let (mut bus, _rx) = bus(Box::new(std::io::sink()));
+        print(
+            &mut bus,
+            b"Kernel pani\nKernel  panic\nKernel_panic\nkernel panic\n",
+        );
+        assert!(!bus.saw_panic());
+        print(&mut bus, b"KKernel");
+        print(&mut bus, b" pan");
+        assert!(!bus.saw_panic());
+        print(&mut bus, b"ic - not syncing: VFS\n");
+        assert!(bus.saw_panic());
+        for i in 0..20_000 {
+            print(
+                &mut bus,
+                format!(" [<ffffffff8100{i:04x}>] dump_stack+0x{i:x}\n").as_bytes(),
+            );
+        }
+        assert!(bus.saw_panic());
+    }
+
+    /// The serial log stops at its cap, with one line that says so, and the guest's serial
+    /// port goes on working (and the panic watch too).
+    #[test]
+    fn the_serial_log_is_capped() {
+        let out = Shared::default();
+        let mut w = CappedWriter::new(out.clone(), 10);
+        w.write_all(b"0123456").unwrap();
+        w.write_all(b"789abc").unwrap();
+        w.write_all(b"more").unwrap();
+        w.flush().unwrap();
+        let got = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            got,
+            "0123456789\n[husk-vmm: serial log truncated after 10 bytes; further output is dropped]\n"
+        );
+
+        let out = Shared::default();
+        let (mut bus, rx) = bus(Box::new(CappedWriter::new(out.clone(), 1000)));
+        for _ in 0..100 {
+            print(&mut bus, &[b'x'; 100]);
+        }
+        print(&mut bus, b"Kernel panic");
+        let len = out.0.lock().unwrap().len();
+        assert!(len < 1100, "the log grew to {len} bytes");
+        assert!(bus.saw_panic());
+        assert!(bus.write(0x64, &[0xfe]));
+        assert_eq!(rx.try_recv().unwrap(), GuestExit::Reset);
     }
 }

@@ -2,6 +2,8 @@
 
 pub mod block;
 pub mod mmio;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod vsock;
 
 use std::sync::{

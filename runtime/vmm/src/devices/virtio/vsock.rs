@@ -2,29 +2,38 @@
 //! host side:
 //! - the host connects to the Unix socket `uds`, writes `CONNECT <port>\n`, and once the guest
 //!   accepts gets `OK <hostport>\n`; then bytes flow to the guest listener on `port`;
-//! - a guest connection to CID 2 port P is forwarded to the Unix socket `<uds>_P`.
+//! - a guest connection to CID 2 port P is forwarded to the Unix socket `<uds>_P`. The
+//!   connect never blocks (the device runs on a vCPU or the I/O thread, under the device
+//!   lock): a listener whose backlog is full refuses the guest with RST at once, as a port
+//!   nobody listens on does, and the guest may retry.
 //!
 //! Flow control is virtio's credit scheme: we never send the guest more than it said it has
 //! room for (buf_alloc - (rx_cnt - fwd_cnt)), and we advertise [`BUF_ALLOC`] of our own,
 //! keeping at most that much of the guest's data per connection while the host reader is slow.
-//! Everything from the guest is bounded: packet sizes, connection buffers, the control queue.
+//! Everything from the guest is bounded: packet sizes, connection buffers, the control queue,
+//! and the warnings it can trigger (rate-limited, see [`LogLimiter`]).
 
 use std::{
     collections::{HashMap, VecDeque},
+    ffi::OsString,
     io::{ErrorKind, Read, Write},
     os::{
-        fd::{AsRawFd, RawFd},
-        unix::net::{UnixListener, UnixStream},
+        fd::{AsRawFd, FromRawFd, RawFd},
+        unix::{
+            ffi::OsStrExt,
+            net::{UnixListener, UnixStream},
+        },
     },
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::ratelimit::LogLimiter;
 
 const VIRTIO_ID_VSOCK: u32 = 19;
 const HOST_CID: u64 = 2;
@@ -244,6 +253,9 @@ pub struct Vsock {
     mem: Option<GuestMemoryMmap>,
     queues: Vec<Queue>,
     irq: Option<Arc<IrqLine>>,
+    /// Warnings the guest (or a host peer) can trigger again and again.
+    ctrl_full_log: LogLimiter,
+    accept_log: LogLimiter,
 }
 
 impl Vsock {
@@ -276,6 +288,8 @@ impl Vsock {
             mem: None,
             queues: Vec::new(),
             irq: None,
+            ctrl_full_log: LogLimiter::default(),
+            accept_log: LogLimiter::default(),
         })
     }
 
@@ -297,10 +311,61 @@ impl Vsock {
     fn push_ctrl(&mut self, h: Header) {
         if self.ctrl.len() < MAX_CTRL {
             self.ctrl.push_back(h);
-        } else {
-            tracing::warn!("vsock: control queue full, dropping a packet");
+        } else if let Some(left_out) = self.ctrl_full_log.hit() {
+            tracing::warn!(
+                "vsock: control queue full, dropping a packet ({left_out} more dropped since the last warning)"
+            );
         }
     }
+}
+
+/// Connects a non-blocking stream socket to the Unix socket at `path` without ever waiting:
+/// on Linux a Unix-socket connect either completes at once or fails, and with a full
+/// listener backlog a non-blocking one fails with EAGAIN (instead of sleeping until the
+/// listener accepts). The caller treats every error as a refusal.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid (empty) address.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    // Room for the terminating NUL, and no NUL inside (it would name another socket).
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            "not a usable Unix socket path",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments has no memory-safety preconditions.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket that nothing else owns; the stream closes it on drop,
+    // also on the error path below.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un that lives across the call, and `len` does not
+    // exceed its size (checked above).
+    let r = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(),
+            len as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// A packet from the host side of connection `key` to the guest `cid`.
@@ -354,8 +419,9 @@ impl Vsock {
                 self.push_ctrl(r);
                 return;
             }
-            let path = format!("{}_{}", self.uds.display(), h.dst_port);
-            match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+            let mut path = OsString::from(self.uds.as_os_str());
+            path.push(format!("_{}", h.dst_port));
+            match connect_nonblocking(Path::new(&path)) {
                 Ok(stream) => {
                     let mut c = Conn::new(stream, State::Established);
                     c.peer_buf_alloc = h.buf_alloc;
@@ -470,7 +536,11 @@ impl Vsock {
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    tracing::warn!("vsock accept: {e}");
+                    if let Some(left_out) = self.accept_log.hit() {
+                        tracing::warn!(
+                            "vsock accept: {e} ({left_out} more failures since the last warning)"
+                        );
+                    }
                     break;
                 }
             }
@@ -614,8 +684,15 @@ impl Vsock {
             };
             let head = chain.head_index();
             let mut pkt = Vec::new();
+            let mut valid = true;
             for d in chain.take(QUEUE_SIZES[1] as usize) {
                 if d.is_write_only() {
+                    break;
+                }
+                // A buffer that is not all guest memory (outside it, or of an absurd length)
+                // makes the whole packet invalid, whatever part of it we would read.
+                if !GuestMemoryBackend::check_range(&mem, d.addr(), d.len() as usize) {
+                    valid = false;
                     break;
                 }
                 let room = HDR_LEN + MAX_PKT - pkt.len();
@@ -632,6 +709,9 @@ impl Vsock {
             }
             let _ = q.add_used(&mem, head, 0);
             used = true;
+            if !valid {
+                continue;
+            }
             if let Some(h) = Header::parse(&pkt) {
                 let end = (HDR_LEN + h.len as usize).min(pkt.len());
                 self.handle_guest_packet(h, &pkt[HDR_LEN..end]);
@@ -651,7 +731,11 @@ impl Vsock {
             let data_key = if self.ctrl.is_empty() {
                 self.conns
                     .iter()
-                    .find(|(_, c)| c.state != State::Draining && !c.rx_pending.is_empty())
+                    .find(|(_, c)| {
+                        c.state != State::Draining
+                            && !c.rx_pending.is_empty()
+                            && c.peer_credit() > 0
+                    })
                     .map(|(k, _)| *k)
             } else {
                 None
@@ -672,6 +756,18 @@ impl Vsock {
                 .map(|d| (d.addr(), d.len() as usize))
                 .collect();
             let cap: usize = bufs.iter().map(|b| b.1).sum();
+            // Buffers that are not all guest memory, or too small for a header, go back
+            // unused, and the packet waits for the next buffers.
+            let usable = cap >= HDR_LEN
+                && bufs
+                    .iter()
+                    .all(|&(a, l)| GuestMemoryBackend::check_range(&mem, a, l));
+            if !usable {
+                let q = self.queues.get_mut(0).expect("checked above");
+                let _ = q.add_used(&mem, head, 0);
+                used = true;
+                continue;
+            }
             let (hdr, data) = if let Some(h) = self.ctrl.pop_front() {
                 (h, Vec::new())
             } else {
@@ -679,7 +775,12 @@ impl Vsock {
                 let fwd = self.conns[&key].fwd_cnt;
                 let mut h = packet(self.cid, key, OP_RW, 0, fwd);
                 let c = self.conns.get_mut(&key).expect("present");
-                let n = c.rx_pending.len().min(cap.saturating_sub(HDR_LEN));
+                // Within the guest's credit now, also if it shrank its buffer since we read.
+                let n = c
+                    .rx_pending
+                    .len()
+                    .min(cap - HDR_LEN)
+                    .min(c.peer_credit() as usize);
                 let data: Vec<u8> = c.rx_pending.drain(..n).collect();
                 c.rx_cnt = c.rx_cnt.wrapping_add(n as u32);
                 c.last_fwd_cnt_sent = fwd;
@@ -688,11 +789,7 @@ impl Vsock {
             };
             let mut bytes = hdr.to_bytes().to_vec();
             bytes.extend_from_slice(&data);
-            let written = if cap >= HDR_LEN {
-                write_scattered(&mem, &bufs, &bytes)
-            } else {
-                0
-            };
+            let written = write_scattered(&mem, &bufs, &bytes);
             let q = self.queues.get_mut(0).expect("checked above");
             let _ = q.add_used(&mem, head, written as u32);
             used = true;
@@ -818,6 +915,167 @@ impl VirtioDevice for Vsock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::testing::{Buf, DriverQueue, F_INDIRECT};
+    use std::time::{Duration, Instant};
+    use vmm_sys_util::eventfd::EventFd;
+
+    const GUEST_MEM: u64 = 8 << 20;
+    /// Where [`Guest`] puts its packet buffers.
+    const BUFS: u64 = 1 << 20;
+
+    /// A guest driving the device through real virtqueues in fake guest memory.
+    struct Guest {
+        mem: GuestMemoryMmap,
+        rx: DriverQueue,
+        tx: DriverQueue,
+        next_buf: u64,
+    }
+
+    impl Guest {
+        /// Activates `v` as the guest's driver does.
+        fn start(v: &mut Vsock) -> Guest {
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST_MEM as usize)])
+                .unwrap();
+            let [rx, tx, ev] = [0x10000, 0x20000, 0x30000].map(|b| DriverQueue::new(b, 256));
+            let queues = [&rx, &tx, &ev].map(|q| q.device_queue(&mem)).into();
+            let irq = IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+            v.activate(mem.clone(), queues, irq);
+            Guest {
+                mem,
+                rx,
+                tx,
+                next_buf: BUFS,
+            }
+        }
+
+        fn alloc(&mut self, len: usize) -> u64 {
+            let a = self.next_buf;
+            self.next_buf += (len as u64).next_multiple_of(64);
+            assert!(
+                self.next_buf <= GUEST_MEM,
+                "the test ran out of guest memory"
+            );
+            a
+        }
+
+        /// Sends `pieces` as one TX chain, one descriptor each; every TX chain comes back.
+        fn send(&mut self, v: &mut Vsock, pieces: &[&[u8]]) {
+            let bufs: Vec<Buf> = pieces
+                .iter()
+                .map(|p| {
+                    let a = self.alloc(p.len());
+                    self.mem.write_slice(p, GuestAddress(a)).unwrap();
+                    (a, p.len() as u32, false)
+                })
+                .collect();
+            self.send_bufs(v, &bufs);
+        }
+
+        /// Sends a chain of raw buffers (for bad ones).
+        fn send_bufs(&mut self, v: &mut Vsock, bufs: &[Buf]) {
+            let head = self.tx.add_chain(&self.mem, bufs);
+            v.queue_notify(1);
+            assert_eq!(
+                self.tx.take_used(&self.mem),
+                [(head, 0)],
+                "the TX chain was not given back"
+            );
+        }
+
+        /// A packet with its header and payload in one descriptor.
+        fn packet(&mut self, v: &mut Vsock, h: Header, payload: &[u8]) {
+            let mut b = h.to_bytes().to_vec();
+            b.extend_from_slice(payload);
+            self.send(v, &[&b]);
+        }
+
+        /// Offers one RX chain of write-only buffers of these sizes.
+        fn offer_rx(&mut self, lens: &[u32]) {
+            let bufs: Vec<Buf> = lens
+                .iter()
+                .map(|&l| (self.alloc(l as usize), l, true))
+                .collect();
+            self.rx.add_chain(&self.mem, &bufs);
+        }
+
+        /// The packets the device put into RX chains since the last call, and the bytes
+        /// each chain got.
+        fn received(&mut self) -> Vec<(Header, Vec<u8>, u32)> {
+            self.rx
+                .take_used(&self.mem)
+                .into_iter()
+                .filter(|&(_, len)| len > 0)
+                .map(|(head, len)| {
+                    let b = self.rx.read_chain(&self.mem, head, len);
+                    let h = Header::parse(&b).expect("a whole header");
+                    assert_eq!(
+                        b.len(),
+                        HDR_LEN + h.len as usize,
+                        "header and payload agree"
+                    );
+                    (h, b[HDR_LEN..].to_vec(), len)
+                })
+                .collect()
+        }
+
+        /// Runs the device's backend until `done` holds for what arrived, or `within`
+        /// passed; with `refill`, offers a fresh RX chain of that many bytes for each used one.
+        fn poll_until(
+            &mut self,
+            v: &mut Vsock,
+            refill: Option<u32>,
+            within: Duration,
+            mut done: impl FnMut(&[(Header, Vec<u8>, u32)]) -> bool,
+        ) -> Vec<(Header, Vec<u8>, u32)> {
+            let deadline = Instant::now() + within;
+            let mut got = Vec::new();
+            while !done(&got) && Instant::now() < deadline {
+                v.process_backend();
+                let new = self.received();
+                if let Some(len) = refill {
+                    for _ in &new {
+                        self.offer_rx(&[len]);
+                    }
+                }
+                got.extend(new);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            got
+        }
+    }
+
+    /// A device on a fresh socket, with a host listener on port `port`.
+    fn device_with_listener(port: u32) -> (tempfile::TempDir, Vsock, UnixListener) {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let v = Vsock::new(3, &uds).unwrap();
+        let l = UnixListener::bind(format!("{}_{port}", uds.display())).unwrap();
+        (dir, v, l)
+    }
+
+    /// The guest connects to host port `port` from `guest_port` with `buf_alloc`; returns
+    /// the host's end.
+    fn connect(
+        g: &mut Guest,
+        v: &mut Vsock,
+        l: &UnixListener,
+        guest_port: u32,
+        port: u32,
+        buf_alloc: u32,
+    ) -> UnixStream {
+        g.offer_rx(&[4096]);
+        let mut req = hdr(OP_REQUEST, guest_port, port, 0);
+        req.buf_alloc = buf_alloc;
+        g.packet(v, req, &[]);
+        let got = g.received();
+        assert_eq!(got.len(), 1);
+        let r = got[0].0;
+        assert_eq!(
+            (r.op, r.src_cid, r.dst_cid, r.src_port, r.dst_port),
+            (OP_RESPONSE, HOST_CID, 3, port, guest_port)
+        );
+        l.accept().unwrap().0
+    }
 
     fn hdr(op: u16, src_port: u32, dst_port: u32, len: u32) -> Header {
         Header {
@@ -1008,5 +1266,337 @@ mod tests {
         }
         assert!(v.ctrl.len() <= MAX_CTRL);
         assert!(v.conns.len() <= MAX_CONNS);
+    }
+
+    /// Packets read from the TX ring: header and payload in one descriptor, or split over
+    /// several anywhere (even inside the header): a chain is one buffer.
+    #[test]
+    fn tx_packets_in_one_descriptor_or_split_over_a_chain() {
+        let (_dir, mut v, l) = device_with_listener(5000);
+        let mut g = Guest::start(&mut v);
+        let mut s = connect(&mut g, &mut v, &l, 1234, 5000, 65536);
+        g.packet(&mut v, hdr(OP_RW, 1234, 5000, 5), b"hello");
+        let h = hdr(OP_RW, 1234, 5000, 6).to_bytes();
+        g.send(
+            &mut v,
+            &[&h[..10], &h[10..30], &h[30..], b"wo", b"r", b"ld!"],
+        );
+        let mut mixed = hdr(OP_RW, 1234, 5000, 4).to_bytes().to_vec();
+        mixed.extend_from_slice(b"<>");
+        g.send(&mut v, &[&mixed, b"()"]);
+        // Bytes past the header's length are not payload.
+        g.packet(&mut v, hdr(OP_RW, 1234, 5000, 2), b"..IGNORED");
+        let want = b"helloworld!<>()..";
+        let mut got = vec![0u8; want.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, want);
+        s.set_nonblocking(true).unwrap();
+        let mut more = [0u8; 16];
+        assert_eq!(
+            s.read(&mut more).map_err(|e| e.kind()),
+            Err(ErrorKind::WouldBlock),
+            "nothing beyond the headers' lengths"
+        );
+        // A chain shorter than a header is dropped.
+        g.send(&mut v, &[&h[..20]]);
+        assert!(v.ctrl.is_empty());
+    }
+
+    /// A host packet goes into the guest's RX chain across several small buffers (the
+    /// header itself split), and a packet bigger than a chain continues in the next ones.
+    #[test]
+    fn rx_packets_spread_over_small_guest_buffers() {
+        let (_dir, mut v, l) = device_with_listener(5000);
+        let mut g = Guest::start(&mut v);
+        let mut s = connect(&mut g, &mut v, &l, 1234, 5000, 65536);
+        let data: Vec<u8> = (0..100u8).collect();
+        s.write_all(&data).unwrap();
+        g.offer_rx(&[16, 16, 20, 8, 100]);
+        let got = g.poll_until(&mut v, None, Duration::from_secs(5), |p| !p.is_empty());
+        assert_eq!(got.len(), 1);
+        let (h, payload, used_len) = &got[0];
+        assert_eq!(
+            (h.op, h.len, h.src_port, h.dst_port),
+            (OP_RW, 100, 5000, 1234)
+        );
+        assert_eq!(payload, &data);
+        assert_eq!(*used_len as usize, HDR_LEN + 100);
+
+        // 300 bytes into chains of 3 x 30 bytes: 46 bytes of payload each.
+        let big: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+        s.write_all(&big).unwrap();
+        let mut all = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while all.len() < big.len() && Instant::now() < deadline {
+            g.offer_rx(&[30, 30, 30]);
+            v.process_backend();
+            for (h, p, _) in g.received() {
+                assert_eq!(h.op, OP_RW);
+                assert!(p.len() <= 90 - HDR_LEN);
+                all.extend_from_slice(&p);
+            }
+        }
+        assert_eq!(all, big);
+    }
+
+    /// A guest that advertises a small buffer never gets more than its credit, however much
+    /// the host writes; its credit updates let the rest through, still within credit. A
+    /// guest that shrinks its buffer after the host's data was read is respected too.
+    #[test]
+    fn a_small_guest_buffer_is_never_overrun() {
+        const ALLOC: u32 = 100;
+        let (_dir, mut v, l) = device_with_listener(5000);
+        let mut g = Guest::start(&mut v);
+        let mut s = connect(&mut g, &mut v, &l, 1234, 5000, ALLOC);
+        let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        s.write_all(&data).unwrap();
+        for _ in 0..8 {
+            g.offer_rx(&[4096]);
+        }
+        let mut received = Vec::new();
+        let mut fwd = 0u32;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while received.len() < data.len() && Instant::now() < deadline {
+            let want = (fwd as usize + ALLOC as usize).min(data.len()) - received.len();
+            let got = g.poll_until(&mut v, Some(4096), Duration::from_secs(5), |p| {
+                p.iter().map(|x| x.1.len()).sum::<usize>() >= want
+            });
+            // Give the device a chance to overstep before checking.
+            let extra = g.poll_until(&mut v, Some(4096), Duration::from_millis(20), |_| false);
+            for (h, p, _) in got.into_iter().chain(extra) {
+                if h.op == OP_RW {
+                    received.extend_from_slice(&p);
+                }
+                assert!(
+                    received.len() as u32 - fwd <= ALLOC,
+                    "{} bytes in flight with a credit of {ALLOC}",
+                    received.len() as u32 - fwd
+                );
+            }
+            // The guest's application read everything: it tells the host.
+            fwd = received.len() as u32;
+            let mut u = hdr(OP_CREDIT_UPDATE, 1234, 5000, 0);
+            (u.buf_alloc, u.fwd_cnt) = (ALLOC, fwd);
+            g.packet(&mut v, u, &[]);
+        }
+        assert_eq!(received, data);
+
+        // The host's data is read while the credit is large; then the guest shrinks it.
+        let mut s2 = connect(&mut g, &mut v, &l, 1300, 5000, 4096);
+        let key = (5000, 1300);
+        s2.write_all(&[7u8; 1000]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while v.conns[&key].rx_pending.is_empty() && Instant::now() < deadline {
+            // No RX buffers on offer: what the device read stays pending.
+            v.handle_host_events();
+            v.update_interests();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(v.conns[&key].rx_pending.len(), 1000);
+        let mut shrink = hdr(OP_CREDIT_UPDATE, 1300, 5000, 0);
+        shrink.buf_alloc = 10;
+        g.packet(&mut v, shrink, &[]);
+        for _ in 0..4 {
+            g.offer_rx(&[4096]);
+        }
+        let got: usize = g
+            .poll_until(&mut v, None, Duration::from_millis(50), |_| false)
+            .iter()
+            .filter(|x| x.0.op == OP_RW)
+            .map(|x| x.1.len())
+            .sum();
+        assert_eq!(got, 10, "only the shrunk credit was sent");
+    }
+
+    /// Descriptors outside guest memory, wrapping around the address space, of absurd
+    /// lengths, indirect ones (not offered) and heads past the ring: refused without a panic,
+    /// the chains given back, and the device still works afterwards.
+    #[test]
+    fn bad_descriptors_are_refused_without_panic() {
+        let (_dir, mut v, l) = device_with_listener(5000);
+        let mut g = Guest::start(&mut v);
+        let mut s = connect(&mut g, &mut v, &l, 1234, 5000, 65536);
+        // A valid packet, behind descriptors that are not all guest memory.
+        let mut pkt = hdr(OP_RW, 1234, 5000, 3).to_bytes().to_vec();
+        pkt.extend_from_slice(b"bad");
+        let a = g.alloc(pkt.len());
+        g.mem.write_slice(&pkt, GuestAddress(a)).unwrap();
+        for bufs in [
+            vec![(GUEST_MEM + 0x1000, 64, false)],
+            vec![(u64::MAX - 8, 64, false)],
+            vec![(a, u32::MAX, false)],
+            vec![(a, pkt.len() as u32, false), (GUEST_MEM - 16, 4096, false)],
+            vec![(GUEST_MEM - 16, 4096, false), (a, pkt.len() as u32, false)],
+        ] {
+            g.send_bufs(&mut v, &bufs);
+        }
+        // An indirect descriptor pointing outside memory.
+        let head = 200;
+        g.tx.write_desc(&g.mem, head, (GUEST_MEM * 4, 16 * 4, F_INDIRECT, 0));
+        g.tx.publish(&g.mem, head);
+        v.queue_notify(1);
+        // A head index past the ring's end.
+        g.tx.publish(&g.mem, 999);
+        v.queue_notify(1);
+        let _ = g.tx.take_used(&g.mem);
+        // A chain that loops on itself (over zeroes: a packet from CID 0, answered by RST):
+        // read at most once per ring entry.
+        let zeroes = g.alloc(64);
+        g.tx.write_desc(&g.mem, 100, (zeroes, 8, 1, 100));
+        g.tx.publish(&g.mem, 100);
+        v.queue_notify(1);
+        let _ = g.tx.take_used(&g.mem);
+        assert_eq!(v.ctrl.pop_front().map(|h| h.op), Some(OP_RST));
+        assert!(v.ctrl.is_empty());
+        // None of these packets got through.
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 16];
+        assert_eq!(
+            s.read(&mut b).map_err(|e| e.kind()),
+            Err(ErrorKind::WouldBlock)
+        );
+        s.set_nonblocking(false).unwrap();
+        // RX buffers outside memory, too short for a header, or of absurd length: given
+        // back empty, and the packet waits for good buffers.
+        let _ = g.received();
+        v.handle_guest_packet(hdr(OP_CREDIT_REQUEST, 1234, 5000, 0), &[]);
+        assert_eq!(v.ctrl.len(), 1);
+        for bufs in [
+            vec![(GUEST_MEM + 0x1000, 4096, true)],
+            vec![(u64::MAX - 8, 4096, true)],
+            vec![(BUFS, 20, true), (BUFS + 64, 20, true)],
+            vec![(BUFS, u32::MAX, true)],
+            vec![(BUFS, 4096, true), (GUEST_MEM - 16, 4096, true)],
+        ] {
+            g.rx.add_chain(&g.mem, &bufs);
+        }
+        v.queue_notify(0);
+        let used = g.rx.take_used(&g.mem);
+        assert_eq!(used.len(), 5);
+        assert!(used.iter().all(|&(_, len)| len == 0));
+        assert_eq!(v.ctrl.len(), 1, "the packet still waits");
+        g.offer_rx(&[4096]);
+        let got = g.poll_until(&mut v, None, Duration::from_secs(5), |p| !p.is_empty());
+        assert_eq!(got[0].0.op, OP_CREDIT_UPDATE);
+        // A good packet still gets through.
+        g.packet(&mut v, hdr(OP_RW, 1234, 5000, 4), b"good");
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"good");
+    }
+
+    /// Beyond MAX_CONNS connections, a guest request is answered with RST (and nothing is
+    /// connected on the host); once one closes, a new one is accepted again.
+    #[test]
+    fn connections_beyond_the_limit_are_reset() {
+        // One socket per connection on the device's side (the host's ends are closed).
+        let need = MAX_CONNS as u64 + 256;
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+            if lim.rlim_cur < need && lim.rlim_max >= need {
+                lim.rlim_cur = need;
+                assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+            }
+        }
+        assert!(
+            lim.rlim_cur >= need,
+            "this test needs {need} open files, the limit is {}",
+            lim.rlim_cur
+        );
+        let (_dir, mut v, l) = device_with_listener(6000);
+        l.set_nonblocking(true).unwrap();
+        for i in 0..MAX_CONNS as u32 {
+            v.handle_guest_packet(hdr(OP_REQUEST, 10_000 + i, 6000, 0), &[]);
+            assert_eq!(
+                v.ctrl.pop_front().map(|h| h.op),
+                Some(OP_RESPONSE),
+                "conn {i}"
+            );
+            drop(l.accept().unwrap());
+        }
+        assert_eq!(v.conns.len(), MAX_CONNS);
+        for i in 0..3 {
+            v.handle_guest_packet(hdr(OP_REQUEST, 20_000 + i, 6000, 0), &[]);
+            let r = v.ctrl.pop_front().unwrap();
+            assert_eq!((r.op, r.dst_port), (OP_RST, 20_000 + i));
+            assert_eq!(
+                l.accept().map(|_| ()).map_err(|e| e.kind()),
+                Err(ErrorKind::WouldBlock),
+                "no host connection beyond the limit"
+            );
+        }
+        assert_eq!(v.conns.len(), MAX_CONNS);
+        v.handle_guest_packet(hdr(OP_RST, 10_000, 6000, 0), &[]);
+        v.handle_guest_packet(hdr(OP_REQUEST, 20_000, 6000, 0), &[]);
+        assert_eq!(v.ctrl.pop_front().map(|h| h.op), Some(OP_RESPONSE));
+    }
+
+    /// A host listener whose backlog is full refuses the guest at once (RST) instead of
+    /// blocking the device (and the vCPU) until the listener accepts.
+    #[test]
+    fn a_full_host_backlog_refuses_instead_of_blocking() {
+        let (_dir, mut v, l) = device_with_listener(7000);
+        // A backlog of 0: one connection waits in it, the next finds it full.
+        // SAFETY: listen(2) on a socket we own.
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ops = Vec::new();
+            for port in [1, 2, 3] {
+                v.handle_guest_packet(hdr(OP_REQUEST, port, 7000, 0), &[]);
+                ops.push(v.ctrl.pop_front().map(|h| h.op));
+            }
+            let _ = tx.send((ops, v));
+        });
+        let (ops, _v) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the device blocked on a full backlog");
+        assert_eq!(ops[0], Some(OP_RESPONSE));
+        assert_eq!(ops[1..], [Some(OP_RST), Some(OP_RST)]);
+        drop(l);
+    }
+
+    #[test]
+    fn nonblocking_connect_refuses_bad_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(connect_nonblocking(&dir.path().join("nobody")).is_err());
+        let long = dir.path().join("x".repeat(200));
+        assert_eq!(
+            connect_nonblocking(&long).map(|_| ()).unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
+        let p = dir.path().join("ok");
+        let l = UnixListener::bind(&p).unwrap();
+        let mut s = connect_nonblocking(&p).unwrap();
+        let (mut a, _) = l.accept().unwrap();
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        a.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"x");
+        // The stream is non-blocking.
+        assert_eq!(
+            s.read(&mut b).map_err(|e| e.kind()),
+            Err(ErrorKind::WouldBlock)
+        );
+    }
+
+    /// A guest filling the control queue in a loop gets a warning per second, not per packet.
+    #[test]
+    fn a_full_control_queue_warns_rarely() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = Vsock::new(3, &dir.path().join("v.sock")).unwrap();
+        let mut bad = hdr(OP_RW, 1, 2, 0);
+        bad.src_cid = 99;
+        for _ in 0..MAX_CTRL + 10_000 {
+            v.handle_guest_packet(bad, &[]);
+        }
+        assert_eq!(v.ctrl.len(), MAX_CTRL);
+        // The first drop was logged; the next 9999 are only counted.
+        assert_eq!(v.ctrl_full_log.hit(), None);
     }
 }
