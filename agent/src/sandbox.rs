@@ -492,6 +492,31 @@ impl Sandbox {
             .map_err(AgentError::FailedPrecondition)
     }
 
+    pub fn remove_process(&self, req: &pb::RemoveProcessRequest) -> Result<()> {
+        let c = self.get(&req.container_id)?;
+        if req.exec_id.is_empty() {
+            return Err(AgentError::InvalidArgument(
+                "exec_id: empty names the init process, which goes with RemoveContainer".into(),
+            ));
+        }
+        let mut execs = lock(&c.execs);
+        let p = execs.get(&req.exec_id).ok_or_else(|| {
+            AgentError::NotFound(format!(
+                "container {:?} has no process {:?}",
+                req.container_id, req.exec_id
+            ))
+        })?;
+        if !p.exited() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "process {:?} of container {:?} is still running",
+                req.exec_id, req.container_id
+            )));
+        }
+        execs.remove(&req.exec_id);
+        self.streams.remove_process(&req.container_id, &req.exec_id);
+        Ok(())
+    }
+
     pub fn close_stdin(&self, req: &pb::CloseStdinRequest) -> Result<()> {
         let c = self.get(&req.container_id)?;
         c.process(&req.exec_id)?.streams.close_stdin();

@@ -248,6 +248,16 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(pb::Empty::new())
     }
 
+    async fn remove_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::RemoveProcessRequest,
+    ) -> RpcResult<pb::Empty> {
+        tracing::debug!(container = %req.container_id, exec = %req.exec_id, "remove_process");
+        log_err("remove_process", self.sandbox.remove_process(&req))?;
+        Ok(pb::Empty::new())
+    }
+
     async fn get_oom_event(
         &self,
         _ctx: &TtrpcContext,

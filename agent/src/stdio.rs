@@ -94,6 +94,12 @@ impl StreamRegistry {
         Ok(Claimed(Some(w)))
     }
 
+    /// Forgets the waiting streams of one process, ending their pumps.
+    pub fn remove_process(&self, container_id: &str, exec_id: &str) {
+        self.lock()
+            .retain(|(cid, eid, _), _| cid != container_id || eid != exec_id);
+    }
+
     /// Forgets the waiting streams of a container (all its processes), ending their pumps.
     pub fn remove_container(&self, container_id: &str) {
         self.lock().retain(|(cid, _, _), _| cid != container_id);

@@ -229,10 +229,40 @@ async fn exec_joins_the_running_container() {
     assert_eq!(f.status, 5);
 
     // The same exec id twice.
-    match c.exec_process(req).await {
+    match c.exec_process(req.clone()).await {
         Err(ClientError::AlreadyExists(m)) => assert!(m.contains("ps"), "{m}"),
         other => panic!("duplicate exec id: {other:?}"),
     }
+
+    // RemoveProcess forgets an exited exec (its id is free again); a running one stays.
+    let rm = |exec: &str| {
+        let mut r = pb::RemoveProcessRequest::new();
+        r.container_id = "long".into();
+        r.exec_id = exec.into();
+        r
+    };
+    c.remove_process(rm("ps")).await.unwrap();
+    let mut w = pb::WaitProcessRequest::new();
+    w.container_id = "long".into();
+    w.exec_id = "ps".into();
+    assert!(matches!(
+        c.wait_process(w).await,
+        Err(ClientError::NotFound(_))
+    ));
+    c.exec_process(req).await.expect("the id is free again");
+    let mut sleeper = pb::ExecProcessRequest::new();
+    sleeper.container_id = "long".into();
+    sleeper.exec_id = "sleeper".into();
+    sleeper.process_json = serde_json::to_vec(&process(&["sleep", "1000"])).unwrap();
+    c.exec_process(sleeper).await.unwrap();
+    assert!(matches!(
+        c.remove_process(rm("sleeper")).await,
+        Err(ClientError::FailedPrecondition(_))
+    ));
+    assert!(matches!(
+        c.remove_process(rm("")).await,
+        Err(ClientError::InvalidArgument(_))
+    ));
 
     let mut lp = pb::ListProcessesRequest::new();
     lp.container_id = "long".into();

@@ -218,6 +218,7 @@ impl AgentClient {
         wait_process(pb::WaitProcessRequest) -> pb::WaitProcessResponse;
         resize_terminal(pb::ResizeTerminalRequest) -> pb::Empty;
         close_stdin(pb::CloseStdinRequest) -> pb::Empty;
+        remove_process(pb::RemoveProcessRequest) -> pb::Empty;
         /// Blocks until a container is OOM-killed.
         get_oom_event(pb::GetOomEventRequest) -> pb::OomEvent;
     }

@@ -102,6 +102,8 @@ enum AgentCmd {
         rows: u32,
         cols: u32,
     },
+    /// RemoveProcess: forget an exec'd process that has exited.
+    RmExec { id: String, exec_id: String },
     /// CloseStdin (the process reads end of file).
     CloseStdin {
         id: String,
@@ -290,6 +292,12 @@ pub async fn run(a: AgentArgs) -> Result<i32> {
             r.rows = rows;
             r.cols = cols;
             c.resize_terminal(r).await?;
+        }
+        AgentCmd::RmExec { id, exec_id } => {
+            let mut r = pb::RemoveProcessRequest::new();
+            r.container_id = id;
+            r.exec_id = exec_id;
+            c.remove_process(r).await?;
         }
         AgentCmd::CloseStdin { id, exec_id } => {
             let mut r = pb::CloseStdinRequest::new();

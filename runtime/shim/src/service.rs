@@ -1183,19 +1183,38 @@ impl Task for TaskService {
         if req.exec_id.is_empty() {
             return self.delete_container(&req.id).await;
         }
-        let (pid, exit) = self.container(&req.id, |c| {
-            let p = c.proc(&req.id, &req.exec_id)?;
-            let exit = p.exit.borrow().clone();
-            if exit.is_none() && p.started {
-                return Err(err(
-                    ttrpc::Code::FAILED_PRECONDITION,
-                    format!("exec {} is still running", req.exec_id),
-                ));
+        let mut in_agent_exec = false;
+        let (pid, exit) = self
+            .container(&req.id, |c| {
+                let p = c.proc(&req.id, &req.exec_id)?;
+                let exit = p.exit.borrow().clone();
+                if exit.is_none() && p.started {
+                    return Err(err(
+                        ttrpc::Code::FAILED_PRECONDITION,
+                        format!("exec {} is still running", req.exec_id),
+                    ));
+                }
+                let pid = p.pid;
+                let in_agent = p.started;
+                c.execs.remove(&req.exec_id);
+                Ok((pid, exit, in_agent))
+            })
+            .map(|(pid, exit, in_agent)| {
+                in_agent_exec = in_agent;
+                (pid, exit)
+            })?;
+        // The agent keeps an exec's status until told: forget it there too (the VM may be
+        // gone already, which is fine).
+        if in_agent_exec {
+            if let Ok(agent) = self.agent() {
+                let mut r = husk_client::pb::RemoveProcessRequest::new();
+                r.container_id = req.id.clone();
+                r.exec_id = req.exec_id.clone();
+                if let Err(e) = agent.remove_process(r).await {
+                    log::warn!("removing exec {}/{} in the guest: {e}", req.id, req.exec_id);
+                }
             }
-            let pid = p.pid;
-            c.execs.remove(&req.exec_id);
-            Ok((pid, exit))
-        })?;
+        }
         let exit = exit.unwrap_or(Exit {
             status: 0,
             at: now(),
