@@ -17,7 +17,7 @@ use oci_spec::runtime::{LinuxResources, Process, Spec};
 use tokio::sync::mpsc;
 
 use crate::{
-    container::{self, Container, EngineConfig, RootfsSource},
+    container::{self, cgroup::CgroupError, Container, EngineConfig, RootfsSource},
     error::{chain, AgentError},
     reaper::{ExitWatch, Reaper},
     stdio::{self, StreamRegistry, Streams},
@@ -532,7 +532,7 @@ impl Sandbox {
         })?;
         c.with_engine(move |e| e.update(&res))
             .await?
-            .map_err(|e| AgentError::InvalidArgument(format!("updating resources: {}", chain(&e))))
+            .map_err(|e| cgroup_error("updating resources", e))
     }
 
     pub async fn pause_container(&self, id: &str, pause: bool) -> Result<()> {
@@ -544,7 +544,7 @@ impl Sandbox {
         }
         c.with_engine(move |e| if pause { e.pause() } else { e.resume() })
             .await?
-            .map_err(|e| AgentError::internal("freezing the container", &e))?;
+            .map_err(|e| cgroup_error("freezing the container", e))?;
         lock(&c.flags).paused = pause;
         Ok(())
     }
@@ -563,7 +563,7 @@ impl Sandbox {
         let s = c
             .with_engine(|e| e.stats())
             .await?
-            .map_err(|e| AgentError::FailedPrecondition(format!("reading stats: {}", chain(&e))))?;
+            .map_err(|e| cgroup_error("reading stats", e))?;
         Ok(stats_to_pb(s))
     }
 
@@ -612,10 +612,27 @@ fn create_error(e: container::CreateError) -> AgentError {
 
 fn exec_error(e: container::ExecError) -> AgentError {
     let msg = chain(&e);
+    match e {
+        _ if e.is_invalid_spec() => AgentError::InvalidArgument(msg),
+        // As for StartContainer: the program cannot run in this container.
+        container::ExecError::Exec { .. } | container::ExecError::NotRunning => {
+            AgentError::FailedPrecondition(format!("exec: {msg}"))
+        }
+        _ => AgentError::Internal(format!("exec: {msg}")),
+    }
+}
+
+/// A cgroup error with its code: the request's fault (a bad value, a controller the guest
+/// lacks) INVALID_ARGUMENT, a container without a cgroup FAILED_PRECONDITION, the system's
+/// (I/O) INTERNAL.
+fn cgroup_error(what: &str, e: CgroupError) -> AgentError {
+    let msg = format!("{what}: {}", chain(&e));
     if e.is_invalid_spec() {
         AgentError::InvalidArgument(msg)
+    } else if matches!(e, CgroupError::NoCgroup) {
+        AgentError::FailedPrecondition(msg)
     } else {
-        AgentError::Internal(format!("exec: {msg}"))
+        AgentError::Internal(msg)
     }
 }
 

@@ -535,7 +535,25 @@ fn caps_rlimits_nnp() {
     // CAP_CHOWN = bit 0, CAP_KILL = bit 5.
     assert!(out.starts_with("100\n"), "{out}");
     assert!(out.contains("CapBnd:\t0000000000000021"), "{out}");
+    // Root's execve grants the whole bounding set (as under runc).
+    assert!(out.contains("CapEff:\t0000000000000021"), "{out}");
     assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+
+    // A non-root user keeps exactly the ambient capability across execve, nothing else.
+    let mut s = spec(&["sh", "-c", "grep -E '^Cap(Prm|Eff|Amb)' /proc/self/status"]);
+    s["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+    s["process"]["capabilities"] = json!({
+        "bounding": ["CAP_KILL", "CAP_CHOWN"], "effective": ["CAP_KILL"],
+        "permitted": ["CAP_KILL"], "inheritable": ["CAP_KILL"], "ambient": ["CAP_KILL"]
+    });
+    let (code, out, err) = run(&w, "c2", s);
+    assert_eq!(code, 0, "{err}");
+    for set in ["CapPrm", "CapEff", "CapAmb"] {
+        assert!(
+            out.contains(&format!("{set}:\t0000000000000020")),
+            "{set}: {out}"
+        );
+    }
 }
 
 #[test]

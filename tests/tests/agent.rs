@@ -133,6 +133,39 @@ async fn namespaces_isolate_the_container() {
     let host = nix::unistd::gethostname().unwrap();
     assert_ne!(host.to_string_lossy(), "husk-test");
 
+    // ipc: a new namespace. net: always the agent's (the VM's), even when the spec asks for
+    // a new one.
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "readlink /proc/self/ns/ipc; readlink /proc/self/ns/net",
+    ]);
+    if let Some(linux) = s.linux_mut() {
+        let mut ns = linux.namespaces().clone().unwrap_or_default();
+        ns.push(
+            oci_spec::runtime::LinuxNamespaceBuilder::default()
+                .typ(oci_spec::runtime::LinuxNamespaceType::Network)
+                .build()
+                .unwrap(),
+        );
+        linux.set_namespaces(Some(ns));
+    }
+    let f = run_container(&c, "ipcnet", &s, &rootfs, None).await;
+    assert_eq!(f.status, 0, "{f:?}");
+    let ours = |ns: &str| {
+        std::fs::read_link(format!("/proc/self/ns/{ns}"))
+            .unwrap()
+            .display()
+            .to_string()
+    };
+    let lines: Vec<&str> = f.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{f:?}");
+    assert!(
+        lines[0].starts_with("ipc:[") && lines[0] != ours("ipc"),
+        "{f:?}"
+    );
+    assert_eq!(lines[1], ours("net"), "{f:?}");
+
     // mount: a mount made on the host is invisible inside, and the mount table is the
     // container's own (its root is the rootfs).
     let marker = agent.dir.path().join("host-only-marker");
