@@ -3,6 +3,7 @@
 # release builds of husk and husk-vmm, the guest image, then inside the nested-KVM testbed
 # (or directly where /dev/kvm has vmx/svm): vsock stdio throughput beside a Unix-socket copy.
 # First, on this host: what packing a container's rootfs into its block image costs, beside cp -a.
+# Where the testbed is used: its boot and a `husk run` in it with 1 and with 2 L1 vCPUs.
 #
 #   bash scripts/bench.sh [SIZE_MIB]
 set -euo pipefail
@@ -21,4 +22,15 @@ if grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -c /dev/kvm ]]; then
     exec "${bench[@]}"
 fi
 echo "bench: no vmx/svm here; running inside the nested-KVM testbed" >&2
+echo "== testbed: L1 boot and one husk run, with 1 and 2 L1 vCPUs (multi-threaded TCG)"
+for cpus in 1 2 1 2; do
+    start=$(date +%s%N)
+    out=$(tests/testbed/run.sh --cpus "$cpus" --timeout 600 -- \
+        "$repo/target/release/husk" run --timings "$rootfs" -- echo hi 2>&1)
+    wall=$((($(date +%s%N) - start) / 1000000))
+    printf 'cpus=%s: %s; %s; %s; testbed wall %s ms\n' "$cpus" \
+        "$(grep -o 'L1 booted in [0-9.]*s' <<<"$out")" \
+        "$(grep -o 'guest ready after [0-9]* ms' <<<"$out")" \
+        "$(grep -o 'first output [0-9]* ms' <<<"$out")" "$wall"
+done
 exec tests/testbed/run.sh --timeout 1500 -- "${bench[@]}"

@@ -66,7 +66,12 @@ interrupt() {
         done
         sleep 1
     else
-        sleep 0.5
+        # Once husk made its run directory it handles SIGINT (before that, a background
+        # job of this script ignores it, as non-interactive shells set up).
+        for ((i = 0; i < 600; i++)); do
+            compgen -G "$XDG_RUNTIME_DIR/run-*" >/dev/null && break
+            sleep 0.05
+        done
     fi
     kill -INT -- "-$pid"
     for ((i = 0; i < 300; i++)); do
@@ -87,7 +92,7 @@ check interrupt_boot interrupt booting
 # then a second drive filled later through the control API, used by a second container;
 # after the guest powers off the VMM is gone and left nothing behind.
 drives() {
-    local d rc vmm_pid
+    local d rc vmm_pid i
     d=$(mktemp -d "$XDG_RUNTIME_DIR/drives.XXXXXX")
     for n in a b; do
         mkdir -p "$d/$n"
@@ -121,6 +126,12 @@ JSON
         "${A[@]}" destroy-sandbox pod
     rc=$?
     ((rc == 0)) || { tail -n 5 "$d/vmm.log" "$d/serial.log"; kill "$vmm_pid"; }
+    # The guest powered off (or was told to stop): the VMM must be gone within 30 s.
+    for ((i = 0; i < 300; i++)); do
+        kill -0 "$vmm_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$vmm_pid" 2>/dev/null && { echo "husk-vmm still running 30 s after the guest ended"; kill -KILL "$vmm_pid"; }
     wait "$vmm_pid"
     echo "vmm exit $?"
     find "$d" -name '*.sock' | wc -l
@@ -128,6 +139,31 @@ JSON
     return "$rc"
 }
 check drives drives
+
+# SIGTERM to husk-vmm stops the VM like the control API's stop: exit 0, sockets removed.
+vmm_sigterm() {
+    local d vmm_pid i
+    d=$(mktemp -d "$XDG_RUNTIME_DIR/sigterm.XXXXXX")
+    "$vmm" --kernel "$kernel" --initramfs "$initramfs" --mem-mib 128 \
+        --serial-log "$d/serial.log" --vsock-uds "$d/vsock.sock" --api-sock "$d/api.sock" >"$d/vmm.log" 2>&1 &
+    vmm_pid=$!
+    for ((i = 0; i < 300; i++)); do
+        [[ -S $d/api.sock ]] && break
+        sleep 0.1
+    done
+    kill -TERM "$vmm_pid"
+    for ((i = 0; i < 300; i++)); do
+        kill -0 "$vmm_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$vmm_pid" 2>/dev/null && { echo "husk-vmm still running 30 s after SIGTERM"; kill -KILL "$vmm_pid"; }
+    wait "$vmm_pid"
+    echo "vmm exit $?"
+    echo "sockets left: $(find "$d" -name '*.sock' | wc -l)"
+    grep -h "stopping" "$d/vmm.log"
+    rm -rf "$d"
+}
+check vmm_sigterm vmm_sigterm
 
 check never_ready "$husk" run --boot-timeout 20 --initramfs "$never_ready" "$rootfs" -- true
 check missing_kernel "$husk" run --kernel /nonexistent/vmlinux "$rootfs" -- true

@@ -314,6 +314,12 @@ fn husk_run_in_microvms() {
     );
     assert!(text.contains("vmm exit 0\n0\n"), "{text}");
 
+    // SIGTERM to the VMM: a clean stop, no socket left.
+    let (text, rc) = get("vmm_sigterm");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(text.contains("vmm exit 0\nsockets left: 0\n"), "{text}");
+    assert!(text.contains("stopping the VM"), "{text}");
+
     // A guest that never becomes ready, and a missing kernel: clear errors.
     let (text, rc) = get("never_ready");
     assert_ne!(rc, Some(0), "{text}");

@@ -92,7 +92,7 @@ pub enum Outcome {
     GuestExit,
     /// The guest kernel panicked.
     GuestPanic,
-    /// Stopped through the control API.
+    /// Stopped through the control API or by SIGTERM, SIGINT or SIGHUP.
     Stopped,
     /// A triple fault or other guest shutdown.
     GuestCrash,
@@ -296,8 +296,45 @@ fn register_kick_handler() -> Result<(), VmmError> {
         .map_err(|e| VmmError::Signal(std::io::Error::from_raw_os_error(e.errno())))
 }
 
+/// SIGTERM, SIGINT and SIGHUP stop the VM like the control API's `stop` (sockets removed,
+/// exit 0): blocked here, before any thread exists, so every thread inherits the mask and
+/// only [`spawn_signal_thread`] takes them.
+fn block_stop_signals() -> Result<libc::sigset_t, VmmError> {
+    // SAFETY: sigset_t is plain old data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live sigset_t; the signal numbers are valid constants.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(VmmError::Signal(std::io::Error::from_raw_os_error(rc)));
+    }
+    Ok(set)
+}
+
+/// Waits for a stop signal and ends the VM with [`Event::Stop`].
+fn spawn_signal_thread(set: libc::sigset_t, event_tx: mpsc::Sender<Event>) -> Result<(), VmmError> {
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: `set` and `sig` are live locals; sigwait only reads/writes them.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                eprintln!("husk-vmm: signal {sig}: stopping the VM");
+                let _ = event_tx.send(Event::Stop);
+            }
+        })
+        .map_err(VmmError::Thread)?;
+    Ok(())
+}
+
 pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     let started = Instant::now();
+    let stop_signals = block_stop_signals()?;
     register_kick_handler()?;
     let vm = Vm::new(cfg.mem_mib as u64)?;
     let mem_size = (cfg.mem_mib as u64) << 20;
@@ -370,6 +407,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     let (exit_tx, exit_rx) = mpsc::channel::<GuestExit>();
     let (event_tx, event_rx) = mpsc::channel::<Event>();
     spawn_exit_forwarder(exit_rx, event_tx.clone())?;
+    spawn_signal_thread(stop_signals, event_tx.clone())?;
     let guest_start = vm.host_range().0;
     let mut legacy = LegacyBus::new(serial_evt, serial_out, exit_tx, started);
     legacy.on_ready(Box::new(move || {

@@ -1,7 +1,8 @@
 //! Raw vsock packets from the guest, straight into the device's packet handler: headers of
-//! any shape, any op, any length, in any order. The device must not panic, and its queues
-//! of replies and connections must stay bounded (it checks that itself with debug asserts
-//! and limits; here a panic or an out-of-memory is the failure).
+//! any shape, any op, any length, in any order. The device must not panic or hang, and its
+//! queues of replies and connections must stay bounded by its own limits: a panic, a
+//! timeout or memory beyond scripts/fuzz.sh's -rss_limit_mb is the failure. Seeds:
+//! seeds/vsock_packets (written by seeds/gen.py).
 //!
 //! Input: a sequence of packets, each a 44-byte header followed by `len` payload bytes
 //! (len taken from the header, capped by what is left).

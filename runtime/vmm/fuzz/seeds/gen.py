@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Writes seed inputs for the virtio_mmio_driver fuzz target: a well-behaved driver that
-initializes a block (or vsock) device, sets up its queues and submits one request, so the
-fuzzer starts from inputs that reach the devices' request paths. Run from this directory."""
+"""Writes seed inputs for the fuzz targets, so the fuzzer starts from inputs that reach the
+devices' request paths. virtio_mmio_driver: a well-behaved driver that initializes a block (or
+vsock) device, sets up its queues and submits one request. vsock_packets: well-formed packet
+sequences (a connection's whole life, credit traffic). Run from this directory."""
 import os
 import struct
 
@@ -62,4 +63,22 @@ os.makedirs("virtio_mmio_driver", exist_ok=True)
 for name, data in [("block-read", block_seed(False)), ("block-ro-read", block_seed(True)),
                    ("vsock-request", vsock_seed())]:
     with open(os.path.join("virtio_mmio_driver", name), "wb") as f:
+        f.write(data)
+
+
+def pkt(op, src_port=1234, dst_port=1024, payload=b"", buf_alloc=65536, fwd_cnt=0, dst_cid=2):
+    """A guest-to-host vsock packet: 44-byte header (type 1 = stream), then the payload."""
+    return struct.pack("<QQIIIHHIII", 3, dst_cid, src_port, dst_port, len(payload), 1, op, 0,
+                       buf_alloc, fwd_cnt) + payload
+
+
+REQUEST, RESPONSE, RST, SHUTDOWN, RW, CREDIT_UPDATE, CREDIT_REQUEST = range(1, 8)
+os.makedirs("vsock_packets", exist_ok=True)
+for name, data in [
+    ("connection-life", pkt(REQUEST) + pkt(RW, payload=b"hello") + pkt(CREDIT_REQUEST)
+     + pkt(CREDIT_UPDATE, fwd_cnt=5) + pkt(SHUTDOWN) + pkt(RST)),
+    ("reply-to-host", pkt(RESPONSE, src_port=1024, dst_port=1 << 30) + pkt(RW, 1024, 1 << 30, b"x" * 300)),
+    ("wrong-cid", pkt(REQUEST, dst_cid=7) + pkt(RW, payload=b"y", dst_cid=7)),
+]:
+    with open(os.path.join("vsock_packets", name), "wb") as f:
         f.write(data)
