@@ -28,3 +28,8 @@ bash scripts/fuzz.sh "${HUSK_FUZZ_SECS:-45}"
 echo "== tests"
 # --show-output: the numbers passing tests print (boot breakdown, memory, ratios to runc).
 cargo test --workspace --locked --no-fail-fast -- --test-threads="${HUSK_TEST_THREADS:-2}" --show-output
+
+echo "== the README's main job (scripts/demo.sh)"
+demo_out=$(bash scripts/demo.sh 2>&1) || { echo "$demo_out"; echo "demo.sh failed" >&2; exit 1; }
+echo "$demo_out" | tail -n 12
+grep -q "hello from a husk microVM" <<<"$demo_out" || { echo "demo.sh did not run its container" >&2; exit 1; }
