@@ -33,16 +33,19 @@ husk_kernel_source() {
 }
 
 # husk_kernel_key FRAGMENT...: the cache key of a kernel built from these
-# fragments: sha256 of (source package version + fragments + this file).
+# fragments: sha256 of (source package version, gcc and ld versions, fragments, this file).
 husk_kernel_key() {
     local version
-    # The source package first: without it the key would name no version, and the next run
-    # (with the package) would not find this build.
-    husk_ensure_packages "$HUSK_KERNEL_SRC_PKG"
+    # The packages first: without them the key would name no version, and the next run
+    # (with them) would not find this build.
+    husk_kernel_packages
     version=$(dpkg-query -W -f '${Version}' "$HUSK_KERNEL_SRC_PKG")
     [[ -n $version ]] || husk_die "no version of $HUSK_KERNEL_SRC_PKG installed"
     {
         printf '%s %s\n' "$HUSK_KERNEL_SRC_PKG" "$version"
+        # The toolchain that compiles and links it.
+        gcc --version | head -n 1
+        ld --version | head -n 1
         husk_hash_files "$@" "$HUSK_KERNEL_LIB"
     } | sha256sum | cut -d' ' -f1
 }

@@ -22,6 +22,18 @@ check() {
     echo "=== $name rc=$?"
 }
 
+# wait_gone PID WHAT AFTER: waits up to 30 s for a child to exit, SIGKILLs it (saying so)
+# if it does not; returns its exit status.
+wait_gone() {
+    local pid=$1 i
+    for ((i = 0; i < 300; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$pid" 2>/dev/null && { echo "$2 still running 30 s after $3"; kill -KILL "$pid"; }
+    wait "$pid"
+}
+
 start=$(date +%s%N)
 check hello "$husk" run --timings "$rootfs" -- sh -c 'echo hello from husk; exit 7'
 echo "husk run wall time: $(( ($(date +%s%N) - start) / 1000000 )) ms"
@@ -74,12 +86,7 @@ interrupt() {
         done
     fi
     kill -INT -- "-$pid"
-    for ((i = 0; i < 300; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -0 "$pid" 2>/dev/null && { echo "husk still running 30 s after SIGINT"; kill -KILL "$pid"; }
-    wait "$pid"
+    wait_gone "$pid" husk SIGINT
     rc=$?
     cat "$log"
     rm -f "$log"
@@ -92,7 +99,7 @@ check interrupt_boot interrupt booting
 # then a second drive filled later through the control API, used by a second container;
 # after the guest powers off the VMM is gone and left nothing behind.
 drives() {
-    local d rc vmm_pid i
+    local d rc vmm_pid
     d=$(mktemp -d "$XDG_RUNTIME_DIR/drives.XXXXXX")
     for n in a b; do
         mkdir -p "$d/$n"
@@ -127,12 +134,7 @@ JSON
     rc=$?
     ((rc == 0)) || { tail -n 5 "$d/vmm.log" "$d/serial.log"; kill "$vmm_pid"; }
     # The guest powered off (or was told to stop): the VMM must be gone within 30 s.
-    for ((i = 0; i < 300; i++)); do
-        kill -0 "$vmm_pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -0 "$vmm_pid" 2>/dev/null && { echo "husk-vmm still running 30 s after the guest ended"; kill -KILL "$vmm_pid"; }
-    wait "$vmm_pid"
+    wait_gone "$vmm_pid" husk-vmm "the guest ended"
     echo "vmm exit $?"
     find "$d" -name '*.sock' | wc -l
     rm -rf "$d"
@@ -152,12 +154,7 @@ vmm_sigterm() {
         sleep 0.1
     done
     kill -TERM "$vmm_pid"
-    for ((i = 0; i < 300; i++)); do
-        kill -0 "$vmm_pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -0 "$vmm_pid" 2>/dev/null && { echo "husk-vmm still running 30 s after SIGTERM"; kill -KILL "$vmm_pid"; }
-    wait "$vmm_pid"
+    wait_gone "$vmm_pid" husk-vmm SIGTERM
     echo "vmm exit $?"
     echo "sockets left: $(find "$d" -name '*.sock' | wc -l)"
     grep -h "stopping" "$d/vmm.log"
