@@ -14,6 +14,11 @@ cache=${HUSK_CACHE:-/var/cache/husk}/current
 d=$(mktemp -d /run/husk-bench.XXXXXX)
 vmm_pid=''
 cleanup() {
+    local rc=$?
+    if ((rc != 0)); then
+        echo "vsock-throughput: failed ($rc); the VMM's and the guest's last words:" >&2
+        tail -n 20 "$d/vmm.log" "$d/serial.log" >&2 2>/dev/null
+    fi
     [[ -n $vmm_pid ]] && kill "$vmm_pid" 2>/dev/null
     rm -rf "$d"
 }

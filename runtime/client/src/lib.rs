@@ -150,18 +150,21 @@ impl AgentClient {
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match Self::connect(addr, left.max(Duration::from_millis(50))).await {
-                Ok(c) => match tokio::time::timeout(left, c.check()).await {
-                    Ok(Ok(_)) => {
-                        let agent = c.version().await?.api_version;
-                        if agent != husk_proto::API_VERSION {
-                            return Err(ClientError::ApiMismatch {
-                                addr: addr.to_string(),
-                                agent,
-                                ours: husk_proto::API_VERSION,
-                            });
-                        }
-                        return Ok(c);
+                Ok(c) => match tokio::time::timeout(left, async {
+                    c.check().await?;
+                    c.version().await
+                })
+                .await
+                {
+                    Ok(Ok(v)) if v.api_version != husk_proto::API_VERSION => {
+                        return Err(ClientError::ApiMismatch {
+                            addr: addr.to_string(),
+                            agent: v.api_version,
+                            ours: husk_proto::API_VERSION,
+                        });
                     }
+                    Ok(Ok(_)) => return Ok(c),
+                    // Not serving yet, or the connection broke: try again.
                     Ok(Err(e)) => last = e,
                     Err(_) => last = ClientError::Timeout(format!("health check of {addr}")),
                 },
