@@ -14,7 +14,8 @@
 #
 # Results (HUSK_CACHE defaults to /var/cache/husk):
 #   $HUSK_CACHE/kernel/<key>/vmlinux              key: sha256(source package version, fragment, lib/kernel.sh)
-#   $HUSK_CACHE/initramfs/<key>/initramfs.cpio.gz key: sha256(agent binary, this script, lib/initramfs.sh)
+#   $HUSK_CACHE/initramfs/<key>/initramfs.cpio.gz key: sha256(agent binary, this script, lib/initramfs.sh,
+#                                                 the kernel source version gen_init_cpio comes from)
 #   $HUSK_CACHE/current/vmlinux, current/initramfs.cpio.gz   symlinks to the latest build
 # The guest expects a command line like:
 #   console=ttyS0 reboot=k panic=-1 quiet virtio_mmio.device=4K@0xd0000000:5 ...
@@ -84,6 +85,7 @@ variant=initramfs
 key=$(
     {
         husk_hash_files "$agent" "${BASH_SOURCE[0]}" "$HERE/lib/initramfs.sh"
+        echo "gen_init_cpio $(husk_gen_init_cpio_version)"
         initramfs_list | sed "s|$agent|husk-agent|"
     } | sha256sum | cut -d' ' -f1
 )

@@ -3,10 +3,17 @@
 # nodes without needing root, fixed timestamps (reproducible archives).
 # Requires lib/common.sh and lib/kernel.sh.
 
+# husk_gen_init_cpio_version: the kernel source package version the tool is built from
+# (part of the initramfs cache key).
+husk_gen_init_cpio_version() {
+    dpkg-query -W -f '${Version}' "$HUSK_KERNEL_SRC_PKG"
+}
+
 # husk_gen_init_cpio LIST OUT: writes the gzip'd newc archive described by
 # LIST (gen_init_cpio format) to OUT.
 husk_gen_init_cpio() {
-    local list=$1 out=$2 tool="$HUSK_CACHE/tools/gen_init_cpio"
+    local list=$1 out=$2 tool
+    tool="$HUSK_CACHE/tools/gen_init_cpio-$(husk_gen_init_cpio_version)"
     if [[ ! -x $tool ]]; then
         husk_kernel_source
         mkdir -p "$HUSK_CACHE/tools"

@@ -99,7 +99,10 @@ l1_list() {
     echo "file /bin/busybox /bin/busybox 0755 0 0"
 }
 key=$(
-    husk_hash_files /bin/busybox "$HERE/init.sh" "${BASH_SOURCE[0]}" "$REPO/guest-image/lib/initramfs.sh"
+    {
+        husk_hash_files /bin/busybox "$HERE/init.sh" "${BASH_SOURCE[0]}" "$REPO/guest-image/lib/initramfs.sh"
+        echo "gen_init_cpio $(husk_gen_init_cpio_version)"
+    } | sha256sum | cut -d' ' -f1
 )
 initrd="$HUSK_CACHE/testbed/initramfs/$key/l1.cpio.gz"
 if [[ ! -f $initrd ]]; then

@@ -157,8 +157,45 @@ mod tests {
     fn boot_tables_identity_map() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_boot_tables(&mem).unwrap();
-        let pd1: u64 = mem.read_obj(GuestAddress(layout::PD + 8)).unwrap();
-        assert_eq!(pd1, (1 << 21) | 0x83);
-        write_boot_params(&mem, 1 << 20, 10, None).ok();
+        let pml4: u64 = mem.read_obj(GuestAddress(layout::PML4)).unwrap();
+        assert_eq!(pml4, layout::PDPT | 0x03);
+        let pdpt: u64 = mem.read_obj(GuestAddress(layout::PDPT)).unwrap();
+        assert_eq!(pdpt, layout::PD | 0x03);
+        // 512 present, writable 2 MiB pages mapping the first GiB onto itself.
+        for i in [0u64, 1, 511] {
+            let pde: u64 = mem.read_obj(GuestAddress(layout::PD + i * 8)).unwrap();
+            assert_eq!(pde, (i << 21) | 0x83, "PD[{i}]");
+        }
+    }
+
+    #[test]
+    fn the_zero_page_has_the_command_line_initramfs_and_memory_map() {
+        let size = 64u64 << 20;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
+        let initrd = (GuestAddress(48 << 20), 1234);
+        write_boot_params(&mem, size, 42, Some(initrd)).unwrap();
+        let p: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE)).unwrap();
+        let hdr = p.hdr;
+        assert_eq!(
+            (hdr.boot_flag, hdr.header, hdr.type_of_loader),
+            (0xaa55, 0x5372_6448, 0xff)
+        );
+        assert_eq!(
+            (hdr.cmd_line_ptr, hdr.cmdline_size),
+            (layout::CMDLINE as u32, 42)
+        );
+        assert_eq!((hdr.ramdisk_image, hdr.ramdisk_size), (48 << 20, 1234));
+        assert_eq!(p.e820_entries, 2);
+        let e: Vec<(u64, u64, u32)> = p.e820_table[..2]
+            .iter()
+            .map(|e| (e.addr, e.size, e.r#type))
+            .collect();
+        assert_eq!(
+            e,
+            [
+                (0, layout::LOW_RAM_END, 1),
+                (layout::HIMEM, size - layout::HIMEM, 1)
+            ]
+        );
     }
 }
