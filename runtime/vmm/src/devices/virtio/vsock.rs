@@ -581,9 +581,15 @@ impl Vsock {
         if self.conns.len() >= MAX_CONNS {
             return;
         }
-        let host_port = self.next_host_port;
-        self.next_host_port = self.next_host_port.wrapping_add(1).max(FIRST_HOST_PORT);
-        let key = (host_port, port);
+        // A local port no connection to this guest port uses (a guest may have connected to
+        // a host port in this range itself).
+        let key = loop {
+            let host_port = self.next_host_port;
+            self.next_host_port = self.next_host_port.wrapping_add(1).max(FIRST_HOST_PORT);
+            if !self.conns.contains_key(&(host_port, port)) {
+                break (host_port, port);
+            }
+        };
         let c = Conn::new(p.stream, State::Connecting);
         self.by_fd.insert(fd, key);
         self.conns.insert(key, c);
@@ -1234,6 +1240,30 @@ mod tests {
         assert_eq!(g.read(&mut b).unwrap(), 0);
         drop(v);
         assert!(!uds.exists(), "the socket file is removed");
+    }
+
+    /// A guest connection to a host port in the range husk hands out for host connections
+    /// does not make a later host connection reuse (and overwrite) its key.
+    #[test]
+    fn host_ports_skip_one_a_guest_connection_uses() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let mut v = Vsock::new(3, &uds).unwrap();
+        let _l = UnixListener::bind(format!("{}_{FIRST_HOST_PORT}", uds.display())).unwrap();
+        v.handle_guest_packet(hdr(OP_REQUEST, 1024, FIRST_HOST_PORT, 0), &[]);
+        assert_eq!(v.ctrl.pop_front().unwrap().op, OP_RESPONSE);
+        let mut c = UnixStream::connect(&uds).unwrap();
+        c.write_all(b"CONNECT 1024\n").unwrap();
+        for _ in 0..10 {
+            v.handle_host_events();
+        }
+        let req = v.ctrl.pop_front().expect("a REQUEST");
+        assert_eq!(req.op, OP_REQUEST);
+        assert_ne!(
+            req.src_port, FIRST_HOST_PORT,
+            "the guest's connection's key"
+        );
+        assert_eq!(v.conns.len(), 2);
     }
 
     /// Random packets never panic or grow buffers without bound.
