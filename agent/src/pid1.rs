@@ -17,6 +17,8 @@ pub enum Pid1Error {
     },
     #[error("creating {0}")]
     Mkdir(&'static str, #[source] std::io::Error),
+    #[error("switching the root to {0}: {1}")]
+    SwitchRoot(&'static str, &'static str, #[source] nix::Error),
 }
 
 /// The guest's mounts, in order: (fstype, target, flags, data).
@@ -98,11 +100,6 @@ pub fn leave_initramfs() -> Result<(), Pid1Error> {
     }
     const NEW_ROOT: &str = "/newroot";
     fs::create_dir_all(NEW_ROOT).map_err(|e| Pid1Error::Mkdir(NEW_ROOT, e))?;
-    let step = |target: &'static str, source: nix::Error| Pid1Error::Mount {
-        fstype: "tmpfs",
-        target,
-        source,
-    };
     mount(
         Some("tmpfs"),
         NEW_ROOT,
@@ -110,12 +107,17 @@ pub fn leave_initramfs() -> Result<(), Pid1Error> {
         MsFlags::empty(),
         Some("mode=0755"),
     )
-    .map_err(|e| step(NEW_ROOT, e))?;
-    nix::unistd::chdir(NEW_ROOT).map_err(|e| step(NEW_ROOT, e))?;
+    .map_err(|source| Pid1Error::Mount {
+        fstype: "tmpfs",
+        target: NEW_ROOT,
+        source,
+    })?;
+    let step = |what: &'static str| move |e| Pid1Error::SwitchRoot(NEW_ROOT, what, e);
+    nix::unistd::chdir(NEW_ROOT).map_err(step("chdir"))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-        .map_err(|e| step("/", e))?;
-    nix::unistd::chroot(".").map_err(|e| step("/", e))?;
-    nix::unistd::chdir("/").map_err(|e| step("/", e))?;
+        .map_err(step("moving it over /"))?;
+    nix::unistd::chroot(".").map_err(step("chroot"))?;
+    nix::unistd::chdir("/").map_err(step("chdir /"))?;
     Ok(())
 }
 

@@ -470,6 +470,26 @@ mod tests {
         }
     }
 
+    /// Attaches a client connection holding at most `capacity` bytes to `stream` of process
+    /// "c"; returns the client's end.
+    fn connect(
+        registry: &StreamRegistry,
+        stream: StdioStream,
+        capacity: usize,
+    ) -> tokio::io::DuplexStream {
+        let (client, server) = tokio::io::duplex(capacity);
+        registry.attach(&header(stream), Box::new(server)).unwrap();
+        client
+    }
+
+    /// The process exited with status 0.
+    fn exit(tx: &watch::Sender<Option<Exit>>) {
+        tx.send_replace(Some(Exit {
+            status: 0,
+            at: SystemTime::now(),
+        }));
+    }
+
     // Multi-threaded: the "process" below blocks on a full pipe until the pump reads.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn output_written_before_attach_and_exit_all_arrives() {
@@ -488,21 +508,12 @@ mod tests {
         drop(io.stderr);
         drop(io.stdin);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        registry
-            .attach(&header(StdioStream::Stdout), Box::new(server))
-            .unwrap();
-        let (mut eclient, eserver) = tokio::io::duplex(1024);
-        registry
-            .attach(&header(StdioStream::Stderr), Box::new(eserver))
-            .unwrap();
+        let mut client = connect(&registry, StdioStream::Stdout, 1 << 20);
+        let mut eclient = connect(&registry, StdioStream::Stderr, 1024);
         tokio::task::spawn_blocking(move || writer.join().unwrap())
             .await
             .unwrap();
-        exit_tx.send_replace(Some(Exit {
-            status: 0,
-            at: SystemTime::now(),
-        }));
+        exit(&exit_tx);
         tokio::time::timeout(Duration::from_secs(10), streams.drained())
             .await
             .expect("drained");
@@ -530,18 +541,9 @@ mod tests {
         // 32 KiB fit in the pipe: the "process" is done at once; the connection holds 1 KiB.
         nix::unistd::write(&io.stdout, &[b'y'; 32 * 1024]).unwrap();
         drop(io);
-        let (mut client, server) = tokio::io::duplex(1024);
-        registry
-            .attach(&header(StdioStream::Stdout), Box::new(server))
-            .unwrap();
-        let (_ec, es) = tokio::io::duplex(1024);
-        registry
-            .attach(&header(StdioStream::Stderr), Box::new(es))
-            .unwrap();
-        exit_tx.send_replace(Some(Exit {
-            status: 0,
-            at: SystemTime::now(),
-        }));
+        let mut client = connect(&registry, StdioStream::Stdout, 1024);
+        let _ec = connect(&registry, StdioStream::Stderr, 1024);
+        exit(&exit_tx);
         assert!(
             tokio::time::timeout(Duration::from_millis(500), streams.drained())
                 .await
@@ -565,20 +567,11 @@ mod tests {
         let (io, host) = prepare(false, None, false).unwrap();
         let (exit_tx, exit_rx) = watch::channel(None);
         let streams = host.start(&registry, "c", "", exit_rx).unwrap();
-        let (mut client, server) = tokio::io::duplex(1024);
-        registry
-            .attach(&header(StdioStream::Stdout), Box::new(server))
-            .unwrap();
-        let (_ec, es) = tokio::io::duplex(1024);
-        registry
-            .attach(&header(StdioStream::Stderr), Box::new(es))
-            .unwrap();
+        let mut client = connect(&registry, StdioStream::Stdout, 1024);
+        let _ec = connect(&registry, StdioStream::Stderr, 1024);
         nix::unistd::write(&io.stdout, b"hello").unwrap();
         // `io.stdout` stays open, as if a background child inherited it.
-        exit_tx.send_replace(Some(Exit {
-            status: 0,
-            at: SystemTime::now(),
-        }));
+        exit(&exit_tx);
         tokio::time::timeout(Duration::from_secs(10), streams.drained())
             .await
             .expect("drained");
@@ -594,10 +587,7 @@ mod tests {
         let (io, host) = prepare(false, None, true).unwrap();
         let (_exit_tx, exit_rx) = watch::channel(None);
         let _streams = host.start(&registry, "c", "", exit_rx).unwrap();
-        let (mut client, server) = tokio::io::duplex(1024);
-        registry
-            .attach(&header(StdioStream::Stdin), Box::new(server))
-            .unwrap();
+        let mut client = connect(&registry, StdioStream::Stdin, 1024);
         client.write_all(b"ping").await.unwrap();
         client.shutdown().await.unwrap();
         drop(client);

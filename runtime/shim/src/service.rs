@@ -1183,29 +1183,23 @@ impl Task for TaskService {
         if req.exec_id.is_empty() {
             return self.delete_container(&req.id).await;
         }
-        let mut in_agent_exec = false;
-        let (pid, exit) = self
-            .container(&req.id, |c| {
-                let p = c.proc(&req.id, &req.exec_id)?;
-                let exit = p.exit.borrow().clone();
-                if exit.is_none() && p.started {
-                    return Err(err(
-                        ttrpc::Code::FAILED_PRECONDITION,
-                        format!("exec {} is still running", req.exec_id),
-                    ));
-                }
-                let pid = p.pid;
-                let in_agent = p.started;
-                c.execs.remove(&req.exec_id);
-                Ok((pid, exit, in_agent))
-            })
-            .map(|(pid, exit, in_agent)| {
-                in_agent_exec = in_agent;
-                (pid, exit)
-            })?;
+        let (pid, exit, in_agent) = self.container(&req.id, |c| {
+            let p = c.proc(&req.id, &req.exec_id)?;
+            let exit = p.exit.borrow().clone();
+            if exit.is_none() && p.started {
+                return Err(err(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    format!("exec {} is still running", req.exec_id),
+                ));
+            }
+            // Only a started exec exists in the agent.
+            let (pid, in_agent) = (p.pid, p.started);
+            c.execs.remove(&req.exec_id);
+            Ok((pid, exit, in_agent))
+        })?;
         // The agent keeps an exec's status until told: forget it there too (the VM may be
         // gone already, which is fine).
-        if in_agent_exec {
+        if in_agent {
             if let Ok(agent) = self.agent() {
                 let mut r = husk_client::pb::RemoveProcessRequest::new();
                 r.container_id = req.id.clone();
