@@ -55,15 +55,25 @@ steps() {
     rm -rf "$d"
 }
 
+# ended NAME RC: a section's end marker; a failed section also shows containerd's last log
+# lines (the husk shim's among them, with a VM's last words when one ended unexpectedly).
+ended() {
+    if (($2 != 0)); then
+        echo "--- containerd.log (last lines)"
+        tail -n 80 "$CRI_ROOT/containerd.log"
+    fi
+    echo "=== $1 rc=$2"
+}
+
 husk=$repo/target/debug/husk
 echo "=== containerd"
 cri_config &&
     "$husk" install --config "$CRI_ROOT/config.toml" --bin-dir /usr/local/bin &&
     cri_launch
-echo "=== containerd rc=$?"
+ended containerd $?
 echo "=== runc"
 steps runc false
-echo "=== runc rc=$?"
+ended runc $?
 
 # leftovers: what a husk pod could leave behind once it is gone.
 leftovers() {
@@ -123,7 +133,7 @@ husk_containers() {
 }
 echo "=== husk"
 husk_containers
-echo "=== husk rc=$?"
+ended husk $?
 
 # Two pods are two microVMs: different boot ids, neither sees the other's processes. SIGKILL
 # to one VMM: its pod is reported not ready and its container exited, the other runs on, and
@@ -161,7 +171,7 @@ husk_two_pods() {
 }
 echo "=== husk_two_pods"
 husk_two_pods
-echo "=== husk_two_pods rc=$?"
+ended husk_two_pods $?
 
 # A container over its memory limit is OOM-killed in the guest, and CRI says so.
 husk_oom() {
@@ -198,7 +208,7 @@ husk_oom() {
 }
 echo "=== husk_oom"
 husk_oom
-echo "=== husk_oom rc=$?"
+ended husk_oom $?
 
 # containerd restarts: the pod's shim and VM live on, containerd reconnects to them, the
 # container still runs and takes execs, and the pod still stops and goes.
@@ -220,7 +230,7 @@ husk_restart() {
 }
 echo "=== husk_restart"
 husk_restart
-echo "=== husk_restart rc=$?"
+ended husk_restart $?
 
 # The pod's shim is SIGKILLed: its VMM dies with it, containerd reports the pod and its
 # container stopped, and removing them leaves nothing (containerd's `shim delete` cleans up).
@@ -242,7 +252,7 @@ husk_shim_killed() {
 }
 echo "=== husk_shim_killed"
 husk_shim_killed
-echo "=== husk_shim_killed rc=$?"
+ended husk_shim_killed $?
 
 # A pod whose VM cannot start fails runp with why, and leaves nothing.
 echo "=== husk_no_kernel"

@@ -323,6 +323,14 @@ impl TaskService {
                 Err(_) => 255,
             };
             let exit = Exit { status, at: now() };
+            // Anything but the power-off we asked for: keep the VM's last words in the log
+            // before its directory goes.
+            if status != 128 + libc::SIGKILL as u32 {
+                log::warn!(
+                    "pod {id}: the VM ended with status {status}\n{}",
+                    vm.logs_tail()
+                );
+            }
             drop(vm); // removes the VM's directory with the containers' images
             report_exit(&publisher, &ns, &tx, &id, "", vmm_pid, exit).await;
         });
