@@ -141,6 +141,16 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     req.sandbox_id = "husk-run".into();
     let _ = tokio::time::timeout(Duration::from_secs(10), agent.destroy_sandbox(req)).await;
     let exit = vm.wait_exit(Duration::from_secs(20)).await;
+    // A run that failed (the agent connection lost, an RPC refused) says how the VM ended
+    // and what the VMM and the guest said last: the VM directory goes with `vm` below.
+    let run = run.map_err(|e| {
+        let ended = match &exit {
+            Ok(Some(status)) => format!("the VMM exited ({status})"),
+            Ok(None) => "the VMM had exited".to_string(),
+            Err(err) => format!("{err:#}"),
+        };
+        anyhow::anyhow!("{e:#}\n{ended}\n{}", vm.logs_tail())
+    });
     if a.timings {
         eprintln!(
             "husk: agent ready {:.0} ms after start, total {:.0} ms",

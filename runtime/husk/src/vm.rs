@@ -260,24 +260,28 @@ impl Vm {
     }
 
     /// Waits up to `timeout` for the VMM to exit (after the guest powered off), then kills it.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<()> {
-        if let Some(child) = self.child.as_mut() {
-            match tokio::time::timeout(timeout, child.wait()).await {
-                Ok(r) => {
-                    r.context("waiting for the VMM")?;
-                }
-                Err(_) => {
-                    let _ = child.kill().await;
-                    self.child = None;
-                    bail!(
-                        "the VMM did not exit within {:.0} s of the guest's shutdown; killed it",
-                        timeout.as_secs_f64()
-                    );
-                }
+    /// Its exit status, if it exited here (None: it was already reaped).
+    pub async fn wait_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<std::process::ExitStatus>> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(r) => {
+                self.child = None;
+                Ok(Some(r.context("waiting for the VMM")?))
             }
-            self.child = None;
+            Err(_) => {
+                let _ = child.kill().await;
+                self.child = None;
+                bail!(
+                    "the VMM did not exit within {:.0} s of the guest's shutdown; killed it",
+                    timeout.as_secs_f64()
+                );
+            }
         }
-        Ok(())
     }
 }
 

@@ -256,6 +256,8 @@ pub struct Vsock {
     /// Warnings the guest (or a host peer) can trigger again and again.
     ctrl_full_log: LogLimiter,
     accept_log: LogLimiter,
+    /// Connections reset while their host side was still open (the guest's RST, or ours).
+    reset_log: LogLimiter,
 }
 
 impl Vsock {
@@ -290,6 +292,7 @@ impl Vsock {
             irq: None,
             ctrl_full_log: LogLimiter::default(),
             accept_log: LogLimiter::default(),
+            reset_log: LogLimiter::default(),
         })
     }
 
@@ -397,6 +400,18 @@ impl Vsock {
         }
     }
 
+    /// Says (rate-limited) why a connection whose host side is still open goes away: the
+    /// host peer sees its socket closed, and this line is the only trace of why.
+    fn log_reset(&mut self, key: Key, why: &str) {
+        if let Some(left_out) = self.reset_log.hit() {
+            tracing::warn!(
+                "vsock: connection host port {} / guest port {}: {why} ({left_out} more since the last warning)",
+                key.0,
+                key.1
+            );
+        }
+    }
+
     fn reset(&mut self, key: Key) {
         self.remove(key);
         let h = packet(self.cid, key, OP_RST, 0, 0);
@@ -458,12 +473,14 @@ impl Vsock {
                 // does not count against the guest's credit.
                 let ok = format!("OK {}\n", key.0);
                 if c.stream.write_all(ok.as_bytes()).is_err() {
+                    self.log_reset(key, "the host peer left before the guest accepted");
                     self.reset(key);
                 }
             }
             OP_RW if c.state == State::Established => {
                 if c.tx_buf.len() + payload.len() > BUF_ALLOC as usize + MAX_PKT {
                     // The guest ignored our credit.
+                    self.log_reset(key, "the guest sent beyond its credit: reset");
                     self.reset(key);
                     return;
                 }
@@ -500,11 +517,18 @@ impl Vsock {
                 }
             }
             OP_RST => {
+                let abrupt = c.state == State::Established && !c.host_eof && !c.guest_done_sending;
                 if !c.drain() {
                     self.remove(key);
                 }
+                if abrupt {
+                    self.log_reset(key, "reset by the guest while open on both sides");
+                }
             }
-            _ => self.reset(key),
+            op => {
+                self.log_reset(key, &format!("unexpected op {op} from the guest: reset"));
+                self.reset(key);
+            }
         }
     }
 
@@ -618,7 +642,10 @@ impl Vsock {
                 c.rx_pending = buf;
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
-            Err(_) => self.reset(key),
+            Err(e) => {
+                self.log_reset(key, &format!("reading the host socket: {e}: reset"));
+                self.reset(key);
+            }
         }
     }
 
