@@ -14,6 +14,8 @@
 #                      PATH HOME USER LANG HUSK_CACHE RUST_LOG RUST_BACKTRACE
 #                      of the caller (when set) and TERM=dumb
 #   --name NAME        QEMU's -name (default husk-testbed), to find the process
+#   --l1-args ARGS     more L1 kernel command line, also from $HUSK_TESTBED_L1_ARGS
+#                      (L1's KVM uses shadow paging unless HUSK_TESTBED_NPT=1: see below)
 #   --status-file F    also write "exit N", "timeout" or "error MSG" to F
 #   --verbose          show L1's boot messages and timings
 #   --build-only       only build (or find in the cache) the L1 kernel and initramfs
@@ -38,6 +40,7 @@ HUSK_LOG_TAG=testbed
 . "$REPO/guest-image/lib/initramfs.sh"
 
 timeout=900 mem=2048 cpus=2 cwd=$PWD verbose=0 build_only=0 status_file='' name=husk-testbed
+l1_args=${HUSK_TESTBED_L1_ARGS:-}
 envs=()
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 while (($#)); do
@@ -49,6 +52,7 @@ while (($#)); do
     --env) envs+=("${2:?}") && shift ;;
     --status-file) status_file=${2:?} && shift ;;
     --name) name=${2:?} && shift ;;
+    --l1-args) l1_args=${2:?} && shift ;;
     --verbose) verbose=1 ;;
     --build-only) build_only=1 ;;
     -h | --help) usage && exit 0 ;;
@@ -158,6 +162,14 @@ if [[ -n $tsc_khz && $tsc_khz -gt 0 ]]; then
 else
     husk_log "warning: the host's TSC frequency is unknown; L1 calibrates it (may fail on a busy host)"
 fi
+# L1's KVM runs its guests with shadow paging, not nested paging: with nested paging, QEMU
+# TCG's emulation of it (L0) now and then hands a microVM a wrong translation under load, and
+# the guest kernel triple-faults on an instruction fetch from a page that is not present
+# (husk-vmm 6 of 370 boots, QEMU/KVM in place of husk-vmm 1 of 80; with shadow paging 0 of
+# 80, at the same speed: tests/scripts/lost-vm-loop.sh and boot-compare.sh). Real hosts have
+# hardware nested paging; HUSK_TESTBED_NPT=1 brings the emulated one back to study it.
+[[ ${HUSK_TESTBED_NPT:-0} == 1 ]] || cmdline+=" kvm_amd.npt=0"
+[[ -n $l1_args ]] && cmdline+=" $l1_args"
 ((verbose)) && cmdline=${cmdline/ quiet loglevel=1/}
 # shellcheck disable=SC2054 # QEMU options use commas
 qemu=(
