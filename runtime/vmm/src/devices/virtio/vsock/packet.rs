@@ -1,0 +1,229 @@
+//! The virtio-vsock packet: its header, the one way we build headers for the guest, and
+//! packets in and out of guest buffers (a TX chain read into one packet, an RX packet
+//! scattered over a chain's buffers).
+
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::connection::{Key, BUF_ALLOC};
+
+/// The host's CID.
+pub(super) const HOST_CID: u64 = 2;
+/// The size of a virtio-vsock packet header.
+pub const HDR_LEN: usize = 44;
+pub(super) const TYPE_STREAM: u16 = 1;
+/// Operations.
+pub const OP_REQUEST: u16 = 1;
+pub const OP_RESPONSE: u16 = 2;
+pub const OP_RST: u16 = 3;
+pub const OP_SHUTDOWN: u16 = 4;
+pub const OP_RW: u16 = 5;
+pub const OP_CREDIT_UPDATE: u16 = 6;
+pub const OP_CREDIT_REQUEST: u16 = 7;
+pub(super) const SHUTDOWN_SEND: u32 = 2;
+/// The largest payload we accept in one packet from the guest.
+pub(super) const MAX_PKT: usize = 64 * 1024;
+
+/// A vsock packet header.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Header {
+    pub src_cid: u64,
+    pub dst_cid: u64,
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub len: u32,
+    pub typ: u16,
+    pub op: u16,
+    pub flags: u32,
+    pub buf_alloc: u32,
+    pub fwd_cnt: u32,
+}
+
+impl Header {
+    /// Parses a header from the start of `b`.
+    pub fn parse(b: &[u8]) -> Option<Header> {
+        if b.len() < HDR_LEN {
+            return None;
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));
+        let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().expect("2"));
+        Some(Header {
+            src_cid: u64_at(0),
+            dst_cid: u64_at(8),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            typ: u16_at(28),
+            op: u16_at(30),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        })
+    }
+
+    pub fn to_bytes(self) -> [u8; HDR_LEN] {
+        let mut b = [0u8; HDR_LEN];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.typ.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+
+    /// The header of a packet from the host side of connection `key` to the guest `cid`: no
+    /// payload (data packets set `len`), our [`BUF_ALLOC`] and `fwd_cnt` as the credit we
+    /// give. Every packet we send the guest, replies to packets of connections we do not
+    /// know included, starts with one of these.
+    pub(super) fn from_host(cid: u64, key: Key, op: u16, flags: u32, fwd_cnt: u32) -> Header {
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: cid,
+            src_port: key.0,
+            dst_port: key.1,
+            len: 0,
+            typ: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: BUF_ALLOC,
+            fwd_cnt,
+        }
+    }
+
+    /// Splits a packet read from the guest into its header and payload: the bytes the
+    /// header's `len` names, as far as the packet holds them (bytes past `len` are not
+    /// payload). None if the packet is shorter than a header.
+    pub(super) fn parse_packet(pkt: &[u8]) -> Option<(Header, &[u8])> {
+        let h = Header::parse(pkt)?;
+        let end = (HDR_LEN + h.len as usize).min(pkt.len());
+        Some((h, &pkt[HDR_LEN..end]))
+    }
+}
+
+/// Reads the packet in the guest's TX descriptors `descs` (a chain is one buffer: the header
+/// and the payload may be split anywhere), up to a header and [`MAX_PKT`] bytes of payload,
+/// stopping at the first device-writable descriptor. None if a descriptor is not all guest
+/// memory.
+pub(super) fn read_tx_chain(
+    mem: &GuestMemoryMmap,
+    descs: impl Iterator<Item = Descriptor>,
+) -> Option<Vec<u8>> {
+    let mut pkt = Vec::new();
+    for d in descs {
+        if d.is_write_only() {
+            break;
+        }
+        // A buffer that is not all guest memory (outside it, or of an absurd length)
+        // makes the whole packet invalid, whatever part of it we would read.
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return None;
+        }
+        let room = HDR_LEN + MAX_PKT - pkt.len();
+        let n = (d.len() as usize).min(room);
+        let start = pkt.len();
+        pkt.resize(start + n, 0);
+        if mem.read_slice(&mut pkt[start..], d.addr()).is_err() {
+            pkt.truncate(start);
+            break;
+        }
+        if room == n {
+            break;
+        }
+    }
+    Some(pkt)
+}
+
+/// The device-writable buffers of the guest's RX descriptors `descs`, as (address, length),
+/// if a packet can go there: they are all guest memory, with room for a header at least.
+/// Otherwise the chain goes back unused, and the packet waits for the next buffers.
+pub(super) fn rx_buffers(
+    mem: &GuestMemoryMmap,
+    descs: impl Iterator<Item = Descriptor>,
+) -> Option<Vec<(GuestAddress, usize)>> {
+    let bufs: Vec<(GuestAddress, usize)> = descs
+        .filter(|d| d.is_write_only())
+        .map(|d| (d.addr(), d.len() as usize))
+        .collect();
+    let cap: usize = bufs.iter().map(|b| b.1).sum();
+    let usable = cap >= HDR_LEN
+        && bufs
+            .iter()
+            .all(|&(a, l)| GuestMemoryBackend::check_range(mem, a, l));
+    usable.then_some(bufs)
+}
+
+/// Writes `parts` one after the other across the guest buffers `bufs` (as [`rx_buffers`]
+/// gives them), straight from where they are; returns how much fit.
+pub(super) fn write_scattered(
+    mem: &GuestMemoryMmap,
+    bufs: &[(GuestAddress, usize)],
+    parts: &[&[u8]],
+) -> usize {
+    let mut done = 0;
+    let mut bufs = bufs.iter().copied();
+    // What is left of the buffer being filled.
+    let (mut addr, mut left) = (GuestAddress(0), 0);
+    for part in parts {
+        let mut part = *part;
+        while !part.is_empty() {
+            if left == 0 {
+                let Some(next) = bufs.next() else {
+                    return done;
+                };
+                (addr, left) = next;
+                continue;
+            }
+            let n = left.min(part.len());
+            if mem.write_slice(&part[..n], addr).is_err() {
+                return done;
+            }
+            done += n;
+            part = &part[n..];
+            // Within the buffer: rx_buffers checked that all of it is guest memory.
+            addr = GuestAddress(addr.0 + n as u64);
+            left -= n;
+        }
+    }
+    done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::vsock::test_utils::hdr;
+
+    #[test]
+    fn header_round_trips_and_short_input_is_rejected() {
+        let h = hdr(OP_RW, 1, 2, 3);
+        assert_eq!(Header::parse(&h.to_bytes()), Some(h));
+        assert_eq!(Header::parse(&[0u8; 43]), None);
+    }
+
+    /// Parts written one after the other over buffers of any sizes (empty ones too), as
+    /// one stream; what does not fit is left out.
+    #[test]
+    fn parts_are_scattered_over_the_buffers_in_order() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let bufs = [
+            (GuestAddress(0x100), 3),
+            (GuestAddress(0x200), 0),
+            (GuestAddress(0x300), 5),
+            (GuestAddress(0x400), 4),
+        ];
+        let written = write_scattered(&mem, &bufs, &[b"ab", b"", b"cdefg", b"hijklmn"]);
+        assert_eq!(written, 12);
+        let mut got = Vec::new();
+        for &(a, l) in &bufs {
+            let mut b = vec![0u8; l];
+            mem.read_slice(&mut b, a).unwrap();
+            got.extend_from_slice(&b);
+        }
+        assert_eq!(&got, b"abcdefghijkl");
+    }
+}
