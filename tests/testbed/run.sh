@@ -166,7 +166,7 @@ fi
 # TCG's emulation of it (L0) now and then hands a microVM a wrong translation under load, and
 # the guest kernel triple-faults on an instruction fetch from a page that is not present
 # (husk-vmm 6 of 370 boots, QEMU/KVM in place of husk-vmm 1 of 80; with shadow paging 0 of
-# 80, at the same speed: tests/scripts/lost-vm-loop.sh and boot-compare.sh). Real hosts have
+# 160, at the same speed: tests/scripts/lost-vm-loop.sh and boot-compare.sh). Real hosts have
 # hardware nested paging; HUSK_TESTBED_NPT=1 brings the emulated one back to study it.
 [[ ${HUSK_TESTBED_NPT:-0} == 1 ]] || cmdline+=" kvm_amd.npt=0"
 [[ -n $l1_args ]] && cmdline+=" $l1_args"
