@@ -719,8 +719,10 @@ fn run_vcpu(
                 thread::sleep(Duration::from_millis(1))
             }
             Ok(VcpuExit::Shutdown) => {
-                // A triple fault: the guest cannot say why, so the registers at the fault
-                // are the evidence (where it was, its page tables and descriptor tables).
+                // A triple fault: the guest cannot say why. KVM on AMD has already reset the
+                // vCPU here, so the registers read back as the reset state; the last exception
+                // and interrupt in the vCPU events are what tells the fault (on Intel the
+                // registers too).
                 println!(
                     "vcpu{id}: guest shutdown (triple fault): {}",
                     crash_state(&fd)
