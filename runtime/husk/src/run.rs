@@ -233,7 +233,7 @@ async fn run_in_vm(
     req.oci_spec_json = serde_json::to_vec(spec)?;
     req.stdin = interactive;
     let mut bd = pb::BlockDevice::new();
-    bd.source = "/dev/vda".into();
+    bd.source = husk_vmm_api::drives::guest_device(0);
     bd.fstype = "ext4".into();
     let mut root = pb::Rootfs::new();
     root.set_block(bd);

@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use husk_client::{AgentAddr, AgentClient};
+use husk_vmm_api::{files::VmDir, DriveArg, VmConfig};
 use tokio::process::{Child, Command};
 
 /// The guest image and VMM to use.
@@ -79,25 +80,6 @@ pub fn image_from(cfg: crate::config::Config) -> VmImage {
     }
 }
 
-/// One request on a VMM's control socket: a JSON line out, a JSON line back (waiting at most
-/// `timeout` for it).
-pub fn vmm_request(
-    api: &Path,
-    req: &serde_json::Value,
-    timeout: Duration,
-) -> Result<serde_json::Value> {
-    use std::io::{BufRead, BufReader, Write};
-    let s = std::os::unix::net::UnixStream::connect(api)
-        .with_context(|| format!("connecting to the VMM control socket {}", api.display()))?;
-    s.set_read_timeout(Some(timeout))?;
-    (&s).write_all(format!("{req}\n").as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(&s)
-        .read_line(&mut line)
-        .context("reading the VMM's answer")?;
-    serde_json::from_str(&line).with_context(|| format!("the VMM's answer {line:?}"))
-}
-
 /// Fails, in one line that says why, on a host whose KVM cannot boot a Linux guest.
 pub fn check_kvm() -> Result<()> {
     if !Path::new("/dev/kvm").exists() {
@@ -119,12 +101,17 @@ impl Vm {
         image
             .console_log
             .clone()
-            .unwrap_or_else(|| dir.join("serial.log"))
+            .unwrap_or_else(|| VmDir::new(dir).serial_log())
     }
 
     /// The hybrid-vsock socket of the VM.
     pub fn vsock_path(dir: &Path) -> PathBuf {
-        dir.join("vsock.sock")
+        VmDir::new(dir).vsock_sock()
+    }
+
+    /// The VMM's control socket, waiting at most `timeout` for each answer.
+    pub fn control(&self, timeout: Duration) -> husk_vmm_api::Client {
+        husk_vmm_api::Client::new(VmDir::new(&self.dir).api_sock(), timeout)
     }
 
     /// Starts a VMM for `image` with `drives`, in `dir` (created, and removed on drop).
@@ -138,33 +125,24 @@ impl Vm {
             }
         }
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let files = VmDir::new(dir);
+        let mut cfg = VmConfig::new(&image.kernel, size.vcpus, size.mem_mib);
+        cfg.initramfs = Some(image.initramfs.clone());
+        cfg.cmdline_extra = image.kernel_args.clone();
+        cfg.serial_log = Some(Self::console_path(image, dir));
+        cfg.vsock_uds = Some(files.vsock_sock());
+        cfg.api_sock = Some(files.api_sock());
+        cfg.drives = drives
+            .iter()
+            .map(|d| DriveArg {
+                id: d.id.clone(),
+                path: (!d.path.as_os_str().is_empty()).then(|| d.path.clone()),
+                read_only: d.read_only,
+            })
+            .collect();
         let mut cmd = Command::new(&image.vmm);
-        cmd.arg("--kernel")
-            .arg(&image.kernel)
-            .arg("--initramfs")
-            .arg(&image.initramfs)
-            .arg("--vcpus")
-            .arg(size.vcpus.to_string())
-            .arg("--mem-mib")
-            .arg(size.mem_mib.to_string())
-            .arg("--serial-log")
-            .arg(Self::console_path(image, dir))
-            .arg("--vsock-uds")
-            .arg(Self::vsock_path(dir))
-            .arg("--api-sock")
-            .arg(dir.join("api.sock"));
-        for d in drives {
-            cmd.arg("--drive").arg(format!(
-                "id={},path={},ro={}",
-                d.id,
-                d.path.display(),
-                d.read_only
-            ));
-        }
-        if !image.kernel_args.is_empty() {
-            cmd.arg("--cmdline-extra").arg(&image.kernel_args);
-        }
-        let log = fs::File::create(dir.join("vmm.log")).context("creating vmm.log")?;
+        cmd.args(cfg.to_args());
+        let log = fs::File::create(files.vmm_log()).context("creating vmm.log")?;
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -217,10 +195,9 @@ impl Vm {
     /// The VMM's answer to a status request on its control socket (vCPU exits, how far the
     /// guest's drivers got with each device), or why there is none.
     pub fn vmm_status(&self) -> String {
-        let req = serde_json::json!({"status": {}});
-        match vmm_request(&self.dir.join("api.sock"), &req, Duration::from_secs(3)) {
-            Ok(answer) => answer.to_string(),
-            Err(e) => format!("no answer: {e:#}"),
+        match self.control(Duration::from_secs(3)).status() {
+            Ok(status) => serde_json::to_string(&status).expect("a status serializes"),
+            Err(e) => format!("no answer: {}", error_chain(&e)),
         }
     }
 
@@ -228,7 +205,7 @@ impl Vm {
     pub fn logs_tail(&self) -> String {
         let mut s = String::new();
         for (name, path) in [
-            ("vmm.log", self.dir.join("vmm.log")),
+            ("vmm.log", VmDir::new(&self.dir).vmm_log()),
             ("guest console", self.console.clone()),
         ] {
             let text = fs::read_to_string(path).unwrap_or_default();
@@ -256,7 +233,7 @@ impl Vm {
 
     /// The VMM's own log (boot timings).
     pub fn vmm_log(&self) -> String {
-        fs::read_to_string(self.dir.join("vmm.log")).unwrap_or_default()
+        fs::read_to_string(VmDir::new(&self.dir).vmm_log()).unwrap_or_default()
     }
 
     /// Waits up to `timeout` for the VMM to exit (after the guest powered off), then kills it.
@@ -296,4 +273,15 @@ impl Drop for Vm {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// An error and its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(&format!(": {c}"));
+        src = c.source();
+    }
+    s
 }

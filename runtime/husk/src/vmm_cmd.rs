@@ -3,8 +3,8 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::{bail, Context, Result};
-use husk::vm::vmm_request;
+use anyhow::{Context, Result};
+use husk_vmm_api::{Client, Request};
 
 #[derive(Debug, clap::Args)]
 pub struct VmmArgs {
@@ -27,19 +27,21 @@ enum VmmCmd {
 
 pub fn run(a: VmmArgs) -> Result<i32> {
     let req = match &a.cmd {
-        VmmCmd::Status => serde_json::json!({"status": {}}),
-        VmmCmd::Stop => serde_json::json!({"stop": {}}),
+        VmmCmd::Status => Request::Status {},
+        VmmCmd::Stop => Request::Stop {},
         VmmCmd::UpdateDrive { id, path } => {
             let path = path
                 .canonicalize()
                 .with_context(|| format!("the drive image {}", path.display()))?;
-            serde_json::json!({"update_drive": {"id": id, "path": path}})
+            Request::UpdateDrive {
+                id: id.clone(),
+                path,
+            }
         }
     };
-    let answer = vmm_request(&a.api, &req, Duration::from_secs(10))?;
-    if let Some(e) = answer.get("error") {
-        bail!("the VMM refused: {}", e.as_str().unwrap_or(&e.to_string()));
-    }
-    println!("{answer}");
+    let answer = Client::new(&a.api, Duration::from_secs(10))
+        .call(&req)
+        .map_err(|e| anyhow::anyhow!(husk::vm::error_chain(&e)))?;
+    println!("{}", serde_json::to_string(&answer)?);
     Ok(0)
 }

@@ -39,9 +39,10 @@ use containerd_shim::{
 };
 use husk::{
     config::{Config, PodDefaults},
-    vm::{image_from, vmm_request, Drive, Vm, VmSize},
+    vm::{error_chain, image_from, Drive, Vm, VmSize},
 };
 use husk_client::{pb, AgentClient, ClientError};
+use husk_vmm_api::{drives, files::VmDir};
 use tokio::sync::{oneshot, watch};
 
 use crate::{
@@ -278,7 +279,7 @@ impl TaskService {
         let dir = pod_dir(&self.namespace, &req.id);
         let slots: Vec<Drive> = (0..SLOTS)
             .map(|i| Drive {
-                id: format!("slot{i}"),
+                id: drives::slot_id(i),
                 path: PathBuf::new(),
                 read_only: false,
             })
@@ -432,7 +433,7 @@ impl TaskService {
                 serde_json::to_vec(&spec).map_err(|e| err(ttrpc::Code::INTERNAL, e.to_string()))?;
             r.stdin = !fifos.stdin.is_empty();
             let mut bd = pb::BlockDevice::new();
-            bd.source = format!("/dev/vd{}", (b'a' + slot as u8) as char);
+            bd.source = drives::guest_device(slot);
             bd.fstype = "ext4".into();
             let mut root = pb::Rootfs::new();
             root.set_block(bd);
@@ -693,24 +694,21 @@ async fn update_drive(
     slot: usize,
     path: &std::path::Path,
 ) -> TtrpcResult<()> {
-    let api = dir.join("api.sock");
-    let req = serde_json::json!({"update_drive": {"id": format!("slot{slot}"), "path": path}});
-    let answer =
-        tokio::task::spawn_blocking(move || vmm_request(&api, &req, Duration::from_secs(5)))
-            .await
-            .map_err(|e| err(ttrpc::Code::INTERNAL, e.to_string()))?
-            .map_err(|e| {
-                err(
-                    ttrpc::Code::UNAVAILABLE,
-                    format!("updating drive slot{slot} of the VM: {e:#}"),
-                )
-            })?;
-    match answer.get("error") {
-        Some(e) => Err(err(
+    let api = husk_vmm_api::Client::new(VmDir::new(dir).api_sock(), Duration::from_secs(5));
+    let (id, path) = (drives::slot_id(slot), path.to_path_buf());
+    let done = tokio::task::spawn_blocking(move || api.update_drive(&id, &path))
+        .await
+        .map_err(|e| err(ttrpc::Code::INTERNAL, e.to_string()))?;
+    match done {
+        Ok(()) => Ok(()),
+        Err(husk_vmm_api::ClientError::Refused(e)) => Err(err(
             ttrpc::Code::INTERNAL,
             format!("the VMM refused to update drive slot{slot}: {e}"),
         )),
-        None => Ok(()),
+        Err(e) => Err(err(
+            ttrpc::Code::UNAVAILABLE,
+            format!("updating drive slot{slot} of the VM: {}", error_chain(&e)),
+        )),
     }
 }
 

@@ -7,7 +7,7 @@ use std::{
         fd::{AsRawFd, RawFd},
         unix::net::UnixListener,
     },
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
         mpsc, Arc, Mutex,
@@ -27,6 +27,8 @@ use vmm_sys_util::{
     epoll::{ControlOperation, Epoll, EpollEvent, EventSet},
     eventfd::EventFd,
 };
+
+use husk_vmm_api::{Answer, DeviceStatus, Request, VcpuRegs, VcpuStatus, VmStatus};
 
 use crate::{
     arch::{self, layout, mptable},
@@ -208,7 +210,7 @@ impl VcpuStats {
         false
     }
 
-    fn json(&self) -> serde_json::Value {
+    fn status(&self) -> VcpuStatus {
         let sampled = self.sample(Duration::from_millis(300));
         let regs = sampled.then(|| {
             let [cr0, cr3, cr4] = [0, 1, 2].map(|i| self.cr[i].load(Ordering::Relaxed));
@@ -224,31 +226,33 @@ impl VcpuStats {
                 self.tsc.load(Ordering::Relaxed),
                 self.tsc_deadline.load(Ordering::Relaxed),
             );
-            serde_json::json!({
-                "rip": format!("{:#x}", self.rip.load(Ordering::Relaxed)),
-                "cr0": format!("{cr0:#x}"),
-                "cr3": format!("{cr3:#x}"),
-                "cr4": format!("{cr4:#x}"),
-                "mp_state": mp_state,
-                "tsc": tsc,
-                // How far the armed timer is ahead of the TSC (negative: overdue).
-                "tsc_deadline_in": (deadline != 0).then(|| deadline as i128 - tsc as i128),
-            })
+            VcpuRegs {
+                rip: format!("{:#x}", self.rip.load(Ordering::Relaxed)),
+                cr0: format!("{cr0:#x}"),
+                cr3: format!("{cr3:#x}"),
+                cr4: format!("{cr4:#x}"),
+                mp_state,
+                tsc,
+                tsc_deadline_in: (deadline != 0).then(|| {
+                    let d = deadline as i128 - tsc as i128;
+                    d.clamp(i64::MIN as i128, i64::MAX as i128) as i64
+                }),
+            }
         });
         let last = self.last.load(Ordering::Relaxed);
         let addr = last & ((1 << 56) - 1);
-        let last = match last >> 56 {
+        let last_io = match last >> 56 {
             1 => format!("port {addr:#x}"),
             2 => format!("mmio {addr:#x}"),
             _ => "none".into(),
         };
-        serde_json::json!({
-            "exits": self.exits.load(Ordering::Relaxed),
-            "io_exits": self.io.load(Ordering::Relaxed),
-            "mmio_exits": self.mmio.load(Ordering::Relaxed),
-            "last_io": last,
-            "regs": regs,
-        })
+        VcpuStatus {
+            exits: self.exits.load(Ordering::Relaxed),
+            io_exits: self.io.load(Ordering::Relaxed),
+            mmio_exits: self.mmio.load(Ordering::Relaxed),
+            last_io,
+            regs,
+        }
     }
 }
 
@@ -855,6 +859,7 @@ fn serve_api(
         return;
     }
     let answer = api_answer(&line, transports, legacy, events, stats);
+    let answer = serde_json::to_string(&answer).expect("answers always serialize");
     let mut w = &s;
     let _ = writeln!(w, "{answer}");
 }
@@ -865,40 +870,41 @@ fn api_answer(
     legacy: &Arc<Mutex<LegacyBus>>,
     events: &mpsc::Sender<Event>,
     stats: &[VcpuStats],
-) -> serde_json::Value {
-    use serde_json::json;
-    let req: serde_json::Value = match serde_json::from_str(line) {
-        Ok(v) => v,
-        Err(e) => return json!({"error": format!("not JSON: {e}")}),
+) -> Answer {
+    let req = match Request::parse(line) {
+        Ok(r) => r,
+        Err(e) => return Answer::error(e),
     };
-    if req.get("status").is_some() {
-        let ready = lock(legacy).ready_after().map(|d| d.as_millis() as u64);
-        let devices: Vec<_> = transports
-            .iter()
-            .map(|(id, t)| json!({"id": id, "driver_status": lock(t).driver_status()}))
-            .collect();
-        let vcpus: Vec<_> = stats.iter().map(VcpuStats::json).collect();
-        json!({"state": "running", "ready_ms": ready, "vcpus": vcpus, "devices": devices})
-    } else if req.get("stop").is_some() {
-        let _ = events.send(Event::Stop);
-        json!({"ok": true})
-    } else if let Some(u) = req.get("update_drive") {
-        let (Some(id), Some(path)) = (u["id"].as_str(), u["path"].as_str()) else {
-            return json!({"error": "update_drive needs id and path"});
-        };
-        let Some((_, t)) = transports.iter().find(|(i, _)| i == id) else {
-            return json!({"error": format!("no drive {id:?}")});
-        };
-        let mut t = lock(t);
-        match t.device_mut().update_backing(Path::new(path)) {
-            Ok(()) => {
-                t.config_changed();
-                json!({"ok": true})
-            }
-            Err(e) => json!({"error": e}),
+    match req {
+        Request::Status {} => Answer::Status(VmStatus {
+            state: "running".into(),
+            ready_ms: lock(legacy).ready_after().map(|d| d.as_millis() as u64),
+            vcpus: stats.iter().map(VcpuStats::status).collect(),
+            devices: transports
+                .iter()
+                .map(|(id, t)| DeviceStatus {
+                    id: id.clone(),
+                    driver_status: lock(t).driver_status(),
+                })
+                .collect(),
+        }),
+        Request::Stop {} => {
+            let _ = events.send(Event::Stop);
+            Answer::ok()
         }
-    } else {
-        json!({"error": "unknown request (status, stop, update_drive)"})
+        Request::UpdateDrive { id, path } => {
+            let Some((_, t)) = transports.iter().find(|(i, _)| *i == id) else {
+                return Answer::error(format!("no drive {id:?}"));
+            };
+            let mut t = lock(t);
+            match t.device_mut().update_backing(&path) {
+                Ok(()) => {
+                    t.config_changed();
+                    Answer::ok()
+                }
+                Err(e) => Answer::error(e),
+            }
+        }
     }
 }
 
@@ -1035,13 +1041,14 @@ mod tests {
         }
 
         fn ask(&self, line: &str) -> serde_json::Value {
-            api_answer(
+            serde_json::to_value(api_answer(
                 line,
                 &self.transports,
                 &self.legacy,
                 &self.events,
                 &self.stats,
-            )
+            ))
+            .unwrap()
         }
 
         fn error(&self, line: &str) -> String {

@@ -1,0 +1,226 @@
+//! The control socket's protocol: one JSON request line in, one JSON answer line out.
+//!
+//! ```text
+//! {"status":{}}                                  -> {"state":"running","ready_ms":..,"vcpus":[..],"devices":[..]}
+//! {"stop":{}}                                    -> {"ok":true}
+//! {"update_drive":{"id":"slot1","path":"/x"}}    -> {"ok":true}   (path "" empties the slot)
+//! anything else                                  -> {"error":"..."}
+//! ```
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// A request to the VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    /// State, guest readiness, vCPU exits and registers, each device's driver status.
+    Status {},
+    /// Stop the VM (the VMM exits 0).
+    Stop {},
+    /// Give drive `id` a new backing file, or none when `path` is empty (the guest sees a
+    /// media change).
+    UpdateDrive { id: String, path: PathBuf },
+}
+
+/// Why a request line is not a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("not JSON: {0}")]
+    NotJson(String),
+    #[error("unknown request (status, stop, update_drive)")]
+    Unknown,
+    #[error("update_drive needs id and path")]
+    UpdateDriveArgs,
+}
+
+impl Request {
+    /// The request that empties drive slot `id`.
+    pub fn eject(id: impl Into<String>) -> Self {
+        Request::UpdateDrive {
+            id: id.into(),
+            path: PathBuf::new(),
+        }
+    }
+
+    /// Parses one request line, telling a line that is not JSON from an unknown request and
+    /// from a known one with wrong arguments.
+    pub fn parse(line: &str) -> Result<Request, RequestError> {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| RequestError::NotJson(e.to_string()))?;
+        let serde_json::Value::Object(map) = &v else {
+            return Err(RequestError::Unknown);
+        };
+        if map.contains_key("status") {
+            Ok(Request::Status {})
+        } else if map.contains_key("stop") {
+            Ok(Request::Stop {})
+        } else if let Some(args) = map.get("update_drive") {
+            #[derive(Deserialize)]
+            struct Args {
+                id: String,
+                path: PathBuf,
+            }
+            let a = Args::deserialize(args).map_err(|_| RequestError::UpdateDriveArgs)?;
+            Ok(Request::UpdateDrive {
+                id: a.id,
+                path: a.path,
+            })
+        } else {
+            Err(RequestError::Unknown)
+        }
+    }
+}
+
+/// The VMM's answer to a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Answer {
+    /// The request failed; why.
+    Error { error: String },
+    /// The request was done.
+    Ok { ok: bool },
+    /// The answer to [`Request::Status`].
+    Status(VmStatus),
+}
+
+impl Answer {
+    pub fn ok() -> Self {
+        Answer::Ok { ok: true }
+    }
+
+    pub fn error(e: impl std::fmt::Display) -> Self {
+        Answer::Error {
+            error: e.to_string(),
+        }
+    }
+}
+
+/// What the VM is doing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// `running` (a VMM that has ended does not answer).
+    pub state: String,
+    /// Milliseconds from the VMM's start to the guest's "ready" signal, once it came.
+    pub ready_ms: Option<u64>,
+    pub vcpus: Vec<VcpuStatus>,
+    pub devices: Vec<DeviceStatus>,
+}
+
+/// What one vCPU has been doing: a guest that never gets ready shows whether it still exits
+/// to the VMM (and where) or sits inside KVM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VcpuStatus {
+    pub exits: u64,
+    pub io_exits: u64,
+    pub mmio_exits: u64,
+    /// The last port or MMIO address the vCPU exited on: `port 0x3f8`, `mmio 0xd0000070`,
+    /// or `none`.
+    pub last_io: String,
+    /// A sample of its registers, when the vCPU thread answered in time.
+    pub regs: Option<VcpuRegs>,
+}
+
+/// A register sample of one vCPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VcpuRegs {
+    pub rip: String,
+    pub cr0: String,
+    pub cr3: String,
+    pub cr4: String,
+    /// KVM's multiprocessing state: runnable, halted, ...
+    pub mp_state: String,
+    pub tsc: u64,
+    /// How far the armed LAPIC timer deadline is ahead of the TSC (negative: overdue); none
+    /// when no deadline is armed.
+    pub tsc_deadline_in: Option<i64>,
+}
+
+/// How far the guest's driver got with one device (the virtio status register).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub id: String,
+    pub driver_status: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_their_wire_form() {
+        let cases = [
+            (Request::Status {}, r#"{"status":{}}"#),
+            (Request::Stop {}, r#"{"stop":{}}"#),
+            (
+                Request::UpdateDrive {
+                    id: "slot1".into(),
+                    path: "/d.img".into(),
+                },
+                r#"{"update_drive":{"id":"slot1","path":"/d.img"}}"#,
+            ),
+            (
+                Request::eject("slot2"),
+                r#"{"update_drive":{"id":"slot2","path":""}}"#,
+            ),
+        ];
+        for (req, wire) in cases {
+            assert_eq!(serde_json::to_string(&req).unwrap(), wire);
+            assert_eq!(Request::parse(wire).unwrap(), req);
+        }
+    }
+
+    #[test]
+    fn bad_lines_say_what_is_wrong() {
+        for bad in [r#"{"status""#, "", "status", "{\"stop\":}"] {
+            assert!(matches!(Request::parse(bad), Err(RequestError::NotJson(_))));
+        }
+        for unknown in [r#"{"frobnicate":{}}"#, "{}", "[1, 2]", "7"] {
+            assert_eq!(Request::parse(unknown), Err(RequestError::Unknown));
+        }
+        for bad in [
+            r#"{"update_drive":{}}"#,
+            r#"{"update_drive":{"id":"slot1"}}"#,
+            r#"{"update_drive":{"id":1,"path":"/x"}}"#,
+            r#"{"update_drive":"slot1"}"#,
+        ] {
+            assert_eq!(Request::parse(bad), Err(RequestError::UpdateDriveArgs));
+        }
+    }
+
+    #[test]
+    fn answers_round_trip() {
+        let status = Answer::Status(VmStatus {
+            state: "running".into(),
+            ready_ms: None,
+            vcpus: vec![VcpuStatus {
+                exits: 3,
+                io_exits: 2,
+                mmio_exits: 1,
+                last_io: "port 0x3f8".into(),
+                regs: Some(VcpuRegs {
+                    rip: "0xffffffff81000000".into(),
+                    cr0: "0x80050033".into(),
+                    cr3: "0x1000".into(),
+                    cr4: "0x20".into(),
+                    mp_state: "halted".into(),
+                    tsc: 10,
+                    tsc_deadline_in: Some(-5),
+                }),
+            }],
+            devices: vec![DeviceStatus {
+                id: "vsock".into(),
+                driver_status: 15,
+            }],
+        });
+        for a in [Answer::ok(), Answer::error("no drive \"x\""), status] {
+            let wire = serde_json::to_string(&a).unwrap();
+            assert_eq!(serde_json::from_str::<Answer>(&wire).unwrap(), a, "{wire}");
+        }
+        assert_eq!(
+            serde_json::to_string(&Answer::ok()).unwrap(),
+            r#"{"ok":true}"#
+        );
+    }
+}

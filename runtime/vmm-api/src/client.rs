@@ -1,0 +1,160 @@
+//! A blocking client for a VMM's control socket: one connection per request.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::api::{Answer, Request, VmStatus};
+
+/// Why a request to the VMM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting to the VMM control socket {0}")]
+    Connect(PathBuf, #[source] std::io::Error),
+    #[error("sending the request to the VMM")]
+    Send(#[source] std::io::Error),
+    #[error("reading the VMM's answer")]
+    Receive(#[source] std::io::Error),
+    #[error("the VMM's answer {0:?}")]
+    Decode(String, #[source] serde_json::Error),
+    #[error("the VMM refused: {0}")]
+    Refused(String),
+    #[error("the VMM answered {0:?} to a {1} request")]
+    Unexpected(String, &'static str),
+}
+
+/// The control socket of one VMM.
+#[derive(Debug, Clone)]
+pub struct Client {
+    sock: PathBuf,
+    timeout: Duration,
+}
+
+impl Client {
+    /// A client for the socket at `sock` that waits at most `timeout` for each answer.
+    pub fn new(sock: impl Into<PathBuf>, timeout: Duration) -> Self {
+        Self {
+            sock: sock.into(),
+            timeout,
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.sock
+    }
+
+    /// Sends one request and returns the VMM's answer as it came (an error answer included).
+    pub fn request(&self, req: &Request) -> Result<Answer, ClientError> {
+        let s = UnixStream::connect(&self.sock)
+            .map_err(|e| ClientError::Connect(self.sock.clone(), e))?;
+        s.set_read_timeout(Some(self.timeout))
+            .map_err(ClientError::Receive)?;
+        let line = serde_json::to_string(req).expect("requests always serialize");
+        (&s).write_all(format!("{line}\n").as_bytes())
+            .map_err(ClientError::Send)?;
+        let mut answer = String::new();
+        BufReader::new(&s)
+            .read_line(&mut answer)
+            .map_err(ClientError::Receive)?;
+        serde_json::from_str(&answer).map_err(|e| ClientError::Decode(answer, e))
+    }
+
+    /// Sends one request; an error answer is an error.
+    pub fn call(&self, req: &Request) -> Result<Answer, ClientError> {
+        match self.request(req)? {
+            Answer::Error { error } => Err(ClientError::Refused(error)),
+            a => Ok(a),
+        }
+    }
+
+    /// The VM's status.
+    pub fn status(&self) -> Result<VmStatus, ClientError> {
+        match self.call(&Request::Status {})? {
+            Answer::Status(s) => Ok(s),
+            other => Err(ClientError::Unexpected(format!("{other:?}"), "status")),
+        }
+    }
+
+    /// Stops the VM.
+    pub fn stop(&self) -> Result<(), ClientError> {
+        self.expect_ok(&Request::Stop {}, "stop")
+    }
+
+    /// Gives drive `id` the backing file `path`.
+    pub fn update_drive(&self, id: &str, path: &Path) -> Result<(), ClientError> {
+        let req = Request::UpdateDrive {
+            id: id.into(),
+            path: path.into(),
+        };
+        self.expect_ok(&req, "update_drive")
+    }
+
+    /// Empties drive `id`.
+    pub fn eject(&self, id: &str) -> Result<(), ClientError> {
+        self.expect_ok(&Request::eject(id), "update_drive")
+    }
+
+    fn expect_ok(&self, req: &Request, what: &'static str) -> Result<(), ClientError> {
+        match self.call(req)? {
+            Answer::Ok { ok: true } => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"), what)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A one-shot server that answers `answer` and hands back the request line it got.
+    fn serve(answer: &'static str) -> (tempfile::TempDir, Client, std::thread::JoinHandle<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            (&s).write_all(answer.as_bytes()).unwrap();
+            line
+        });
+        (dir, Client::new(sock, Duration::from_secs(5)), t)
+    }
+
+    #[test]
+    fn typed_calls_send_their_request_and_read_the_answer() {
+        let (_d, c, t) = serve("{\"ok\":true}\n");
+        c.update_drive("slot2", Path::new("/d.img")).unwrap();
+        assert_eq!(
+            t.join().unwrap(),
+            "{\"update_drive\":{\"id\":\"slot2\",\"path\":\"/d.img\"}}\n"
+        );
+        let (_d, c, t) = serve(
+            "{\"state\":\"running\",\"ready_ms\":12,\"vcpus\":[],\"devices\":[{\"id\":\"vsock\",\"driver_status\":15}]}\n",
+        );
+        let st = c.status().unwrap();
+        assert_eq!(t.join().unwrap(), "{\"status\":{}}\n");
+        assert_eq!(st.ready_ms, Some(12));
+        assert_eq!(st.devices[0].driver_status, 15);
+    }
+
+    #[test]
+    fn refusals_and_garbage_are_errors() {
+        let (_d, c, t) = serve("{\"error\":\"no drive \\\"x\\\"\"}\n");
+        let e = c.eject("x").unwrap_err();
+        t.join().unwrap();
+        assert_eq!(e.to_string(), "the VMM refused: no drive \"x\"");
+        let (_d, c, t) = serve("hello\n");
+        assert!(matches!(c.stop(), Err(ClientError::Decode(..))));
+        t.join().unwrap();
+        let (_d, c, t) = serve("{\"ok\":true}\n");
+        assert!(matches!(c.status(), Err(ClientError::Unexpected(..))));
+        t.join().unwrap();
+        let gone = Client::new("/nonexistent/api.sock", Duration::from_secs(1));
+        assert!(matches!(gone.stop(), Err(ClientError::Connect(..))));
+    }
+}

@@ -1,0 +1,188 @@
+//! The VMM's command line: [`VmConfig`] is what `husk-vmm` parses (with clap) and what its
+//! callers render into arguments with [`VmConfig::to_args`], so both sides share one type.
+
+use std::{ffi::OsString, fmt, path::PathBuf};
+
+/// A drive given on the command line as `id=ID,path=PATH,ro=BOOL` (path may be empty:
+/// an empty slot whose backing file comes later through the control API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveArg {
+    pub id: String,
+    pub path: Option<PathBuf>,
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DriveArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut d = DriveArg {
+            id: String::new(),
+            path: None,
+            read_only: false,
+        };
+        for kv in s.split(',') {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("drive {s:?}: {kv:?} is not key=value"))?;
+            match k {
+                "id" => d.id = v.to_string(),
+                "path" if v.is_empty() => d.path = None,
+                "path" => d.path = Some(v.into()),
+                "ro" => {
+                    d.read_only = v
+                        .parse()
+                        .map_err(|_| format!("drive {s:?}: ro must be true or false"))?
+                }
+                other => return Err(format!("drive {s:?}: unknown key {other:?}")),
+            }
+        }
+        if d.id.is_empty() {
+            return Err(format!("drive {s:?}: an id is required"));
+        }
+        Ok(d)
+    }
+}
+
+impl fmt::Display for DriveArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = self
+            .path
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        write!(f, "id={},path={path},ro={}", self.id, self.read_only)
+    }
+}
+
+/// The configuration of one microVM.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Parser)]
+#[command(name = "husk-vmm", version, about = "husk's KVM microVM monitor")]
+pub struct VmConfig {
+    /// The guest kernel (ELF vmlinux).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// The guest initramfs (cpio, optionally compressed).
+    #[arg(long)]
+    pub initramfs: Option<PathBuf>,
+    /// Extra kernel command line, appended to husk's defaults.
+    #[arg(long, default_value = "")]
+    pub cmdline_extra: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value = "1")]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value = "256")]
+    pub mem_mib: u32,
+    /// Where the guest's serial console goes (default: this process's stdout). A log file
+    /// keeps the first 16 MiB, then one line saying the rest was dropped.
+    #[arg(long)]
+    pub serial_log: Option<PathBuf>,
+    /// The hybrid-vsock Unix socket (the host connects here; guest connections to host port P
+    /// go to `<path>_P`). No vsock device without it.
+    #[arg(long)]
+    pub vsock_uds: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value = "3")]
+    pub guest_cid: u64,
+    /// A block device: id=ID,path=PATH,ro=BOOL (repeatable; /dev/vda, /dev/vdb, ... in order).
+    #[arg(long = "drive")]
+    pub drives: Vec<DriveArg>,
+    /// The control socket (JSON lines: {"status":{}}, {"stop":{}}, {"update_drive":{"id":..,"path":..}}).
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+}
+
+impl VmConfig {
+    /// A VM of `vcpus` and `mem_mib` booting `kernel`, with nothing else.
+    pub fn new(kernel: impl Into<PathBuf>, vcpus: u8, mem_mib: u32) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initramfs: None,
+            cmdline_extra: String::new(),
+            vcpus,
+            mem_mib,
+            serial_log: None,
+            vsock_uds: None,
+            guest_cid: 3,
+            drives: Vec::new(),
+            api_sock: None,
+        }
+    }
+
+    /// The arguments that make `husk-vmm` parse this configuration back (program name
+    /// excluded).
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut flag = |name: &str, v: OsString| {
+            a.push(format!("--{name}").into());
+            a.push(v);
+        };
+        flag("kernel", self.kernel.clone().into());
+        if let Some(i) = &self.initramfs {
+            flag("initramfs", i.clone().into());
+        }
+        if !self.cmdline_extra.is_empty() {
+            flag("cmdline-extra", self.cmdline_extra.clone().into());
+        }
+        flag("vcpus", self.vcpus.to_string().into());
+        flag("mem-mib", self.mem_mib.to_string().into());
+        if let Some(p) = &self.serial_log {
+            flag("serial-log", p.clone().into());
+        }
+        if let Some(p) = &self.vsock_uds {
+            flag("vsock-uds", p.clone().into());
+        }
+        flag("guest-cid", self.guest_cid.to_string().into());
+        for d in &self.drives {
+            flag("drive", d.to_string().into());
+        }
+        if let Some(p) = &self.api_sock {
+            flag("api-sock", p.clone().into());
+        }
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn drives_parse() {
+        let d: DriveArg = "id=rootfs,path=/x.img,ro=true".parse().unwrap();
+        assert_eq!(d.id, "rootfs");
+        assert_eq!(d.path.as_deref(), Some(std::path::Path::new("/x.img")));
+        assert!(d.read_only);
+        let e: DriveArg = "id=slot1,path=".parse().unwrap();
+        assert_eq!(e.path, None);
+        assert!("path=/x".parse::<DriveArg>().is_err());
+        assert!("id=a,ro=maybe".parse::<DriveArg>().is_err());
+        assert!("id=a,colour=red".parse::<DriveArg>().is_err());
+    }
+
+    #[test]
+    fn drives_print_what_they_parse() {
+        for s in ["id=rootfs,path=/x.img,ro=true", "id=slot1,path=,ro=false"] {
+            assert_eq!(s.parse::<DriveArg>().unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
+    fn config_round_trips_through_its_arguments() {
+        let mut c = VmConfig::new("/k/vmlinux", 2, 512);
+        let args = |c: &VmConfig| std::iter::once("husk-vmm".into()).chain(c.to_args());
+        assert_eq!(VmConfig::try_parse_from(args(&c)).unwrap(), c);
+        c.initramfs = Some("/k/initramfs.cpio.gz".into());
+        c.cmdline_extra = "loglevel=7 quiet".into();
+        c.serial_log = Some("/run/vm/serial.log".into());
+        c.vsock_uds = Some("/run/vm/vsock.sock".into());
+        c.api_sock = Some("/run/vm/api.sock".into());
+        c.guest_cid = 42;
+        c.drives = vec![
+            "id=rootfs,path=/r.ext4,ro=false".parse().unwrap(),
+            "id=slot1,path=,ro=true".parse().unwrap(),
+        ];
+        assert_eq!(VmConfig::try_parse_from(args(&c)).unwrap(), c);
+    }
+}

@@ -1,0 +1,20 @@
+//! The contract between `husk-vmm` and the processes that drive it (`husk`, the shim): one
+//! crate both sides use, with no KVM dependency, so that neither side builds command lines or
+//! JSON by hand.
+//!
+//! - [`launch`]: the VMM's command line ([`launch::VmConfig`], parsed by the VMM with clap and
+//!   rendered back into arguments by its callers) and its drives.
+//! - [`files`]: the names of the sockets and logs in a VM's directory.
+//! - [`drives`]: drive slots and the guest device (`/dev/vdX`) each one becomes.
+//! - [`api`]: the control socket's requests and answers (one JSON line each way).
+//! - [`client`]: a blocking client for the control socket.
+
+pub mod api;
+pub mod client;
+pub mod drives;
+pub mod files;
+pub mod launch;
+
+pub use api::{Answer, DeviceStatus, Request, VcpuRegs, VcpuStatus, VmStatus};
+pub use client::{Client, ClientError};
+pub use launch::{DriveArg, VmConfig};
