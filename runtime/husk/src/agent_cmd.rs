@@ -12,8 +12,9 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use husk::stdio::{attach_outputs, Observer, Sink};
 use husk_client::{pb, AgentAddr, AgentClient, StdioStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
@@ -404,12 +405,24 @@ pub struct AttachOpts {
 
 /// Streams this process's stdio to and from a process of the agent, then waits for it.
 pub async fn attach(c: &AgentClient, id: &str, exec_id: &str, o: AttachOpts) -> Result<i32> {
-    let out = c.open_stream(id, exec_id, StdioStream::Stdout).await?;
-    let err = if o.tty {
-        None
-    } else {
-        Some(c.open_stream(id, exec_id, StdioStream::Stderr).await?)
-    };
+    let mut sinks: Vec<(StdioStream, Sink)> =
+        vec![(StdioStream::Stdout, Box::new(tokio::io::stdout()))];
+    if !o.tty {
+        sinks.push((StdioStream::Stderr, Box::new(tokio::io::stderr())));
+    }
+    let observer = o.first_output_since.map(|since| {
+        let seen = AtomicBool::new(false);
+        let o: Observer = Arc::new(move |_: &[u8]| {
+            if !seen.swap(true, Ordering::Relaxed) {
+                eprintln!(
+                    "husk: first output {:.0} ms after husk run began",
+                    since.elapsed().as_secs_f64() * 1000.0
+                );
+            }
+        });
+        o
+    });
+    let outputs = attach_outputs(c, id, exec_id, sinks, observer).await?;
     // Raw mode only when our keystrokes go to the process; otherwise Ctrl-C stays ours.
     let _raw = (o.tty && o.interactive).then(RawTerminal::enter).flatten();
     if o.interactive {
@@ -424,12 +437,6 @@ pub async fn attach(c: &AgentClient, id: &str, exec_id: &str, o: AttachOpts) -> 
         let (c, id, exec_id) = (c.clone(), id.to_string(), exec_id.to_string());
         tokio::spawn(async move { forward_resizes(&c, &id, &exec_id).await })
     });
-    let first = Arc::new(FirstOutput {
-        since: o.first_output_since,
-        seen: AtomicBool::new(false),
-    });
-    let o_task = tokio::spawn(pump(out, tokio::io::stdout(), first.clone()));
-    let e_task = err.map(|err| tokio::spawn(pump(err, tokio::io::stderr(), first)));
     let mut r = pb::WaitProcessRequest::new();
     r.container_id = id.into();
     r.exec_id = exec_id.into();
@@ -438,9 +445,8 @@ pub async fn attach(c: &AgentClient, id: &str, exec_id: &str, o: AttachOpts) -> 
         t.abort();
     }
     let w = w?;
-    let _ = o_task.await;
-    if let Some(e) = e_task {
-        let _ = e.await;
+    for t in outputs {
+        let _ = t.await;
     }
     if w.oom_killed {
         eprintln!("husk: the container was OOM-killed");
@@ -451,40 +457,6 @@ pub async fn attach(c: &AgentClient, id: &str, exec_id: &str, o: AttachOpts) -> 
     Ok(w.exit_status)
 }
 
-/// When the first output came, for `--timings`.
-struct FirstOutput {
-    since: Option<Instant>,
-    seen: AtomicBool,
-}
-
-/// Copies one output stream of the process to ours, flushing as it goes.
-async fn pump(
-    mut from: impl tokio::io::AsyncRead + Unpin,
-    mut to: impl tokio::io::AsyncWrite + Unpin,
-    first: Arc<FirstOutput>,
-) {
-    let mut buf = [0u8; 8192];
-    loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if let Some(t) = first.since {
-                    if !first.seen.swap(true, Ordering::Relaxed) {
-                        eprintln!(
-                            "husk: first output {:.0} ms after husk run began",
-                            t.elapsed().as_secs_f64() * 1000.0
-                        );
-                    }
-                }
-                if to.write_all(&buf[..n]).await.is_err() || to.flush().await.is_err() {
-                    break;
-                }
-            }
-        }
-    }
-}
-
-/// Passes each size change of the local terminal (SIGWINCH) on to the process's terminal.
 async fn forward_resizes(c: &AgentClient, id: &str, exec_id: &str) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut winch) = signal(SignalKind::window_change()) else {

@@ -3,4 +3,6 @@
 
 pub mod config;
 pub mod image;
+pub mod pod;
+pub mod stdio;
 pub mod vm;

@@ -2,19 +2,20 @@
 //! layout, with its stdio streamed and its exit status returned as husk's own.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use husk_client::{pb, AgentClient};
+use husk_client::pb;
 use oci_spec::runtime::{
     LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Spec,
 };
 
 use husk::{
     image,
-    vm::{check_kvm, default_image, Drive, Vm, VmSize},
+    pod::{NewContainer, Pod, PodConfig},
+    vm::{check_kvm, default_image, VmSize},
 };
 
 use crate::agent_cmd::{attach, terminal_size, AttachOpts};
@@ -112,34 +113,31 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         return Ok(code);
     }
 
-    let mut vm = Vm::start(
-        &img,
-        &VmSize {
+    let cfg = PodConfig {
+        id: "husk-run".into(),
+        hostname: "husk".into(),
+        image: img,
+        size: VmSize {
             vcpus: a.cpus,
             mem_mib: a.memory,
         },
-        &[Drive {
-            id: "rootfs".into(),
-            path: disk,
-            read_only: false,
-        }],
-        &work.path().join("vm"),
-    )?;
-    let agent = tokio::select! {
-        r = vm.connect_agent(Duration::from_secs(a.boot_timeout)) => r?,
+        dir: work.path().join("vm"),
+        slots: 1,
+        boot_timeout: Duration::from_secs(a.boot_timeout),
+    };
+    let (pod, mut vm) = tokio::select! {
+        r = Pod::boot(&cfg) => r?,
         // Dropping the Vm kills the VMM and removes its directory.
         code = stop.next() => return Ok(code),
     };
     let t_ready = t0.elapsed();
 
     let run = tokio::select! {
-        r = run_in_vm(&agent, &spec, a.tty, a.interactive, t0, a.timings) => r,
+        r = run_in_pod(&pod, &disk, &spec, a.tty, a.interactive, t0, a.timings) => r,
         code = stop.next() => Ok(code),
     };
     // Power the VM off whatever happened; the Vm's drop kills it if that fails.
-    let mut req = pb::DestroySandboxRequest::new();
-    req.sandbox_id = "husk-run".into();
-    let _ = tokio::time::timeout(Duration::from_secs(10), agent.destroy_sandbox(req)).await;
+    pod.power_off(Duration::from_secs(10)).await;
     let exit = vm.wait_exit(Duration::from_secs(20)).await;
     // A run that failed (the agent connection lost, an RPC refused) says how the VM ended
     // and what the VMM and the guest said last: the VM directory goes with `vm` below.
@@ -215,30 +213,25 @@ impl Interrupts {
     }
 }
 
-async fn run_in_vm(
-    agent: &AgentClient,
+async fn run_in_pod(
+    pod: &Pod,
+    disk: &Path,
     spec: &Spec,
     tty: bool,
     interactive: bool,
     t0: Instant,
     timings: bool,
 ) -> Result<i32> {
-    let mut req = pb::CreateSandboxRequest::new();
-    req.sandbox_id = "husk-run".into();
-    req.hostname = "husk".into();
-    agent.create_sandbox(req).await?;
-
-    let mut req = pb::CreateContainerRequest::new();
-    req.container_id = "main".into();
-    req.oci_spec_json = serde_json::to_vec(spec)?;
-    req.stdin = interactive;
-    let mut bd = pb::BlockDevice::new();
-    bd.source = husk_vmm_api::drives::guest_device(0);
-    bd.fstype = "ext4".into();
-    let mut root = pb::Rootfs::new();
-    root.set_block(bd);
-    req.rootfs = Some(root).into();
-    agent.create_container(req).await?;
+    let slot = pod.reserve_slot("main")?;
+    pod.create_container(&NewContainer {
+        id: "main",
+        spec,
+        image: disk,
+        slot,
+        stdin: interactive,
+    })
+    .await?;
+    let agent = pod.agent();
 
     // The terminal's initial size is in the spec (process.consoleSize).
     let mut req = pb::StartContainerRequest::new();

@@ -6,10 +6,14 @@
 //! powers it off, and its exit is the VMM's. A VMM that dies on its own (crash, SIGKILL) is
 //! reported as the sandbox task's exit.
 
-mod container;
+mod error;
+mod events;
 mod metrics;
+mod rootfs;
+mod sandbox;
 mod service;
 mod stdio;
+mod task;
 
 use containerd_shim::{
     asynchronous::{publisher::RemotePublisher, run, spawn, ExitSignal, Shim},
@@ -64,8 +68,8 @@ impl Shim for HuskShim {
         // (PR_SET_PDEATHSIG); what may be left is the pod's run directory (sockets, container
         // images) and a container rootfs the shim had mounted while packing it.
         log::info!("delete_shim {} in {}", self.id, self.namespace);
-        container::unmount(std::path::Path::new("rootfs"));
-        let dir = service::pod_dir(&self.namespace, &self.id);
+        rootfs::unmount(std::path::Path::new("rootfs"));
+        let dir = sandbox::pod_dir(&self.namespace, &self.id);
         if dir.exists() {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 log::warn!("removing {}: {e}", dir.display());
@@ -73,7 +77,7 @@ impl Shim for HuskShim {
         }
         let mut r = DeleteResponse::new();
         r.exit_status = 128 + libc::SIGKILL as u32;
-        r.exited_at = Some(service::now()).into();
+        r.exited_at = Some(events::now()).into();
         Ok(r)
     }
 

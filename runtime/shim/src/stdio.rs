@@ -4,6 +4,7 @@
 //! The output copies end when the agent closes its stream (after the process's last byte), and
 //! the shim waits for them before it reports the exit: no output is lost.
 
+use husk::stdio::{attach_outputs, Sink};
 use husk_client::{AgentClient, StdioStream};
 use tokio::{io::AsyncWriteExt, net::unix::pipe, sync::oneshot, task::JoinHandle};
 
@@ -42,6 +43,7 @@ pub async fn attach(
     fifos: &Fifos,
 ) -> Result<Copies, String> {
     let mut copies = Copies::default();
+    let mut sinks: Vec<(StdioStream, Sink)> = Vec::new();
     let outs = [
         (StdioStream::Stdout, &fifos.stdout),
         (StdioStream::Stderr, &fifos.stderr),
@@ -52,21 +54,15 @@ pub async fn attach(
         }
         // Opened read-write: the open does not wait for containerd's reader, and containerd
         // still sees EOF when we close (we are the only writer).
-        let mut fifo = pipe::OpenOptions::new()
+        let fifo = pipe::OpenOptions::new()
             .read_write(true)
             .open_sender(path)
             .map_err(|e| format!("opening {path}: {e}"))?;
-        let mut stream = agent
-            .open_stream(id, exec_id, which)
-            .await
-            .map_err(|e| format!("attaching {which:?}: {e}"))?;
-        copies.outputs.push(tokio::spawn(async move {
-            if let Err(e) = tokio::io::copy(&mut stream, &mut fifo).await {
-                log::warn!("copying output to the FIFO: {e}");
-            }
-            let _ = fifo.flush().await;
-        }));
+        sinks.push((which, Box::new(fifo)));
     }
+    copies.outputs = attach_outputs(agent, id, exec_id, sinks, None)
+        .await
+        .map_err(|e| format!("attaching the output: {e}"))?;
     if !fifos.stdin.is_empty() {
         // Read-write too: the FIFO never reports EOF on its own (containerd may open its end
         // later, or reopen it); stdin ends with CloseIO.

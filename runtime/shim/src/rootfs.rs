@@ -1,5 +1,5 @@
-//! A container of a husk pod, on the host side: its OCI spec made fit for the guest, and its
-//! rootfs moved into the guest as a block image.
+//! A container's root filesystem on the host side: its OCI spec made fit for the guest, and
+//! its rootfs packed into the block image the pod engine hands to the VM.
 //!
 //! containerd hands the shim the container's snapshot as mounts (usually one overlay). The
 //! shim mounts them, packs the tree into an ext4 image (`mkfs.ext4 -d`), unmounts, and gives
@@ -149,6 +149,32 @@ pub fn unmount(target: &Path) {
     if umount2(target, MntFlags::empty()).is_err() {
         let _ = umount2(target, MntFlags::MNT_DETACH);
     }
+}
+
+/// A container's rootfs as containerd hands it out (`mounts`, or already in place when
+/// empty) at `target`, packed with `copies` into the ext4 image `img`: mounted, packed and
+/// unmounted again. The image's size in bytes.
+pub async fn pack(
+    mounts: Vec<Mount>,
+    target: PathBuf,
+    copies: Vec<Copy>,
+    img: PathBuf,
+) -> Result<u64> {
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&target)
+            .with_context(|| format!("creating {}", target.display()))?;
+        let mounted = !mounts.is_empty();
+        if mounted {
+            mount_rootfs(&mounts, &target)?;
+        }
+        let r = make_image(&target, &copies, &img);
+        if mounted {
+            unmount(&target);
+        }
+        r
+    })
+    .await
+    .context("packing the rootfs")?
 }
 
 /// Packs `rootfs` and `copies` into the ext4 image `img`; returns its size in bytes.
