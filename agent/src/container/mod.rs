@@ -9,8 +9,9 @@
 //! process is then a child of the agent (PID 1 or subreaper) and the agent's reaper gets its
 //! exit status. The engine never calls wait(2).
 //!
-//! Modules by concern: [`spec`] validation, [`cgroup`], [`mounts`] (behind the [`syscall`]
-//! seam), [`seccomp`], [`capabilities`], [`process`] (the helpers), [`channel`] (the pipes).
+//! Modules by concern: [`spec`] validation, [`cgroup`], [`mounts`] and the rootfs (both
+//! behind the [`syscall`] seam), [`seccomp`], [`capabilities`], [`process`] (the helpers),
+//! the handshake with a helper, [`channel`] (the pipes), pidfds.
 
 pub mod capabilities;
 pub mod cgroup;
@@ -20,6 +21,7 @@ mod helper;
 pub mod mounts;
 mod pidfd;
 pub mod process;
+mod rootfs;
 pub mod seccomp;
 pub mod spec;
 pub mod syscall;
@@ -32,10 +34,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::{mount::MsFlags, sys::signal::Signal, unistd::Pid};
+use nix::{sys::signal::Signal, unistd::Pid};
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
 
 pub use error::{ContainerError, CreateError, DestroyError, ExecError, StartError};
+pub use rootfs::RootfsSource;
 
 use cgroup::{Cgroup, CgroupError};
 use channel::{Msg, Reader};
@@ -43,26 +46,13 @@ use helper::{Helper, Verb};
 use pidfd::{exit_status, pidfd_open, pidfd_signal, wait_exited};
 use process::{ExecConfig, InitConfig};
 use spec::SpecError;
+use syscall::Linux;
 
 /// How long the container's setup (mounts etc.) may take. Generous: nested guests run under
 /// TCG, 10-30x slower than native.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long destroy waits for the container's processes to die after SIGKILL.
 pub const KILL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Where a container's root file system comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RootfsSource {
-    /// A directory holding the rootfs.
-    Path(PathBuf),
-    /// A block device to mount (e.g. /dev/vdb, ext4/erofs), at <state_dir>/<id>/rootfs.
-    Block {
-        source: PathBuf,
-        fstype: String,
-        options: Vec<String>,
-        readonly: bool,
-    },
-}
 
 /// The stdio fds of a process; the engine dup2()s them to 0/1/2 in the child. With
 /// `terminal` all three are the same pty slave: the child does setsid() + TIOCSCTTY.
@@ -225,29 +215,8 @@ impl Container {
                 options,
                 readonly,
             } => {
-                wait_for_media(&source, MEDIA_TIMEOUT);
                 let target = self.state_dir.join("rootfs");
-                fs::create_dir_all(&target).map_err(|source| CreateError::StateDir {
-                    path: target.clone(),
-                    source,
-                })?;
-                let mut opts = mounts::parse_options(&options);
-                if readonly {
-                    opts.flags.insert(MsFlags::MS_RDONLY);
-                }
-                nix::mount::mount(
-                    Some(&source),
-                    &target,
-                    Some(fstype.as_str()),
-                    opts.flags,
-                    opts.data().as_deref(),
-                )
-                .map_err(|e| CreateError::MountRootfs {
-                    source_dev: source.clone(),
-                    fstype: fstype.clone(),
-                    target: target.clone(),
-                    source: e,
-                })?;
+                rootfs::mount_block(&Linux, &source, &fstype, &options, readonly, &target)?;
                 self.rootfs_mount = Some(target.clone());
                 target
             }
@@ -558,23 +527,7 @@ impl Container {
             cg.remove(KILL_TIMEOUT).map_err(DestroyError::Cgroup)?;
         }
         if let Some(m) = &self.rootfs_mount {
-            match nix::mount::umount2(m, nix::mount::MntFlags::empty()) {
-                Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-                Err(nix::errno::Errno::EBUSY) => {
-                    nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH).map_err(|source| {
-                        DestroyError::Unmount {
-                            path: m.clone(),
-                            source,
-                        }
-                    })?
-                }
-                Err(source) => {
-                    return Err(DestroyError::Unmount {
-                        path: m.clone(),
-                        source,
-                    })
-                }
-            }
+            rootfs::unmount(&Linux, m)?;
             self.rootfs_mount = None;
         }
         // Only rmdir: never recurse into what might still be a mounted rootfs.
@@ -589,29 +542,5 @@ impl Container {
         self.destroyed = true;
         tracing::debug!(container = %self.id, "container destroyed");
         Ok(())
-    }
-}
-
-/// How long a block rootfs may take to get its media (a drive slot the VMM just filled).
-const MEDIA_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Waits (bounded) while the block device `dev` has no media (size 0): a drive the
-/// VMM filled a moment ago reaches the guest kernel as a config-change interrupt, and the
-/// new capacity shows up shortly after. Mounting before that fails with a confusing "can't
-/// read superblock"; after the timeout the mount's own error says what is wrong.
-fn wait_for_media(dev: &Path, timeout: Duration) {
-    let Some(name) = dev.file_name() else { return };
-    let size = Path::new("/sys/class/block").join(name).join("size");
-    let deadline = Instant::now() + timeout;
-    loop {
-        // No such block device: nothing to wait for (the mount says so).
-        let Ok(text) = fs::read_to_string(&size) else {
-            return;
-        };
-        let ready = text.trim().parse::<u64>().is_ok_and(|sectors| sectors > 0);
-        if ready || Instant::now() >= deadline {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -499,7 +499,7 @@ pub fn sysctl_path(key: &str) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
-    use super::super::syscall::test::{Call, Recorder};
+    use super::super::syscall::test::{mount_call, Call, Recorder};
     use super::*;
     use serde_json::json;
 
@@ -580,22 +580,6 @@ mod tests {
 
     fn spec(v: serde_json::Value) -> Spec {
         serde_json::from_value(v).unwrap()
-    }
-
-    fn mount_call(
-        src: Option<&Path>,
-        target: &Path,
-        fstype: Option<&str>,
-        flags: MsFlags,
-        data: Option<&str>,
-    ) -> Call {
-        Call::Mount {
-            source: src.map(Path::to_path_buf),
-            target: target.to_path_buf(),
-            fstype: fstype.map(str::to_string),
-            flags,
-            data: data.map(str::to_string),
-        }
     }
 
     #[test]
