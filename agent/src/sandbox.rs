@@ -16,8 +16,8 @@ use nix::{sys::signal::Signal, unistd::Pid};
 use oci_spec::runtime::{LinuxResources, Process, Spec};
 
 use crate::{
-    container::{self, cgroup::CgroupError, Container, EngineConfig, RootfsSource},
-    error::{chain, AgentError},
+    container::{self, Container, EngineConfig, RootfsSource},
+    error::AgentError,
     oom::{self, MemoryEvents, OomEvents},
     reaper::{ExitWatch, Reaper},
     stdio::{self, StreamRegistry, Streams},
@@ -303,7 +303,7 @@ impl Sandbox {
         })
         .await
         .map_err(|e| AgentError::Internal(format!("engine task failed: {e}")))?
-        .map_err(create_error)?;
+        .map_err(AgentError::from)?;
         let pid = container.init_pid();
         let exit = self.reaper.watch(pid);
         let memory_events = container.cgroup_path().map(|p| {
@@ -339,10 +339,9 @@ impl Sandbox {
             }
             flags.started = true;
         }
-        c.with_engine(|e| e.start()).await?.map_err(|e| {
-            let msg = chain(&e);
-            AgentError::FailedPrecondition(format!("starting container {id:?}: {msg}"))
-        })?;
+        c.with_engine(|e| e.start())
+            .await?
+            .map_err(|e| AgentError::start(id, &e))?;
         Ok(c.init.pid.as_raw() as u32)
     }
 
@@ -403,7 +402,7 @@ impl Sandbox {
         let pid = c
             .with_engine(move |e| e.exec(&process, io))
             .await?
-            .map_err(exec_error)?;
+            .map_err(AgentError::from)?;
         let exit = self.reaper.watch(pid);
         let streams = host
             .start(&self.streams, &req.container_id, &req.exec_id, exit.clone())
@@ -484,9 +483,7 @@ impl Sandbox {
             .map_err(|_| AgentError::InvalidArgument("rows: too large".into()))?;
         let cols = u16::try_from(req.cols)
             .map_err(|_| AgentError::InvalidArgument("cols: too large".into()))?;
-        p.streams
-            .resize(rows, cols)
-            .map_err(AgentError::FailedPrecondition)
+        p.streams.resize(rows, cols).map_err(AgentError::from)
     }
 
     pub fn remove_process(&self, req: &pb::RemoveProcessRequest) -> Result<()> {
@@ -529,7 +526,7 @@ impl Sandbox {
         })?;
         c.with_engine(move |e| e.update(&res))
             .await?
-            .map_err(|e| cgroup_error("updating resources", e))
+            .map_err(|e| AgentError::cgroup("updating resources", e))
     }
 
     pub async fn pause_container(&self, id: &str, pause: bool) -> Result<()> {
@@ -541,7 +538,7 @@ impl Sandbox {
         }
         c.with_engine(move |e| if pause { e.pause() } else { e.resume() })
             .await?
-            .map_err(|e| cgroup_error("freezing the container", e))?;
+            .map_err(|e| AgentError::cgroup("freezing the container", e))?;
         lock(&c.flags).paused = pause;
         Ok(())
     }
@@ -560,7 +557,7 @@ impl Sandbox {
         let s = c
             .with_engine(|e| e.stats())
             .await?
-            .map_err(|e| cgroup_error("reading stats", e))?;
+            .map_err(|e| AgentError::cgroup("reading stats", e))?;
         Ok(stats_to_pb(s))
     }
 
@@ -598,41 +595,6 @@ impl oom::Watched for Sandbox {
                 Slot::Creating => None,
             })
             .collect()
-    }
-}
-
-fn create_error(e: container::CreateError) -> AgentError {
-    let msg = chain(&e);
-    if e.is_invalid_spec() {
-        AgentError::InvalidArgument(msg)
-    } else {
-        AgentError::Internal(format!("creating container: {msg}"))
-    }
-}
-
-fn exec_error(e: container::ExecError) -> AgentError {
-    let msg = chain(&e);
-    match e {
-        _ if e.is_invalid_spec() => AgentError::InvalidArgument(msg),
-        // As for StartContainer: the program cannot run in this container.
-        container::ExecError::Exec { .. } | container::ExecError::NotRunning => {
-            AgentError::FailedPrecondition(format!("exec: {msg}"))
-        }
-        _ => AgentError::Internal(format!("exec: {msg}")),
-    }
-}
-
-/// A cgroup error with its code: the request's fault (a bad value, a controller the guest
-/// lacks) INVALID_ARGUMENT, a container without a cgroup FAILED_PRECONDITION, the system's
-/// (I/O) INTERNAL.
-fn cgroup_error(what: &str, e: CgroupError) -> AgentError {
-    let msg = format!("{what}: {}", chain(&e));
-    if e.is_invalid_spec() {
-        AgentError::InvalidArgument(msg)
-    } else if matches!(e, CgroupError::NoCgroup) {
-        AgentError::FailedPrecondition(msg)
-    } else {
-        AgentError::Internal(msg)
     }
 }
 
