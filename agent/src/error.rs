@@ -2,6 +2,11 @@
 
 use ttrpc::Code;
 
+use crate::{
+    container::{cgroup::CgroupError, CreateError, ExecError, StartError},
+    stdio::ResizeError,
+};
+
 /// Why an agent request failed. Each variant maps to one ttrpc code, so the runtime can tell
 /// "no such container" from "bad spec" from "the agent broke".
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +38,61 @@ impl AgentError {
     /// An internal error with its whole source chain in the message.
     pub fn internal(context: &str, e: &dyn std::error::Error) -> Self {
         AgentError::Internal(format!("{context}: {}", chain(e)))
+    }
+}
+
+/// The request was at fault (a bad spec: INVALID_ARGUMENT), or the system (INTERNAL).
+impl From<CreateError> for AgentError {
+    fn from(e: CreateError) -> Self {
+        let msg = chain(&e);
+        if e.is_invalid_spec() {
+            AgentError::InvalidArgument(msg)
+        } else {
+            AgentError::Internal(format!("creating container: {msg}"))
+        }
+    }
+}
+
+/// A bad process is INVALID_ARGUMENT; a program that cannot run in this container (as for
+/// StartContainer) or a container that does not run FAILED_PRECONDITION; the rest INTERNAL.
+impl From<ExecError> for AgentError {
+    fn from(e: ExecError) -> Self {
+        let msg = chain(&e);
+        match e {
+            _ if e.is_invalid_spec() => AgentError::InvalidArgument(msg),
+            ExecError::Exec { .. } | ExecError::NotRunning => {
+                AgentError::FailedPrecondition(format!("exec: {msg}"))
+            }
+            _ => AgentError::Internal(format!("exec: {msg}")),
+        }
+    }
+}
+
+/// A terminal resize fails for the state of the process (no terminal), FAILED_PRECONDITION.
+impl From<ResizeError> for AgentError {
+    fn from(e: ResizeError) -> Self {
+        AgentError::FailedPrecondition(chain(&e))
+    }
+}
+
+impl AgentError {
+    /// Starting container `id` failed: the program cannot run (FAILED_PRECONDITION).
+    pub fn start(id: &str, e: &StartError) -> Self {
+        AgentError::FailedPrecondition(format!("starting container {id:?}: {}", chain(e)))
+    }
+
+    /// A cgroup error with its code: the request's fault (a bad value, a controller the
+    /// guest lacks) INVALID_ARGUMENT, a container without a cgroup FAILED_PRECONDITION, the
+    /// system's (I/O) INTERNAL.
+    pub fn cgroup(what: &str, e: CgroupError) -> Self {
+        let msg = format!("{what}: {}", chain(&e));
+        if e.is_invalid_spec() {
+            AgentError::InvalidArgument(msg)
+        } else if matches!(e, CgroupError::NoCgroup) {
+            AgentError::FailedPrecondition(msg)
+        } else {
+            AgentError::Internal(msg)
+        }
     }
 }
 
@@ -71,6 +131,32 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn resize_errors_keep_their_message() {
+        let e = AgentError::from(ResizeError::NoTerminal);
+        assert_eq!(e.code(), Code::FAILED_PRECONDITION);
+        assert_eq!(e.to_string(), "the process has no terminal");
+        let io = std::io::Error::from_raw_os_error(libc::ENOTTY);
+        let e = AgentError::from(ResizeError::Ioctl(io));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "TIOCSWINSZ: {}",
+                std::io::Error::from_raw_os_error(libc::ENOTTY)
+            )
+        );
+    }
+
+    #[test]
+    fn cgroup_errors_are_coded_by_fault() {
+        let e = AgentError::cgroup("reading stats", CgroupError::NoCgroup);
+        assert_eq!(e.code(), Code::FAILED_PRECONDITION);
+        assert_eq!(
+            e.to_string(),
+            "reading stats: the container has no cgroup (cgroup support is off)"
+        );
     }
 
     #[test]

@@ -7,12 +7,14 @@
 //! - [`sandbox`]: the sandbox's containers and processes; the domain of every RPC.
 //! - [`service`]: thin ttrpc handlers over [`sandbox`].
 //! - [`stdio`]: stdio streams, one connection per stream.
+//! - [`oom`]: watches the containers' memory.events for OOM kills.
 //! - [`reaper`]: reaps every child and reports exits.
 //! - [`server`]: the vsock / Unix listeners.
 //! - [`pid1`]: guest init duties.
 
 pub mod container;
 pub mod error;
+pub mod oom;
 pub mod pid1;
 pub mod reaper;
 pub mod sandbox;

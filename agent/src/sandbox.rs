@@ -14,11 +14,11 @@ use std::{
 use husk_proto::agent as pb;
 use nix::{sys::signal::Signal, unistd::Pid};
 use oci_spec::runtime::{LinuxResources, Process, Spec};
-use tokio::sync::mpsc;
 
 use crate::{
-    container::{self, cgroup::CgroupError, Container, EngineConfig, RootfsSource},
-    error::{chain, AgentError},
+    container::{self, Container, EngineConfig, RootfsSource},
+    error::AgentError,
+    oom::{self, MemoryEvents, OomEvents},
     reaper::{ExitWatch, Reaper},
     stdio::{self, StreamRegistry, Streams},
 };
@@ -54,8 +54,7 @@ pub struct ContainerEntry {
     init: Arc<ProcessEntry>,
     execs: Mutex<HashMap<String, Arc<ProcessEntry>>>,
     /// memory.events of the container's cgroup, for OOM events.
-    memory_events: Option<PathBuf>,
-    oom_kills_at_create: u64,
+    memory_events: Option<MemoryEvents>,
 }
 
 impl ContainerEntry {
@@ -104,8 +103,7 @@ pub struct Sandbox {
     streams: Arc<StreamRegistry>,
     sandbox_id: Mutex<Option<String>>,
     containers: Mutex<HashMap<String, Slot>>,
-    oom_tx: mpsc::Sender<String>,
-    oom_rx: tokio::sync::Mutex<mpsc::Receiver<String>>,
+    oom: OomEvents,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -140,17 +138,16 @@ impl Sandbox {
         reaper: Arc<Reaper>,
         streams: Arc<StreamRegistry>,
     ) -> Arc<Self> {
-        let (oom_tx, oom_rx) = mpsc::channel(1024);
+        let (oom_tx, oom) = oom::channel();
         let sb = Arc::new(Sandbox {
             engine_cfg,
             reaper,
             streams,
             sandbox_id: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
-            oom_tx,
-            oom_rx: tokio::sync::Mutex::new(oom_rx),
+            oom,
         });
-        tokio::spawn(watch_oom(Arc::downgrade(&sb)));
+        tokio::spawn(oom::watch(Arc::downgrade(&sb), oom_tx));
         sb
     }
 
@@ -306,11 +303,12 @@ impl Sandbox {
         })
         .await
         .map_err(|e| AgentError::Internal(format!("engine task failed: {e}")))?
-        .map_err(create_error)?;
+        .map_err(AgentError::from)?;
         let pid = container.init_pid();
         let exit = self.reaper.watch(pid);
-        let memory_events = container.cgroup_path().map(|p| p.join("memory.events"));
-        let oom_kills_at_create = container.oom_kills().unwrap_or(0);
+        let memory_events = container.cgroup_path().map(|p| {
+            MemoryEvents::new(p.join("memory.events"), container.oom_kills().unwrap_or(0))
+        });
         let engine = Arc::new(Mutex::new(container));
         let streams = match host.start(&self.streams, id, "", exit.clone()) {
             Ok(s) => s,
@@ -327,7 +325,6 @@ impl Sandbox {
             init: Arc::new(ProcessEntry { pid, exit, streams }),
             execs: Mutex::new(HashMap::new()),
             memory_events,
-            oom_kills_at_create,
         }))
     }
 
@@ -342,10 +339,9 @@ impl Sandbox {
             }
             flags.started = true;
         }
-        c.with_engine(|e| e.start()).await?.map_err(|e| {
-            let msg = chain(&e);
-            AgentError::FailedPrecondition(format!("starting container {id:?}: {msg}"))
-        })?;
+        c.with_engine(|e| e.start())
+            .await?
+            .map_err(|e| AgentError::start(id, &e))?;
         Ok(c.init.pid.as_raw() as u32)
     }
 
@@ -406,7 +402,7 @@ impl Sandbox {
         let pid = c
             .with_engine(move |e| e.exec(&process, io))
             .await?
-            .map_err(exec_error)?;
+            .map_err(AgentError::from)?;
         let exit = self.reaper.watch(pid);
         let streams = host
             .start(&self.streams, &req.container_id, &req.exec_id, exit.clone())
@@ -474,8 +470,8 @@ impl Sandbox {
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO)
             .as_nanos() as i64;
-        if let Some(path) = &c.memory_events {
-            resp.oom_killed = read_oom_kills(path) > c.oom_kills_at_create;
+        if let Some(m) = &c.memory_events {
+            resp.oom_killed = m.oom_killed();
         }
         Ok(resp)
     }
@@ -487,9 +483,7 @@ impl Sandbox {
             .map_err(|_| AgentError::InvalidArgument("rows: too large".into()))?;
         let cols = u16::try_from(req.cols)
             .map_err(|_| AgentError::InvalidArgument("cols: too large".into()))?;
-        p.streams
-            .resize(rows, cols)
-            .map_err(AgentError::FailedPrecondition)
+        p.streams.resize(rows, cols).map_err(AgentError::from)
     }
 
     pub fn remove_process(&self, req: &pb::RemoveProcessRequest) -> Result<()> {
@@ -532,7 +526,7 @@ impl Sandbox {
         })?;
         c.with_engine(move |e| e.update(&res))
             .await?
-            .map_err(|e| cgroup_error("updating resources", e))
+            .map_err(|e| AgentError::cgroup("updating resources", e))
     }
 
     pub async fn pause_container(&self, id: &str, pause: bool) -> Result<()> {
@@ -544,7 +538,7 @@ impl Sandbox {
         }
         c.with_engine(move |e| if pause { e.pause() } else { e.resume() })
             .await?
-            .map_err(|e| cgroup_error("freezing the container", e))?;
+            .map_err(|e| AgentError::cgroup("freezing the container", e))?;
         lock(&c.flags).paused = pause;
         Ok(())
     }
@@ -563,7 +557,7 @@ impl Sandbox {
         let s = c
             .with_engine(|e| e.stats())
             .await?
-            .map_err(|e| cgroup_error("reading stats", e))?;
+            .map_err(|e| AgentError::cgroup("reading stats", e))?;
         Ok(stats_to_pb(s))
     }
 
@@ -582,90 +576,25 @@ impl Sandbox {
 
     /// The next OOM kill of any container.
     pub async fn next_oom_event(&self) -> Result<String> {
-        self.oom_rx
-            .lock()
-            .await
-            .recv()
+        self.oom
+            .next()
             .await
             .ok_or_else(|| AgentError::Internal("OOM watcher stopped".into()))
     }
+}
 
-    fn oom_watch_list(&self) -> Vec<(String, PathBuf)> {
+impl oom::Watched for Sandbox {
+    fn memory_events(&self) -> Vec<(String, PathBuf)> {
         lock(&self.containers)
             .values()
             .filter_map(|s| match s {
-                Slot::Ready(c) => c.memory_events.clone().map(|p| (c.id.clone(), p)),
+                Slot::Ready(c) => c
+                    .memory_events
+                    .as_ref()
+                    .map(|m| (c.id.clone(), m.path().to_path_buf())),
                 Slot::Creating => None,
             })
             .collect()
-    }
-}
-
-fn create_error(e: container::CreateError) -> AgentError {
-    let msg = chain(&e);
-    if e.is_invalid_spec() {
-        AgentError::InvalidArgument(msg)
-    } else {
-        AgentError::Internal(format!("creating container: {msg}"))
-    }
-}
-
-fn exec_error(e: container::ExecError) -> AgentError {
-    let msg = chain(&e);
-    match e {
-        _ if e.is_invalid_spec() => AgentError::InvalidArgument(msg),
-        // As for StartContainer: the program cannot run in this container.
-        container::ExecError::Exec { .. } | container::ExecError::NotRunning => {
-            AgentError::FailedPrecondition(format!("exec: {msg}"))
-        }
-        _ => AgentError::Internal(format!("exec: {msg}")),
-    }
-}
-
-/// A cgroup error with its code: the request's fault (a bad value, a controller the guest
-/// lacks) INVALID_ARGUMENT, a container without a cgroup FAILED_PRECONDITION, the system's
-/// (I/O) INTERNAL.
-fn cgroup_error(what: &str, e: CgroupError) -> AgentError {
-    let msg = format!("{what}: {}", chain(&e));
-    if e.is_invalid_spec() {
-        AgentError::InvalidArgument(msg)
-    } else if matches!(e, CgroupError::NoCgroup) {
-        AgentError::FailedPrecondition(msg)
-    } else {
-        AgentError::Internal(msg)
-    }
-}
-
-/// The `oom_kill` counter of a memory.events file (0 if unreadable).
-fn read_oom_kills(path: &std::path::Path) -> u64 {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("oom_kill ")
-                    .and_then(|v| v.trim().parse().ok())
-            })
-        })
-        .unwrap_or(0)
-}
-
-/// Polls the containers' memory.events and queues an event per new OOM kill.
-async fn watch_oom(sb: std::sync::Weak<Sandbox>) {
-    let mut seen: HashMap<String, u64> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        tick.tick().await;
-        let Some(sb) = sb.upgrade() else { return };
-        let list = sb.oom_watch_list();
-        seen.retain(|id, _| list.iter().any(|(c, _)| c == id));
-        for (id, path) in list {
-            let n = read_oom_kills(&path);
-            let before = seen.insert(id.clone(), n).unwrap_or(0);
-            if n > before {
-                tracing::info!(container = %id, "OOM kill");
-                let _ = sb.oom_tx.try_send(id);
-            }
-        }
     }
 }
 
@@ -705,18 +634,5 @@ mod tests {
             assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT);
             assert!(e.to_string().starts_with("container_id:"), "{e}");
         }
-    }
-
-    #[test]
-    fn oom_kills_are_parsed() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("memory.events");
-        std::fs::write(
-            &p,
-            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\noom_group_kill 0\n",
-        )
-        .unwrap();
-        assert_eq!(read_oom_kills(&p), 2);
-        assert_eq!(read_oom_kills(&dir.path().join("missing")), 0);
     }
 }

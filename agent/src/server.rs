@@ -1,6 +1,6 @@
 //! The agent's listeners: ttrpc API and stdio streams, on vsock or on Unix sockets.
 
-use std::{path::PathBuf, str::FromStr, sync::Arc, time::Duration};
+use std::{io, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
 use husk_proto::StreamHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,9 +16,14 @@ pub enum ListenAddr {
     Vsock,
 }
 
+/// A string that is not a [`ListenAddr`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a listen address (want unix:PATH or vsock)")]
+pub struct ParseListenAddrError(String);
+
 impl FromStr for ListenAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ParseListenAddrError;
+    fn from_str(s: &str) -> Result<Self, ParseListenAddrError> {
         if let Some(p) = s.strip_prefix("unix:") {
             let p = p.trim_start_matches("//");
             if !p.is_empty() {
@@ -28,9 +33,7 @@ impl FromStr for ListenAddr {
         if s == "vsock" {
             return Ok(ListenAddr::Vsock);
         }
-        Err(format!(
-            "{s:?} is not a listen address (want unix:PATH or vsock)"
-        ))
+        Err(ParseListenAddrError(s.to_string()))
     }
 }
 
@@ -42,7 +45,7 @@ impl ListenAddr {
     }
 
     /// Binds the API listener as a ttrpc listener.
-    pub fn bind_api(&self) -> std::io::Result<ttrpc::asynchronous::transport::Listener> {
+    pub fn bind_api(&self) -> io::Result<ttrpc::asynchronous::transport::Listener> {
         match self {
             ListenAddr::Unix(p) => {
                 let _ = std::fs::remove_file(p);
@@ -60,7 +63,7 @@ impl ListenAddr {
     }
 
     /// Binds the stdio listener and serves it forever.
-    pub fn serve_stdio(&self, registry: Arc<StreamRegistry>) -> std::io::Result<()> {
+    pub fn serve_stdio(&self, registry: Arc<StreamRegistry>) -> io::Result<()> {
         match self {
             ListenAddr::Unix(p) => {
                 let p = Self::stdio_path(p);
@@ -133,19 +136,63 @@ async fn handshake(mut conn: Box<dyn Conn>, registry: Arc<StreamRegistry>) {
     }
 }
 
-async fn read_header(conn: &mut Box<dyn Conn>) -> Result<StreamHeader, String> {
+/// Why a stdio connection's stream header could not be read; the client gets the message.
+#[derive(Debug, thiserror::Error)]
+enum HeaderError {
+    #[error("connection closed before the stream header")]
+    Closed,
+    #[error("stream header too long")]
+    TooLong,
+    #[error(transparent)]
+    Read(io::Error),
+    /// The header line is not one; husk-proto's parser says why.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+async fn read_header(conn: &mut Box<dyn Conn>) -> Result<StreamHeader, HeaderError> {
     let mut line = Vec::new();
     loop {
         let mut b = [0u8; 1];
         match conn.read(&mut b).await {
-            Ok(0) => return Err("connection closed before the stream header".into()),
+            Ok(0) => return Err(HeaderError::Closed),
             Ok(_) if b[0] == b'\n' => break,
             Ok(_) => line.push(b[0]),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(HeaderError::Read(e)),
         }
         if line.len() > StreamHeader::MAX_LEN {
-            return Err("stream header too long".into());
+            return Err(HeaderError::TooLong);
         }
     }
-    StreamHeader::parse(&String::from_utf8_lossy(&line))
+    StreamHeader::parse(&String::from_utf8_lossy(&line)).map_err(HeaderError::Malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_parse() {
+        assert_eq!(
+            "unix:///run/a.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("/run/a.sock".into())
+        );
+        assert_eq!("vsock".parse::<ListenAddr>().unwrap(), ListenAddr::Vsock);
+        assert_eq!(
+            "tcp:1".parse::<ListenAddr>().unwrap_err().to_string(),
+            "\"tcp:1\" is not a listen address (want unix:PATH or vsock)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_header_is_refused_with_its_reason() {
+        let (mut client, server) = tokio::io::duplex(256);
+        let registry = Arc::new(StreamRegistry::default());
+        let task = tokio::spawn(handshake(Box::new(server), registry));
+        client.write_all(b"HELLO\n").await.unwrap();
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).await.unwrap();
+        task.await.unwrap();
+        assert!(reply.starts_with("ERR "), "{reply}");
+    }
 }

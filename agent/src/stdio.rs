@@ -33,6 +33,30 @@ use crate::{container::ProcessIo, reaper::ExitWatch};
 pub trait Conn: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn for T {}
 
+/// Why a client's connection could not be attached to its stream.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// No stream of that name waits for a connection.
+    #[error("no {} stream of container {container_id:?} process {exec_id:?} is waiting (unknown process, stream not opened, or already attached)", stream.as_str())]
+    NotWaiting {
+        container_id: String,
+        exec_id: String,
+        stream: StdioStream,
+    },
+    /// The stream's pump ended (the process was removed) before the connection reached it.
+    #[error("the process's stream is gone")]
+    Gone,
+}
+
+/// Why a terminal could not be resized.
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    #[error("the process has no terminal")]
+    NoTerminal,
+    #[error("TIOCSWINSZ")]
+    Ioctl(#[source] io::Error),
+}
+
 /// Identifies a stream: container, exec id ("" for init), which stream.
 pub type StreamKey = (String, String, StdioStream);
 
@@ -68,26 +92,26 @@ impl StreamRegistry {
     }
 
     /// Hands `conn` to the pump of the stream named by `header`.
-    pub fn attach(&self, header: &StreamHeader, conn: Box<dyn Conn>) -> Result<(), String> {
+    pub fn attach(&self, header: &StreamHeader, conn: Box<dyn Conn>) -> Result<(), AttachError> {
         self.claim(header)?.deliver(conn)
     }
 
     /// Takes the stream named by `header` for a connection about to be delivered. From now on
     /// WaitProcess waits for this stream to be drained.
-    pub fn claim(&self, header: &StreamHeader) -> Result<Claimed, String> {
+    pub fn claim(&self, header: &StreamHeader) -> Result<Claimed, AttachError> {
         let key = (
             header.container_id.clone(),
             header.exec_id.clone(),
             header.stream,
         );
-        let w = self.lock().remove(&key).ok_or_else(|| {
-            format!(
-                "no {} stream of container {:?} process {:?} is waiting (unknown process, stream not opened, or already attached)",
-                header.stream.as_str(),
-                header.container_id,
-                header.exec_id
-            )
-        })?;
+        let w = self
+            .lock()
+            .remove(&key)
+            .ok_or_else(|| AttachError::NotWaiting {
+                container_id: header.container_id.clone(),
+                exec_id: header.exec_id.clone(),
+                stream: header.stream,
+            })?;
         if let Some(d) = &w.drained {
             d.send_replace(false);
         }
@@ -117,13 +141,13 @@ pub struct Claimed(Option<Waiting>);
 
 impl Claimed {
     /// Hands the connection to the stream's pump.
-    pub fn deliver(mut self, conn: Box<dyn Conn>) -> Result<(), String> {
+    pub fn deliver(mut self, conn: Box<dyn Conn>) -> Result<(), AttachError> {
         let w = self.0.take().expect("delivered once");
         w.conn.send(conn).map_err(|_| {
             if let Some(d) = &w.drained {
                 d.send_replace(true);
             }
-            "the process's stream is gone".to_string()
+            AttachError::Gone
         })
     }
 }
@@ -320,11 +344,8 @@ impl Streams {
     }
 
     /// Sets the terminal size; fails if the process has no terminal.
-    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), String> {
-        let master = self
-            .pty_master
-            .as_ref()
-            .ok_or_else(|| "the process has no terminal".to_string())?;
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ResizeError> {
+        let master = self.pty_master.as_ref().ok_or(ResizeError::NoTerminal)?;
         let ws = Winsize {
             ws_row: rows,
             ws_col: cols,
@@ -336,7 +357,7 @@ impl Streams {
         // an open pty master owned by `self`.
         let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
         if rc != 0 {
-            return Err(format!("TIOCSWINSZ: {}", io::Error::last_os_error()));
+            return Err(ResizeError::Ioctl(io::Error::last_os_error()));
         }
         Ok(())
     }
@@ -606,7 +627,8 @@ mod tests {
         let (_c, s) = tokio::io::duplex(16);
         let err = registry
             .attach(&header(StdioStream::Stdin), Box::new(s))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no stdin stream"), "{err}");
     }
 }

@@ -7,6 +7,7 @@ use nix::{errno::Errno, unistd::Pid};
 use super::{
     cgroup::CgroupError,
     channel::{ChannelError, ChildError},
+    helper::HelperError,
     spec::SpecError,
 };
 
@@ -73,6 +74,16 @@ impl CreateError {
     }
 }
 
+impl From<HelperError> for CreateError {
+    fn from(e: HelperError) -> Self {
+        match e {
+            HelperError::Spawn { exe, source } => CreateError::Spawn { exe, source },
+            HelperError::Cgroup(e) => CreateError::Cgroup(e),
+            HelperError::SendConfig(e) => CreateError::SendConfig(e),
+        }
+    }
+}
+
 /// Why [`Container::start`](super::Container::start) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -124,6 +135,16 @@ impl ExecError {
     /// The request was at fault (INVALID_ARGUMENT), not the system.
     pub fn is_invalid_spec(&self) -> bool {
         matches!(self, ExecError::InvalidProcess(_))
+    }
+}
+
+impl From<HelperError> for ExecError {
+    fn from(e: HelperError) -> Self {
+        match e {
+            HelperError::Spawn { exe, source } => ExecError::Spawn { exe, source },
+            HelperError::Cgroup(e) => ExecError::Cgroup(e),
+            HelperError::SendConfig(e) => ExecError::SendConfig(e),
+        }
     }
 }
 

@@ -9,15 +9,19 @@
 //! process is then a child of the agent (PID 1 or subreaper) and the agent's reaper gets its
 //! exit status. The engine never calls wait(2).
 //!
-//! Modules by concern: [`spec`] validation, [`cgroup`], [`mounts`] (behind the [`syscall`]
-//! seam), [`seccomp`], [`capabilities`], [`process`] (the helpers), [`channel`] (the pipes).
+//! Modules by concern: [`spec`] validation, [`cgroup`], [`mounts`] and the rootfs (both
+//! behind the [`syscall`] seam), [`seccomp`], [`capabilities`], [`process`] (the helpers),
+//! the handshake with a helper, [`channel`] (the pipes), pidfds.
 
 pub mod capabilities;
 pub mod cgroup;
 pub mod channel;
 mod error;
+mod helper;
 pub mod mounts;
+mod pidfd;
 pub mod process;
+mod rootfs;
 pub mod seccomp;
 pub mod spec;
 pub mod syscall;
@@ -25,49 +29,30 @@ pub mod syscall;
 use std::{
     fs::{self, File},
     io::{self, Write},
-    os::{
-        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
-        unix::process::CommandExt,
-    },
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use nix::{
-    mount::MsFlags,
-    poll::{PollFd, PollFlags, PollTimeout},
-    sys::signal::Signal,
-    unistd::Pid,
-};
+use nix::{sys::signal::Signal, unistd::Pid};
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
 
 pub use error::{ContainerError, CreateError, DestroyError, ExecError, StartError};
+pub use rootfs::RootfsSource;
 
 use cgroup::{Cgroup, CgroupError};
 use channel::{Msg, Reader};
-use process::{ExecConfig, InitConfig, FD_CONFIG, FD_START, FD_STATUS};
+use helper::{Helper, Verb};
+use pidfd::{exit_status, pidfd_open, pidfd_signal, wait_exited};
+use process::{ExecConfig, InitConfig};
 use spec::SpecError;
+use syscall::Linux;
 
 /// How long the container's setup (mounts etc.) may take. Generous: nested guests run under
 /// TCG, 10-30x slower than native.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long destroy waits for the container's processes to die after SIGKILL.
 pub const KILL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Where a container's root file system comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RootfsSource {
-    /// A directory holding the rootfs.
-    Path(PathBuf),
-    /// A block device to mount (e.g. /dev/vdb, ext4/erofs), at <state_dir>/<id>/rootfs.
-    Block {
-        source: PathBuf,
-        fstype: String,
-        options: Vec<String>,
-        readonly: bool,
-    },
-}
 
 /// The stdio fds of a process; the engine dup2()s them to 0/1/2 in the child. With
 /// `terminal` all three are the same pty slave: the child does setsid() + TIOCSCTTY.
@@ -230,29 +215,8 @@ impl Container {
                 options,
                 readonly,
             } => {
-                wait_for_media(&source, MEDIA_TIMEOUT);
                 let target = self.state_dir.join("rootfs");
-                fs::create_dir_all(&target).map_err(|source| CreateError::StateDir {
-                    path: target.clone(),
-                    source,
-                })?;
-                let mut opts = mounts::parse_options(&options);
-                if readonly {
-                    opts.flags.insert(MsFlags::MS_RDONLY);
-                }
-                nix::mount::mount(
-                    Some(&source),
-                    &target,
-                    Some(fstype.as_str()),
-                    opts.flags,
-                    opts.data().as_deref(),
-                )
-                .map_err(|e| CreateError::MountRootfs {
-                    source_dev: source.clone(),
-                    fstype: fstype.clone(),
-                    target: target.clone(),
-                    source: e,
-                })?;
+                rootfs::mount_block(&Linux, &source, &fstype, &options, readonly, &target)?;
                 self.rootfs_mount = Some(target.clone());
                 target
             }
@@ -270,56 +234,22 @@ impl Container {
             );
         }
 
-        let (config_rx, config_tx) = channel::pipe().map_err(spawn_err(&self.agent_exe))?;
-        let (status_rx, status_tx) = channel::pipe().map_err(spawn_err(&self.agent_exe))?;
-        let (start_rx, start_tx) = channel::pipe().map_err(spawn_err(&self.agent_exe))?;
-        let terminal = io.terminal;
-        let helper = spawn_helper(
-            &self.agent_exe,
-            process::VERB_INIT,
-            io,
-            vec![
-                (config_rx, FD_CONFIG),
-                (status_tx, FD_STATUS),
-                (start_rx, FD_START),
-            ],
-        )
-        .map_err(spawn_err(&self.agent_exe))?;
-        self.start_tx = Some(File::from(start_tx));
-        let mut status = Reader::new(status_rx);
-        let helper_fd = pidfd_open(helper).ok();
-        let kill_helper = |fd: &Option<OwnedFd>| {
-            if let Some(fd) = fd {
-                let _ = pidfd_signal(fd, Signal::SIGKILL);
-            }
-        };
-        if let Some(cg) = &self.cgroup {
-            if let Err(e) = cg.add_process(helper) {
-                kill_helper(&helper_fd);
-                return Err(CreateError::Cgroup(e));
-            }
-        }
         let config = InitConfig {
             spec,
             rootfs: rootfs_dir,
             seccomp: self.seccomp.clone(),
-            terminal,
+            terminal: io.terminal,
         };
-        if let Err(e) = send_config(config_tx, &config) {
-            kill_helper(&helper_fd);
-            return Err(CreateError::SendConfig(e));
-        }
-
-        let deadline = Instant::now() + SETUP_TIMEOUT;
+        let mut helper = Helper::start(
+            &self.agent_exe,
+            Verb::Init,
+            io,
+            self.cgroup.as_ref(),
+            &config,
+        )?;
         let mut ready = false;
         loop {
-            let msg = match status.next(deadline, SETUP_TIMEOUT) {
-                Ok(m) => m,
-                Err(e) => {
-                    kill_helper(&helper_fd);
-                    return Err(CreateError::Channel(e));
-                }
-            };
+            let msg = helper.next().map_err(CreateError::Channel)?;
             match msg {
                 Some(Msg::Pid { pid }) => {
                     self.init_pid = Pid::from_raw(pid);
@@ -356,25 +286,19 @@ impl Container {
                     )))
                 }
                 None => {
-                    let (who, fd) = match (&self.init_pidfd, self.init_pid.as_raw()) {
-                        (Some(fd), _) => ("init", Some(fd)),
+                    let (who, status) = match (&self.init_pidfd, self.init_pid.as_raw()) {
+                        (Some(fd), _) => ("init", exit_status(fd, helper.deadline())),
                         // Reported, then gone before we could watch it.
                         (None, p) if p != 0 => ("init", None),
-                        (None, _) => ("init helper", helper_fd.as_ref()),
+                        (None, _) => ("init helper", helper.exit_status()),
                     };
-                    return Err(CreateError::Exited {
-                        who,
-                        status: fd.and_then(|fd| exit_status(fd, deadline)),
-                    });
+                    return Err(CreateError::Exited { who, status });
                 }
             }
         }
-        // The helper exits right after reporting the pid; once it is gone, the init is the
-        // agent's child (reparented), which the caller's reaper relies on.
-        if let Some(fd) = &helper_fd {
-            wait_exited(fd, deadline);
-        }
+        let (status, start) = helper.finish();
         self.status_rx = Some(status);
+        self.start_tx = start;
         if own_pid_ns {
             self.pid_ns = fs::read_link(format!("/proc/{}/ns/pid", self.init_pid))
                 .ok()
@@ -430,56 +354,27 @@ impl Container {
         if self.destroyed || !self.init_alive() {
             return Err(ExecError::NotRunning);
         }
-        let spawn_err = |source| ExecError::Spawn {
-            exe: self.agent_exe.clone(),
-            source,
-        };
-        let (config_rx, config_tx) = channel::pipe().map_err(spawn_err)?;
-        let (status_rx, status_tx) = channel::pipe().map_err(spawn_err)?;
-        let terminal = io.terminal;
-        let helper = spawn_helper(
-            &self.agent_exe,
-            process::VERB_EXEC,
-            io,
-            vec![(config_rx, FD_CONFIG), (status_tx, FD_STATUS)],
-        )
-        .map_err(spawn_err)?;
-        let helper_fd = pidfd_open(helper).ok();
-        let kill_helper = || {
-            if let Some(fd) = &helper_fd {
-                let _ = pidfd_signal(fd, Signal::SIGKILL);
-            }
-        };
-        if let Some(cg) = &self.cgroup {
-            if let Err(e) = cg.add_process(helper) {
-                kill_helper();
-                return Err(ExecError::Cgroup(e));
-            }
-        }
         let config = ExecConfig {
             process: process.clone(),
             init_pid: self.init_pid.as_raw(),
             seccomp: self.seccomp.clone(),
-            terminal,
+            terminal: io.terminal,
         };
-        if let Err(e) = send_config(config_tx, &config) {
-            kill_helper();
-            return Err(ExecError::SendConfig(e));
-        }
-        let mut status = Reader::new(status_rx);
-        let deadline = Instant::now() + SETUP_TIMEOUT;
+        let mut helper = Helper::start(
+            &self.agent_exe,
+            Verb::Exec,
+            io,
+            self.cgroup.as_ref(),
+            &config,
+        )?;
         let mut pid = None;
         loop {
-            let msg = match status.next(deadline, SETUP_TIMEOUT) {
-                Ok(m) => m,
-                Err(e) => {
-                    kill_helper();
-                    if let Some(p) = pid {
-                        let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
-                    }
-                    return Err(ExecError::Channel(e));
+            let msg = helper.next().map_err(|e| {
+                if let Some(p) = pid {
+                    let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
                 }
-            };
+                ExecError::Channel(e)
+            })?;
             match msg {
                 Some(Msg::Pid { pid: p }) => pid = Some(Pid::from_raw(p)),
                 Some(Msg::Error(e)) => return Err(ExecError::Setup(e)),
@@ -491,9 +386,7 @@ impl Container {
             }
         }
         let pid = pid.ok_or(ExecError::Exited)?;
-        if let Some(fd) = &helper_fd {
-            wait_exited(fd, deadline);
-        }
+        helper.finish();
         Ok(pid)
     }
 
@@ -634,23 +527,7 @@ impl Container {
             cg.remove(KILL_TIMEOUT).map_err(DestroyError::Cgroup)?;
         }
         if let Some(m) = &self.rootfs_mount {
-            match nix::mount::umount2(m, nix::mount::MntFlags::empty()) {
-                Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-                Err(nix::errno::Errno::EBUSY) => {
-                    nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH).map_err(|source| {
-                        DestroyError::Unmount {
-                            path: m.clone(),
-                            source,
-                        }
-                    })?
-                }
-                Err(source) => {
-                    return Err(DestroyError::Unmount {
-                        path: m.clone(),
-                        source,
-                    })
-                }
-            }
+            rootfs::unmount(&Linux, m)?;
             self.rootfs_mount = None;
         }
         // Only rmdir: never recurse into what might still be a mounted rootfs.
@@ -665,171 +542,5 @@ impl Container {
         self.destroyed = true;
         tracing::debug!(container = %self.id, "container destroyed");
         Ok(())
-    }
-}
-
-fn spawn_err(exe: &Path) -> impl Fn(io::Error) -> CreateError + '_ {
-    move |source| CreateError::Spawn {
-        exe: exe.to_path_buf(),
-        source,
-    }
-}
-
-fn send_config<T: serde::Serialize>(tx: OwnedFd, cfg: &T) -> io::Result<()> {
-    let bytes = serde_json::to_vec(cfg).map_err(io::Error::other)?;
-    let mut f = File::from(tx);
-    f.write_all(&bytes)
-}
-
-/// Starts `exe verb` with `io` on 0/1/2 and `fds` at their fixed numbers, and returns its
-/// pid. It is not waited for: the agent's reaper collects it.
-fn spawn_helper(
-    exe: &Path,
-    verb: &str,
-    io: ProcessIo,
-    fds: Vec<(OwnedFd, RawFd)>,
-) -> io::Result<Pid> {
-    // Move the fds above the fixed numbers first, so the dup2s in the child cannot clobber
-    // one another.
-    let high: Vec<(OwnedFd, RawFd)> = fds
-        .iter()
-        .map(|(fd, target)| {
-            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))
-                // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
-                .map(|n| (unsafe { OwnedFd::from_raw_fd(n) }, *target))
-                .map_err(io::Error::from)
-        })
-        .collect::<io::Result<_>>()?;
-    drop(fds);
-    let pairs: Vec<(RawFd, RawFd)> = high.iter().map(|(fd, t)| (fd.as_raw_fd(), *t)).collect();
-    let mut cmd = Command::new(exe);
-    cmd.arg(verb)
-        .env_clear()
-        .stdin(Stdio::from(io.stdin))
-        .stdout(Stdio::from(io.stdout))
-        .stderr(Stdio::from(io.stderr));
-    // SAFETY: the closure runs between fork and exec in a copy of a multi-threaded process;
-    // it only calls dup2, which is async-signal-safe, and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &(from, to) in &pairs {
-                if libc::dup2(from, to) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    #[allow(clippy::zombie_processes)] // the agent's reaper waits for every child
-    let child = cmd.spawn()?;
-    let pid = Pid::from_raw(child.id() as i32);
-    drop(child);
-    drop(high);
-    Ok(pid)
-}
-
-fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this fd; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-fn pidfd_signal(fd: &OwnedFd, sig: Signal) -> io::Result<()> {
-    // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo and no flags.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            sig as libc::c_int,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// How the process behind `fd` ended, without reaping it (the reaper still gets it): waits
-/// (bounded) for the exit, then peeks with waitid(P_PIDFD, WNOWAIT). None when the caller is
-/// not its parent or a reaper was faster.
-fn exit_status(fd: &OwnedFd, deadline: Instant) -> Option<String> {
-    if !wait_exited(fd, deadline.min(Instant::now() + Duration::from_secs(1))) {
-        return Some("still running".into());
-    }
-    // SAFETY: siginfo_t is plain data; waitid fills it for a valid pidfd.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: P_PIDFD with an fd we own, a valid siginfo pointer, and flags that neither block
-    // nor reap.
-    let rc = unsafe {
-        libc::waitid(
-            libc::P_PIDFD,
-            fd.as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: waitid succeeded with WEXITED, so si_status and si_code are set.
-    let (code, status) = unsafe { (info.si_code, info.si_status()) };
-    match code {
-        libc::CLD_EXITED => Some(format!("exit status {status}")),
-        libc::CLD_KILLED | libc::CLD_DUMPED => Some(format!(
-            "killed by {}",
-            Signal::try_from(status)
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_else(|_| format!("signal {status}"))
-        )),
-        _ => None,
-    }
-}
-
-/// How long a block rootfs may take to get its media (a drive slot the VMM just filled).
-const MEDIA_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Waits (bounded) while the block device `dev` has no media (size 0): a drive the
-/// VMM filled a moment ago reaches the guest kernel as a config-change interrupt, and the
-/// new capacity shows up shortly after. Mounting before that fails with a confusing "can't
-/// read superblock"; after the timeout the mount's own error says what is wrong.
-fn wait_for_media(dev: &Path, timeout: Duration) {
-    let Some(name) = dev.file_name() else { return };
-    let size = Path::new("/sys/class/block").join(name).join("size");
-    let deadline = Instant::now() + timeout;
-    loop {
-        // No such block device: nothing to wait for (the mount says so).
-        let Ok(text) = fs::read_to_string(&size) else {
-            return;
-        };
-        let ready = text.trim().parse::<u64>().is_ok_and(|sectors| sectors > 0);
-        if ready || Instant::now() >= deadline {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits until the process of `fd` has exited (a pidfd turns readable), at most until
-/// `deadline`. Returns whether it has.
-fn wait_exited(fd: &OwnedFd, deadline: Instant) -> bool {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ms = left.as_millis().min(i32::MAX as u128) as i32;
-        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-        match nix::poll::poll(
-            &mut fds,
-            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
-        ) {
-            Ok(0) => return false,
-            Ok(_) => return true,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return false,
-        }
     }
 }

@@ -122,6 +122,23 @@ pub mod test {
         Chown(PathBuf),
     }
 
+    /// The [`Call`] a mount records.
+    pub fn mount_call(
+        src: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Call {
+        Call::Mount {
+            source: src.map(Path::to_path_buf),
+            target: target.to_path_buf(),
+            fstype: fstype.map(str::to_string),
+            flags,
+            data: data.map(str::to_string),
+        }
+    }
+
     /// Records every call and succeeds; `mknod_fails` makes mknod fail with EPERM.
     #[derive(Debug, Default)]
     pub struct Recorder {
