@@ -6,10 +6,14 @@
 # over husk's stdio streams (hybrid vsock), beside a plain Unix-socket copy of the same
 # size on the same L1, which is the ratio's peer.
 # Usage: vsock-throughput.sh REPO ROOTFS_DIR [SIZE_MIB]
+# HUSK_BENCH_VMM=PATH measures another husk-vmm build (e.g. the one before a change, beside
+# the current one in the same testbed run); the output's first line names the VMM measured.
 set -euo pipefail
 repo=$1 rootfs=$2 size=${3:-256}
 husk=$repo/target/release/husk vmm=$repo/target/release/husk-vmm
 [[ -x $husk ]] || husk=$repo/target/debug/husk vmm=$repo/target/debug/husk-vmm
+vmm=${HUSK_BENCH_VMM:-$vmm}
+echo "vsock-throughput: VMM $vmm"
 cache=${HUSK_CACHE:-/var/cache/husk}/current
 d=$(mktemp -d /run/husk-bench.XXXXXX)
 vmm_pid=''
