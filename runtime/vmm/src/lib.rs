@@ -8,5 +8,6 @@
 pub mod arch;
 pub mod config;
 pub mod devices;
+mod poll;
 pub mod vmm;
 pub mod vstate;

@@ -23,7 +23,7 @@ use super::{
     unix::HostListener,
     VsockError,
 };
-use crate::devices::ratelimit::LogLimiter;
+use crate::{devices::ratelimit::LogLimiter, poll::epoll_with};
 
 /// Control packets waiting for RX buffers at most (beyond: new connections are refused).
 const MAX_CTRL: usize = 4096;
@@ -55,14 +55,8 @@ impl Muxer {
     /// Listens on `uds` for the host side of guest `cid`.
     pub(super) fn new(cid: u64, uds: &Path) -> Result<Muxer, VsockError> {
         let host = HostListener::bind(uds)?;
-        let epoll = Epoll::new().map_err(VsockError::Epoll)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                host.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, LISTENER),
-            )
-            .map_err(VsockError::Epoll)?;
+        let epoll =
+            epoll_with([(host.as_raw_fd(), EventSet::IN, LISTENER)]).map_err(VsockError::Epoll)?;
         Ok(Muxer {
             cid,
             host,
