@@ -17,8 +17,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::{
     connection::{Action, Conn, Key, Outcome, State},
     packet::{
-        write_scattered, Header, HDR_LEN, HOST_CID, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
-        TYPE_STREAM,
+        write_scattered, Header, Payload, HDR_LEN, HOST_CID, OP_REQUEST, OP_RESPONSE, OP_RST,
+        OP_RW, TYPE_STREAM,
     },
     unix::HostListener,
     VsockError,
@@ -154,7 +154,7 @@ impl Muxer {
     }
 
     /// Handles one packet from the guest.
-    pub(super) fn handle_guest_packet(&mut self, h: Header, payload: &[u8]) {
+    pub(super) fn handle_guest_packet<'a>(&mut self, h: Header, payload: impl Into<Payload<'a>>) {
         let key = (h.dst_port, h.src_port);
         if h.src_cid != self.cid || h.dst_cid != HOST_CID || h.typ != TYPE_STREAM {
             if h.op != OP_RST {
