@@ -1,4 +1,4 @@
-//! Runs a microVM to its end: [`run`] has the [`builder`](crate::builder) make the VM from
+//! Runs a microVM to its end: [`run`] has the [`builder`](mod@crate::builder) make the VM from
 //! its configuration, then starts it (the devices' I/O thread, the signal thread, one
 //! thread per vCPU) and waits for the event that ends it.
 
