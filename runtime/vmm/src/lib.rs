@@ -1,12 +1,27 @@
 //! husk-vmm: a small KVM virtual machine monitor for husk's microVMs.
 //!
 //! - [`arch`]: the x86_64 boot protocol (page tables, GDT, boot_params, e820, MP table).
-//! - [`vstate`]: everything that calls KVM ioctls (the VM and its vCPUs).
+//! - [`vstate`]: everything that calls KVM ioctls (the VM, its vCPUs and their run loop).
 //! - [`devices`]: legacy devices (serial, i8042, boot timer) and virtio-mmio (vsock, block).
-//! - [`vmm`]: builds a VM from a [`config::VmConfig`] and runs it to its end.
+//! - [`builder`]: builds a VM from a [`config::VmConfig`]: memory, kernel, command line,
+//!   devices, boot tables.
+//! - [`device_manager`]: puts the virtio devices behind their MMIO windows and routes the
+//!   vCPUs' I/O exits to them.
+//! - [`vmm`]: starts what the builder built and runs it to its end; its helpers are the
+//!   [`event_loop`] (the devices' I/O thread), the [`api_server`] (the control socket) and
+//!   [`signals`] (vCPU kicks, stop signals).
+//! - `test_guest` (tests only): tiny hand-written guests through the same path.
 
+pub mod api_server;
 pub mod arch;
+pub mod builder;
 pub mod config;
+pub mod device_manager;
 pub mod devices;
+pub mod event_loop;
+mod poll;
+pub mod signals;
+#[cfg(test)]
+mod test_guest;
 pub mod vmm;
 pub mod vstate;

@@ -1,9 +1,22 @@
-//! vCPU setup for the 64-bit Linux boot protocol.
+//! vCPUs: their setup for the 64-bit Linux boot protocol (or flat real mode, for tiny test
+//! guests), and the loop that runs one and sends its I/O exits to the devices.
+
+use std::{
+    io::Write,
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
+};
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, Msrs, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 
-use crate::arch::layout;
+use super::{
+    crash::crash_state,
+    vcpu_stats::{ExitKind, VcpuStats},
+    vm::Vm,
+};
+use crate::{arch::layout, device_manager::DeviceBus};
 
 /// Errors configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -180,4 +193,128 @@ pub fn set_real_mode_entry(fd: &VcpuFd, addr: u64) -> Result<(), VcpuError> {
         ..Default::default()
     };
     fd.set_regs(&regs).map_err(err("setting registers"))
+}
+
+/// Where the boot vCPU (id 0) starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// In 64-bit mode as the Linux boot protocol enters the kernel, at this address.
+    Long(u64),
+    /// In flat 16-bit real mode at this address (tiny test guests).
+    Real(u64),
+}
+
+/// How a vCPU's run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuEnd {
+    /// The guest asked KVM for a reset or power-off (a system event).
+    Reset,
+    /// The guest shut down by a triple fault (logged with the vCPU's state).
+    Crash,
+    /// KVM_RUN failed, or gave an exit the VMM does not handle.
+    Failed(String),
+}
+
+/// A vCPU ready to run: its KVM fd, the devices its exits reach and its stats.
+#[derive(Debug)]
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+    bus: DeviceBus,
+    /// When the VMM started, for the boot timing line.
+    started: Instant,
+    /// Every vCPU's stats, this one's at index `id`.
+    stats: Arc<Vec<VcpuStats>>,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` of `count` in `vm`; the boot vCPU (id 0) starts at `entry`.
+    pub fn new(
+        vm: &Vm,
+        id: u8,
+        count: u8,
+        entry: Entry,
+        bus: DeviceBus,
+        started: Instant,
+        stats: Arc<Vec<VcpuStats>>,
+    ) -> Result<Vcpu, VcpuError> {
+        let fd = match entry {
+            Entry::Long(addr) if id == 0 => create(&vm.kvm, &vm.fd, id, count, Some(addr))?,
+            Entry::Real(addr) if id == 0 => {
+                let fd = create(&vm.kvm, &vm.fd, id, count, None)?;
+                set_real_mode_entry(&fd, addr)?;
+                fd
+            }
+            _ => create(&vm.kvm, &vm.fd, id, count, None)?,
+        };
+        Ok(Vcpu {
+            id,
+            fd,
+            bus,
+            started,
+            stats,
+        })
+    }
+
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// Runs the vCPU on the calling thread until the guest ends it (or KVM fails): port I/O
+    /// goes to the legacy devices, MMIO to the virtio-mmio windows.
+    pub fn run(&mut self) -> VcpuEnd {
+        let (id, stats) = (self.id, &self.stats[self.id as usize]);
+        // SAFETY: pthread_self has no preconditions.
+        stats.set_thread(unsafe { libc::pthread_self() });
+        let mut first = true;
+        loop {
+            stats.maybe_sample(&self.fd);
+            if first && id == 0 {
+                println!(
+                    "first vCPU entry after {} ms",
+                    self.started.elapsed().as_millis()
+                );
+                first = false;
+            }
+            match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    stats.record(ExitKind::Port, port.into());
+                    self.bus.pio_write(port, data);
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    stats.record(ExitKind::Port, port.into());
+                    self.bus.pio_read(port, data)
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    stats.record(ExitKind::Mmio, addr);
+                    self.bus.mmio_read(addr, data);
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    stats.record(ExitKind::Mmio, addr);
+                    self.bus.mmio_write(addr, data);
+                }
+                Ok(VcpuExit::Hlt) => {
+                    stats.record(ExitKind::Other, 0);
+                    thread::sleep(Duration::from_millis(1))
+                }
+                Ok(VcpuExit::Shutdown) => {
+                    // A triple fault: the guest cannot say why. KVM on AMD has already reset
+                    // the vCPU here, so the registers read back as the reset state; the last
+                    // exception and interrupt in the vCPU events are what tells the fault (on
+                    // Intel the registers too).
+                    println!(
+                        "vcpu{id}: guest shutdown (triple fault): {}",
+                        crash_state(&self.fd)
+                    );
+                    let _ = std::io::stdout().flush();
+                    return VcpuEnd::Crash;
+                }
+                Ok(VcpuExit::SystemEvent(..)) => return VcpuEnd::Reset,
+                Ok(VcpuExit::Intr) => stats.record(ExitKind::Other, 0),
+                Ok(other) => return VcpuEnd::Failed(format!("unexpected exit {other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => return VcpuEnd::Failed(format!("KVM_RUN: {e}")),
+            }
+        }
+    }
 }

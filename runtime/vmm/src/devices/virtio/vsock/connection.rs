@@ -12,8 +12,8 @@ use std::{
 use vmm_sys_util::epoll::EventSet;
 
 use super::packet::{
-    Header, MAX_PKT, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
-    SHUTDOWN_SEND,
+    Header, Payload, MAX_PKT, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_RESPONSE, OP_RST, OP_RW,
+    OP_SHUTDOWN, SHUTDOWN_SEND,
 };
 
 /// What we tell the guest we can buffer per connection.
@@ -79,10 +79,11 @@ pub(super) struct Conn {
     peer_fwd_cnt: u32,
     /// Bytes sent to the guest.
     rx_cnt: u32,
-    /// Bytes of the guest's taken out of `tx_buf` into the host socket.
+    /// Bytes of the guest's the host socket took (straight from the guest's buffers, or out
+    /// of `tx_buf`).
     pub(super) fwd_cnt: u32,
     last_fwd_cnt_sent: u32,
-    /// Guest-to-host bytes waiting for the host socket.
+    /// Guest-to-host bytes waiting for the host socket: only what it did not take at once.
     pub(super) tx_buf: Vec<u8>,
     /// Host-to-guest bytes waiting for RX buffers.
     pub(super) rx_pending: Vec<u8>,
@@ -203,14 +204,37 @@ impl Conn {
         }
     }
 
+    /// Passes the guest's `payload` on, in order behind what waits in `tx_buf`: while
+    /// nothing waits, straight from the guest's buffers into the host socket, as far as the
+    /// socket takes it now; what it does not take (or all of it, behind waiting bytes) into
+    /// `tx_buf`. Either way each byte is copied once before the socket has it. False if the
+    /// host side is gone.
+    fn take_payload(&mut self, payload: &Payload) -> bool {
+        let mut sent = 0;
+        if self.tx_buf.is_empty() && !payload.is_empty() {
+            match payload.write_to(&mut self.stream) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    sent = n;
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(_) => return false,
+            }
+        }
+        payload.append_to(sent, &mut self.tx_buf);
+        true
+    }
+
     /// Handles the guest's packet `h` (with `payload`) on this connection, whose host port is
     /// `host_port`. REQUESTs are the muxer's: they make connections.
-    pub(super) fn on_guest_packet(
+    pub(super) fn on_guest_packet<'a>(
         &mut self,
         host_port: u32,
         h: &Header,
-        payload: &[u8],
+        payload: impl Into<Payload<'a>>,
     ) -> Outcome {
+        let payload = payload.into();
         if self.state == State::Draining {
             // Already reset on the guest's side; only the host side is still being fed.
             return Action::None.into();
@@ -233,7 +257,9 @@ impl Conn {
                     // The guest ignored our credit.
                     return Outcome::reset("the guest sent beyond its credit: reset");
                 }
-                self.tx_buf.extend_from_slice(payload);
+                if !self.take_payload(&payload) {
+                    return Action::Reset.into();
+                }
                 self.forward().into()
             }
             OP_CREDIT_REQUEST => self.credit_update().into(),
@@ -421,5 +447,75 @@ mod tests {
             fwd_cnt: 0,
         };
         assert_eq!(c.read_host(), shutdown.into());
+    }
+
+    /// The host socket takes the start of a packet straight from the guest's buffers; the
+    /// rest waits in `tx_buf`, a later packet waits behind it, and the host reads every byte
+    /// in order. `fwd_cnt` counts only what the socket took.
+    #[test]
+    fn a_partial_write_buffers_the_rest_in_order() {
+        use std::os::fd::AsRawFd;
+
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+        let (mut c, mut host) = established();
+        // A small send buffer, so that the socket takes only part of the packet.
+        let size: libc::c_int = 4096;
+        // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                c.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let data: Vec<u8> = (0..MAX_PKT as u32).map(|i| (i % 251) as u8).collect();
+        mem.write_slice(&data, GuestAddress(0x1000)).unwrap();
+        // The payload over three buffers of the chain, of odd sizes.
+        let bufs = vec![
+            (GuestAddress(0x1000), 100),
+            (GuestAddress(0x1000 + 100), 30_000),
+            (GuestAddress(0x1000 + 30_100), data.len() - 30_100),
+        ];
+        let rw = hdr(OP_RW, 1234, 5000, data.len() as u32);
+        let out = c.on_guest_packet(5000, &rw, Payload::Guest { mem: &mem, bufs });
+        assert_eq!(out, Action::None.into());
+        let took = c.fwd_cnt as usize;
+        assert!(
+            took > 0 && took < data.len(),
+            "the socket took {took} of {} bytes: the test proves nothing",
+            data.len()
+        );
+        assert!(c.tx_buf == data[took..], "the rest waits, in order");
+        assert!(c.wanted_events().contains(EventSet::OUT));
+        // A later packet goes behind the waiting bytes, not into the socket first.
+        let out = c.on_guest_packet(5000, &hdr(OP_RW, 1234, 5000, 4), b"tail");
+        assert_eq!(out, Action::None.into());
+        assert_eq!(c.fwd_cnt as usize, took);
+        let mut sent = data.clone();
+        sent.extend_from_slice(b"tail");
+        assert!(c.tx_buf == sent[took..]);
+        // The host reads; each time the socket turns writable the connection flushes more.
+        host.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        for _ in 0..10_000 {
+            if got.len() == sent.len() {
+                break;
+            }
+            match host.read(&mut buf) {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            let _ = c.forward();
+        }
+        assert!(got == sent, "the host read every byte in order");
+        assert!(c.tx_buf.is_empty());
+        assert_eq!(c.fwd_cnt as usize, sent.len());
     }
 }

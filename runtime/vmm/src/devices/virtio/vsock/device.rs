@@ -56,12 +56,15 @@ impl Vsock {
                 break;
             };
             let head = chain.head_index();
-            let pkt = read_tx_chain(&mem, chain.take(QUEUE_SIZES[1] as usize));
-            let _ = q.add_used(&mem, head, 0);
-            used = true;
-            if let Some((h, payload)) = pkt.as_deref().and_then(Header::parse_packet) {
+            // The payload is read from the chain's buffers while the packet is handled:
+            // the chain goes back to the guest only after that.
+            if let Some((h, payload)) = read_tx_chain(&mem, chain.take(QUEUE_SIZES[1] as usize)) {
                 self.muxer.handle_guest_packet(h, payload);
             }
+            if let Some(q) = self.queues.get_mut(1) {
+                let _ = q.add_used(&mem, head, 0);
+            }
+            used = true;
         }
         used
     }

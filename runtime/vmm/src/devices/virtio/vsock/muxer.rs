@@ -17,13 +17,13 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::{
     connection::{Action, Conn, Key, Outcome, State},
     packet::{
-        write_scattered, Header, HDR_LEN, HOST_CID, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
-        TYPE_STREAM,
+        write_scattered, Header, Payload, HDR_LEN, HOST_CID, OP_REQUEST, OP_RESPONSE, OP_RST,
+        OP_RW, TYPE_STREAM,
     },
     unix::HostListener,
     VsockError,
 };
-use crate::devices::ratelimit::LogLimiter;
+use crate::{devices::ratelimit::LogLimiter, poll::epoll_with};
 
 /// Control packets waiting for RX buffers at most (beyond: new connections are refused).
 const MAX_CTRL: usize = 4096;
@@ -55,14 +55,8 @@ impl Muxer {
     /// Listens on `uds` for the host side of guest `cid`.
     pub(super) fn new(cid: u64, uds: &Path) -> Result<Muxer, VsockError> {
         let host = HostListener::bind(uds)?;
-        let epoll = Epoll::new().map_err(VsockError::Epoll)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                host.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, LISTENER),
-            )
-            .map_err(VsockError::Epoll)?;
+        let epoll =
+            epoll_with([(host.as_raw_fd(), EventSet::IN, LISTENER)]).map_err(VsockError::Epoll)?;
         Ok(Muxer {
             cid,
             host,
@@ -160,7 +154,7 @@ impl Muxer {
     }
 
     /// Handles one packet from the guest.
-    pub(super) fn handle_guest_packet(&mut self, h: Header, payload: &[u8]) {
+    pub(super) fn handle_guest_packet<'a>(&mut self, h: Header, payload: impl Into<Payload<'a>>) {
         let key = (h.dst_port, h.src_port);
         if h.src_cid != self.cid || h.dst_cid != HOST_CID || h.typ != TYPE_STREAM {
             if h.op != OP_RST {

@@ -1,9 +1,13 @@
 //! The virtio-vsock packet: its header, the one way we build headers for the guest, and
-//! packets in and out of guest buffers (a TX chain read into one packet, an RX packet
-//! scattered over a chain's buffers).
+//! packets in and out of guest buffers (a TX chain's header read and its payload left in
+//! place, an RX packet scattered over a chain's buffers).
+
+use std::{io::Write, os::unix::net::UnixStream};
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemoryError, WriteVolatile,
+};
 
 use super::connection::{Key, BUF_ALLOC};
 
@@ -95,26 +99,119 @@ impl Header {
             fwd_cnt,
         }
     }
+}
 
-    /// Splits a packet read from the guest into its header and payload: the bytes the
-    /// header's `len` names, as far as the packet holds them (bytes past `len` are not
-    /// payload). None if the packet is shorter than a header.
-    pub(super) fn parse_packet(pkt: &[u8]) -> Option<(Header, &[u8])> {
-        let h = Header::parse(pkt)?;
-        let end = (HDR_LEN + h.len as usize).min(pkt.len());
-        Some((h, &pkt[HDR_LEN..end]))
+/// The payload of a packet from the guest: where its bytes are. The device's packets point
+/// into guest memory, at the buffers of their TX chain (checked to be guest memory), and
+/// their bytes are copied once, straight to where they go; tests and fuzzers hand in bytes.
+#[derive(Debug, Clone)]
+pub(super) enum Payload<'a> {
+    Bytes(&'a [u8]),
+    Guest {
+        mem: &'a GuestMemoryMmap,
+        /// The payload's pieces in order, each all guest memory.
+        bufs: Vec<(GuestAddress, usize)>,
+    },
+}
+
+impl<'a, T: AsRef<[u8]> + ?Sized> From<&'a T> for Payload<'a> {
+    fn from(b: &'a T) -> Payload<'a> {
+        Payload::Bytes(b.as_ref())
+    }
+}
+
+impl Payload<'_> {
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Payload::Bytes(b) => b.len(),
+            Payload::Guest { bufs, .. } => bufs.iter().map(|b| b.1).sum(),
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes the payload to `w` as far as it takes it now, in order, and returns how much
+    /// it took; an error only when it took nothing (WouldBlock: it takes nothing now).
+    pub(super) fn write_to(&self, w: &mut UnixStream) -> std::io::Result<usize> {
+        match self {
+            Payload::Bytes([]) => Ok(0),
+            Payload::Bytes(b) => retry_eintr(|| w.write(b)),
+            Payload::Guest { mem, bufs } => {
+                let mut done = 0;
+                for slice in bufs.iter().flat_map(|&(a, len)| mem.get_slices(a, len)) {
+                    let written = slice.map_err(std::io::Error::other).and_then(|s| {
+                        retry_eintr(|| w.write_volatile(&s).map_err(volatile_to_io))
+                            .map(|n| (n, s.len()))
+                    });
+                    match written {
+                        Ok((n, len)) => {
+                            done += n;
+                            if n < len {
+                                break;
+                            }
+                        }
+                        Err(e) if done == 0 => return Err(e),
+                        Err(_) => break,
+                    }
+                }
+                Ok(done)
+            }
+        }
+    }
+
+    /// Appends the payload from byte `from` on to `out`.
+    pub(super) fn append_to(&self, from: usize, out: &mut Vec<u8>) {
+        match self {
+            Payload::Bytes(b) => out.extend_from_slice(&b[from.min(b.len())..]),
+            Payload::Guest { mem, bufs } => {
+                let mut skip = from;
+                for &(addr, len) in bufs {
+                    if skip >= len {
+                        skip -= len;
+                        continue;
+                    }
+                    let addr = GuestAddress(addr.0 + skip as u64);
+                    for slice in mem.get_slices(addr, len - skip).flatten() {
+                        // Into the Vec's spare capacity: cannot fail.
+                        let _ = out.write_volatile(&slice);
+                    }
+                    skip = 0;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f` again while it is interrupted by a signal.
+fn retry_eintr(mut f: impl FnMut() -> std::io::Result<usize>) -> std::io::Result<usize> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+fn volatile_to_io(e: VolatileMemoryError) -> std::io::Error {
+    match e {
+        VolatileMemoryError::IOError(e) => e,
+        e => std::io::Error::other(e),
     }
 }
 
 /// Reads the packet in the guest's TX descriptors `descs` (a chain is one buffer: the header
-/// and the payload may be split anywhere), up to a header and [`MAX_PKT`] bytes of payload,
-/// stopping at the first device-writable descriptor. None if a descriptor is not all guest
-/// memory.
+/// and the payload may be split anywhere): its header, and where in guest memory its payload
+/// is, up to [`MAX_PKT`] bytes and the header's `len` (bytes past `len` are not payload),
+/// stopping at the first device-writable descriptor. Only the header is copied. None if a
+/// descriptor is not all guest memory, or the chain is shorter than a header.
 pub(super) fn read_tx_chain(
     mem: &GuestMemoryMmap,
     descs: impl Iterator<Item = Descriptor>,
-) -> Option<Vec<u8>> {
-    let mut pkt = Vec::new();
+) -> Option<(Header, Payload<'_>)> {
+    let mut bufs = Vec::new();
+    let mut total = 0;
     for d in descs {
         if d.is_write_only() {
             break;
@@ -124,19 +221,42 @@ pub(super) fn read_tx_chain(
         if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
             return None;
         }
-        let room = HDR_LEN + MAX_PKT - pkt.len();
+        let room = HDR_LEN + MAX_PKT - total;
         let n = (d.len() as usize).min(room);
-        let start = pkt.len();
-        pkt.resize(start + n, 0);
-        if mem.read_slice(&mut pkt[start..], d.addr()).is_err() {
-            pkt.truncate(start);
-            break;
+        if n > 0 {
+            bufs.push((d.addr(), n));
         }
+        total += n;
         if room == n {
             break;
         }
     }
-    Some(pkt)
+    if total < HDR_LEN {
+        return None;
+    }
+    // The header, from the first buffers; the payload is what follows it.
+    let mut hdr = [0u8; HDR_LEN];
+    let mut at = 0;
+    let mut payload = Vec::new();
+    for (addr, len) in bufs {
+        let take = len.min(HDR_LEN - at);
+        if take > 0 {
+            mem.read_slice(&mut hdr[at..at + take], addr).ok()?;
+            at += take;
+        }
+        if take < len {
+            payload.push((GuestAddress(addr.0 + take as u64), len - take));
+        }
+    }
+    let h = Header::parse(&hdr)?;
+    // Only the bytes the header's length names.
+    let mut want = h.len as usize;
+    payload.retain_mut(|b| {
+        b.1 = b.1.min(want);
+        want -= b.1;
+        b.1 > 0
+    });
+    Some((h, Payload::Guest { mem, bufs: payload }))
 }
 
 /// The device-writable buffers of the guest's RX descriptors `descs`, as (address, length),
@@ -225,5 +345,47 @@ mod tests {
             got.extend_from_slice(&b);
         }
         assert_eq!(&got, b"abcdefghijkl");
+    }
+
+    /// A TX chain with its header split over two buffers and bytes past the header's
+    /// length: only the header is read; the payload is where the guest put it, cut at the
+    /// length, and written or appended from any offset in order.
+    #[test]
+    fn a_tx_chain_payload_stays_in_guest_memory() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let h = hdr(OP_RW, 1, 2, 10).to_bytes();
+        mem.write_slice(&h[..20], GuestAddress(0x100)).unwrap();
+        mem.write_slice(&h[20..], GuestAddress(0x200)).unwrap();
+        mem.write_slice(b"abc", GuestAddress(0x200 + 24)).unwrap();
+        mem.write_slice(b"defghijIGNORED", GuestAddress(0x300))
+            .unwrap();
+        let descs = [(0x100, 20), (0x200, 27), (0x300, 14)]
+            .map(|(a, l)| Descriptor::new(a, l, 0, 0))
+            .into_iter();
+        let (got, payload) = read_tx_chain(&mem, descs).expect("a packet");
+        assert_eq!(got, hdr(OP_RW, 1, 2, 10));
+        let Payload::Guest { bufs, .. } = &payload else {
+            panic!("not in guest memory");
+        };
+        assert_eq!(
+            bufs,
+            &[(GuestAddress(0x200 + 24), 3), (GuestAddress(0x300), 7)]
+        );
+        assert_eq!(payload.len(), 10);
+        let mut rest = b"..".to_vec();
+        payload.append_to(2, &mut rest);
+        assert_eq!(rest, b"..cdefghij");
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        assert_eq!(payload.write_to(&mut a).unwrap(), 10);
+        let mut read = [0u8; 10];
+        std::io::Read::read_exact(&mut b, &mut read).unwrap();
+        assert_eq!(&read, b"abcdefghij");
+        // Shorter than a header, or a buffer outside guest memory: no packet.
+        let short = [Descriptor::new(0x100, 20, 0, 0)].into_iter();
+        assert!(read_tx_chain(&mem, short).is_none());
+        let outside = [(0x100, 20), (0x200, 24), (0x20000, 8)]
+            .map(|(a, l)| Descriptor::new(a, l, 0, 0))
+            .into_iter();
+        assert!(read_tx_chain(&mem, outside).is_none());
     }
 }

@@ -19,7 +19,7 @@ use std::{
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::{muxer::MAX_CONNS, VsockError};
-use crate::devices::ratelimit::LogLimiter;
+use crate::{devices::ratelimit::LogLimiter, poll::watch};
 
 /// A connection accepted on `uds`, waiting for its `CONNECT <port>` line.
 #[derive(Debug)]
@@ -73,14 +73,7 @@ impl HostListener {
                         continue;
                     }
                     let fd = s.as_raw_fd();
-                    if epoll
-                        .ctl(
-                            ControlOperation::Add,
-                            fd,
-                            EpollEvent::new(EventSet::IN, fd as u64),
-                        )
-                        .is_ok()
-                    {
+                    if watch(epoll, fd, EventSet::IN, fd as u64).is_ok() {
                         self.pending.insert(
                             fd,
                             Pending {

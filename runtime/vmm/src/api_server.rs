@@ -1,0 +1,291 @@
+//! The control API server: one request per connection on the control socket, a JSON line
+//! in and a JSON line out, typed by `husk_vmm_api`.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixListener,
+    path::Path,
+    sync::{mpsc, Arc, Mutex},
+    time::Duration,
+};
+
+use husk_vmm_api::{Answer, DeviceStatus, Request, VmStatus};
+
+use crate::{
+    device_manager::{lock, Transports},
+    devices::legacy::LegacyBus,
+    vmm::Event,
+    vstate::vcpu_stats::VcpuStats,
+};
+
+/// Errors setting up the control API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Binding the control socket.
+    #[error("the control socket {0}")]
+    Bind(std::path::PathBuf, #[source] std::io::Error),
+}
+
+/// Listens on the control socket `path` (replacing a stale one).
+pub(crate) fn bind(path: &Path) -> Result<UnixListener, ApiError> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(|e| ApiError::Bind(path.to_path_buf(), e))
+}
+
+/// What the control API reads and acts on.
+#[derive(Clone)]
+pub(crate) struct ApiContext {
+    pub(crate) transports: Transports,
+    pub(crate) legacy: Arc<Mutex<LegacyBus>>,
+    /// Where `stop` goes.
+    pub(crate) events: mpsc::Sender<Event>,
+    pub(crate) stats: Arc<Vec<VcpuStats>>,
+}
+
+/// Serves one request of the control API: a JSON line in, a JSON line out.
+pub(crate) fn serve(l: &UnixListener, ctx: &ApiContext) {
+    let Ok((s, _)) = l.accept() else { return };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut reader = BufReader::new(&s);
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let answer = answer(&line, ctx);
+    let answer = serde_json::to_string(&answer).expect("answers always serialize");
+    let mut w = &s;
+    let _ = writeln!(w, "{answer}");
+}
+
+/// The answer to one request line.
+fn answer(line: &str, ctx: &ApiContext) -> Answer {
+    let req = match Request::parse(line) {
+        Ok(r) => r,
+        Err(e) => return Answer::error(e),
+    };
+    match req {
+        Request::Status {} => Answer::Status(VmStatus {
+            state: "running".into(),
+            ready_ms: lock(&ctx.legacy)
+                .ready_after()
+                .map(|d| d.as_millis() as u64),
+            vcpus: ctx.stats.iter().map(VcpuStats::status).collect(),
+            devices: ctx
+                .transports
+                .iter()
+                .map(|(id, t)| DeviceStatus {
+                    id: id.clone(),
+                    driver_status: lock(t).driver_status(),
+                })
+                .collect(),
+        }),
+        Request::Stop {} => {
+            let _ = ctx.events.send(Event::Stop);
+            Answer::ok()
+        }
+        Request::UpdateDrive { id, path } => {
+            let Some((_, t)) = ctx.transports.iter().find(|(i, _)| *i == id) else {
+                return Answer::error(format!("no drive {id:?}"));
+            };
+            let mut t = lock(t);
+            match t.device_mut().update_backing(&path) {
+                Ok(()) => {
+                    t.config_changed();
+                    Answer::ok()
+                }
+                Err(e) => Answer::error(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::PathBuf, time::Instant};
+
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::{
+        arch::layout,
+        devices::virtio::{block::Block, mmio::MmioTransport, vsock::Vsock, IrqLine, VirtioDevice},
+        vstate::vcpu_stats::ExitKind,
+    };
+
+    /// The control API's inputs: a block drive, an empty drive slot, a vsock device.
+    struct Api {
+        _dir: tempfile::TempDir,
+        disk: PathBuf,
+        ctx: ApiContext,
+        events_rx: mpsc::Receiver<Event>,
+    }
+
+    impl Api {
+        fn new() -> Api {
+            let dir = tempfile::tempdir().unwrap();
+            let disk = dir.path().join("disk.img");
+            std::fs::write(&disk, vec![0u8; 8192]).unwrap();
+            let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)])
+                .unwrap();
+            let devices: Vec<(String, Box<dyn VirtioDevice>)> = vec![
+                (
+                    "rootfs".into(),
+                    Box::new(Block::new("rootfs", Some(&disk), true).unwrap()),
+                ),
+                (
+                    "slot1".into(),
+                    Box::new(Block::new("slot1", None, true).unwrap()),
+                ),
+                (
+                    "vsock".into(),
+                    Box::new(Vsock::new(3, &dir.path().join("v.sock")).unwrap()),
+                ),
+            ];
+            let transports = devices
+                .into_iter()
+                .map(|(id, d)| {
+                    let irq = IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+                    (
+                        id,
+                        Arc::new(Mutex::new(MmioTransport::new(d, mem.clone(), irq))),
+                    )
+                })
+                .collect();
+            let (exit_tx, _) = mpsc::channel();
+            let legacy = LegacyBus::new(
+                EventFd::new(0).unwrap(),
+                Box::new(std::io::sink()),
+                exit_tx,
+                Instant::now(),
+            );
+            let (events, events_rx) = mpsc::channel();
+            Api {
+                _dir: dir,
+                disk,
+                ctx: ApiContext {
+                    transports: Arc::new(transports),
+                    legacy: Arc::new(Mutex::new(legacy)),
+                    events,
+                    stats: Arc::new((0..2).map(|_| VcpuStats::default()).collect()),
+                },
+                events_rx,
+            }
+        }
+
+        fn ask(&self, line: &str) -> serde_json::Value {
+            serde_json::to_value(answer(line, &self.ctx)).unwrap()
+        }
+
+        fn error(&self, line: &str) -> String {
+            let a = self.ask(line);
+            a["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{line} answered {a} without an error"))
+                .to_string()
+        }
+
+        /// A register of device `i`'s mmio window.
+        fn reg(&self, i: usize, off: u64) -> u32 {
+            let mut d = [0u8; 4];
+            lock(&self.ctx.transports[i].1).read(off, &mut d);
+            u32::from_le_bytes(d)
+        }
+    }
+
+    #[test]
+    fn api_refuses_unknown_and_malformed_requests() {
+        let api = Api::new();
+        assert!(api
+            .error(r#"{"frobnicate":{}}"#)
+            .contains("unknown request"));
+        assert!(api.error("{}").contains("unknown request"));
+        assert!(api.error("[1, 2]").contains("unknown request"));
+        for bad in [r#"{"status""#, "", "status", "{\"stop\":}"] {
+            assert!(api.error(bad).starts_with("not JSON"), "{bad:?}");
+        }
+        assert!(api.events_rx.try_recv().is_err(), "nothing was stopped");
+    }
+
+    #[test]
+    fn api_update_drive() {
+        let api = Api::new();
+        let disk = api.disk.display().to_string();
+        // Missing or mistyped fields.
+        for bad in [
+            r#"{"update_drive":{}}"#.to_string(),
+            r#"{"update_drive":{"id":"slot1"}}"#.to_string(),
+            format!(r#"{{"update_drive":{{"path":"{disk}"}}}}"#),
+            format!(r#"{{"update_drive":{{"id":1,"path":"{disk}"}}}}"#),
+            r#"{"update_drive":"slot1"}"#.to_string(),
+        ] {
+            assert_eq!(api.error(&bad), "update_drive needs id and path", "{bad}");
+        }
+        // An unknown drive, a device that is not a drive, a file that does not open.
+        let e = api.error(&format!(
+            r#"{{"update_drive":{{"id":"nope","path":"{disk}"}}}}"#
+        ));
+        assert_eq!(e, r#"no drive "nope""#);
+        let e = api.error(&format!(
+            r#"{{"update_drive":{{"id":"vsock","path":"{disk}"}}}}"#
+        ));
+        assert_eq!(e, "not a block device");
+        let e = api.error(r#"{"update_drive":{"id":"slot1","path":"/nonexistent/disk.img"}}"#);
+        assert!(
+            e.contains("opening the drive file /nonexistent/disk.img"),
+            "{e}"
+        );
+        // None of that changed a device's configuration.
+        for i in 0..3 {
+            assert_eq!(api.reg(i, 0xfc), 0, "config generation of device {i}");
+        }
+        // Filling the slot: the capacity and config generation move, the driver is told.
+        let a = api.ask(&format!(
+            r#"{{"update_drive":{{"id":"slot1","path":"{disk}"}}}}"#
+        ));
+        assert_eq!(a, serde_json::json!({"ok": true}));
+        assert_eq!(api.reg(1, 0x100), 16, "8 KiB in sectors");
+        assert_eq!(api.reg(1, 0xfc), 1);
+        assert_eq!(api.reg(1, 0x60) & 2, 2, "a configuration-change interrupt");
+        // Emptying it again.
+        let a = api.ask(r#"{"update_drive":{"id":"slot1","path":""}}"#);
+        assert_eq!(a, serde_json::json!({"ok": true}));
+        assert_eq!(api.reg(1, 0x100), 0);
+    }
+
+    #[test]
+    fn api_status_and_stop() {
+        let api = Api::new();
+        api.ctx.stats[0].record(ExitKind::Port, 0x3f8);
+        api.ctx.stats[1].record(ExitKind::Mmio, layout::MMIO_BASE + 0x70);
+        let st = api.ask(r#"{"status":{}}"#);
+        assert_eq!(st["state"], "running");
+        assert!(st["ready_ms"].is_null(), "not ready yet: {st}");
+        let vcpus = st["vcpus"].as_array().expect("vcpus");
+        assert_eq!(vcpus.len(), 2);
+        for v in vcpus {
+            for k in ["exits", "io_exits", "mmio_exits", "last_io", "regs"] {
+                assert!(v.get(k).is_some(), "vcpu field {k} missing: {v}");
+            }
+            assert!(v["regs"].is_null(), "no vCPU thread to sample");
+        }
+        assert_eq!(vcpus[0]["io_exits"], 1);
+        assert_eq!(vcpus[0]["last_io"], "port 0x3f8");
+        assert_eq!(vcpus[1]["mmio_exits"], 1);
+        assert_eq!(vcpus[1]["last_io"], "mmio 0xd0000070");
+        let devices = st["devices"].as_array().expect("devices");
+        let ids: Vec<_> = devices.iter().map(|d| d["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["rootfs", "slot1", "vsock"]);
+        assert!(devices.iter().all(|d| d["driver_status"] == 0));
+        // The guest signals ready and acknowledges a device.
+        lock(&api.ctx.legacy).write(crate::devices::legacy::BOOT_TIMER_PORT, &[1]);
+        lock(&api.ctx.transports[2].1).write(0x70, &1u32.to_le_bytes());
+        let st = api.ask(r#"{"status":{}}"#);
+        assert!(st["ready_ms"].is_u64(), "{st}");
+        assert_eq!(st["devices"][2]["driver_status"], 1);
+        assert!(api.events_rx.try_recv().is_err());
+        // Stop.
+        assert_eq!(api.ask(r#"{"stop":{}}"#), serde_json::json!({"ok": true}));
+        assert!(matches!(api.events_rx.try_recv(), Ok(Event::Stop)));
+    }
+}

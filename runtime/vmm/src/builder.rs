@@ -1,0 +1,227 @@
+//! Builds a Linux microVM from its configuration: guest memory, the kernel and initramfs,
+//! the virtio devices and their kernel command line, the boot tables and MP table, and the
+//! serial console; [`vmm::run`](crate::vmm::run) starts what it builds.
+
+use std::{fs::File, io::Write, path::PathBuf, time::Instant};
+
+use linux_loader::{
+    cmdline::Cmdline,
+    loader::{elf::Elf, load_cmdline, KernelLoader},
+};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::{
+    api_server,
+    arch::{self, layout, mptable},
+    config::VmConfig,
+    device_manager::{DeviceManager, NamedDevices},
+    devices::{
+        legacy::{CappedWriter, SERIAL_LOG_MAX},
+        virtio::{
+            block::{Block, BlockError},
+            vsock::{Vsock, VsockError},
+        },
+    },
+    signals::StopSignals,
+    vmm::{Machine, VmmError},
+    vstate::{vcpu::Entry, vm::Vm},
+};
+
+/// Errors building the VM from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Opening the kernel image.
+    #[error("opening the kernel {0}")]
+    KernelOpen(PathBuf, #[source] std::io::Error),
+    /// Loading the kernel image into guest memory.
+    #[error("loading the kernel {0} (an ELF vmlinux is needed)")]
+    KernelLoad(PathBuf, #[source] linux_loader::loader::Error),
+    /// Reading the initramfs.
+    #[error("reading the initramfs {0}")]
+    Initramfs(PathBuf, #[source] std::io::Error),
+    /// Building the kernel command line.
+    #[error("the kernel command line")]
+    Cmdline(#[from] linux_loader::cmdline::Error),
+    /// Writing the kernel command line into guest memory.
+    #[error("writing the kernel command line")]
+    CmdlineLoad(#[source] linux_loader::loader::Error),
+    #[error(transparent)]
+    Boot(#[from] arch::BootError),
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    /// Writing to guest memory.
+    #[error("guest memory")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+    /// Creating the serial console's log file.
+    #[error("opening the serial log {0}")]
+    SerialLog(PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+}
+
+/// The default kernel command line: serial console, reboot via the i8042, no probing of
+/// hardware that is not there.
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable quiet";
+
+/// Builds the VM `cfg` describes, ready to start; with it the sockets it made, to remove
+/// when the VM ends.
+pub(crate) fn build(
+    cfg: &VmConfig,
+    started: Instant,
+    stop_signals: StopSignals,
+) -> Result<(Machine, Vec<PathBuf>), VmmError> {
+    let vm = Vm::new(cfg.mem_mib as u64)?;
+    let mem_size = (cfg.mem_mib as u64) << 20;
+    let entry = load_kernel(&vm, cfg)?;
+    let initrd = load_initramfs(&vm, cfg, mem_size)?;
+
+    let (devices, mut sockets) = create_devices(cfg)?;
+    let devices = DeviceManager::attach(&vm, devices)?;
+    let cmdline_len = load_cmdline_for(&vm, &devices.cmdline, &cfg.cmdline_extra)?;
+    arch::write_boot_tables(&vm.mem).map_err(BuildError::from)?;
+    arch::write_boot_params(&vm.mem, mem_size, cmdline_len, initrd).map_err(BuildError::from)?;
+    mptable::write(&vm.mem, cfg.vcpus, layout::MPTABLE).map_err(BuildError::from)?;
+
+    let serial: Box<dyn Write + Send> = match &cfg.serial_log {
+        Some(p) => Box::new(CappedWriter::new(
+            File::create(p).map_err(|e| BuildError::SerialLog(p.clone(), e))?,
+            SERIAL_LOG_MAX,
+        )),
+        None => Box::new(std::io::stdout()),
+    };
+    let guest_start = vm.host_range().0;
+    let on_ready = Box::new(move || {
+        if let Some(kib) = overhead_kib(guest_start) {
+            println!(
+                "vmm memory overhead {:.1} MiB (PSS minus guest memory)",
+                kib as f64 / 1024.0
+            );
+        }
+    });
+    let api = match &cfg.api_sock {
+        Some(p) => {
+            let l = api_server::bind(p)?;
+            sockets.push(p.clone());
+            Some(l)
+        }
+        None => None,
+    };
+    let machine = Machine {
+        vm,
+        devices,
+        vcpus: cfg.vcpus,
+        entry: Entry::Long(entry),
+        serial,
+        on_ready: Some(on_ready),
+        api,
+        stop_signals: Some(stop_signals),
+        started,
+    };
+    Ok((machine, sockets))
+}
+
+/// Loads the ELF kernel above 1 MiB; returns its entry point.
+fn load_kernel(vm: &Vm, cfg: &VmConfig) -> Result<u64, BuildError> {
+    let mut kernel =
+        File::open(&cfg.kernel).map_err(|e| BuildError::KernelOpen(cfg.kernel.clone(), e))?;
+    let loaded = Elf::load(
+        &vm.mem,
+        None,
+        &mut kernel,
+        Some(GuestAddress(layout::HIMEM)),
+    )
+    .map_err(|e| BuildError::KernelLoad(cfg.kernel.clone(), e))?;
+    Ok(loaded.kernel_load.0)
+}
+
+/// Loads the initramfs, if there is one, as high as it fits; returns where and how big.
+fn load_initramfs(
+    vm: &Vm,
+    cfg: &VmConfig,
+    mem_size: u64,
+) -> Result<Option<(GuestAddress, u64)>, BuildError> {
+    let Some(p) = &cfg.initramfs else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(p).map_err(|e| BuildError::Initramfs(p.clone(), e))?;
+    let addr = arch::initrd_addr(mem_size, bytes.len() as u64)?;
+    vm.mem.write_slice(&bytes, addr)?;
+    Ok(Some((addr, bytes.len() as u64)))
+}
+
+/// The virtio devices of `cfg`: block drives first (so they are vda, vdb, ... in order),
+/// then vsock; with the sockets they listen on.
+fn create_devices(cfg: &VmConfig) -> Result<(NamedDevices, Vec<PathBuf>), BuildError> {
+    let mut devices: NamedDevices = Vec::new();
+    for d in &cfg.drives {
+        devices.push((
+            d.id.clone(),
+            Box::new(Block::new(&d.id, d.path.as_deref(), d.read_only)?),
+        ));
+    }
+    let mut sockets = Vec::new();
+    if let Some(uds) = &cfg.vsock_uds {
+        devices.push(("vsock".into(), Box::new(Vsock::new(cfg.guest_cid, uds)?)));
+        sockets.push(uds.clone());
+    }
+    Ok((devices, sockets))
+}
+
+/// Writes the kernel command line: [`BASE_CMDLINE`], the devices' arguments, then the
+/// configuration's extra ones; returns its length.
+fn load_cmdline_for(vm: &Vm, devices: &[String], extra: &str) -> Result<usize, BuildError> {
+    let mut cmdline = Cmdline::new(layout::CMDLINE_MAX)?;
+    cmdline.insert_str(BASE_CMDLINE)?;
+    for arg in devices {
+        cmdline.insert_str(arg)?;
+    }
+    if !extra.is_empty() {
+        cmdline.insert_str(extra)?;
+    }
+    let len = cmdline
+        .as_cstring()
+        .map(|c| c.as_bytes().len())
+        .unwrap_or(0);
+    load_cmdline(&vm.mem, GuestAddress(layout::CMDLINE), &cmdline)
+        .map_err(BuildError::CmdlineLoad)?;
+    Ok(len)
+}
+
+/// The VMM's own memory: its proportional set size minus what the guest touched, in KiB.
+pub fn overhead_kib(guest_start: u64) -> Option<u64> {
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let pss = field_kib(&rollup, "Pss:")?;
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let prefix = format!("{guest_start:x}-");
+    let mut guest = 0;
+    let mut inside = false;
+    for line in smaps.lines() {
+        if line.contains('-') && line.split_whitespace().count() >= 5 && !line.ends_with("kB") {
+            inside = line.starts_with(&prefix);
+        } else if inside && line.starts_with("Pss:") {
+            guest = field_kib(line, "Pss:").unwrap_or(0);
+        }
+    }
+    Some(pss.saturating_sub(guest))
+}
+
+fn field_kib(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overhead_is_measurable() {
+        assert!(overhead_kib(0).is_some());
+    }
+}
