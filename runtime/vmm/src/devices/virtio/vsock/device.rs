@@ -3,7 +3,7 @@
 
 use std::{os::fd::RawFd, path::Path, sync::Arc};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
@@ -86,7 +86,15 @@ impl Vsock {
             // Buffers that are not all guest memory, or too small for a header, go back
             // unused, and the packet waits for the next buffers.
             let written = match rx_buffers(&mem, chain.take(QUEUE_SIZES[0] as usize)) {
-                Some(bufs) => self.muxer.write_rx(&mem, &bufs),
+                Some(bufs) => match self.muxer.write_rx(&mem, &bufs) {
+                    0 => {
+                        // Nothing for them after all (a host socket that seemed to have data
+                        // was drained): the guest keeps these buffers for the next packet.
+                        q.go_to_previous_position();
+                        break;
+                    }
+                    n => n,
+                },
                 None => 0,
             };
             let _ = q.add_used(&mem, head, written as u32);
@@ -491,18 +499,22 @@ mod tests {
         }
         assert_eq!(received, data);
 
-        // The host's data is read while the credit is large; then the guest shrinks it.
+        // The host's data waits for RX buffers while the credit is large; then the guest
+        // shrinks it.
         let mut s2 = connect(&mut g, &mut v, &l, 1300, 5000, 4096);
         let key = (5000, 1300);
         s2.write_all(&[7u8; 1000]).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while v.muxer.conns[&key].rx_pending.is_empty() && Instant::now() < deadline {
-            // No RX buffers on offer: what the device read stays pending.
+        while !v.muxer.conns[&key].in_rxq && Instant::now() < deadline {
+            // No RX buffers on offer: the connection waits for its turn, its data unread.
             v.muxer.handle_host_events();
             v.muxer.update_interests();
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(v.muxer.conns[&key].rx_pending.len(), 1000);
+        assert!(
+            v.muxer.conns[&key].in_rxq,
+            "the host's data waits for its turn"
+        );
         let mut shrink = hdr(OP_CREDIT_UPDATE, 1300, 5000, 0);
         shrink.buf_alloc = 10;
         g.packet(&mut v, shrink, &[]);
