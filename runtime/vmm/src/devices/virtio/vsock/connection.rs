@@ -343,15 +343,16 @@ impl Conn {
     /// At the host's end of file, the guest hears that no more comes, after all the data
     /// before it; a failed read resets the connection.
     pub(super) fn recv(&mut self, mem: &GuestMemoryMmap, bufs: &[(GuestAddress, usize)]) -> Recv {
-        let credit = self.peer_credit() as usize;
-        if !self.rx_ready() || credit == 0 {
+        if !self.rx_ready() {
             return Recv::Nothing(Action::None.into());
         }
-        let payload = rx_payload_bufs(bufs, credit.min(MAX_RX_PAYLOAD));
+        let max = (self.peer_credit() as usize).min(MAX_RX_PAYLOAD);
+        let payload = rx_payload_bufs(bufs, max);
         let room: usize = payload.iter().map(|b| b.1).sum();
         if room == 0 {
-            // Buffers with room for a header only: an empty data packet, as it always was;
-            // the data waits for the next buffers.
+            // Buffers with room for a header only: an empty data packet, as it always was
+            // (it tells the guest our fwd_cnt too); the data waits for the next buffers.
+            self.last_fwd_cnt_sent = self.fwd_cnt;
             return Recv::Data(0);
         }
         match read_scattered(mem, &payload, &mut self.stream) {
