@@ -5,21 +5,22 @@
 
 use std::{
     borrow::Cow,
-    io::{ErrorKind, Read, Write},
+    io::{ErrorKind, Write},
     os::unix::net::UnixStream,
 };
 
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::packet::{
-    Header, Payload, MAX_PKT, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_RESPONSE, OP_RST, OP_RW,
-    OP_SHUTDOWN, SHUTDOWN_SEND,
+    read_scattered, rx_payload_bufs, Header, Payload, MAX_PKT, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE,
+    OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_SEND,
 };
 
 /// What we tell the guest we can buffer per connection.
 pub const BUF_ALLOC: u32 = 256 * 1024;
-/// How much we read from a host socket at once.
-const READ_CHUNK: usize = 64 * 1024;
+/// The most host data we put in one packet (what the guest takes in one packet, too).
+const MAX_RX_PAYLOAD: usize = MAX_PKT;
 
 /// A connection's ports: (host port, guest port).
 pub(super) type Key = (u32, u32);
@@ -71,6 +72,17 @@ impl From<Action> for Outcome {
     }
 }
 
+/// What a connection's turn in the muxer's RX queue gave, with RX buffers in hand.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Recv {
+    /// This much of the host's data is in the buffers after the header, counted as sent:
+    /// the muxer writes the RW header in front of it.
+    Data(usize),
+    /// Nothing for the buffers; the outcome says what is left to do (the guest hears of the
+    /// host's end of file, or of a reset, in a control packet).
+    Nothing(Outcome),
+}
+
 #[derive(Debug)]
 pub(super) struct Conn {
     pub(super) stream: UnixStream,
@@ -85,8 +97,10 @@ pub(super) struct Conn {
     last_fwd_cnt_sent: u32,
     /// Guest-to-host bytes waiting for the host socket: only what it did not take at once.
     pub(super) tx_buf: Vec<u8>,
-    /// Host-to-guest bytes waiting for RX buffers.
-    pub(super) rx_pending: Vec<u8>,
+    /// Whether the host socket may have something to read (data, its end, an error): epoll
+    /// said so, and no read since found it drained. Host data stays in the socket until the
+    /// connection's turn comes with RX buffers in hand, and is read straight into them.
+    pub(super) host_readable: bool,
     host_eof: bool,
     guest_done_sending: bool,
     /// The events the muxer's epoll waits for on `stream`, if it is registered.
@@ -107,7 +121,7 @@ impl Conn {
             fwd_cnt: 0,
             last_fwd_cnt_sent: 0,
             tx_buf: Vec::new(),
-            rx_pending: Vec::new(),
+            host_readable: false,
             host_eof: false,
             guest_done_sending: false,
             registered: None,
@@ -128,11 +142,15 @@ impl Conn {
             .saturating_sub(self.rx_cnt.wrapping_sub(self.peer_fwd_cnt))
     }
 
+    /// The events epoll (level-triggered) should wait for: IN only while a read could go
+    /// somewhere (established, the guest has room) and we do not know yet that the socket has
+    /// something; once it has, the connection waits in the RX queue instead, and epoll waits
+    /// again for IN when a read finds the socket drained, or when the guest's credit returns.
     pub(super) fn wanted_events(&self) -> EventSet {
         let mut e = EventSet::empty();
         if self.state == State::Established
             && !self.host_eof
-            && self.rx_pending.is_empty()
+            && !self.host_readable
             && self.peer_credit() > 0
         {
             e |= EventSet::IN;
@@ -143,10 +161,19 @@ impl Conn {
         e
     }
 
-    /// Whether host data waits that the guest has room for now: such a connection waits in
-    /// the muxer's RX queue for its turn.
+    /// Whether the host socket may have something for the guest, and the guest has room for
+    /// data now: such a connection waits in the muxer's RX queue for its turn.
     pub(super) fn rx_ready(&self) -> bool {
-        self.state != State::Draining && !self.rx_pending.is_empty() && self.peer_credit() > 0
+        self.state == State::Established
+            && self.host_readable
+            && !self.host_eof
+            && self.peer_credit() > 0
+    }
+
+    /// Epoll said the host socket has something to read (or hung up, or failed): the next
+    /// read, on the connection's turn in the RX queue, finds out what.
+    pub(super) fn on_host_readable(&mut self) {
+        self.host_readable = true;
     }
 
     /// Writes what the host socket takes now; false if the host side is gone.
@@ -175,7 +202,7 @@ impl Conn {
         self.guest_done_sending = true;
         if self.flush() && !self.tx_buf.is_empty() {
             self.state = State::Draining;
-            self.rx_pending.clear();
+            self.host_readable = false;
             return true;
         }
         false
@@ -308,59 +335,61 @@ impl Conn {
             || set.intersects(EventSet::HANG_UP | EventSet::ERROR)
     }
 
-    /// Reads what the host wrote on an established connection, within the guest's credit,
-    /// once the guest has taken what was read before. At the host's end of file, the guest
-    /// hears that no more comes.
-    pub(super) fn read_host(&mut self) -> Outcome {
-        let want = (self.peer_credit() as usize).min(READ_CHUNK);
-        if want == 0 || !self.rx_pending.is_empty() || self.host_eof {
-            return Action::None.into();
+    /// On the connection's turn in the RX queue, with the guest's RX buffers `bufs` in hand
+    /// (all guest memory, room for a header first): reads what the host wrote straight into
+    /// the buffers after the header, within the guest's credit and at most one packet's worth.
+    /// A read that fills all the room leaves the connection readable (more may wait: it
+    /// queues again behind the others); a shorter one, or none, sends epoll back to waiting.
+    /// At the host's end of file, the guest hears that no more comes, after all the data
+    /// before it; a failed read resets the connection.
+    pub(super) fn recv(&mut self, mem: &GuestMemoryMmap, bufs: &[(GuestAddress, usize)]) -> Recv {
+        if !self.rx_ready() {
+            return Recv::Nothing(Action::None.into());
         }
-        let mut buf = vec![0u8; want];
-        match self.stream.read(&mut buf) {
+        let max = (self.peer_credit() as usize).min(MAX_RX_PAYLOAD);
+        let payload = rx_payload_bufs(bufs, max);
+        let room: usize = payload.iter().map(|b| b.1).sum();
+        if room == 0 {
+            // Buffers with room for a header only: an empty data packet, as it always was
+            // (it tells the guest our fwd_cnt too); the data waits for the next buffers.
+            self.last_fwd_cnt_sent = self.fwd_cnt;
+            return Recv::Data(0);
+        }
+        match read_scattered(mem, &payload, &mut self.stream) {
             Ok(0) => {
                 self.host_eof = true;
-                Action::Send {
-                    op: OP_SHUTDOWN,
-                    flags: SHUTDOWN_SEND,
-                    fwd_cnt: self.fwd_cnt,
-                }
-                .into()
+                self.host_readable = false;
+                Recv::Nothing(
+                    Action::Send {
+                        op: OP_SHUTDOWN,
+                        flags: SHUTDOWN_SEND,
+                        fwd_cnt: self.fwd_cnt,
+                    }
+                    .into(),
+                )
             }
             Ok(n) => {
-                buf.truncate(n);
-                self.rx_pending = buf;
-                Action::None.into()
+                self.host_readable = n == room;
+                self.rx_cnt = self.rx_cnt.wrapping_add(n as u32);
+                // The packet's header tells the guest our fwd_cnt.
+                self.last_fwd_cnt_sent = self.fwd_cnt;
+                Recv::Data(n)
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
-                Action::None.into()
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                self.host_readable = false;
+                Recv::Nothing(Action::None.into())
             }
-            Err(e) => Outcome::reset(format!("reading the host socket: {e}: reset")),
+            Err(e) => Recv::Nothing(Outcome::reset(format!(
+                "reading the host socket: {e}: reset"
+            ))),
         }
-    }
-
-    /// The host data for one RW packet with room for `room` bytes of payload: within the
-    /// guest's credit now, also if it shrank its buffer since we read.
-    pub(super) fn rx_chunk(&self, room: usize) -> &[u8] {
-        let n = self
-            .rx_pending
-            .len()
-            .min(room)
-            .min(self.peer_credit() as usize);
-        &self.rx_pending[..n]
-    }
-
-    /// The first `n` bytes of [`Conn::rx_chunk`] went to the guest, in a packet that told it
-    /// our `fwd_cnt`.
-    pub(super) fn rx_sent(&mut self, n: usize) {
-        self.rx_pending.drain(..n);
-        self.rx_cnt = self.rx_cnt.wrapping_add(n as u32);
-        self.last_fwd_cnt_sent = self.fwd_cnt;
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
+
     use super::*;
     use crate::devices::virtio::vsock::{packet::OP_REQUEST, test_utils::hdr};
 
@@ -417,36 +446,67 @@ mod tests {
         assert_eq!(out, Outcome::reset("unexpected op 2 from the guest: reset"));
     }
 
-    /// The host's data waits for the guest within its credit; the host's end of file becomes
-    /// a SHUTDOWN once the data before it went out.
+    /// The host's data goes straight into the guest's buffers after the header, within its
+    /// credit and the buffers' room; the host's end of file becomes a SHUTDOWN once the data
+    /// before it went out.
     #[test]
     fn host_data_within_credit_then_shutdown() {
+        use vm_memory::Bytes;
+
+        use crate::devices::virtio::vsock::packet::HDR_LEN;
+
         let (mut c, mut host) = established();
         c.peer_buf_alloc = 10;
-        host.write_all(&[7u8; 100]).unwrap();
+        let data: Vec<u8> = (0..100).collect();
+        host.write_all(&data).unwrap();
         drop(host);
-        assert_eq!(c.read_host(), Action::None.into());
-        assert_eq!(c.rx_pending.len(), 10);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        let small = [(GuestAddress(0x1000), HDR_LEN + 4)];
+        let big = [(GuestAddress(0x2000), HDR_LEN + 1000)];
+        let payload = |at: usize, n: usize| {
+            let mut b = vec![0u8; n];
+            mem.read_slice(&mut b, GuestAddress((at + HDR_LEN) as u64))
+                .unwrap();
+            b
+        };
+        assert!(
+            !c.rx_ready(),
+            "nothing is known to wait before epoll says so"
+        );
+        assert!(c.wanted_events().contains(EventSet::IN));
+        c.on_host_readable();
         assert!(c.rx_ready());
-        assert_eq!(c.rx_chunk(4).len(), 4);
-        c.rx_sent(4);
-        assert_eq!(c.rx_chunk(100).len(), 6);
-        c.rx_sent(6);
+        assert!(!c.wanted_events().contains(EventSet::IN));
+        assert_eq!(c.recv(&mem, &small), Recv::Data(4));
+        assert_eq!(payload(0x1000, 4), data[..4]);
+        assert!(c.rx_ready(), "it filled the buffer: more may wait");
+        assert_eq!(c.recv(&mem, &big), Recv::Data(6));
+        assert_eq!(payload(0x2000, 6), data[4..10]);
         assert!(!c.rx_ready());
         assert_eq!(c.peer_credit(), 0);
+        assert!(
+            !c.wanted_events().contains(EventSet::IN),
+            "it waits for credit, not for epoll"
+        );
         // The guest read it all.
         let mut u = hdr(OP_CREDIT_UPDATE, 1234, 5000, 0);
         (u.buf_alloc, u.fwd_cnt) = (1000, 10);
         assert_eq!(c.on_guest_packet(5000, &u, &[]), Action::None.into());
-        assert_eq!(c.read_host(), Action::None.into());
-        assert_eq!(c.rx_pending.len(), 90);
-        c.rx_sent(90);
+        assert!(c.rx_ready());
+        assert_eq!(c.recv(&mem, &big), Recv::Data(90));
+        assert_eq!(payload(0x2000, 90), data[10..]);
+        // A short read: epoll watches again, and reports the end of file.
+        assert!(!c.rx_ready());
+        assert!(c.wanted_events().contains(EventSet::IN));
+        c.on_host_readable();
         let shutdown = Action::Send {
             op: OP_SHUTDOWN,
             flags: SHUTDOWN_SEND,
             fwd_cnt: 0,
         };
-        assert_eq!(c.read_host(), shutdown.into());
+        assert_eq!(c.recv(&mem, &big), Recv::Nothing(shutdown.into()));
+        assert!(!c.rx_ready());
+        assert!(c.wanted_events().is_empty());
     }
 
     /// The host socket takes the start of a packet straight from the guest's buffers; the

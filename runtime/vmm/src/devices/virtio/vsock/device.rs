@@ -3,7 +3,7 @@
 
 use std::{os::fd::RawFd, path::Path, sync::Arc};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
@@ -86,7 +86,15 @@ impl Vsock {
             // Buffers that are not all guest memory, or too small for a header, go back
             // unused, and the packet waits for the next buffers.
             let written = match rx_buffers(&mem, chain.take(QUEUE_SIZES[0] as usize)) {
-                Some(bufs) => self.muxer.write_rx(&mem, &bufs),
+                Some(bufs) => match self.muxer.write_rx(&mem, &bufs) {
+                    0 => {
+                        // Nothing for them after all (a host socket that seemed to have data
+                        // was drained): the guest keeps these buffers for the next packet.
+                        q.go_to_previous_position();
+                        break;
+                    }
+                    n => n,
+                },
                 None => 0,
             };
             let _ = q.add_used(&mem, head, written as u32);
@@ -171,7 +179,7 @@ mod tests {
     };
 
     use vm_memory::{Bytes, GuestAddress};
-    use vmm_sys_util::eventfd::EventFd;
+    use vmm_sys_util::{epoll::EventSet, eventfd::EventFd};
 
     use super::*;
     use crate::devices::virtio::{
@@ -179,7 +187,7 @@ mod tests {
         vsock::{
             packet::{
                 HDR_LEN, HOST_CID, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
-                OP_RST, OP_RW,
+                OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_SEND,
             },
             test_utils::hdr,
         },
@@ -491,18 +499,22 @@ mod tests {
         }
         assert_eq!(received, data);
 
-        // The host's data is read while the credit is large; then the guest shrinks it.
+        // The host's data waits for RX buffers while the credit is large; then the guest
+        // shrinks it.
         let mut s2 = connect(&mut g, &mut v, &l, 1300, 5000, 4096);
         let key = (5000, 1300);
         s2.write_all(&[7u8; 1000]).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while v.muxer.conns[&key].rx_pending.is_empty() && Instant::now() < deadline {
-            // No RX buffers on offer: what the device read stays pending.
+        while !v.muxer.conns[&key].in_rxq && Instant::now() < deadline {
+            // No RX buffers on offer: the connection waits for its turn, its data unread.
             v.muxer.handle_host_events();
             v.muxer.update_interests();
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(v.muxer.conns[&key].rx_pending.len(), 1000);
+        assert!(
+            v.muxer.conns[&key].in_rxq,
+            "the host's data waits for its turn"
+        );
         let mut shrink = hdr(OP_CREDIT_UPDATE, 1300, 5000, 0);
         shrink.buf_alloc = 10;
         g.packet(&mut v, shrink, &[]);
@@ -516,6 +528,131 @@ mod tests {
             .map(|x| x.1.len())
             .sum();
         assert_eq!(got, 10, "only the shrunk credit was sent");
+    }
+
+    /// The payloads of `packets`, all data packets, one after the other.
+    fn payloads(packets: &[(Header, Vec<u8>, u32)]) -> Vec<u8> {
+        packets
+            .iter()
+            .flat_map(|(h, p, _)| {
+                assert_eq!(h.op, OP_RW);
+                p.clone()
+            })
+            .collect()
+    }
+
+    /// Host data larger than an RX buffer fills one buffer after another, in order, in one
+    /// pass: a connection whose socket still has data after filling a buffer stays queued.
+    /// When the socket turns out drained just as a buffer came, the buffer stays the guest's
+    /// for the next data.
+    #[test]
+    fn host_data_fills_buffer_after_buffer_in_order() {
+        let (_dir, mut v, l) = device_with_listener(5000);
+        let mut g = Guest::start(&mut v);
+        let mut s = connect(&mut g, &mut v, &l, 1234, 5000, 65536);
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        s.write_all(&data).unwrap();
+        // Header and payload in buffers of their own, as older Linux guests offer them.
+        for _ in 0..10 {
+            g.offer_rx(&[HDR_LEN as u32, 1000]);
+        }
+        v.process_backend();
+        let got = g.received();
+        assert_eq!(got.len(), 10, "one pass filled every buffer");
+        assert!(got.iter().all(|(_, p, _)| p.len() == 1000));
+        assert!(payloads(&got) == data);
+        // Drained exactly at a buffer's end: it was still queued, a read finds nothing, and
+        // the next buffer is not used up empty.
+        assert!(v.muxer.conns[&(5000, 1234)].in_rxq);
+        g.offer_rx(&[HDR_LEN as u32 + 1000]);
+        v.process_backend();
+        assert_eq!(g.rx.take_used(&g.mem), [], "an empty buffer went back");
+        assert!(!v.muxer.conns[&(5000, 1234)].in_rxq);
+        s.write_all(b"tail").unwrap();
+        let got = g.poll_until(&mut v, None, Duration::from_secs(5), |p| !p.is_empty());
+        assert_eq!(payloads(&got), b"tail");
+    }
+
+    /// A connection stops where the guest's credit ends, without reading further, and waits
+    /// for its credit update rather than epoll; each update lets exactly the credit through,
+    /// and the guest gets every byte once, in order.
+    #[test]
+    fn host_data_stops_at_the_credit_and_resumes_after_an_update() {
+        const ALLOC: u32 = 1500;
+        let (_dir, mut v, l) = device_with_listener(5000);
+        let mut g = Guest::start(&mut v);
+        let mut s = connect(&mut g, &mut v, &l, 1234, 5000, ALLOC);
+        let key = (5000, 1234);
+        let data: Vec<u8> = (0..4000u32).map(|i| (i % 253) as u8).collect();
+        s.write_all(&data).unwrap();
+        for _ in 0..8 {
+            g.offer_rx(&[HDR_LEN as u32 + 1000]);
+        }
+        let mut received = Vec::new();
+        let mut fwd = 0;
+        for want in [vec![1000, 500], vec![1000, 500], vec![1000]] {
+            v.process_backend();
+            for _ in 0..3 {
+                // More passes: nothing beyond the credit comes.
+                v.process_backend();
+            }
+            let got = g.received();
+            let sizes: Vec<usize> = got.iter().map(|x| x.1.len()).collect();
+            assert_eq!(sizes, want);
+            received.extend(payloads(&got));
+            let c = &v.muxer.conns[&key];
+            if received.len() < data.len() {
+                assert_eq!(c.peer_credit(), 0);
+                assert!(c.host_readable && !c.in_rxq);
+                assert!(
+                    !c.wanted_events().contains(EventSet::IN),
+                    "without credit it waits for an update, not for epoll"
+                );
+            }
+            g.offer_rx(&vec![HDR_LEN as u32 + 1000; sizes.len()]);
+            // The guest's application read everything: it tells the host.
+            fwd = received.len() as u32;
+            let mut u = hdr(OP_CREDIT_UPDATE, 1234, 5000, 0);
+            (u.buf_alloc, u.fwd_cnt) = (ALLOC, fwd);
+            g.packet(&mut v, u, &[]);
+        }
+        assert_eq!(fwd as usize, data.len());
+        assert!(received == data);
+    }
+
+    /// The host writes and closes: the guest gets all the data, then a SHUTDOWN, and
+    /// nothing after it. A host socket that fails instead resets the connection.
+    #[test]
+    fn host_end_of_file_comes_after_all_its_data() {
+        let (_dir, mut v, l) = device_with_listener(5000);
+        let mut g = Guest::start(&mut v);
+        let mut s = connect(&mut g, &mut v, &l, 1234, 5000, 65536);
+        let data: Vec<u8> = (0..2500u32).map(|i| (i % 241) as u8).collect();
+        s.write_all(&data).unwrap();
+        drop(s);
+        for _ in 0..6 {
+            g.offer_rx(&[HDR_LEN as u32 + 1000]);
+        }
+        let got = g.poll_until(&mut v, None, Duration::from_secs(5), |p| {
+            p.iter().any(|x| x.0.op == OP_SHUTDOWN)
+        });
+        let (last, rest) = got.split_last().expect("packets");
+        assert_eq!((last.0.op, last.0.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
+        assert!(payloads(rest) == data);
+        let more = g.poll_until(&mut v, None, Duration::from_millis(20), |_| false);
+        assert!(more.is_empty(), "{more:?}");
+
+        // The host closes with the guest's data unread: reading its socket fails.
+        let mut s = connect(&mut g, &mut v, &l, 1300, 5000, 65536);
+        g.packet(&mut v, hdr(OP_RW, 1300, 5000, 5), b"hello");
+        s.write_all(b"bye").unwrap();
+        drop(s);
+        g.offer_rx(&[HDR_LEN as u32 + 1000]);
+        let got = g.poll_until(&mut v, None, Duration::from_secs(5), |p| {
+            p.iter().any(|x| x.0.op == OP_RST)
+        });
+        assert_eq!(got.last().map(|x| x.0.op), Some(OP_RST));
+        assert!(!v.muxer.conns.contains_key(&(5000, 1300)));
     }
 
     /// Descriptors outside guest memory, wrapping around the address space, of absurd

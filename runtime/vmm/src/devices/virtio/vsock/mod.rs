@@ -10,6 +10,8 @@
 //! Flow control is virtio's credit scheme: we never send the guest more than it said it has
 //! room for (buf_alloc - (rx_cnt - fwd_cnt)), and we advertise [`BUF_ALLOC`] of our own,
 //! keeping at most that much of the guest's data per connection while the host reader is slow.
+//! The host's data is not buffered at all: it stays in the host socket until the guest has an
+//! RX buffer and credit for it, and is read straight into that buffer.
 //! Everything from the guest is bounded: packet sizes, connection buffers, the control queue,
 //! and the warnings it can trigger (rate-limited, see
 //! [`LogLimiter`](crate::devices::ratelimit::LogLimiter)).

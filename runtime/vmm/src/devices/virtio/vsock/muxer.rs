@@ -15,10 +15,10 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::{
-    connection::{Action, Conn, Key, Outcome, State},
+    connection::{Action, Conn, Key, Outcome, Recv, State},
     packet::{
-        write_scattered, Header, Payload, HDR_LEN, HOST_CID, OP_REQUEST, OP_RESPONSE, OP_RST,
-        OP_RW, TYPE_STREAM,
+        write_scattered, Header, Payload, HOST_CID, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
+        TYPE_STREAM,
     },
     unix::HostListener,
     VsockError,
@@ -141,9 +141,9 @@ impl Muxer {
         }
     }
 
-    /// Puts connection `key` at the back of the RX queue if it has data the guest has room
-    /// for and is not queued already. Called wherever that may have become true: host data
-    /// read, the guest's credit grown, a packet of data sent.
+    /// Puts connection `key` at the back of the RX queue if its host socket may have data the
+    /// guest has room for and it is not queued already. Called wherever that may have become
+    /// true: the host socket turned readable, the guest's credit grew, a packet of data sent.
     fn queue_rx(&mut self, key: Key) {
         if let Some(c) = self.conns.get_mut(&key) {
             if !c.in_rxq && c.rx_ready() {
@@ -253,9 +253,9 @@ impl Muxer {
                 }
             }
             if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                // Read on its turn, straight into the guest's buffers.
                 if let Some(c) = self.conns.get_mut(&key) {
-                    let out = c.read_host();
-                    self.apply(key, out);
+                    c.on_host_readable();
                     self.queue_rx(key);
                 }
             }
@@ -304,40 +304,43 @@ impl Muxer {
 
     /// Writes the next packet for the guest into its RX buffers `bufs` (all guest memory,
     /// with room for a header: see `packet::rx_buffers`): a control packet if one waits,
-    /// else data of the connection whose turn it is, within the guest's credit. Returns the
-    /// bytes written (0 when nothing waits).
+    /// else data of the connection whose turn it is, read from its host socket straight into
+    /// the buffers, within the guest's credit. A connection whose socket had nothing after
+    /// all gives its turn to the next; its end of file or a failed read becomes a control
+    /// packet, which takes these buffers. Returns the bytes written (0 when nothing waits:
+    /// the buffers stay the guest's, unused).
     pub(super) fn write_rx(
         &mut self,
         mem: &GuestMemoryMmap,
         bufs: &[(GuestAddress, usize)],
     ) -> usize {
-        if let Some(h) = self.ctrl.pop_front() {
-            return write_scattered(mem, bufs, &[&h.to_bytes()]);
+        loop {
+            if let Some(h) = self.ctrl.pop_front() {
+                return write_scattered(mem, bufs, &[&h.to_bytes()]);
+            }
+            if !self.has_rx() {
+                return 0;
+            }
+            let Some(key) = self.rxq.pop_front() else {
+                return 0;
+            };
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            c.in_rxq = false;
+            match c.recv(mem, bufs) {
+                Recv::Data(n) => {
+                    let mut h = Header::from_host(self.cid, key, OP_RW, 0, c.fwd_cnt);
+                    h.len = n as u32;
+                    let written = write_scattered(mem, bufs, &[&h.to_bytes()]);
+                    // Its next packet waits behind the other connections' data.
+                    self.queue_rx(key);
+                    return written + n;
+                }
+                // Not queued again: it is drained, at its end, or gone.
+                Recv::Nothing(out) => self.apply(key, out),
+            }
         }
-        if !self.has_rx() {
-            return 0;
-        }
-        let Some(key) = self.rxq.pop_front() else {
-            return 0;
-        };
-        let Some(c) = self.conns.get_mut(&key) else {
-            return 0;
-        };
-        c.in_rxq = false;
-        let room = bufs
-            .iter()
-            .map(|b| b.1)
-            .sum::<usize>()
-            .saturating_sub(HDR_LEN);
-        let data = c.rx_chunk(room);
-        let mut h = Header::from_host(self.cid, key, OP_RW, 0, c.fwd_cnt);
-        h.len = data.len() as u32;
-        let n = data.len();
-        let written = write_scattered(mem, bufs, &[&h.to_bytes(), data]);
-        c.rx_sent(n);
-        // Its next packet waits behind the other connections' data.
-        self.queue_rx(key);
-        written
     }
 
     /// Forgets every connection and every packet for the guest (the driver reset the
@@ -363,7 +366,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::vsock::{
         connection::BUF_ALLOC,
-        packet::{MAX_PKT, OP_CREDIT_UPDATE, OP_SHUTDOWN},
+        packet::{HDR_LEN, MAX_PKT, OP_CREDIT_UPDATE, OP_SHUTDOWN},
         test_utils::{hdr, muxer_with_listener},
     };
 
@@ -629,14 +632,14 @@ mod tests {
         assert!(!v.has_rx());
         for port in [1, 2, 1, 3] {
             let key = (5000, port);
-            v.conns.get_mut(&key).unwrap().rx_pending = vec![1; 10];
+            v.conns.get_mut(&key).unwrap().on_host_readable();
             v.queue_rx(key);
             v.handle_guest_packet(hdr(OP_CREDIT_UPDATE, port, 5000, 0), &[]);
         }
         assert_eq!(v.rxq, [(5000, 1), (5000, 2), (5000, 3)]);
         v.handle_guest_packet(hdr(OP_RST, 2, 5000, 0), &[]);
         assert_eq!(v.rxq, [(5000, 1), (5000, 3)]);
-        v.conns.get_mut(&(5000, 1)).unwrap().rx_pending.clear();
+        v.conns.get_mut(&(5000, 1)).unwrap().host_readable = false;
         assert!(v.has_rx());
         assert_eq!(v.rxq, [(5000, 3)]);
         assert!(!v.conns[&(5000, 1)].in_rxq);

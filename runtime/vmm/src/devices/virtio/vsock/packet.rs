@@ -1,12 +1,14 @@
 //! The virtio-vsock packet: its header, the one way we build headers for the guest, and
 //! packets in and out of guest buffers (a TX chain's header read and its payload left in
-//! place, an RX packet scattered over a chain's buffers).
+//! place, an RX packet's payload read from the host straight into a chain's buffers and its
+//! header written in front of it).
 
 use std::{io::Write, os::unix::net::UnixStream};
 
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemoryError, WriteVolatile,
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, VolatileMemoryError,
+    WriteVolatile,
 };
 
 use super::connection::{Key, BUF_ALLOC};
@@ -278,6 +280,58 @@ pub(super) fn rx_buffers(
     usable.then_some(bufs)
 }
 
+/// Where the payload of a packet goes in the RX buffers `bufs` (as [`rx_buffers`] gives
+/// them): everything after the header, up to `max` bytes.
+pub(super) fn rx_payload_bufs(
+    bufs: &[(GuestAddress, usize)],
+    max: usize,
+) -> Vec<(GuestAddress, usize)> {
+    let mut out = Vec::new();
+    let (mut skip, mut left) = (HDR_LEN, max);
+    for &(addr, len) in bufs {
+        if left == 0 {
+            break;
+        }
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = (len - skip).min(left);
+        // Within the buffer: rx_buffers checked that all of it is guest memory.
+        out.push((GuestAddress(addr.0 + skip as u64), n));
+        left -= n;
+        skip = 0;
+    }
+    out
+}
+
+/// Reads from `r` straight into the guest buffers `bufs`, in order, as far as `r` gives now
+/// (it stops at the first short read), and returns how much it read; an error only when it
+/// read nothing (WouldBlock: nothing to read now). 0 with room in `bufs` is `r`'s end.
+pub(super) fn read_scattered(
+    mem: &GuestMemoryMmap,
+    bufs: &[(GuestAddress, usize)],
+    r: &mut impl ReadVolatile,
+) -> std::io::Result<usize> {
+    let mut done = 0;
+    for slice in bufs.iter().flat_map(|&(a, len)| mem.get_slices(a, len)) {
+        let read = slice.map_err(std::io::Error::other).and_then(|mut s| {
+            retry_eintr(|| r.read_volatile(&mut s).map_err(volatile_to_io)).map(|n| (n, s.len()))
+        });
+        match read {
+            Ok((n, len)) => {
+                done += n;
+                if n < len {
+                    break;
+                }
+            }
+            Err(e) if done == 0 => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(done)
+}
+
 /// Writes `parts` one after the other across the guest buffers `bufs` (as [`rx_buffers`]
 /// gives them), straight from where they are; returns how much fit.
 pub(super) fn write_scattered(
@@ -345,6 +399,47 @@ mod tests {
             got.extend_from_slice(&b);
         }
         assert_eq!(&got, b"abcdefghijkl");
+    }
+
+    /// The payload goes after the header, however the buffers split it, and is read in
+    /// order up to the room asked for; a short read stops, and the end of the input reads 0.
+    #[test]
+    fn rx_payload_is_read_after_the_header_across_buffers() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let bufs = [
+            (GuestAddress(0x100), 30),
+            (GuestAddress(0x200), 20),
+            (GuestAddress(0x300), 0),
+            (GuestAddress(0x400), 7),
+            (GuestAddress(0x500), 100),
+        ];
+        let payload = rx_payload_bufs(&bufs, 20);
+        assert_eq!(
+            payload,
+            [
+                (GuestAddress(0x200 + 14), 6),
+                (GuestAddress(0x400), 7),
+                (GuestAddress(0x500), 7)
+            ]
+        );
+        assert_eq!(rx_payload_bufs(&bufs[..2], 100).len(), 1);
+        assert!(rx_payload_bufs(&bufs[..1], 100).is_empty());
+        let data: Vec<u8> = (0..30).collect();
+        let mut input = &data[..];
+        assert_eq!(read_scattered(&mem, &payload, &mut input).unwrap(), 20);
+        let mut got = Vec::new();
+        for &(a, l) in &payload {
+            let mut b = vec![0u8; l];
+            mem.read_slice(&mut b, a).unwrap();
+            got.extend_from_slice(&b);
+        }
+        assert_eq!(got, data[..20]);
+        // 10 bytes left for 20 bytes of room: a short read, then the end.
+        assert_eq!(read_scattered(&mem, &payload, &mut input).unwrap(), 10);
+        assert_eq!(read_scattered(&mem, &payload, &mut input).unwrap(), 0);
+        let mut first = vec![0u8; 6];
+        mem.read_slice(&mut first, payload[0].0).unwrap();
+        assert_eq!(first, data[20..26]);
     }
 
     /// A TX chain with its header split over two buffers and bytes past the header's
