@@ -21,6 +21,18 @@ pub(crate) fn watch(epoll: &Epoll, fd: RawFd, events: EventSet, token: u64) -> s
     epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
 }
 
+/// Makes reads and writes on `fd` return `EAGAIN` instead of blocking.
+pub(crate) fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: F_GETFL and F_SETFL only read and set the flags of `fd`, which the caller owns;
+    // no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use vmm_sys_util::eventfd::EventFd;

@@ -7,6 +7,7 @@ use std::{
     borrow::Cow,
     io::{ErrorKind, Write},
     os::unix::net::UnixStream,
+    time::{Duration, Instant},
 };
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -21,6 +22,14 @@ use super::packet::{
 pub const BUF_ALLOC: u32 = 256 * 1024;
 /// The most host data we put in one packet (what the guest takes in one packet, too).
 const MAX_RX_PAYLOAD: usize = MAX_PKT;
+
+/// How long the guest has to answer a host peer's connection request (a booting guest's
+/// driver takes its REQUEST once it is up; a hung or hostile one never answers). The host peer
+/// then sees its socket closed, and the guest an RST.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a host peer has to take the bytes a guest sent before it closed the connection;
+/// then they are dropped with the connection.
+pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connection's ports: (host port, guest port).
 pub(super) type Key = (u32, u32);
@@ -107,11 +116,14 @@ pub(super) struct Conn {
     pub(super) registered: Option<EventSet>,
     /// Whether the muxer's RX queue holds this connection's key.
     pub(super) in_rxq: bool,
+    /// When the state the connection waits in (Connecting, Draining) has lasted too long.
+    deadline: Option<Instant>,
 }
 
 impl Conn {
     /// A connection the host opened (REQUEST sent), or the guest asked for.
     pub(super) fn new(stream: UnixStream, state: State) -> Conn {
+        let deadline = (state == State::Connecting).then(|| Instant::now() + CONNECT_TIMEOUT);
         Conn {
             stream,
             state,
@@ -126,7 +138,39 @@ impl Conn {
             guest_done_sending: false,
             registered: None,
             in_rxq: false,
+            deadline,
         }
+    }
+
+    /// When the connection's wait (for the guest's RESPONSE, for the host to take the last
+    /// bytes) times out, if it waits for something that can.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// What to do once `now` is past the connection's deadline: nothing before it.
+    pub(super) fn on_timer(&self, now: Instant) -> Option<Outcome> {
+        if self.deadline? > now {
+            return None;
+        }
+        Some(match self.state {
+            State::Connecting => Outcome::reset(format!(
+                "the guest did not answer the connection request within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            )),
+            State::Draining => Outcome {
+                action: Action::Remove,
+                why: Some(
+                    format!(
+                        "the host peer did not take the guest's last {} bytes within {} s: dropped",
+                        self.tx_buf.len(),
+                        DRAIN_TIMEOUT.as_secs()
+                    )
+                    .into(),
+                ),
+            },
+            State::Established => return None,
+        })
     }
 
     /// The connection the guest's REQUEST `h` asked for, connected to the host socket `stream`.
@@ -203,6 +247,7 @@ impl Conn {
         if self.flush() && !self.tx_buf.is_empty() {
             self.state = State::Draining;
             self.host_readable = false;
+            self.deadline = Some(Instant::now() + DRAIN_TIMEOUT);
             return true;
         }
         false
@@ -271,6 +316,7 @@ impl Conn {
         match h.op {
             OP_RESPONSE if self.state == State::Connecting => {
                 self.state = State::Established;
+                self.deadline = None;
                 // Ours, not the guest's: it goes straight to the fresh (empty) socket and
                 // does not count against the guest's credit.
                 let ok = format!("OK {host_port}\n");
@@ -577,5 +623,49 @@ mod tests {
         assert!(got == sent, "the host read every byte in order");
         assert!(c.tx_buf.is_empty());
         assert_eq!(c.fwd_cnt as usize, sent.len());
+    }
+
+    #[test]
+    fn waits_time_out_and_an_answer_ends_the_wait() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut c = Conn::new(a, State::Connecting);
+        let d = c
+            .deadline()
+            .expect("a connection request waits for the guest");
+        assert!(c.on_timer(d - Duration::from_millis(1)).is_none());
+        let out = c.on_timer(d).expect("timed out");
+        assert_eq!(out.action, Action::Reset);
+        assert!(out
+            .why
+            .unwrap()
+            .contains("did not answer the connection request"));
+        // The guest answers in time: no deadline any more.
+        c.on_guest_packet(1 << 30, &hdr(OP_RESPONSE, 1024, 1 << 30, 0), &[]);
+        assert_eq!(c.state, State::Established);
+        assert!(c.deadline().is_none());
+        assert!(c.on_timer(d + Duration::from_secs(3600)).is_none());
+    }
+
+    #[test]
+    fn a_drain_the_host_never_takes_is_dropped_after_its_timeout() {
+        let (mut c, host) = established();
+        // The host does not read: fill its socket buffer, then the guest closes.
+        let chunk = vec![7u8; MAX_PKT];
+        let mut rw = hdr(OP_RW, 1234, 5000, MAX_PKT as u32);
+        rw.buf_alloc = BUF_ALLOC;
+        while c.tx_buf.is_empty() {
+            let out = c.on_guest_packet(5000, &rw, &chunk[..]);
+            assert_ne!(out.action, Action::Reset);
+        }
+        let mut sd = hdr(OP_SHUTDOWN, 1234, 5000, 0);
+        sd.flags = 3;
+        c.on_guest_packet(5000, &sd, &[]);
+        assert_eq!(c.state, State::Draining);
+        let d = c.deadline().expect("a drain waits for the host");
+        assert!(c.on_timer(d - Duration::from_millis(1)).is_none());
+        let out = c.on_timer(d).expect("timed out");
+        assert_eq!(out.action, Action::Remove);
+        assert!(out.why.unwrap().contains("did not take the guest's last"));
+        drop(host);
     }
 }

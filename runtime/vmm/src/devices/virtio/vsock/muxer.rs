@@ -9,10 +9,14 @@ use std::{
         unix::net::UnixStream,
     },
     path::Path,
+    time::{Duration, Instant},
 };
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::{
+    epoll::{ControlOperation, Epoll, EpollEvent, EventSet},
+    timerfd::TimerFd,
+};
 
 use super::{
     connection::{Action, Conn, Key, Outcome, Recv, State},
@@ -23,13 +27,18 @@ use super::{
     unix::HostListener,
     VsockError,
 };
-use crate::{devices::ratelimit::LogLimiter, poll::epoll_with};
+use crate::{
+    devices::ratelimit::LogLimiter,
+    poll::{epoll_with, set_nonblocking},
+};
 
 /// Control packets waiting for RX buffers at most (beyond: new connections are refused).
 const MAX_CTRL: usize = 4096;
 pub(super) const MAX_CONNS: usize = 1024;
 /// The epoll token of the listener (other tokens are file descriptors).
 const LISTENER: u64 = u64::MAX;
+/// The epoll token of the connections' timer.
+const TIMER: u64 = u64::MAX - 1;
 /// Host ports of host-initiated connections start here.
 const FIRST_HOST_PORT: u32 = 1 << 30;
 
@@ -45,6 +54,9 @@ pub(super) struct Muxer {
     /// the order they got it: each sends one packet, then waits behind the others.
     rxq: VecDeque<Key>,
     next_host_port: u32,
+    /// Fires at the earliest connection deadline (`timer_at`), if any.
+    timer: TimerFd,
+    timer_at: Option<Instant>,
     /// Warnings the guest (or a host peer) can trigger again and again.
     pub(super) ctrl_full_log: LogLimiter,
     /// Connections reset while their host side was still open (the guest's RST, or ours).
@@ -55,8 +67,13 @@ impl Muxer {
     /// Listens on `uds` for the host side of guest `cid`.
     pub(super) fn new(cid: u64, uds: &Path) -> Result<Muxer, VsockError> {
         let host = HostListener::bind(uds)?;
-        let epoll =
-            epoll_with([(host.as_raw_fd(), EventSet::IN, LISTENER)]).map_err(VsockError::Epoll)?;
+        let timer = TimerFd::new().map_err(|e| VsockError::Epoll(e.into()))?;
+        set_nonblocking(timer.as_raw_fd()).map_err(VsockError::Epoll)?;
+        let epoll = epoll_with([
+            (host.as_raw_fd(), EventSet::IN, LISTENER),
+            (timer.as_raw_fd(), EventSet::IN, TIMER),
+        ])
+        .map_err(VsockError::Epoll)?;
         Ok(Muxer {
             cid,
             host,
@@ -66,6 +83,8 @@ impl Muxer {
             ctrl: VecDeque::new(),
             rxq: VecDeque::new(),
             next_host_port: FIRST_HOST_PORT,
+            timer,
+            timer_at: None,
             ctrl_full_log: LogLimiter::default(),
             reset_log: LogLimiter::default(),
         })
@@ -224,6 +243,13 @@ impl Muxer {
                 self.host.accept_all(&self.epoll);
                 continue;
             }
+            if token == TIMER {
+                // Non-blocking: nothing to read if the timer was re-armed meanwhile.
+                let _ = self.timer.wait();
+                self.timer_at = None;
+                self.expire(Instant::now());
+                continue;
+            }
             let fd = token as RawFd;
             if self.host.is_pending(fd) {
                 if let Some((stream, port)) = self.host.read_connect_line(&self.epoll, fd) {
@@ -262,8 +288,36 @@ impl Muxer {
         }
     }
 
-    /// Registers each connection's socket for exactly the events it can act on.
+    /// Ends the waits of the connections whose deadline is past at `now`.
+    pub(super) fn expire(&mut self, now: Instant) {
+        let due: Vec<(Key, Outcome)> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| c.on_timer(now).map(|o| (*k, o)))
+            .collect();
+        for (key, out) in due {
+            self.apply(key, out);
+        }
+    }
+
+    /// Registers each connection's socket for exactly the events it can act on, and arms
+    /// the timer for the earliest deadline.
     pub(super) fn update_interests(&mut self) {
+        let next = self.conns.values().filter_map(Conn::deadline).min();
+        if next != self.timer_at {
+            let armed = match next {
+                // A zero duration would disarm the timer: a past deadline fires in 1 ms.
+                Some(at) => self.timer.reset(
+                    at.saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1)),
+                    None,
+                ),
+                None => self.timer.clear(),
+            };
+            if armed.is_ok() {
+                self.timer_at = next;
+            }
+        }
         for c in self.conns.values_mut() {
             let want = c.wanted_events();
             let fd = c.stream.as_raw_fd();
@@ -643,5 +697,71 @@ mod tests {
         assert!(v.has_rx());
         assert_eq!(v.rxq, [(5000, 3)]);
         assert!(!v.conns[&(5000, 1)].in_rxq);
+    }
+
+    /// A guest that never answers a host peer's connection request: the request times out,
+    /// the guest gets an RST, the host peer sees its socket closed, and the timer is armed
+    /// only while a connection waits.
+    #[test]
+    fn an_unanswered_connection_request_times_out() {
+        use crate::devices::virtio::vsock::connection::CONNECT_TIMEOUT;
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let mut v = Muxer::new(3, &uds).unwrap();
+        let mut c = UnixStream::connect(&uds).unwrap();
+        c.write_all(b"CONNECT 1024\n").unwrap();
+        for _ in 0..10 {
+            v.handle_host_events();
+        }
+        let req = v.ctrl.pop_front().expect("a REQUEST");
+        assert_eq!(req.op, OP_REQUEST);
+        v.update_interests();
+        assert!(
+            v.timer.is_armed().unwrap(),
+            "the request's deadline is armed"
+        );
+        // Not yet.
+        v.expire(Instant::now());
+        assert_eq!(v.conns.len(), 1);
+        // Past the deadline.
+        v.expire(Instant::now() + CONNECT_TIMEOUT + Duration::from_secs(1));
+        assert!(v.conns.is_empty());
+        let rst = v.ctrl.pop_front().expect("an RST");
+        assert_eq!((rst.op, rst.dst_port), (OP_RST, 1024));
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            c.read(&mut buf).unwrap(),
+            0,
+            "the host peer sees its socket closed"
+        );
+        v.update_interests();
+        assert!(!v.timer.is_armed().unwrap(), "nothing waits any more");
+    }
+
+    /// The timer's expiry reaches the muxer through its epoll set, as the I/O thread sees it.
+    #[test]
+    fn the_timer_fires_through_the_epoll_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let mut v = Muxer::new(3, &uds).unwrap();
+        let mut c = UnixStream::connect(&uds).unwrap();
+        c.write_all(b"CONNECT 1024\n").unwrap();
+        for _ in 0..10 {
+            v.handle_host_events();
+        }
+        assert_eq!(v.conns.len(), 1);
+        // Pretend the deadline is now: arm the timer for it.
+        v.timer_at = None;
+        v.timer.reset(Duration::from_millis(5), None).unwrap();
+        v.timer_at = Some(Instant::now());
+        let mut ev = [EpollEvent::default(); 4];
+        let n = v.epoll.wait(2000, &mut ev).unwrap();
+        assert!(ev[..n].iter().any(|e| e.data() == TIMER));
+        // The connection's own deadline is not past: it stays, and the timer is re-armed.
+        v.handle_host_events();
+        assert_eq!(v.conns.len(), 1);
+        v.update_interests();
+        assert!(v.timer.is_armed().unwrap());
     }
 }
