@@ -3,6 +3,8 @@
 
 use std::{ffi::OsString, fmt, path::PathBuf};
 
+use crate::net::NetArg;
+
 /// A drive given on the command line as `id=ID,path=PATH,ro=BOOL` (path may be empty:
 /// an empty slot whose backing file comes later through the control API).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +92,12 @@ pub struct VmConfig {
     /// The control socket (JSON lines: {"status":{}}, {"stop":{}}, {"update_drive":{"id":..,"path":..}}).
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    /// The network interface (at most one; the guest's eth0, the VMM's "net0"):
+    /// fd=N[,mac=MAC][,mtu=MTU] for an inherited tap fd opened with
+    /// IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, or tap=NAME[,mac=MAC][,mtu=MTU] for an existing tap
+    /// the VMM attaches to. Default MAC: random, locally administered; default MTU: 1500.
+    #[arg(long)]
+    pub net: Option<NetArg>,
 }
 
 impl VmConfig {
@@ -106,6 +114,7 @@ impl VmConfig {
             guest_cid: 3,
             drives: Vec::new(),
             api_sock: None,
+            net: None,
         }
     }
 
@@ -138,6 +147,9 @@ impl VmConfig {
         }
         if let Some(p) = &self.api_sock {
             flag("api-sock", p.clone().into());
+        }
+        if let Some(n) = &self.net {
+            flag("net", n.to_string().into());
         }
         a
     }
@@ -184,5 +196,23 @@ mod tests {
             "id=slot1,path=,ro=true".parse().unwrap(),
         ];
         assert_eq!(VmConfig::try_parse_from(args(&c)).unwrap(), c);
+        c.net = Some("fd=7,mac=02:00:00:00:00:01,mtu=1450".parse().unwrap());
+        assert_eq!(VmConfig::try_parse_from(args(&c)).unwrap(), c);
+        c.net = Some("tap=husk0".parse().unwrap());
+        assert_eq!(VmConfig::try_parse_from(args(&c)).unwrap(), c);
+    }
+
+    /// One interface: a second --net is refused, not silently dropped.
+    #[test]
+    fn one_net_only() {
+        let e = VmConfig::try_parse_from([
+            "husk-vmm", "--kernel", "/k", "--net", "tap=a", "--net", "tap=b",
+        ]);
+        assert!(e.is_err());
+        let e = VmConfig::try_parse_from(["husk-vmm", "--kernel", "/k", "--net", "fd=2"]);
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("stdin, stdout or stderr"));
     }
 }

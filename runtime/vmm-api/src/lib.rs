@@ -4,6 +4,7 @@
 //!
 //! - [`launch`]: the VMM's command line ([`launch::VmConfig`], parsed by the VMM with clap and
 //!   rendered back into arguments by its callers) and its drives.
+//! - [`net`]: the network interface's flag (`--net fd=N,...` or `--net tap=NAME,...`).
 //! - [`files`]: the names of the sockets and logs in a VM's directory.
 //! - [`drives`]: drive slots and the guest device (`/dev/vdX`) each one becomes.
 //! - [`api`]: the control socket's requests and answers (one JSON line each way).
@@ -14,7 +15,9 @@ pub mod client;
 pub mod drives;
 pub mod files;
 pub mod launch;
+pub mod net;
 
 pub use api::{Answer, DeviceStatus, Request, VcpuRegs, VcpuStatus, VmStatus};
 pub use client::{Client, ClientError};
 pub use launch::{DriveArg, VmConfig};
+pub use net::{MacAddr, NetArg, NetBackendArg};
