@@ -1,4 +1,4 @@
-//! Devices: the legacy port-I/O ones and virtio-mmio.
+//! Devices: the legacy port-I/O ones and virtio-mmio (block, vsock, net).
 
 pub mod legacy;
 pub mod ratelimit;

@@ -198,6 +198,7 @@ impl MmioTransport {
             self.activated = true;
             let queues = std::mem::take(&mut self.queues);
             self.queues = Self::fresh_queues(self.device.as_ref());
+            self.device.ack_features(self.driver_features);
             self.device
                 .activate(self.mem.clone(), queues, self.irq.clone());
         }

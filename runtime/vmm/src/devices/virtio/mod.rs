@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod vsock;
@@ -56,7 +57,7 @@ impl IrqLine {
 
 /// A virtio device behind the mmio transport.
 pub trait VirtioDevice: Send {
-    /// The virtio device id (2 block, 19 vsock).
+    /// The virtio device id (1 net, 2 block, 19 vsock).
     fn device_type(&self) -> u32;
     /// The features the device offers.
     fn features(&self) -> u64;
@@ -64,6 +65,9 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Reads the device-specific configuration space.
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The features the driver accepted (a subset of [`features`](Self::features)), told
+    /// just before [`activate`](Self::activate).
+    fn ack_features(&mut self, _acked: u64) {}
     /// The driver set DRIVER_OK: the device may use the queues.
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, irq: Arc<IrqLine>);
     /// The driver notified queue `index`.
