@@ -4,6 +4,7 @@
 
 use std::{fs::File, io::Write, path::PathBuf, time::Instant};
 
+use husk_vmm_api::net::{MacAddr, NetArg, NetBackendArg};
 use linux_loader::{
     cmdline::Cmdline,
     loader::{elf::Elf, load_cmdline, KernelLoader},
@@ -19,6 +20,7 @@ use crate::{
         legacy::{CappedWriter, SERIAL_LOG_MAX},
         virtio::{
             block::{Block, BlockError},
+            net::{Net, NetBackend, NetError, Tap},
             vsock::{Vsock, VsockError},
         },
     },
@@ -59,6 +61,8 @@ pub enum BuildError {
     Block(#[from] BlockError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Net(#[from] NetError),
 }
 
 /// The default kernel command line: serial console, reboot via the i8042, no probing of
@@ -152,7 +156,7 @@ fn load_initramfs(
 }
 
 /// The virtio devices of `cfg`: block drives first (so they are vda, vdb, ... in order),
-/// then vsock; with the sockets they listen on.
+/// then vsock, then the network interface; with the sockets they listen on.
 fn create_devices(cfg: &VmConfig) -> Result<(NamedDevices, Vec<PathBuf>), BuildError> {
     let mut devices: NamedDevices = Vec::new();
     for d in &cfg.drives {
@@ -166,7 +170,43 @@ fn create_devices(cfg: &VmConfig) -> Result<(NamedDevices, Vec<PathBuf>), BuildE
         devices.push(("vsock".into(), Box::new(Vsock::new(cfg.guest_cid, uds)?)));
         sockets.push(uds.clone());
     }
+    if let Some(n) = &cfg.net {
+        devices.push((NET_ID.into(), Box::new(create_net(n)?)));
+    }
     Ok((devices, sockets))
+}
+
+/// The id of the VM's network interface.
+pub const NET_ID: &str = "net0";
+
+/// The network interface `n`: its tap, inherited or attached to by name, and its MAC (a
+/// random locally administered one if none was given).
+fn create_net(n: &NetArg) -> Result<Net, BuildError> {
+    let tap = match &n.backend {
+        // SAFETY: the fd was handed to this process to own (the contract of `--net fd=N`);
+        // nothing else here opens or closes it.
+        NetBackendArg::Fd(fd) => unsafe { Tap::from_inherited_fd(*fd) },
+        NetBackendArg::Tap(name) => Tap::open_named(name),
+    }
+    .map_err(NetError::from)?;
+    let mac = n.mac.unwrap_or_else(|| MacAddr::local_from(random_bytes()));
+    let backend: Box<dyn NetBackend> = Box::new(tap);
+    Ok(Net::new(NET_ID, backend, mac.0, n.mtu())?)
+}
+
+/// Six bytes from the kernel's random pool (the clock's if it has none to give).
+fn random_bytes() -> [u8; 6] {
+    let mut b = [0u8; 6];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
+    if n != b.len() as isize {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    b
 }
 
 /// Writes the kernel command line: [`BASE_CMDLINE`], the devices' arguments, then the

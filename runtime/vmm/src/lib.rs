@@ -2,7 +2,8 @@
 //!
 //! - [`arch`]: the x86_64 boot protocol (page tables, GDT, boot_params, e820, MP table).
 //! - [`vstate`]: everything that calls KVM ioctls (the VM, its vCPUs and their run loop).
-//! - [`devices`]: legacy devices (serial, i8042, boot timer) and virtio-mmio (vsock, block).
+//! - [`devices`]: legacy devices (serial, i8042, boot timer) and virtio-mmio (vsock, block,
+//!   net).
 //! - [`builder`]: builds a VM from a [`config::VmConfig`]: memory, kernel, command line,
 //!   devices, boot tables.
 //! - [`device_manager`]: puts the virtio devices behind their MMIO windows and routes the
