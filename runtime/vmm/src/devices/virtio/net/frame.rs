@@ -248,9 +248,12 @@ fn pieces_at(
     })
 }
 
-/// A reusable list of `iovec`s: filled, used by one `readv`/`writev`, cleared.
+/// A reusable list of `iovec`s: filled, used by one `readv`/`writev`, cleared. A read also
+/// gets one byte of its own after the guest's buffers, to tell a frame that filled them
+/// exactly from one that was longer (a tap cuts such a frame and says only how much it
+/// copied).
 #[derive(Debug, Default)]
-pub struct IoVecs(Vec<libc::iovec>);
+pub struct IoVecs(Vec<libc::iovec>, Box<[u8; 1]>);
 
 // SAFETY: the raw pointers in the list are only ever dereferenced by the kernel, inside the
 // one readv/writev of the call that filled the list (the list is cleared before it returns);
@@ -281,9 +284,9 @@ impl IoVecs {
         true
     }
 
-    /// Reads one frame from `fd` straight into the guest buffers `bufs`; returns the frame's
-    /// full length, which is more than the buffers hold when the kernel cut the frame to fit
-    /// (a tap does that and says so this way).
+    /// Reads one frame from `fd` straight into the guest buffers `bufs`; returns its length,
+    /// which is more than the buffers hold when the frame was longer than they are (and is
+    /// lost: the kernel cut it).
     pub fn readv(
         &mut self,
         fd: RawFd,
@@ -293,9 +296,14 @@ impl IoVecs {
         if !self.fill(mem, bufs) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        // SAFETY: each iovec is a piece of guest memory that `mem` keeps mapped for the
-        // whole call (get_slices checked every byte of it); the kernel writes at most
-        // iov_len bytes into each.
+        self.0.push(libc::iovec {
+            iov_base: self.1.as_mut_ptr().cast(),
+            iov_len: 1,
+        });
+        // SAFETY: each iovec but the last is a piece of guest memory that `mem` keeps
+        // mapped for the whole call (get_slices checked every byte of it); the last is our
+        // own byte, borrowed mutably for the call. The kernel writes at most iov_len bytes
+        // into each.
         let n = unsafe { libc::readv(fd, self.0.as_ptr(), self.0.len() as libc::c_int) };
         self.0.clear();
         if n < 0 {
@@ -321,5 +329,48 @@ impl IoVecs {
             return Err(io::Error::last_os_error());
         }
         Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips() {
+        let h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV6 | GSO_ECN,
+            hdr_len: 74,
+            gso_size: 1428,
+            csum_start: 54,
+            csum_offset: 16,
+            num_buffers: 3,
+        };
+        assert_eq!(VnetHdr::parse(&h.to_bytes()), h);
+        assert_eq!(h.to_bytes()[10..], [3, 0]);
+    }
+
+    /// Reads and writes at an offset go across buffers of any sizes, empty ones too.
+    #[test]
+    fn offsets_span_buffers() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let bufs = [
+            (GuestAddress(0x100), 9),
+            (GuestAddress(0x200), 0),
+            (GuestAddress(0x300), 2),
+            (GuestAddress(0x400), 50),
+        ];
+        assert_eq!(write_at(&mem, &bufs, 10, &[0xaa, 0xbb]), 2);
+        let mut b = [0u8; 2];
+        mem.read_slice(&mut b, GuestAddress(0x301)).unwrap();
+        assert_eq!(b[0], 0xaa);
+        mem.read_slice(&mut b, GuestAddress(0x400)).unwrap();
+        assert_eq!(b[0], 0xbb);
+        let mut back = [0u8; 2];
+        assert_eq!(read_at(&mem, &bufs, 10, &mut back), 2);
+        assert_eq!(back, [0xaa, 0xbb]);
+        assert_eq!(write_at(&mem, &bufs, 60, &[1, 2, 3]), 1);
+        assert_eq!(read_at(&mem, &bufs, 100, &mut back), 0);
     }
 }
