@@ -82,3 +82,29 @@ for name, data in [
 ]:
     with open(os.path.join("vsock_packets", name), "wb") as f:
         f.write(data)
+
+
+def net_seed(features, frame_len):
+    """virtio-net: RX ring (0x0) with four 2 KiB write-only buffers, TX ring (0x1000) with one
+    frame (a 12-byte header, then an Ethernet frame) over two descriptors; the network sends a
+    frame, the device takes it and the TX frame, and the network drains what it got."""
+    mem = bytearray(IMAGE)
+    for i in range(4):
+        mem[16 * i:16 * i + 16] = desc(0x2000 + 0x100 * i, 2048 if features & 0x80 == 0 else 256, 2, 0)
+    mem[0x400:0x40c] = struct.pack("<HHHHHH", 0, 4, 0, 1, 2, 3)
+    mem[0x1000:0x1020] = desc(0x1c00, 12, 1, 1) + desc(0x1c0c, frame_len, 0, 0)
+    mem[0x1400:0x1406] = struct.pack("<HHH", 0, 1, 0)
+    eth = bytes([2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x88, 0xb5]) + bytes(i % 256 for i in range(frame_len - 14))
+    mem[0x1c0c:0x1c0c + frame_len] = eth
+
+    def op(kind, a=0, b=0, value=0):
+        return struct.pack("<BBBBI", kind, a, b, 0, value)
+
+    ops = op(0, 1) + op(1, 100, 0, 0) + op(2) + op(0, 0) + op(4) + op(1, 0xdc, 0x05, 0x01000000) + op(2)
+    return bytes([features]) + bytes(mem) + ops
+
+
+os.makedirs("net_frames", exist_ok=True)
+for name, data in [("plain", net_seed(0, 100)), ("offloads-mrg", net_seed(0xff, 1000))]:
+    with open(os.path.join("net_frames", name), "wb") as f:
+        f.write(data)
