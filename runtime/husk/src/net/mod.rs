@@ -44,6 +44,8 @@ mod rtnl;
 mod setup;
 mod tap;
 
+#[cfg(test)]
+mod tests;
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
