@@ -28,6 +28,8 @@ pub struct NetInfo {
     pub addresses: Vec<IpPrefix>,
     /// Routes of the main table through the interface, IPv4 and IPv6, without the ones the
     /// kernel derives from the addresses (`proto kernel`): the guest's kernel derives those.
+    /// Ordered so that adding them in order works: on-link routes (no gateway, such as the
+    /// CNI ptp plugin's route to its gateway) before the routes through a gateway.
     pub routes: Vec<Route>,
 }
 
@@ -274,6 +276,13 @@ pub(crate) fn route_of(msg: &RouteMessage, oif: u32, device: &str) -> Option<Rou
     })
 }
 
+/// Puts on-link routes before routes through a gateway (a gateway must be reachable when its
+/// route is added), keeping the kernel's order otherwise.
+pub(crate) fn order_routes(mut routes: Vec<Route>) -> Vec<Route> {
+    routes.sort_by_key(|r| r.gateway.is_some());
+    routes
+}
+
 #[cfg(test)]
 mod tests {
     use netlink_packet_route::route::RouteScope as NlScope;
@@ -348,6 +357,36 @@ mod tests {
         assert!(route_of(&v6(vec![RouteAttribute::Oif(8)]), 7, "eth0").is_none());
         let ok = route_of(&v6(vec![RouteAttribute::Oif(7)]), 7, "eth0").unwrap();
         assert_eq!(ok.destination.to_string(), "::/0");
+    }
+
+    #[test]
+    fn on_link_routes_come_before_routes_through_a_gateway() {
+        // What the CNI ptp plugin makes, in the kernel's dump order (default first).
+        let gw = Ipv4Addr::new(10, 1, 1, 1);
+        let default = route(
+            AddressFamily::Inet,
+            vec![
+                RouteAttribute::Oif(3),
+                RouteAttribute::Gateway(RouteAddress::Inet(gw)),
+            ],
+        );
+        let mut to_gw = route(
+            AddressFamily::Inet,
+            vec![
+                RouteAttribute::Oif(3),
+                RouteAttribute::Destination(RouteAddress::Inet(gw)),
+            ],
+        );
+        to_gw.header.destination_prefix_length = 32;
+        to_gw.header.scope = NlScope::Link;
+        let routes: Vec<Route> = [default, to_gw]
+            .iter()
+            .filter_map(|m| route_of(m, 3, "eth0"))
+            .collect();
+        let ordered = order_routes(routes);
+        assert_eq!(ordered[0].destination.to_string(), "10.1.1.1/32");
+        assert_eq!(ordered[0].scope, RouteScope::Link);
+        assert_eq!(ordered[1].gateway, Some(IpAddr::V4(gw)));
     }
 
     #[test]

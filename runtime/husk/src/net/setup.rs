@@ -10,7 +10,8 @@ use netlink_packet_route::link::LinkMessage;
 
 use super::error::{NetlinkError, SetupError, TeardownError};
 use super::info::{
-    address_of, is_loopback, is_up, link_kind, link_mac, link_mtu, link_name, route_of, NetInfo,
+    address_of, is_loopback, is_up, link_kind, link_mac, link_mtu, link_name, order_routes,
+    route_of, NetInfo,
 };
 use super::rtnl::{is_husk_filter, Rtnl};
 use super::tap;
@@ -186,12 +187,13 @@ pub(crate) async fn setup(
             .filter(|a| a.header.index == index)
             .filter_map(address_of)
             .collect(),
-        routes: rtnl
-            .routes()
-            .await?
-            .iter()
-            .filter_map(|r| route_of(r, index, &name))
-            .collect(),
+        routes: order_routes(
+            rtnl.routes()
+                .await?
+                .iter()
+                .filter_map(|r| route_of(r, index, &name))
+                .collect(),
+        ),
     };
     if let Some(kind) = rtnl.ingress_qdisc(index, &name).await? {
         return Err(SetupError::IngressInUse {

@@ -129,6 +129,17 @@ pub(super) struct VethPod {
 }
 
 pub(super) fn veth_pod() -> VethPod {
+    let f = bare_veth_pod();
+    f.pod.ip("addr add 10.99.0.5/24 dev eth0");
+    f.pod.ip("addr add fd00:99::5/64 dev eth0 nodad");
+    f.pod.ip("route add default via 10.99.0.1 dev eth0");
+    f.pod
+        .ip("-6 route add default via fd00:99::1 dev eth0 metric 1024 mtu 1300");
+    f
+}
+
+/// The veth pair of [`veth_pod`], `eth0` up with its MAC and MTU but no address or route.
+pub(super) fn bare_veth_pod() -> VethPod {
     let pod = Netns::new("pod");
     let outside = Netns::new("out");
     outside.ip(&format!(
@@ -142,12 +153,8 @@ pub(super) fn veth_pod() -> VethPod {
         mac.join(":")
     ));
     pod.ip(&format!("link set eth0 address {POD_MAC} mtu {POD_MTU}"));
-    pod.ip("addr add 10.99.0.5/24 dev eth0");
-    pod.ip("addr add fd00:99::5/64 dev eth0 nodad");
     pod.ip("link set eth0 up");
     pod.ip("link set lo up");
-    pod.ip("route add default via 10.99.0.1 dev eth0");
-    pod.ip("-6 route add default via fd00:99::1 dev eth0 metric 1024 mtu 1300");
     VethPod { pod, outside }
 }
 

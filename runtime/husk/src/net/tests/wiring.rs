@@ -269,3 +269,34 @@ fn the_pod_namespace_stack_does_not_answer_for_the_guest() {
     );
     net.teardown().unwrap();
 }
+
+/// The CNI ptp plugin's layout: a /32 address, an on-link route to the gateway, the default
+/// route through it. The kernel lists the default route first; NetInfo puts it last.
+#[test]
+fn ptp_routes_come_in_an_order_the_guest_can_add() {
+    require_root();
+    let f = bare_veth_pod();
+    f.pod.ip("addr add 10.1.1.2/32 dev eth0");
+    f.pod.ip("route add 10.1.1.1 dev eth0 scope link");
+    f.pod
+        .ip("route add default via 10.1.1.1 dev eth0 src 10.1.1.2");
+    let (net, info, _tap) = PodNetwork::setup(&f.pod.path(), TAP).unwrap();
+    let routes: Vec<String> = info
+        .routes
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {:?} {:?} {:?}",
+                r.destination, r.gateway, r.scope, r.source
+            )
+        })
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            "10.1.1.1/32 None Link None",
+            "0.0.0.0/0 Some(10.1.1.1) Universe Some(10.1.1.2)"
+        ]
+    );
+    net.teardown().unwrap();
+}
