@@ -1,8 +1,10 @@
 //! The host side of husk shared by its binaries (`husk` and `containerd-shim-husk-v2`):
-//! microVMs ([`vm`]), container images ([`image`]) and the configuration file ([`config`]).
+//! microVMs ([`vm`]), container images ([`image`]), pod networking ([`net`]) and the
+//! configuration file ([`config`]).
 
 pub mod config;
 pub mod image;
+pub mod net;
 pub mod pod;
 pub mod stdio;
 pub mod vm;
