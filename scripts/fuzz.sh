@@ -2,6 +2,7 @@
 # Fuzzes husk-vmm's guest-facing parsers with cargo-fuzz (libFuzzer, nightly Rust):
 #   virtio_mmio_driver  a hostile driver programming a block or vsock device over virtio-mmio
 #   vsock_packets       raw vsock packets into the device's packet handler
+#   net_frames          guest virtio-net TX and RX chains (headers, offloads, lengths) into the device
 # SECS seconds each (default 60). A crash fails the run and leaves its input under
 # runtime/vmm/fuzz/artifacts/. cargo-fuzz and the build are cached under $HUSK_CACHE.
 #
@@ -16,7 +17,7 @@ if ! command -v cargo-fuzz >/dev/null; then
     cargo install --locked --root "$cache/tools" cargo-fuzz@0.13.1
 fi
 export CARGO_TARGET_DIR=$cache/fuzz-target
-for t in virtio_mmio_driver vsock_packets; do
+for t in virtio_mmio_driver vsock_packets net_frames; do
     echo "== fuzz $t for ${secs}s"
     mkdir -p "corpus/$t" "seeds/$t"
     log=$(mktemp)

@@ -41,6 +41,18 @@ impl AgentError {
     }
 }
 
+/// A request that does not parse is INVALID_ARGUMENT, a MAC no interface has NOT_FOUND.
+impl From<crate::network::NetworkError> for AgentError {
+    fn from(e: crate::network::NetworkError) -> Self {
+        use crate::network::NetworkError as N;
+        match e {
+            N::Invalid(m) => AgentError::InvalidArgument(m),
+            e @ N::NoInterface { .. } => AgentError::NotFound(e.to_string()),
+            e @ N::Netlink { .. } => AgentError::Internal(format!("configuring the network: {e}")),
+        }
+    }
+}
+
 /// The request was at fault (a bad spec: INVALID_ARGUMENT), or the system (INTERNAL).
 impl From<CreateError> for AgentError {
     fn from(e: CreateError) -> Self {

@@ -7,6 +7,7 @@
 //! - [`sandbox`]: the sandbox's containers and processes; the domain of every RPC.
 //! - [`service`]: thin ttrpc handlers over [`sandbox`].
 //! - [`stdio`]: stdio streams, one connection per stream.
+//! - [`network`]: the guest's interface, addresses and routes, as the pod's on the host.
 //! - [`oom`]: watches the containers' memory.events for OOM kills.
 //! - [`reaper`]: reaps every child and reports exits.
 //! - [`server`]: the vsock / Unix listeners.
@@ -14,6 +15,7 @@
 
 pub mod container;
 pub mod error;
+pub mod network;
 pub mod oom;
 pub mod pid1;
 pub mod reaper;

@@ -59,6 +59,22 @@ impl health_ttrpc::Health for AgentService {
 
 #[async_trait]
 impl agent_ttrpc::Agent for AgentService {
+    async fn configure_network(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ConfigureNetworkRequest,
+    ) -> RpcResult<pb::Empty> {
+        tracing::info!(mac = %req.mac, "configure_network");
+        let r = async {
+            let plan = crate::network::Plan::parse(&req)?;
+            crate::network::configure(&plan).await?;
+            Ok(())
+        }
+        .await;
+        log_err("configure_network", r)?;
+        Ok(pb::Empty::new())
+    }
+
     async fn create_sandbox(
         &self,
         _ctx: &TtrpcContext,

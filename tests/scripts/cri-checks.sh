@@ -135,6 +135,64 @@ echo "=== husk"
 husk_containers
 ended husk $?
 
+# A husk pod is on the pod network like a runc pod: its container sees eth0 with the IP CRI
+# reports, the veth's MAC and MTU and the default route; it serves HTTP to a runc pod and
+# fetches from it, reaches another husk pod and the bridge's gateway, and has the DNS
+# settings given to runp. Afterwards no tap, qdisc or filter is left.
+pod_ip() { "${CRICTL[@]}" inspectp "$1" | grep -o '"ip": *"[0-9.]*"' | head -1 | grep -o '[0-9.]*[0-9]'; }
+pod_netns() { "${CRICTL[@]}" inspectp "$1" | grep -o '"/var/run/netns/[^"]*"\|"/run/netns/[^"]*"' | head -1 | tr -d '"'; }
+husk_network() {
+    local d r h h2 rc hc hc2 rip hip hip2 ns gw
+    d=$(mktemp -d)
+    local serve='["sh","-c","mkdir -p /www && echo from-POD_NAME > /www/index.html && httpd -f -p 8080 -h /www"]'
+    pod_json "$d/r.json" pod-net-runc false
+    pod_json "$d/h.json" pod-net-husk true '{"servers": ["10.88.77.53"], "searches": ["husk.test"], "options": ["ndots:2"]}'
+    pod_json "$d/h2.json" pod-net-husk2 true
+    r=$("${CRICTL[@]}" runp "$d/r.json") || return 1
+    h=$("${CRICTL[@]}" runp "$d/h.json") || { tail -n 20 "$CRI_ROOT/containerd.log"; return 1; }
+    h2=$("${CRICTL[@]}" runp "$d/h2.json") || return 1
+    container_json "$d/rc.json" c-net-runc "${serve//POD_NAME/runc}"
+    container_json "$d/hc.json" c-net-husk "${serve//POD_NAME/husk}"
+    container_json "$d/hc2.json" c-net-husk2 "${serve//POD_NAME/husk2}"
+    rc=$("${CRICTL[@]}" create "$r" "$d/rc.json" "$d/r.json") && "${CRICTL[@]}" start "$rc" >/dev/null || return 1
+    hc=$("${CRICTL[@]}" create "$h" "$d/hc.json" "$d/h.json") && "${CRICTL[@]}" start "$hc" >/dev/null || return 1
+    hc2=$("${CRICTL[@]}" create "$h2" "$d/hc2.json" "$d/h2.json") && "${CRICTL[@]}" start "$hc2" >/dev/null || return 1
+    rip=$(pod_ip "$r") hip=$(pod_ip "$h") hip2=$(pod_ip "$h2") ns=$(pod_netns "$h")
+    echo "pod ips: runc $rip husk $hip husk2 $hip2 (netns $ns)"
+    local X=("${CRICTL[@]}" exec -s "$hc")
+    echo "husk eth0 inet: $("${X[@]}" ip -o -4 addr show eth0 | grep -o 'inet [0-9./]*')"
+    echo "husk eth0 mac: $("${X[@]}" cat /sys/class/net/eth0/address) veth mac: $(ip netns exec "${ns##*/}" cat /sys/class/net/eth0/address)"
+    echo "husk eth0 mtu: $("${X[@]}" cat /sys/class/net/eth0/mtu) veth mtu: $(ip netns exec "${ns##*/}" cat /sys/class/net/eth0/mtu)"
+    gw=$("${X[@]}" ip route | grep -o 'default via [0-9.]*')
+    echo "husk route: $gw"
+    echo "husk resolv.conf: $("${X[@]}" cat /etc/resolv.conf | xargs)"
+    local i
+    for ((i = 0; i < 50; i++)); do
+        "${X[@]}" wget -q -T 2 -O- "http://$rip:8080/" 2>/dev/null | grep -q from-runc && break
+        sleep 0.2
+    done
+    echo "husk -> runc: $("${X[@]}" wget -q -T 5 -O- "http://$rip:8080/" 2>&1)"
+    echo "runc -> husk: $("${CRICTL[@]}" exec -s "$rc" wget -q -T 5 -O- "http://$hip:8080/" 2>&1)"
+    echo "husk -> husk2: $("${X[@]}" wget -q -T 5 -O- "http://$hip2:8080/" 2>&1)"
+    echo "husk -> gateway: $("${X[@]}" ping -c 1 -W 5 "${gw##* }" | grep -o '1 packets received')"
+    echo "tc in the pod netns: qdiscs $(ip netns exec "${ns##*/}" tc qdisc show | grep -c ingress) filters $(ip netns exec "${ns##*/}" tc filter show dev eth0 ingress | grep -c mirred) tap $(ip netns exec "${ns##*/}" ip -o link show | grep -c husk-tap0)"
+    "${CRICTL[@]}" stop -t 1 "$rc" "$hc" "$hc2" >/dev/null
+    "${CRICTL[@]}" rm "$rc" "$hc" "$hc2" >/dev/null
+    "${CRICTL[@]}" stopp "$h" >/dev/null
+    if [[ -e $ns ]]; then
+        echo "after stopp, in the pod netns: qdiscs $(ip netns exec "${ns##*/}" tc qdisc show | grep -c ingress) tap $(ip netns exec "${ns##*/}" ip -o link show | grep -c husk-tap0)"
+    else
+        echo "after stopp, in the pod netns: qdiscs 0 tap 0 (netns gone)"
+    fi
+    "${CRICTL[@]}" stopp "$r" "$h2" >/dev/null && "${CRICTL[@]}" rmp "$r" "$h" "$h2" >/dev/null || return 1
+    echo "after rmp: netns $(find /run/netns -mindepth 1 2>/dev/null | wc -l) taps in L1 $(ip -o link show | grep -c husk-tap)"
+    leftovers
+    rm -rf "$d"
+}
+echo "=== husk_network"
+husk_network
+ended husk_network $?
+
 # Two pods are two microVMs: different boot ids, neither sees the other's processes. SIGKILL
 # to one VMM: its pod is reported not ready and its container exited, the other runs on, and
 # both are removed without leftovers.

@@ -111,12 +111,14 @@ cri_stop() {
     return 0
 }
 
-# pod_json FILE NAME RUNTIME_ANNOTATION(true|false): a pod sandbox config for crictl runp.
+# pod_json FILE NAME RUNTIME_ANNOTATION(true|false) [DNS_CONFIG_JSON]: a pod sandbox config for
+# crictl runp.
 pod_json() {
     cat >"$1" <<EOF
 {"metadata": {"name": "$2", "namespace": "default", "uid": "$2-uid", "attempt": 0},
  "log_directory": "$CRI_ROOT/logs/$2",
  "annotations": {"io.kubernetes.cri.untrusted-workload": "$3"},
+ ${4:+"dns_config": $4,}
  "linux": {}}
 EOF
 }

@@ -206,6 +206,60 @@ fn crictl_pod_lifecycle() {
 
     // SIGKILL to a pod's shim: its VM goes with it, containerd sees the pod and its container
     // stopped, and removing them leaves nothing.
+    // A husk pod on the CNI bridge: the guest has the pod's IP, MAC, MTU, route and DNS,
+    // serves and fetches HTTP to and from a runc pod and another husk pod, reaches the
+    // gateway; its tap, qdiscs and filters are gone after stopp/rmp.
+    let (text, rc) = get("husk_network");
+    assert_eq!(rc, Some(0), "{text}");
+    let field = |prefix: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?}: {text}"))
+            .to_string()
+    };
+    let ips = field("pod ips: ");
+    let husk_ip = ips
+        .split_whitespace()
+        .skip_while(|w| *w != "husk")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no husk pod ip: {ips}"));
+    assert!(husk_ip.starts_with("10.88.77."), "{ips}");
+    assert_eq!(
+        field("husk eth0 inet: "),
+        format!("inet {husk_ip}/24"),
+        "{text}"
+    );
+    let macs = field("husk eth0 mac: ");
+    let (guest_mac, veth_mac) = macs.split_once(" veth mac: ").unwrap();
+    assert_eq!(guest_mac, veth_mac, "{text}");
+    let mtus = field("husk eth0 mtu: ");
+    let (guest_mtu, veth_mtu) = mtus.split_once(" veth mtu: ").unwrap();
+    assert_eq!(guest_mtu, veth_mtu, "{text}");
+    assert_eq!(field("husk route: "), "default via 10.88.77.1", "{text}");
+    let resolv = field("husk resolv.conf: ");
+    for want in [
+        "nameserver 10.88.77.53",
+        "search husk.test",
+        "options ndots:2",
+    ] {
+        assert!(resolv.contains(want), "{want} not in {resolv}");
+    }
+    assert_eq!(field("husk -> runc: "), "from-runc", "{text}");
+    assert_eq!(field("runc -> husk: "), "from-husk", "{text}");
+    assert_eq!(field("husk -> husk2: "), "from-husk2", "{text}");
+    assert_eq!(field("husk -> gateway: "), "1 packets received", "{text}");
+    assert_eq!(
+        field("tc in the pod netns: "),
+        "qdiscs 2 filters 1 tap 1",
+        "{text}"
+    );
+    assert!(
+        field("after stopp, in the pod netns: ").starts_with("qdiscs 0 tap 0"),
+        "{text}"
+    );
+    assert_eq!(field("after rmp: "), "netns 0 taps in L1 0", "{text}");
+    assert!(text.contains(CLEAN), "{text}");
+
     let (text, rc) = get("husk_shim_killed");
     assert_eq!(rc, Some(0), "{text}");
     assert!(

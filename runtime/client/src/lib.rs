@@ -224,6 +224,8 @@ impl AgentClient {
         remove_process(pb::RemoveProcessRequest) -> pb::Empty;
         /// Blocks until a container is OOM-killed.
         get_oom_event(pb::GetOomEventRequest) -> pb::OomEvent;
+        /// Configures the guest's interface, addresses and routes.
+        configure_network(pb::ConfigureNetworkRequest) -> pb::Empty;
     }
 
     /// Opens one stdio stream of a process (see `agent.proto` for the protocol). For stdin,

@@ -17,7 +17,10 @@ use husk_client::{pb, AgentClient, ClientError};
 use husk_vmm_api::drives;
 use oci_spec::runtime::Spec;
 
-use crate::vm::{error_chain, Drive, Vm, VmImage, VmSize};
+use crate::{
+    net::{IpPrefix, NetInfo, RouteScope},
+    vm::{error_chain, Drive, NetDevice, Vm, VmImage, VmSize},
+};
 
 /// How long the VMM may take to answer a control request.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -111,6 +114,49 @@ impl SlotTable {
     }
 }
 
+/// The pod's network as its VM gets it: the NIC, and what the guest configures on it (the
+/// MAC, MTU, addresses and routes of the pod's interface on the host).
+#[derive(Debug)]
+pub struct GuestNetwork {
+    pub device: NetDevice,
+    pub config: Option<NetInfo>,
+}
+
+/// The agent request that gives the guest the network `info` describes.
+pub fn network_request(info: &NetInfo) -> pb::ConfigureNetworkRequest {
+    let prefix = |p: &IpPrefix| {
+        let mut q = pb::IpPrefix::new();
+        q.address = p.address.to_string();
+        q.prefix_len = p.prefix_len.into();
+        q
+    };
+    let mut r = pb::ConfigureNetworkRequest::new();
+    r.mac = info.mac.to_string();
+    r.mtu = info.mtu;
+    r.addresses = info.addresses.iter().map(prefix).collect();
+    r.routes = info
+        .routes
+        .iter()
+        .map(|rt| {
+            let mut q = pb::Route::new();
+            q.destination = Some(prefix(&rt.destination)).into();
+            q.gateway = rt.gateway.map(|g| g.to_string()).unwrap_or_default();
+            q.source = rt.source.map(|g| g.to_string()).unwrap_or_default();
+            q.metric = rt.metric.unwrap_or(0);
+            q.mtu = rt.mtu.unwrap_or(0);
+            q.scope = match rt.scope {
+                RouteScope::Link => "link",
+                RouteScope::Host => "host",
+                RouteScope::Site => "site",
+                _ => "universe",
+            }
+            .into();
+            q
+        })
+        .collect();
+    r
+}
+
 /// A container to create in a pod.
 #[derive(Debug)]
 pub struct NewContainer<'a> {
@@ -129,7 +175,7 @@ impl Pod {
     /// Boots the VM, waits for its agent and creates the sandbox in the guest. The [`Vm`] is
     /// the VMM process: whoever holds it decides how long the VM lives (dropping it kills the
     /// VMM and removes the run directory).
-    pub async fn boot(cfg: &PodConfig) -> Result<(Pod, Vm), PodError> {
+    pub async fn boot(cfg: &PodConfig, net: Option<GuestNetwork>) -> Result<(Pod, Vm), PodError> {
         let empty: Vec<Drive> = (0..cfg.slots)
             .map(|i| Drive {
                 id: drives::slot_id(i),
@@ -137,7 +183,11 @@ impl Pod {
                 read_only: false,
             })
             .collect();
-        let mut vm = Vm::start(&cfg.image, &cfg.size, &empty, &cfg.dir)
+        let (device, net_config) = match net {
+            Some(n) => (Some(n.device), n.config),
+            None => (None, None),
+        };
+        let mut vm = Vm::start(&cfg.image, &cfg.size, &empty, device, &cfg.dir)
             .map_err(|e| PodError::Start(format!("{e:#}")))?;
         let agent = vm
             .connect_agent(cfg.boot_timeout)
@@ -150,6 +200,12 @@ impl Pod {
             .create_sandbox(r)
             .await
             .map_err(PodError::agent("creating the sandbox in the guest"))?;
+        if let Some(info) = &net_config {
+            agent
+                .configure_network(network_request(info))
+                .await
+                .map_err(PodError::agent("configuring the guest's network"))?;
+        }
         let pod = Pod(Arc::new(Inner {
             id: cfg.id.clone(),
             agent,

@@ -14,8 +14,9 @@ use oci_spec::runtime::{
 
 use husk::{
     image,
-    pod::{NewContainer, Pod, PodConfig},
-    vm::{check_kvm, default_image, VmSize},
+    net::{IpPrefix, NetInfo, Route, RouteScope},
+    pod::{GuestNetwork, NewContainer, Pod, PodConfig},
+    vm::{check_kvm, default_image, NetDevice, VmSize},
 };
 
 use crate::agent_cmd::{attach, terminal_size, AttachOpts};
@@ -71,6 +72,18 @@ pub struct RunArgs {
     /// Keep the guest's serial console in this file (default: discarded with the VM).
     #[arg(long)]
     pub console_log: Option<PathBuf>,
+    /// Give the VM a network interface on an existing tap device: tap:NAME.
+    #[arg(long)]
+    pub net: Option<String>,
+    /// The guest's address on --net, ADDR/PREFIX (e.g. 10.0.0.2/24).
+    #[arg(long, requires = "net")]
+    pub ip: Option<String>,
+    /// The guest's default gateway on --net.
+    #[arg(long, requires = "ip")]
+    pub gateway: Option<String>,
+    /// The MTU of the guest's interface on --net.
+    #[arg(long, requires = "net", default_value = "1500")]
+    pub mtu: u16,
 }
 
 /// Runs the container; returns its exit status.
@@ -126,7 +139,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         boot_timeout: Duration::from_secs(a.boot_timeout),
     };
     let (pod, mut vm) = tokio::select! {
-        r = Pod::boot(&cfg) => r?,
+        r = Pod::boot(&cfg, guest_network(&a)?) => r?,
         // Dropping the Vm kills the VMM and removes its directory.
         code = stop.next() => return Ok(code),
     };
@@ -171,6 +184,81 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         eprintln!("husk: warning: the VM did not end cleanly: {e:#}");
     }
     Ok(code)
+}
+
+/// The VM's network from `--net tap:NAME`, `--ip` and `--gateway`: a NIC on that tap with a
+/// random locally administered MAC, configured in the guest when an address is given.
+fn guest_network(a: &RunArgs) -> Result<Option<GuestNetwork>> {
+    let Some(net) = &a.net else {
+        return Ok(None);
+    };
+    let Some(name) = net.strip_prefix("tap:").filter(|n| !n.is_empty()) else {
+        bail!("--net {net:?}: only tap:NAME (an existing tap device) is supported");
+    };
+    let mut bytes = [0u8; 6];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    let mac = husk_vmm_api::MacAddr::local_from(bytes);
+    let config = match &a.ip {
+        None => None,
+        Some(ip) => {
+            let prefix = |s: &str, what: &str| -> Result<IpPrefix> {
+                let (addr, len) = s.split_once('/').unwrap_or((s, ""));
+                let address: std::net::IpAddr = addr
+                    .parse()
+                    .with_context(|| format!("{what} {s:?} is not ADDR/PREFIX"))?;
+                let prefix_len = if len.is_empty() {
+                    if address.is_ipv4() {
+                        32
+                    } else {
+                        128
+                    }
+                } else {
+                    len.parse()
+                        .with_context(|| format!("{what} {s:?} is not ADDR/PREFIX"))?
+                };
+                Ok(IpPrefix {
+                    address,
+                    prefix_len,
+                })
+            };
+            let address = prefix(ip, "--ip")?;
+            let mut routes = Vec::new();
+            if let Some(gw) = &a.gateway {
+                let gateway: std::net::IpAddr = gw
+                    .parse()
+                    .with_context(|| format!("--gateway {gw:?} is not an IP address"))?;
+                let any = if gateway.is_ipv4() {
+                    "0.0.0.0/0"
+                } else {
+                    "::/0"
+                };
+                routes.push(Route {
+                    destination: prefix(any, "the default route")?,
+                    gateway: Some(gateway),
+                    device: "eth0".into(),
+                    source: None,
+                    metric: None,
+                    mtu: None,
+                    scope: RouteScope::Universe,
+                });
+            }
+            Some(NetInfo {
+                iface: "eth0".into(),
+                mac: husk::net::MacAddr(mac.0),
+                mtu: a.mtu.into(),
+                addresses: vec![address],
+                routes,
+            })
+        }
+    };
+    Ok(Some(GuestNetwork {
+        device: NetDevice::Tap {
+            name: name.to_string(),
+            mac: Some(mac),
+            mtu: Some(a.mtu),
+        },
+        config,
+    }))
 }
 
 /// SIGINT and SIGTERM, caught for the whole run so that husk always cleans up.

@@ -4,6 +4,7 @@
 
 use std::{
     fs,
+    os::fd::{AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
@@ -11,7 +12,11 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use husk_client::{AgentAddr, AgentClient};
-use husk_vmm_api::{files::VmDir, DriveArg, VmConfig};
+use husk_vmm_api::{
+    files::VmDir,
+    net::{MacAddr, NetArg, NetBackendArg},
+    DriveArg, VmConfig,
+};
 use tokio::process::{Child, Command};
 
 /// The guest image and VMM to use.
@@ -41,6 +46,24 @@ pub struct Drive {
     pub path: PathBuf,
     pub read_only: bool,
 }
+
+/// The VM's network interface (virtio-net over a tap).
+#[derive(Debug)]
+pub enum NetDevice {
+    /// A tap the caller opened (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR): the VMM inherits it as
+    /// its fd 3, and the caller's copy is closed once the VMM runs, so the tap goes with the
+    /// VMM.
+    Fd { fd: OwnedFd, mac: MacAddr, mtu: u16 },
+    /// An existing tap the VMM attaches to by name.
+    Tap {
+        name: String,
+        mac: Option<MacAddr>,
+        mtu: Option<u16>,
+    },
+}
+
+/// The fd number a tap passed with [`NetDevice::Fd`] has in the VMM.
+const NET_FD: i32 = 3;
 
 /// A running microVM.
 #[derive(Debug)]
@@ -114,8 +137,15 @@ impl Vm {
         husk_vmm_api::Client::new(VmDir::new(&self.dir).api_sock(), timeout)
     }
 
-    /// Starts a VMM for `image` with `drives`, in `dir` (created, and removed on drop).
-    pub fn start(image: &VmImage, size: &VmSize, drives: &[Drive], dir: &Path) -> Result<Vm> {
+    /// Starts a VMM for `image` with `drives` and `net`, in `dir` (created, and removed on
+    /// drop).
+    pub fn start(
+        image: &VmImage,
+        size: &VmSize,
+        drives: &[Drive],
+        net: Option<NetDevice>,
+        dir: &Path,
+    ) -> Result<Vm> {
         for (what, p) in [("kernel", &image.kernel), ("initramfs", &image.initramfs)] {
             if !p.exists() {
                 bail!(
@@ -140,6 +170,22 @@ impl Vm {
                 read_only: d.read_only,
             })
             .collect();
+        let mut tap_fd = None;
+        cfg.net = net.map(|n| match n {
+            NetDevice::Fd { fd, mac, mtu } => {
+                tap_fd = Some(fd);
+                NetArg {
+                    backend: NetBackendArg::Fd(NET_FD),
+                    mac: Some(mac),
+                    mtu: Some(mtu),
+                }
+            }
+            NetDevice::Tap { name, mac, mtu } => NetArg {
+                backend: NetBackendArg::Tap(name),
+                mac,
+                mtu,
+            },
+        });
         let mut cmd = Command::new(&image.vmm);
         cmd.args(cfg.to_args());
         let log = fs::File::create(files.vmm_log()).context("creating vmm.log")?;
@@ -150,12 +196,24 @@ impl Vm {
             // container, power the VM off), not a signal that kills the VMM under it.
             .process_group(0)
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; the closure allocates nothing. The VMM dies with
-        // whoever started it (husk run, the shim), even when that is SIGKILLed.
+        let tap_raw = tap_fd.as_ref().map(|f| f.as_raw_fd());
+        // SAFETY: prctl, dup2 and fcntl are async-signal-safe; the closure allocates nothing.
+        // The VMM dies with whoever started it (husk run, the shim), even when that is
+        // SIGKILLed, and gets the tap (if any) as its fd NET_FD, without close-on-exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = tap_raw {
+                    let r = if fd == NET_FD {
+                        libc::fcntl(fd, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(fd, NET_FD)
+                    };
+                    if r < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -163,6 +221,8 @@ impl Vm {
         let child = cmd
             .spawn()
             .with_context(|| format!("starting the VMM {}", image.vmm.display()))?;
+        // The VMM holds the tap now; ours goes, so that the tap goes with the VMM.
+        drop(tap_fd);
         Ok(Vm {
             dir: dir.to_path_buf(),
             console: Self::console_path(image, dir),

@@ -69,6 +69,25 @@ impl Shim for HuskShim {
         // images) and a container rootfs the shim had mounted while packing it.
         log::info!("delete_shim {} in {}", self.id, self.namespace);
         rootfs::unmount(std::path::Path::new("rootfs"));
+        // A sandbox task's pod network: the tc filters and qdiscs stay when the shim dies
+        // (the tap went with the VMM).
+        let spec = std::fs::read("config.json")
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        if let Some(spec) = spec {
+            let sandbox = spec["annotations"]["io.kubernetes.cri.container-type"]
+                .as_str()
+                .is_none_or(|k| k == "sandbox");
+            if let (true, Ok(Some(netns))) = (sandbox, sandbox::pod_netns(&spec)) {
+                let r = tokio::task::spawn_blocking(move || {
+                    husk::net::teardown(&netns, sandbox::TAP_NAME)
+                })
+                .await;
+                if let Ok(Err(e)) = r {
+                    log::warn!("taking the pod's network apart: {e}");
+                }
+            }
+        }
         let dir = sandbox::pod_dir(&self.namespace, &self.id);
         if dir.exists() {
             if let Err(e) = std::fs::remove_dir_all(&dir) {

@@ -10,10 +10,12 @@ use containerd_shim::{
 };
 use husk::{
     config::{Config, PodDefaults},
-    pod::{Pod, PodConfig},
-    vm::{image_from, Vm, VmSize},
+    net::PodNetwork,
+    pod::{GuestNetwork, Pod, PodConfig},
+    vm::{error_chain, image_from, NetDevice, Vm, VmSize},
 };
 use husk_client::pb;
+use husk_vmm_api::MacAddr;
 use tokio::sync::watch;
 
 use crate::{
@@ -31,6 +33,73 @@ const SLOTS: usize = 8;
 /// The status of a sandbox task whose VM was powered off because we asked (the pause task
 /// was killed): 128 + SIGKILL, as runc reports a killed pause process.
 const KILLED: u32 = 128 + libc::SIGKILL as u32;
+
+/// The pod's tap, in the pod's network namespace beside its CNI interface.
+pub const TAP_NAME: &str = "husk-tap0";
+
+/// The network namespace CNI set up for the pod (the path of the sandbox spec's network
+/// namespace), None for a pod without one (not a CRI pod: its VM has no NIC). A pod without a
+/// network namespace of its own (hostNetwork) cannot be a VM: refused.
+pub fn pod_netns(spec: &serde_json::Value) -> Result<Option<PathBuf>> {
+    let host = || {
+        ShimError::InvalidArgument(
+            "a husk pod cannot use the host's network (hostNetwork): a VM cannot share the host's network namespace; run it with runc".into(),
+        )
+    };
+    let namespaces = spec["linux"]["namespaces"].as_array();
+    let Some(ns) = namespaces
+        .into_iter()
+        .flatten()
+        .find(|n| n["type"] == "network")
+    else {
+        return Err(host());
+    };
+    let Some(path) = ns["path"].as_str().filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let path = PathBuf::from(path);
+    match husk::net::is_host_netns(&path) {
+        Ok(true) => Err(host()),
+        Ok(false) => Ok(Some(path)),
+        Err(e) => Err(ShimError::InvalidArgument(format!(
+            "the pod's network namespace {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Wires the pod's network namespace to a tap for its VM (see `husk::net`).
+async fn wire_network(netns: PathBuf) -> Result<(PodNetwork, GuestNetwork)> {
+    let (net, info, fd) = tokio::task::spawn_blocking(move || PodNetwork::setup(&netns, TAP_NAME))
+        .await
+        .map_err(|e| ShimError::Internal(e.to_string()))?
+        .map_err(|e| {
+            ShimError::FailedPrecondition(format!("the pod's network: {}", error_chain(&e)))
+        })?;
+    let device = NetDevice::Fd {
+        fd,
+        mac: MacAddr(info.mac.0),
+        mtu: info.mtu.min(u16::MAX as u32) as u16,
+    };
+    Ok((
+        net,
+        GuestNetwork {
+            device,
+            config: Some(info),
+        },
+    ))
+}
+
+/// Takes the tc filters, qdiscs and tap of the pod's network away (the tap goes with the
+/// VMM's fd anyway).
+async fn unwire_network(net: PodNetwork) {
+    let r = tokio::task::spawn_blocking(move || net.teardown()).await;
+    match r {
+        Ok(Err(e)) => log::warn!("taking the pod's network apart: {}", error_chain(&e)),
+        Err(e) => log::warn!("taking the pod's network apart: {e}"),
+        Ok(Ok(())) => {}
+    }
+}
 
 /// The run directory of pod `id` in containerd namespace `ns`: the VM's sockets and logs and
 /// its containers' rootfs images.
@@ -67,15 +136,32 @@ impl Sandbox {
             slots: SLOTS,
             boot_timeout: BOOT_TIMEOUT,
         };
-        let (pod, vm) = Pod::boot(&cfg).await?;
+        let (network, guest) = match pod_netns(spec)? {
+            Some(netns) => {
+                let (n, g) = wire_network(netns).await?;
+                (Some(n), Some(g))
+            }
+            None => (None, None),
+        };
+        let (pod, vm) = match Pod::boot(&cfg, guest).await {
+            Ok(b) => b,
+            Err(e) => {
+                if let Some(n) = network {
+                    unwire_network(n).await;
+                }
+                return Err(e.into());
+            }
+        };
         let (tx, exit) = watch::channel(None);
-        tokio::spawn(watch_vm(
+        let watch = watch_vm(
             vm,
+            network,
             events.clone(),
             tx,
             req.id.clone(),
             pod.vmm_pid(),
-        ));
+        );
+        tokio::spawn(watch);
         tokio::spawn(watch_ooms(pod.clone(), events.clone(), state.clone()));
         Ok(Sandbox {
             id: req.id.clone(),
@@ -108,7 +194,14 @@ pub async fn kill(pod: &Pod) {
 }
 
 /// Waits for the VM to end and reports that as the sandbox task's exit.
-async fn watch_vm(mut vm: Vm, events: Events, tx: ExitTx, id: String, vmm_pid: u32) {
+async fn watch_vm(
+    mut vm: Vm,
+    network: Option<PodNetwork>,
+    events: Events,
+    tx: ExitTx,
+    id: String,
+    vmm_pid: u32,
+) {
     let status = match vm.wait().await {
         Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
             // A guest that powered off because we asked.
@@ -128,6 +221,9 @@ async fn watch_vm(mut vm: Vm, events: Events, tx: ExitTx, id: String, vmm_pid: u
         );
     }
     drop(vm); // removes the VM's directory with the containers' images
+    if let Some(n) = network {
+        unwire_network(n).await;
+    }
     events
         .exited(&tx, &id, "", vmm_pid, Exit::now(status))
         .await;
@@ -204,5 +300,59 @@ mod tests {
         assert_eq!((s.vcpus, s.mem_mib), (2, 1024));
         let s = vm_size(&a, &d);
         assert_eq!((s.vcpus, s.mem_mib), (2, 612));
+    }
+
+    #[test]
+    fn the_pods_network_namespace_from_its_spec() {
+        let with = |ns: serde_json::Value| serde_json::json!({"linux": {"namespaces": ns}});
+        // No network namespace of its own: hostNetwork, refused.
+        for spec in [
+            serde_json::json!({}),
+            with(serde_json::json!([{"type": "pid"}, {"type": "ipc"}])),
+        ] {
+            let e = pod_netns(&spec).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("cannot share the host's network namespace"),
+                "{e}"
+            );
+        }
+        // A new namespace (not a CRI pod): no NIC.
+        assert_eq!(
+            pod_netns(&with(serde_json::json!([{"type": "network"}]))).unwrap(),
+            None
+        );
+        // The host's own namespace by path: refused too.
+        let e = pod_netns(&with(
+            serde_json::json!([{"type": "network", "path": "/proc/self/ns/net"}]),
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("hostNetwork"), "{e}");
+        // A path that is not there.
+        let e = pod_netns(&with(
+            serde_json::json!([{"type": "network", "path": "/nonexistent/ns"}]),
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/ns"), "{e}");
+        // A namespace of its own: a thread's, made for the test (needs root).
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (a network namespace)"
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            tx.send(nix::unistd::gettid()).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let path = format!("/proc/self/task/{tid}/ns/net");
+        let p = pod_netns(&with(
+            serde_json::json!([{"type": "network", "path": path}]),
+        ));
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
+        assert_eq!(p.unwrap(), Some(PathBuf::from(path)));
     }
 }
