@@ -136,9 +136,19 @@ impl Sandbox {
             slots: SLOTS,
             boot_timeout: BOOT_TIMEOUT,
         };
+        let t0 = std::time::Instant::now();
         let (network, guest) = match pod_netns(spec)? {
             Some(netns) => {
                 let (n, g) = wire_network(netns).await?;
+                log::info!(
+                    "pod {}: network wired in {} ms: {}",
+                    req.id,
+                    t0.elapsed().as_millis(),
+                    g.config
+                        .as_ref()
+                        .map(|i| serde_json::to_string(i).unwrap_or_default())
+                        .unwrap_or_default()
+                );
                 (Some(n), Some(g))
             }
             None => (None, None),
