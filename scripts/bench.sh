@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks that print numbers (never pass/fail on them), as root, after scripts/setup.sh:
 # release builds of husk and husk-vmm, the guest image, then inside the nested-KVM testbed
-# (or directly where /dev/kvm has vmx/svm): vsock stdio throughput beside a Unix-socket copy.
+# (or directly where /dev/kvm has vmx/svm): vsock stdio throughput beside a Unix-socket copy;
+# in the testbed also pod-to-pod TCP throughput and request/response latency, husk beside runc.
 # First, on this host: what packing a container's rootfs into its block image costs, beside cp -a.
 # Where the testbed is used: its boot and a `husk run` in it with 1 and with 2 L1 vCPUs.
 #
@@ -33,4 +34,7 @@ for cpus in 1 2 1 2; do
         "$(grep -o 'guest ready after [0-9]* ms' <<<"$out")" \
         "$(grep -o 'first output [0-9]* ms' <<<"$out")" "$wall"
 done
-exec tests/testbed/run.sh --timeout 1500 -- "${bench[@]}"
+tests/testbed/run.sh --timeout 1500 -- "${bench[@]}"
+echo "== pod-to-pod networking (containerd, CNI bridge): husk beside runc"
+cargo build --release --locked -p containerd-shim-husk-v2
+exec tests/testbed/run.sh --timeout 1500 -- bash "$repo/tests/bench/net-pods.sh" "$repo" 32 20 2
