@@ -4,7 +4,9 @@
 # tests/scripts/cri-env.sh, a server pod (busybox httpd) and a client pod per runtime, then
 #   throughput: the client fetches SIZE MiB from the server over HTTP/1.0 (nc), timed in the
 #               client with /proc/uptime (10 ms resolution);
-#   latency:    ROUNDS small HTTP/1.0 requests one after the other (a TCP connection each);
+#   latency:    ROUNDS small HTTP/1.0 requests one after the other (a TCP connection and an nc
+#               process each, and a fork of httpd in the server), and ROUNDS pings (the
+#               network's own round trip);
 #   runp:       crictl runp -> ready of the server pod, and for husk the shim's time to wire
 #               the pod's network (its log line), which is what networking adds to it.
 # Numbers only, never pass/fail.
@@ -51,8 +53,12 @@ measure() {
     read -r a b <<<"$out"
     local lat
     lat=$(awk -v a="$a" -v b="$b" -v r="$rounds" 'BEGIN { printf "%.1f", (b - a) / r * 1000 }')
+    # The network's own round trip, without a process spawned per request (nc in the client,
+    # httpd's fork in the server), which a nested guest pays dearly for under shadow paging.
+    local rtt
+    rtt=$("${X[@]}" ping -c "$rounds" "$sip" 2>&1 | grep -o 'min/avg/max = [0-9./]*' | cut -d/ -f5)
     wired=$(grep -o "pod $s: network wired in [0-9]* ms" "$CRI_ROOT/containerd.log" | grep -o '[0-9]* ms' | head -1)
-    echo "net $label pass $pass: runp->ready $(((t1 - t0) / 1000000)) ms${wired:+ (network wired in $wired)}, throughput $thr MB/s ($got bytes), request/response $lat ms (mean of $rounds)"
+    echo "net $label pass $pass: runp->ready $(((t1 - t0) / 1000000)) ms${wired:+ (network wired in $wired)}, throughput $thr MB/s ($got bytes), request/response $lat ms (mean of $rounds), ping rtt avg ${rtt:-?} ms"
     "${CRICTL[@]}" stopp "$s" "$c" >/dev/null && "${CRICTL[@]}" rmp "$s" "$c" >/dev/null
 }
 for p in $(seq "$passes"); do
