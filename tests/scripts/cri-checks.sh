@@ -319,6 +319,23 @@ echo "=== husk_shim_killed"
 husk_shim_killed
 ended husk_shim_killed $?
 
+# A hostNetwork pod cannot be a VM: runp fails saying so, and leaves nothing.
+echo "=== husk_host_network"
+d=$(mktemp -d)
+cat >"$d/pod.json" <<EOF
+{"metadata": {"name": "pod-hostnet", "namespace": "default", "uid": "pod-hostnet-uid", "attempt": 0},
+ "log_directory": "$CRI_ROOT/logs/pod-hostnet",
+ "linux": {"security_context": {"namespace_options": {"network": 2}}}}
+EOF
+# (containerd itself refuses the untrusted annotation with host access: the husk runtime
+# class asks the shim.)
+out=$("${CRICTL[@]}" runp --runtime husk "$d/pod.json" 2>&1)
+grep -o "a VM cannot share the host's network namespace" <<<"$out" || echo "runp said: $out"
+"${CRICTL[@]}" pods -q | xargs -r "${CRICTL[@]}" rmp -f >/dev/null 2>&1
+leftovers
+rm -rf "$d"
+echo "=== husk_host_network rc=0"
+
 # A pod whose VM cannot start fails runp with why, and leaves nothing.
 echo "=== husk_no_kernel"
 cache=${HUSK_CACHE:-/var/cache/husk}/current

@@ -264,6 +264,15 @@ fn crictl_pod_lifecycle() {
     assert!(text.contains(": network wired in "), "{text}");
     assert!(text.contains(CLEAN), "{text}");
 
+    // A hostNetwork pod is refused with why, and nothing is left.
+    let (text, rc) = get("husk_host_network");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(
+        text.contains("a VM cannot share the host's network namespace"),
+        "{text}"
+    );
+    assert!(text.contains(CLEAN), "{text}");
+
     let (text, rc) = get("husk_shim_killed");
     assert_eq!(rc, Some(0), "{text}");
     assert!(
