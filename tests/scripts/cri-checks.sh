@@ -32,6 +32,18 @@ wait_stopped() {
     return 1
 }
 
+# pod_ip POD, pod_netns POD: the pod's IP and its network namespace's path, from inspectp.
+pod_ip() { "${CRICTL[@]}" inspectp "$1" | grep -o '"ip": *"[0-9.]*"' | head -1 | grep -o '[0-9.]*[0-9]'; }
+pod_netns() { "${CRICTL[@]}" inspectp "$1" | grep -o '"/var/run/netns/[^"]*"\|"/run/netns/[^"]*"' | head -1 | tr -d '"'; }
+# netns_tc POD: what husk wired in the pod's network namespace (ingress qdiscs, mirred
+# filters on eth0, the tap).
+netns_tc() {
+    local ns
+    ns=$(pod_netns "$1")
+    ns=${ns##*/}
+    echo "qdiscs $(ip netns exec "$ns" tc qdisc show | grep -c ingress) filters $(ip netns exec "$ns" tc filter show dev eth0 ingress | grep -c mirred) tap $(ip netns exec "$ns" ip -o link show | grep -c husk-tap0)"
+}
+
 # steps RUNTIME_LABEL UNTRUSTED: runp, create, start, logs, exec, stop, rm, stopp, rmp.
 steps() {
     local label=$1 untrusted=$2 d pod ctr t0 t1 t2 t3
@@ -139,8 +151,6 @@ ended husk $?
 # reports, the veth's MAC and MTU and the default route; it serves HTTP to a runc pod and
 # fetches from it, reaches another husk pod and the bridge's gateway, and has the DNS
 # settings given to runp. Afterwards no tap, qdisc or filter is left.
-pod_ip() { "${CRICTL[@]}" inspectp "$1" | grep -o '"ip": *"[0-9.]*"' | head -1 | grep -o '[0-9.]*[0-9]'; }
-pod_netns() { "${CRICTL[@]}" inspectp "$1" | grep -o '"/var/run/netns/[^"]*"\|"/run/netns/[^"]*"' | head -1 | tr -d '"'; }
 husk_network() {
     local d r h h2 rc hc hc2 rip hip hip2 ns gw
     d=$(mktemp -d)
@@ -221,8 +231,10 @@ husk_two_pods() {
     echo "pod b sees: $("${CRICTL[@]}" exec -s "$c2" ps -o args | tail -n +2 | tr '\n' ' ')"
     vmm1=$(pgrep -f "husk-vmm.*/$p1/" | head -1)
     [[ -n $vmm1 ]] || { echo "no VMM found for pod $p1"; pgrep -af husk-vmm; return 1; }
+    echo "pod a network before: $(netns_tc "$p1")"
     kill -KILL "$vmm1"
     wait_stopped 20 "$c1" "$p1"
+    echo "pod a network after the VMM's SIGKILL: $(netns_tc "$p1")"
     echo "killed pod: $("${CRICTL[@]}" pods --id "$p1" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1), its container: $("${CRICTL[@]}" inspect "$c1" | grep -o '"state": *"[A-Z_]*"' | head -1)"
     echo "other pod: $("${CRICTL[@]}" pods --id "$p2" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1), its container: $("${CRICTL[@]}" inspect "$c2" | grep -o '"state": *"[A-Z_]*"' | head -1)"
     echo "vmm processes: $(pgrep -c husk-vmm)"
@@ -308,8 +320,10 @@ husk_shim_killed() {
     c=$("${CRICTL[@]}" create "$p" "$d/c.json" "$d/p.json") && "${CRICTL[@]}" start "$c" >/dev/null || return 1
     shim=$(pgrep -f "containerd-shim-husk-v2 .*-id $p" | head -1)
     [[ -n $shim ]] || { echo "no shim found for pod $p"; pgrep -af containerd-shim; return 1; }
+    echo "network before: $(netns_tc "$p")"
     kill -KILL "$shim"
     wait_stopped 30 "$c" "$p"
+    echo "network after the shim's SIGKILL: $(netns_tc "$p")"
     echo "after the shim's SIGKILL: $("${CRICTL[@]}" pods --id "$p" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1), container $("${CRICTL[@]}" inspect "$c" | grep -o 'CONTAINER_[A-Z]*' | head -1), vmm $(pgrep -c husk-vmm)"
     "${CRICTL[@]}" rm "$c" >/dev/null && "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
     leftovers

@@ -146,6 +146,15 @@ fn crictl_pod_lifecycle() {
     assert!(text.contains("vmm processes: 2\n"), "{text}");
     assert!(text.contains(" differ\n"), "{text}");
     assert!(text.contains("pod b sees: sleep 1002 "), "{text}");
+    // The pod's tc wiring goes with its VM, whatever ended it.
+    assert!(
+        text.contains("pod a network before: qdiscs 2 filters 1 tap 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("pod a network after the VMM's SIGKILL: qdiscs 0 filters 0 tap 0\n"),
+        "{text}"
+    );
     assert!(!text.contains("sleep 1001 "), "{text}");
     assert!(
         text.contains(
@@ -275,6 +284,14 @@ fn crictl_pod_lifecycle() {
 
     let (text, rc) = get("husk_shim_killed");
     assert_eq!(rc, Some(0), "{text}");
+    assert!(
+        text.contains("network before: qdiscs 2 filters 1 tap 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("network after the shim's SIGKILL: qdiscs 0 filters 0 tap 0\n"),
+        "{text}"
+    );
     assert!(
         text.contains(
             "after the shim's SIGKILL: SANDBOX_NOTREADY, container CONTAINER_EXITED, vmm 0"
