@@ -51,7 +51,7 @@ pub enum VsockError {
 /// What the tests of several parts share.
 #[cfg(test)]
 mod test_utils {
-    use std::os::unix::net::UnixListener;
+    use std::os::unix::net::{UnixListener, UnixStream};
 
     use super::{
         muxer::Muxer,
@@ -73,6 +73,18 @@ mod test_utils {
             buf_alloc: 65536,
             fwd_cnt: 0,
         }
+    }
+
+    /// A host peer on muxer `v`'s socket `uds` that asked for guest port `port` with its
+    /// CONNECT line, read by the muxer (a REQUEST for the guest is queued).
+    pub(super) fn host_peer(v: &mut Muxer, uds: &std::path::Path, port: u32) -> UnixStream {
+        use std::io::Write;
+        let mut c = UnixStream::connect(uds).unwrap();
+        c.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+        for _ in 0..10 {
+            v.handle_host_events();
+        }
+        c
     }
 
     /// A muxer for guest CID 3 on a fresh socket, with a host listener on port `port`.

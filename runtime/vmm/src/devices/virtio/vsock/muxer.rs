@@ -412,7 +412,7 @@ impl Muxer {
 #[cfg(test)]
 mod tests {
     use std::{
-        io::{ErrorKind, Read, Write},
+        io::{ErrorKind, Read},
         os::unix::net::UnixListener,
         time::Duration,
     };
@@ -421,7 +421,7 @@ mod tests {
     use crate::devices::virtio::vsock::{
         connection::BUF_ALLOC,
         packet::{HDR_LEN, MAX_PKT, OP_CREDIT_UPDATE, OP_SHUTDOWN},
-        test_utils::{hdr, muxer_with_listener},
+        test_utils::{hdr, host_peer, muxer_with_listener},
     };
 
     /// The guest writes more than the host socket buffer takes and closes at once: every
@@ -536,11 +536,7 @@ mod tests {
         let _l = UnixListener::bind(format!("{}_{FIRST_HOST_PORT}", uds.display())).unwrap();
         v.handle_guest_packet(hdr(OP_REQUEST, 1024, FIRST_HOST_PORT, 0), &[]);
         assert_eq!(v.ctrl.pop_front().unwrap().op, OP_RESPONSE);
-        let mut c = UnixStream::connect(&uds).unwrap();
-        c.write_all(b"CONNECT 1024\n").unwrap();
-        for _ in 0..10 {
-            v.handle_host_events();
-        }
+        let _c = host_peer(&mut v, &uds, 1024);
         let req = v.ctrl.pop_front().expect("a REQUEST");
         assert_eq!(req.op, OP_REQUEST);
         assert_ne!(
@@ -708,11 +704,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("v.sock");
         let mut v = Muxer::new(3, &uds).unwrap();
-        let mut c = UnixStream::connect(&uds).unwrap();
-        c.write_all(b"CONNECT 1024\n").unwrap();
-        for _ in 0..10 {
-            v.handle_host_events();
-        }
+        let mut c = host_peer(&mut v, &uds, 1024);
         let req = v.ctrl.pop_front().expect("a REQUEST");
         assert_eq!(req.op, OP_REQUEST);
         v.update_interests();
@@ -745,14 +737,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("v.sock");
         let mut v = Muxer::new(3, &uds).unwrap();
-        let mut c = UnixStream::connect(&uds).unwrap();
-        c.write_all(b"CONNECT 1024\n").unwrap();
-        for _ in 0..10 {
-            v.handle_host_events();
-        }
+        let _c = host_peer(&mut v, &uds, 1024);
         assert_eq!(v.conns.len(), 1);
         // Pretend the deadline is now: arm the timer for it.
-        v.timer_at = None;
         v.timer.reset(Duration::from_millis(5), None).unwrap();
         v.timer_at = Some(Instant::now());
         let mut ev = [EpollEvent::default(); 4];

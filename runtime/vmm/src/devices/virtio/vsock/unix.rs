@@ -207,7 +207,7 @@ mod tests {
     use crate::devices::virtio::vsock::{
         muxer::Muxer,
         packet::{OP_REQUEST, OP_RESPONSE},
-        test_utils::hdr,
+        test_utils::{hdr, host_peer},
     };
 
     #[test]
@@ -215,11 +215,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("v.sock");
         let mut v = Muxer::new(3, &uds).unwrap();
-        let mut c = UnixStream::connect(&uds).unwrap();
-        c.write_all(b"CONNECT 1024\n").unwrap();
-        for _ in 0..10 {
-            v.handle_host_events();
-        }
+        let mut c = host_peer(&mut v, &uds, 1024);
         let req = v.ctrl.pop_front().expect("a REQUEST");
         assert_eq!((req.op, req.dst_port, req.dst_cid), (OP_REQUEST, 1024, 3));
         // The guest accepts: the host reads OK <port>.
