@@ -248,12 +248,8 @@ impl Pod {
 
     /// Gives drive slot `slot` the backing file `image` (empty: none).
     async fn update_drive(&self, slot: usize, image: &Path) -> Result<(), PodError> {
-        let (control, id, image) = (
-            self.0.control.clone(),
-            drives::slot_id(slot),
-            image.to_path_buf(),
-        );
         let slot = drives::slot_id(slot);
+        let (control, id, image) = (self.0.control.clone(), slot.clone(), image.to_path_buf());
         let done = tokio::task::spawn_blocking(move || control.update_drive(&id, &image))
             .await
             .map_err(|e| PodError::DriveUnreachable {

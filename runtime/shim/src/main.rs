@@ -75,10 +75,8 @@ impl Shim for HuskShim {
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
         if let Some(spec) = spec {
-            let sandbox = spec["annotations"]["io.kubernetes.cri.container-type"]
-                .as_str()
-                .is_none_or(|k| k == "sandbox");
-            if let (true, Ok(Some(netns))) = (sandbox, sandbox::pod_netns(&spec)) {
+            if let (true, Ok(Some(netns))) = (sandbox::is_sandbox(&spec), sandbox::pod_netns(&spec))
+            {
                 let r = tokio::task::spawn_blocking(move || {
                     husk::net::teardown(&netns, sandbox::TAP_NAME)
                 })

@@ -37,6 +37,14 @@ const KILLED: u32 = 128 + libc::SIGKILL as u32;
 /// The pod's tap, in the pod's network namespace beside its CNI interface.
 pub const TAP_NAME: &str = "husk-tap0";
 
+/// Whether the OCI spec `spec` is a pod's sandbox task (what CRI marks so, or a task CRI did
+/// not make) rather than one of its containers.
+pub fn is_sandbox(spec: &serde_json::Value) -> bool {
+    spec["annotations"]["io.kubernetes.cri.container-type"]
+        .as_str()
+        .is_none_or(|k| k == "sandbox")
+}
+
 /// The network namespace CNI set up for the pod (the path of the sandbox spec's network
 /// namespace), None for a pod without one (not a CRI pod: its VM has no NIC). A pod without a
 /// network namespace of its own (hostNetwork) cannot be a VM: refused.

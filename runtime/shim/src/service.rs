@@ -122,10 +122,7 @@ impl Shim {
                     spec_path.display()
                 ))
             })?;
-        let kind = spec["annotations"]["io.kubernetes.cri.container-type"]
-            .as_str()
-            .unwrap_or("sandbox");
-        if kind != "sandbox" {
+        if !sandbox::is_sandbox(&spec) {
             return self.create_container(req, &spec_path).await;
         }
         if lock(&self.state).sandbox.is_some() {
