@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use futures_util::TryStreamExt;
 use husk_proto::agent as pb;
 use netlink_packet_route::{
+    address::{AddressAttribute, AddressFlags},
     link::{LinkAttribute, LinkMessage},
     route::{RouteAttribute, RouteMetric, RouteScope},
 };
@@ -225,10 +226,16 @@ async fn apply(handle: &Handle, plan: &Plan) -> Result<(), NetworkError> {
         .await
         .map_err(nl(format!("setting {name} up with MTU {}", plan.mtu)))?;
     for (addr, len) in &plan.addresses {
-        handle
-            .address()
-            .add(index, *addr, *len)
-            .execute()
+        let mut add = handle.address().add(index, *addr, *len);
+        if addr.is_ipv6() {
+            // The pod's interface on the host passed duplicate address detection for this
+            // address already, and its stack no longer answers on the link (every frame goes
+            // to the VM): detecting again would only hold the address tentative for seconds.
+            add.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        add.execute()
             .await
             .map_err(nl(format!("adding {addr}/{len} to {name}")))?;
     }
@@ -414,6 +421,16 @@ mod tests {
             let addrs = ip(&["-j", "addr", "show", "dev", "v0"]);
             assert!(addrs.contains("\"10.88.0.5\",\"prefixlen\":16"), "{addrs}");
             assert!(addrs.contains("\"fd00::5\",\"prefixlen\":64"), "{addrs}");
+            // Usable at once: no duplicate address detection holding it tentative.
+            let json: serde_json::Value = serde_json::from_str(&addrs).unwrap();
+            let v6 = json[0]["addr_info"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["local"] == "fd00::5")
+                .unwrap();
+            assert_eq!(v6["nodad"], true, "{addrs}");
+            assert!(v6.get("tentative").is_none(), "{addrs}");
             let v4 = ip(&["-j", "route", "show", "default"]);
             assert!(v4.contains("\"gateway\":\"10.88.0.1\""), "{v4}");
             let v6 = ip(&["-6", "-d", "-j", "route", "show", "default"]);

@@ -162,6 +162,57 @@ vmm_sigterm() {
 }
 check vmm_sigterm vmm_sigterm
 
+# --net tap:NAME: the guest's eth0 on a tap L1 made, with the address, default route and MTU
+# given; TCP both ways (the guest fetches a line from L1, L1 sends one to the guest). husk
+# leaves the tap (it did not make it).
+net_tap() {
+    local out pid i rc server
+    ip tuntap add dev hrun0 mode tap || return 1
+    ip addr add 10.77.0.1/24 dev hrun0
+    ip link set hrun0 up
+    out=$(mktemp "$XDG_RUNTIME_DIR/net.XXXXXX")
+    /usr/bin/python3 -c '
+import socket
+s = socket.create_server(("10.77.0.1", 7001))
+s.settimeout(120)
+c, _ = s.accept()
+c.sendall(b"from-l1\n")
+c.close()' &
+    server=$!
+    "$husk" run --net tap:hrun0 --ip 10.77.0.2/24 --gateway 10.77.0.1 --mtu 1400 "$rootfs" -- sh -c '
+        ip -o link show eth0; ip -o -4 addr show eth0; ip route
+        echo "guest to L1: $(nc -w 10 10.77.0.1 7001 </dev/null)"
+        echo ready; echo "L1 to guest: $(nc -l -p 7002 </dev/null)"' >"$out" 2>&1 &
+    pid=$!
+    for ((i = 0; i < 600; i++)); do
+        grep -q '^ready' "$out" && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    /usr/bin/python3 -c '
+import socket, time
+for _ in range(100):
+    try:
+        c = socket.create_connection(("10.77.0.2", 7002), timeout=5)
+        break
+    except OSError:
+        time.sleep(0.1)
+c.sendall(b"from-l1-to-guest\n")
+c.close()'
+    wait_gone "$pid" "husk run --net" "the message"
+    rc=$?
+    kill "$server" 2>/dev/null
+    wait "$server" 2>/dev/null
+    cat "$out"
+    rm -f "$out"
+    ip -o link show hrun0 >/dev/null && echo "tap left to its owner"
+    ip link del hrun0
+    return "$rc"
+}
+check net_tap net_tap
+check net_no_tap "$husk" run --net tap:nosuchtap0 --ip 10.77.0.2/24 "$rootfs" -- true
+check net_bad_ip "$husk" run --net tap:x --ip 10.77.0.2/33 "$rootfs" -- true
+
 check never_ready "$husk" run --boot-timeout 20 --initramfs "$never_ready" "$rootfs" -- true
 check missing_kernel "$husk" run --kernel /nonexistent/vmlinux "$rootfs" -- true
 # husk's configuration file is read (its kernel is the one looked for), and a mistake in it

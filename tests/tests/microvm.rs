@@ -314,6 +314,38 @@ fn husk_run_in_microvms() {
     );
     assert!(text.contains("vmm exit 0\n0\n"), "{text}");
 
+    // --net tap:NAME: eth0 with the address, the MTU and a locally administered MAC, the
+    // default route through the gateway, traffic both ways; the tap is left to its owner.
+    let (text, rc) = get("net_tap");
+    assert_eq!(rc, Some(0), "{text}");
+    let link = text
+        .lines()
+        .find(|l| l.contains(": eth0:"))
+        .unwrap_or_else(|| panic!("no eth0 in the guest: {text}"));
+    assert!(link.contains("mtu 1400") && link.contains("UP"), "{link}");
+    let mac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC: {link}"));
+    let first = u8::from_str_radix(&mac[..2], 16).unwrap();
+    assert_eq!(first & 0b11, 0b10, "not a local unicast MAC: {mac}");
+    assert!(text.contains("inet 10.77.0.2/24"), "{text}");
+    assert!(text.contains("default via 10.77.0.1 dev eth0"), "{text}");
+    for line in [
+        "guest to L1: from-l1\n",
+        "L1 to guest: from-l1-to-guest\n",
+        "tap left to its owner",
+    ] {
+        assert!(text.contains(line), "no {line:?}: {text}");
+    }
+    let (text, rc) = get("net_no_tap");
+    assert_ne!(rc, Some(0), "{text}");
+    assert!(text.contains("nosuchtap0"), "{text}");
+    let (text, rc) = get("net_bad_ip");
+    assert_eq!(rc, Some(2), "a usage error: {text}");
+    assert!(text.contains("not 0 to 32"), "{text}");
+
     // SIGTERM to the VMM: a clean stop, no socket left.
     let (text, rc) = get("vmm_sigterm");
     assert_eq!(rc, Some(0), "{text}");

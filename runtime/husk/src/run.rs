@@ -77,10 +77,10 @@ pub struct RunArgs {
     pub net: Option<String>,
     /// The guest's address on --net, ADDR/PREFIX (e.g. 10.0.0.2/24).
     #[arg(long, requires = "net")]
-    pub ip: Option<String>,
+    pub ip: Option<IpPrefix>,
     /// The guest's default gateway on --net.
     #[arg(long, requires = "ip")]
-    pub gateway: Option<String>,
+    pub gateway: Option<std::net::IpAddr>,
     /// The MTU of the guest's interface on --net.
     #[arg(long, requires = "net", default_value = "1500")]
     pub mtu: u16,
@@ -92,6 +92,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     // From here on SIGINT (Ctrl-C) and SIGTERM do not kill husk: they end the container
     // and the VM, and everything is cleaned up (exit status 130 or 143).
     let mut stop = Interrupts::new()?;
+    let network = guest_network(&a)?;
     check_kvm()?;
     let mut img = default_image()?;
     if let Some(k) = a.kernel.clone() {
@@ -139,7 +140,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         boot_timeout: Duration::from_secs(a.boot_timeout),
     };
     let (pod, mut vm) = tokio::select! {
-        r = Pod::boot(&cfg, guest_network(&a)?) => r?,
+        r = Pod::boot(&cfg, network) => r?,
         // Dropping the Vm kills the VMM and removes its directory.
         code = stop.next() => return Ok(code),
     };
@@ -198,50 +199,28 @@ fn guest_network(a: &RunArgs) -> Result<Option<GuestNetwork>> {
     let mut bytes = [0u8; 6];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
     let mac = husk_vmm_api::MacAddr::local_from(bytes);
-    let config = match &a.ip {
+    let config = match a.ip {
         None => None,
-        Some(ip) => {
-            let prefix = |s: &str, what: &str| -> Result<IpPrefix> {
-                let (addr, len) = s.split_once('/').unwrap_or((s, ""));
-                let address: std::net::IpAddr = addr
-                    .parse()
-                    .with_context(|| format!("{what} {s:?} is not ADDR/PREFIX"))?;
-                let prefix_len = if len.is_empty() {
-                    if address.is_ipv4() {
-                        32
-                    } else {
-                        128
-                    }
-                } else {
-                    len.parse()
-                        .with_context(|| format!("{what} {s:?} is not ADDR/PREFIX"))?
-                };
-                Ok(IpPrefix {
-                    address,
-                    prefix_len,
-                })
-            };
-            let address = prefix(ip, "--ip")?;
-            let mut routes = Vec::new();
-            if let Some(gw) = &a.gateway {
-                let gateway: std::net::IpAddr = gw
-                    .parse()
-                    .with_context(|| format!("--gateway {gw:?} is not an IP address"))?;
-                let any = if gateway.is_ipv4() {
-                    "0.0.0.0/0"
-                } else {
-                    "::/0"
-                };
-                routes.push(Route {
-                    destination: prefix(any, "the default route")?,
+        Some(address) => {
+            if let Some(gw) = a
+                .gateway
+                .filter(|g| g.is_ipv4() != address.address.is_ipv4())
+            {
+                bail!("--gateway {gw} and --ip {address} are not of one address family");
+            }
+            let routes = a
+                .gateway
+                .map(|gateway| Route {
+                    destination: IpPrefix::any(gateway),
                     gateway: Some(gateway),
                     device: "eth0".into(),
                     source: None,
                     metric: None,
                     mtu: None,
                     scope: RouteScope::Universe,
-                });
-            }
+                })
+                .into_iter()
+                .collect();
             Some(NetInfo {
                 iface: "eth0".into(),
                 mac: husk::net::MacAddr(mac.0),

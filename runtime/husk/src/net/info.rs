@@ -103,6 +103,48 @@ impl fmt::Display for IpPrefix {
     }
 }
 
+impl IpPrefix {
+    /// The default route's destination for the address family of `like`.
+    pub fn any(like: IpAddr) -> Self {
+        let address = match like {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        Self {
+            address,
+            prefix_len: 0,
+        }
+    }
+}
+
+/// `ADDR/LEN`, or a bare `ADDR` for a host prefix (/32 or /128).
+impl FromStr for IpPrefix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let address: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not ADDR/PREFIX: {addr:?} is not an IP address"))?;
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match len {
+            None => max,
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| format!("{s:?} is not ADDR/PREFIX: {l:?} is not 0 to {max}"))?,
+        };
+        Ok(Self {
+            address,
+            prefix_len,
+        })
+    }
+}
+
 /// One route through the pod's interface.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
@@ -289,6 +331,33 @@ mod tests {
     use netlink_packet_route::AddressFamily;
 
     use super::*;
+
+    #[test]
+    fn prefixes_parse_from_text_and_print_back() {
+        for ok in ["10.0.0.2/24", "fd00::5/64", "0.0.0.0/0", "::/0"] {
+            assert_eq!(ok.parse::<IpPrefix>().unwrap().to_string(), ok);
+        }
+        assert_eq!(
+            "10.1.2.3".parse::<IpPrefix>().unwrap().to_string(),
+            "10.1.2.3/32"
+        );
+        assert_eq!("fd00::1".parse::<IpPrefix>().unwrap().prefix_len, 128);
+        for (bad, why) in [
+            ("10.0.0.2/33", "not 0 to 32"),
+            ("fd00::1/129", "not 0 to 128"),
+            ("10.0.0.2/", "not 0 to 32"),
+            ("10.0.0.2/x", "not 0 to 32"),
+            ("10.0.0/24", "not an IP address"),
+            ("", "not an IP address"),
+        ] {
+            let err = bad.parse::<IpPrefix>().unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        assert_eq!(
+            IpPrefix::any("fd00::1".parse().unwrap()).to_string(),
+            "::/0"
+        );
+    }
 
     #[test]
     fn mac_round_trips_through_text_and_json() {
