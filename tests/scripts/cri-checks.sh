@@ -34,6 +34,7 @@ wait_stopped() {
 
 # pod_ip POD, pod_netns POD: the pod's IP and its network namespace's path, from inspectp.
 pod_ip() { "${CRICTL[@]}" inspectp "$1" | grep -o '"ip": *"[0-9.]*"' | head -1 | grep -o '[0-9.]*[0-9]'; }
+pod_ip6() { "${CRICTL[@]}" inspectp "$1" | grep -o '"ip": *"fd88:[0-9a-f:]*"' | head -1 | grep -o 'fd88:[0-9a-f:]*'; }
 pod_netns() { "${CRICTL[@]}" inspectp "$1" | grep -o '"/var/run/netns/[^"]*"\|"/run/netns/[^"]*"' | head -1 | tr -d '"'; }
 # netns_tc POD: what husk wired in the pod's network namespace (ingress qdiscs, mirred
 # filters on eth0, the tap).
@@ -176,6 +177,12 @@ husk_network() {
     gw=$("${X[@]}" ip route | grep -o 'default via [0-9.]*')
     echo "husk route: $gw (pod netns: $(ip netns exec "${ns##*/}" ip route | grep -o 'default via [0-9.]*'))"
     echo "husk resolv.conf: $("${X[@]}" cat /etc/resolv.conf | xargs)"
+    # Dual stack: the IPv6 address CNI gave the pod, and the IPv6 default route.
+    local rip6 hip6
+    rip6=$(pod_ip6 "$r") hip6=$(pod_ip6 "$h")
+    echo "pod ipv6: runc $rip6 husk $hip6"
+    echo "husk eth0 inet6: $("${X[@]}" ip -o -6 addr show dev eth0 scope global | grep -o 'inet6 [0-9a-f:/]*')"
+    echo "husk route6: $("${X[@]}" ip -6 route | grep -o 'default via [0-9a-f:]*') (pod netns: $(ip netns exec "${ns##*/}" ip -6 route | grep -o 'default via [0-9a-f:]*'))"
     # http_get CTR IP: the page CTR gets from IP:8080 (busybox-static's wget crashes in this
     # testbed, for runc too: a plain HTTP/1.0 request through nc).
     http_get() {
@@ -191,6 +198,9 @@ husk_network() {
     echo "husk -> runc: $(http_get "$hc" "$rip")"
     echo "runc -> husk: $(http_get "$rc" "$hip")"
     echo "husk -> husk2: $(http_get "$hc" "$hip2")"
+    echo "husk -> runc (ipv6 ping): $("${X[@]}" ping -6 -c 1 -W 5 "$rip6" | grep -o '1 packets received')"
+    echo "runc -> husk (ipv6 ping): $("${CRICTL[@]}" exec -s "$rc" ping -6 -c 1 -W 5 "$hip6" | grep -o '1 packets received')"
+    echo "runc -> husk (ipv6 http): $(http_get "$rc" "$hip6")"
     echo "husk -> gateway: $("${X[@]}" ping -c 1 -W 5 "${gw##* }" | grep -o '1 packets received')"
     echo "tc in the pod netns: qdiscs $(ip netns exec "${ns##*/}" tc qdisc show | grep -c ingress) filters $(ip netns exec "${ns##*/}" tc filter show dev eth0 ingress | grep -c mirred) tap $(ip netns exec "${ns##*/}" ip -o link show | grep -c husk-tap0)"
     "${CRICTL[@]}" stop -t 1 "$rc" "$hc" "$hc2" >/dev/null

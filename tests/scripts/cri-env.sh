@@ -47,8 +47,9 @@ cri_config() {
     cat >"$CRI_ROOT/cni-conf/10-husk.conflist" <<'JSON'
 {"cniVersion": "1.0.0", "name": "husk-test",
  "plugins": [{"type": "bridge", "bridge": "husk-cni0", "isGateway": true, "ipMasq": false,
-              "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.77.0/24"}]],
-                       "routes": [{"dst": "0.0.0.0/0"}]}},
+              "ipam": {"type": "host-local",
+                       "ranges": [[{"subnet": "10.88.77.0/24"}], [{"subnet": "fd88:77::/64"}]],
+                       "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}},
              {"type": "loopback"}]}
 JSON
     {

@@ -249,6 +249,28 @@ fn crictl_pod_lifecycle() {
         "default via 10.88.77.1 (pod netns: default via 10.88.77.1)",
         "{text}"
     );
+    // Dual stack: the pod's IPv6 address and default route in the guest, traffic both ways.
+    let ips6 = field("pod ipv6: ");
+    let husk_ip6 = ips6
+        .split_whitespace()
+        .skip_while(|w| *w != "husk")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no husk pod IPv6 address: {ips6}"));
+    assert!(husk_ip6.starts_with("fd88:77::"), "{ips6}");
+    assert_eq!(
+        field("husk eth0 inet6: "),
+        format!("inet6 {husk_ip6}/64"),
+        "{text}"
+    );
+    assert_eq!(
+        field("husk route6: "),
+        "default via fd88:77::1 (pod netns: default via fd88:77::1)",
+        "{text}"
+    );
+    for line in ["husk -> runc (ipv6 ping): ", "runc -> husk (ipv6 ping): "] {
+        assert_eq!(field(line), "1 packets received", "{text}");
+    }
+    assert_eq!(field("runc -> husk (ipv6 http): "), "from-husk", "{text}");
     let resolv = field("husk resolv.conf: ");
     for want in [
         "nameserver 10.88.77.53",
