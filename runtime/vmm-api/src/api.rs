@@ -1,11 +1,19 @@
 //! The control socket's protocol: one JSON request line in, one JSON answer line out.
 //!
 //! ```text
-//! {"status":{}}                                  -> {"state":"running","ready_ms":..,"vcpus":[..],"devices":[..]}
-//! {"stop":{}}                                    -> {"ok":true}
-//! {"update_drive":{"id":"slot1","path":"/x"}}    -> {"ok":true}   (path "" empties the slot)
-//! anything else                                  -> {"error":"..."}
+//! {"status":{}}                                       -> {"state":"running","ready_ms":..,"vcpus":[..],"devices":[..]}
+//! {"stop":{}}                                         -> {"ok":true}
+//! {"update_drive":{"id":"slot1","path":"/x"}}         -> {"ok":true}   (path "" empties the slot)
+//! {"add_layer":{"drive":"layers","path":"/l.erofs"}}  -> {"start":1048576,"length":8192}
+//! {"remove_layer":{"drive":"layers","start":1048576}} -> {"ok":true}
+//! anything else                                       -> {"error":"..."}
 //! ```
+//!
+//! `add_layer` and `remove_layer` work on a layered drive (`--drive id=ID,layered`): one
+//! read-only disk on which each image layer file sits at its own byte range, the rest reading
+//! zeros. A layer starts on a 1 MiB boundary past every range given before in the VM's life
+//! (a removed layer's range is never given again) and is its file's length rounded up to
+//! 4096 bytes (the bytes past the file's end read zeros).
 
 use std::path::PathBuf;
 
@@ -22,6 +30,12 @@ pub enum Request {
     /// Give drive `id` a new backing file, or none when `path` is empty (the guest sees a
     /// media change).
     UpdateDrive { id: String, path: PathBuf },
+    /// Put the image file `path` on layered drive `drive`, read-only, at a new range (the
+    /// answer is a [`Layer`]).
+    AddLayer { drive: String, path: PathBuf },
+    /// Take the layer that starts at byte `start` off layered drive `drive` (its range reads
+    /// zeros from then on).
+    RemoveLayer { drive: String, start: u64 },
 }
 
 /// Why a request line is not a request.
@@ -29,10 +43,14 @@ pub enum Request {
 pub enum RequestError {
     #[error("not JSON: {0}")]
     NotJson(String),
-    #[error("unknown request (status, stop, update_drive)")]
+    #[error("unknown request (status, stop, update_drive, add_layer, remove_layer)")]
     Unknown,
     #[error("update_drive needs id and path")]
     UpdateDriveArgs,
+    #[error("add_layer needs drive and path")]
+    AddLayerArgs,
+    #[error("remove_layer needs drive and start (a byte offset)")]
+    RemoveLayerArgs,
 }
 
 impl Request {
@@ -67,6 +85,28 @@ impl Request {
                 id: a.id,
                 path: a.path,
             })
+        } else if let Some(args) = map.get("add_layer") {
+            #[derive(Deserialize)]
+            struct Args {
+                drive: String,
+                path: PathBuf,
+            }
+            let a = Args::deserialize(args).map_err(|_| RequestError::AddLayerArgs)?;
+            Ok(Request::AddLayer {
+                drive: a.drive,
+                path: a.path,
+            })
+        } else if let Some(args) = map.get("remove_layer") {
+            #[derive(Deserialize)]
+            struct Args {
+                drive: String,
+                start: u64,
+            }
+            let a = Args::deserialize(args).map_err(|_| RequestError::RemoveLayerArgs)?;
+            Ok(Request::RemoveLayer {
+                drive: a.drive,
+                start: a.start,
+            })
         } else {
             Err(RequestError::Unknown)
         }
@@ -83,6 +123,8 @@ pub enum Answer {
     Ok { ok: bool },
     /// The answer to [`Request::Status`].
     Status(VmStatus),
+    /// The answer to [`Request::AddLayer`].
+    Layer(Layer),
 }
 
 impl Answer {
@@ -95,6 +137,16 @@ impl Answer {
             error: e.to_string(),
         }
     }
+}
+
+/// Where a layer sits on its layered drive, in bytes: `start` is a multiple of
+/// [`LAYER_ALIGN`](crate::drives::LAYER_ALIGN), `length` of
+/// [`LAYER_LENGTH_ALIGN`](crate::drives::LAYER_LENGTH_ALIGN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    pub start: u64,
+    /// The layer file's length rounded up to 4096.
+    pub length: u64,
 }
 
 /// What the VM is doing.
@@ -164,6 +216,20 @@ mod tests {
                 Request::eject("slot2"),
                 r#"{"update_drive":{"id":"slot2","path":""}}"#,
             ),
+            (
+                Request::AddLayer {
+                    drive: "layers".into(),
+                    path: "/l/0.erofs".into(),
+                },
+                r#"{"add_layer":{"drive":"layers","path":"/l/0.erofs"}}"#,
+            ),
+            (
+                Request::RemoveLayer {
+                    drive: "layers".into(),
+                    start: 1 << 20,
+                },
+                r#"{"remove_layer":{"drive":"layers","start":1048576}}"#,
+            ),
         ];
         for (req, wire) in cases {
             assert_eq!(serde_json::to_string(&req).unwrap(), wire);
@@ -187,6 +253,38 @@ mod tests {
         ] {
             assert_eq!(Request::parse(bad), Err(RequestError::UpdateDriveArgs));
         }
+        for bad in [
+            r#"{"add_layer":{}}"#,
+            r#"{"add_layer":{"drive":"layers"}}"#,
+            r#"{"add_layer":{"path":"/l.erofs"}}"#,
+            r#"{"add_layer":{"id":"layers","path":"/l.erofs"}}"#,
+            r#"{"add_layer":{"drive":7,"path":"/l.erofs"}}"#,
+            r#"{"add_layer":"/l.erofs"}"#,
+        ] {
+            assert_eq!(
+                Request::parse(bad),
+                Err(RequestError::AddLayerArgs),
+                "{bad}"
+            );
+        }
+        for bad in [
+            r#"{"remove_layer":{}}"#,
+            r#"{"remove_layer":{"drive":"layers"}}"#,
+            r#"{"remove_layer":{"start":0}}"#,
+            r#"{"remove_layer":{"drive":"layers","start":-1}}"#,
+            r#"{"remove_layer":{"drive":"layers","start":1.5}}"#,
+            r#"{"remove_layer":{"drive":"layers","start":"1048576"}}"#,
+            r#"{"remove_layer":{"drive":"layers","start":18446744073709551616}}"#,
+            r#"{"remove_layer":[]}"#,
+        ] {
+            assert_eq!(
+                Request::parse(bad),
+                Err(RequestError::RemoveLayerArgs),
+                "{bad}"
+            );
+        }
+        let unknown = RequestError::Unknown.to_string();
+        assert!(unknown.contains("add_layer, remove_layer"), "{unknown}");
     }
 
     #[test]
@@ -214,13 +312,25 @@ mod tests {
                 driver_status: 15,
             }],
         });
-        for a in [Answer::ok(), Answer::error("no drive \"x\""), status] {
+        let layer = Answer::Layer(Layer {
+            start: 1 << 20,
+            length: 8192,
+        });
+        for a in [Answer::ok(), Answer::error("no drive \"x\""), status, layer] {
             let wire = serde_json::to_string(&a).unwrap();
             assert_eq!(serde_json::from_str::<Answer>(&wire).unwrap(), a, "{wire}");
         }
         assert_eq!(
             serde_json::to_string(&Answer::ok()).unwrap(),
             r#"{"ok":true}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Answer::Layer(Layer {
+                start: 3 << 20,
+                length: 4096
+            }))
+            .unwrap(),
+            r#"{"start":3145728,"length":4096}"#
         );
     }
 }

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use crate::api::{Answer, Request, VmStatus};
+use crate::api::{Answer, Layer, Request, VmStatus};
 
 /// Why a request to the VMM failed.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +97,27 @@ impl Client {
         self.expect_ok(&Request::eject(id), "update_drive")
     }
 
+    /// Puts the image file `path` on layered drive `drive`; returns where it sits.
+    pub fn add_layer(&self, drive: &str, path: &Path) -> Result<Layer, ClientError> {
+        let req = Request::AddLayer {
+            drive: drive.into(),
+            path: path.into(),
+        };
+        match self.call(&req)? {
+            Answer::Layer(l) => Ok(l),
+            other => Err(ClientError::Unexpected(format!("{other:?}"), "add_layer")),
+        }
+    }
+
+    /// Takes the layer that starts at byte `start` off layered drive `drive`.
+    pub fn remove_layer(&self, drive: &str, start: u64) -> Result<(), ClientError> {
+        let req = Request::RemoveLayer {
+            drive: drive.into(),
+            start,
+        };
+        self.expect_ok(&req, "remove_layer")
+    }
+
     fn expect_ok(&self, req: &Request, what: &'static str) -> Result<(), ClientError> {
         match self.call(req)? {
             Answer::Ok { ok: true } => Ok(()),
@@ -140,6 +161,25 @@ mod tests {
         assert_eq!(t.join().unwrap(), "{\"status\":{}}\n");
         assert_eq!(st.ready_ms, Some(12));
         assert_eq!(st.devices[0].driver_status, 15);
+        let (_d, c, t) = serve("{\"start\":2097152,\"length\":12288}\n");
+        let l = c.add_layer("layers", Path::new("/l/1.erofs")).unwrap();
+        assert_eq!(
+            t.join().unwrap(),
+            "{\"add_layer\":{\"drive\":\"layers\",\"path\":\"/l/1.erofs\"}}\n"
+        );
+        assert_eq!(
+            l,
+            Layer {
+                start: 2 << 20,
+                length: 12288
+            }
+        );
+        let (_d, c, t) = serve("{\"ok\":true}\n");
+        c.remove_layer("layers", 2 << 20).unwrap();
+        assert_eq!(
+            t.join().unwrap(),
+            "{\"remove_layer\":{\"drive\":\"layers\",\"start\":2097152}}\n"
+        );
     }
 
     #[test]
@@ -153,6 +193,17 @@ mod tests {
         t.join().unwrap();
         let (_d, c, t) = serve("{\"ok\":true}\n");
         assert!(matches!(c.status(), Err(ClientError::Unexpected(..))));
+        t.join().unwrap();
+        let (_d, c, t) = serve("{\"ok\":true}\n");
+        let e = c.add_layer("layers", Path::new("/l.erofs")).unwrap_err();
+        assert!(matches!(e, ClientError::Unexpected(_, "add_layer")), "{e}");
+        t.join().unwrap();
+        let (_d, c, t) = serve("{\"error\":\"drive \\\"slot1\\\" is not layered\"}\n");
+        let e = c.add_layer("slot1", Path::new("/l.erofs")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the VMM refused: drive \"slot1\" is not layered"
+        );
         t.join().unwrap();
         let gone = Client::new("/nonexistent/api.sock", Duration::from_secs(1));
         assert!(matches!(gone.stop(), Err(ClientError::Connect(..))));

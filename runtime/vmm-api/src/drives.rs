@@ -1,7 +1,16 @@
 //! Drive slots: the VMM declares its drives on the command line, in order, and the guest
 //! kernel names them `/dev/vda`, `/dev/vdb`, ... in that order (virtio-mmio devices are
 //! probed in the order of their `virtio_mmio.device=` arguments, drives first). A pod VM
-//! declares empty slots up front and fills them through the control API.
+//! declares empty slots up front and fills them through the control API; its image layers
+//! share one layered drive, each at its own range.
+
+/// A layered drive's size in bytes (`--drive id=ID,layered`): 1 PiB from boot on, whatever
+/// layers it carries.
+pub const LAYERED_CAPACITY: u64 = 1 << 50;
+/// Layers start on multiples of this, past the first one (which is never a layer's).
+pub const LAYER_ALIGN: u64 = 1 << 20;
+/// A layer's length is its file's rounded up to a multiple of this.
+pub const LAYER_LENGTH_ALIGN: u64 = 4096;
 
 /// The most drives a VM can have: the guest names stop at `/dev/vdz`.
 pub const MAX_DRIVES: usize = 26;

@@ -5,13 +5,29 @@ use std::{ffi::OsString, fmt, path::PathBuf};
 
 use crate::net::NetArg;
 
-/// A drive given on the command line as `id=ID,path=PATH,ro=BOOL` (path may be empty:
-/// an empty slot whose backing file comes later through the control API).
+/// A drive given on the command line: `id=ID,path=PATH,ro=BOOL` for one backing file (path
+/// may be empty: an empty slot whose backing file comes later through the control API), or
+/// `id=ID,layered` for a layered drive (read-only, no file of its own: image layers are added
+/// and removed through the control API, each at its own byte range).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DriveArg {
     pub id: String,
     pub path: Option<PathBuf>,
+    /// Always true for a layered drive (the parser sets it).
     pub read_only: bool,
+    pub layered: bool,
+}
+
+impl DriveArg {
+    /// The layered drive `id`.
+    pub fn layered(id: impl Into<String>) -> Self {
+        DriveArg {
+            id: id.into(),
+            path: None,
+            read_only: true,
+            layered: true,
+        }
+    }
 }
 
 impl std::str::FromStr for DriveArg {
@@ -21,25 +37,46 @@ impl std::str::FromStr for DriveArg {
             id: String::new(),
             path: None,
             read_only: false,
+            layered: false,
         };
+        let (mut path_given, mut ro_given) = (false, false);
         for kv in s.split(',') {
+            if kv == "layered" {
+                d.layered = true;
+                continue;
+            }
             let (k, v) = kv
                 .split_once('=')
                 .ok_or_else(|| format!("drive {s:?}: {kv:?} is not key=value"))?;
             match k {
                 "id" => d.id = v.to_string(),
-                "path" if v.is_empty() => d.path = None,
-                "path" => d.path = Some(v.into()),
+                "path" => {
+                    path_given = true;
+                    d.path = (!v.is_empty()).then(|| v.into());
+                }
                 "ro" => {
+                    ro_given = true;
                     d.read_only = v
                         .parse()
                         .map_err(|_| format!("drive {s:?}: ro must be true or false"))?
                 }
+                "layered" => return Err(format!("drive {s:?}: layered takes no value")),
                 other => return Err(format!("drive {s:?}: unknown key {other:?}")),
             }
         }
         if d.id.is_empty() {
             return Err(format!("drive {s:?}: an id is required"));
+        }
+        if d.layered {
+            if path_given {
+                return Err(format!(
+                    "drive {s:?}: a layered drive has no path (its layers come through the control API)"
+                ));
+            }
+            if ro_given && !d.read_only {
+                return Err(format!("drive {s:?}: a layered drive is read-only"));
+            }
+            d.read_only = true;
         }
         Ok(d)
     }
@@ -47,6 +84,9 @@ impl std::str::FromStr for DriveArg {
 
 impl fmt::Display for DriveArg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.layered {
+            return write!(f, "id={},layered", self.id);
+        }
         let path = self
             .path
             .as_deref()
@@ -86,10 +126,14 @@ pub struct VmConfig {
     /// The guest's vsock CID.
     #[arg(long, default_value = "3")]
     pub guest_cid: u64,
-    /// A block device: id=ID,path=PATH,ro=BOOL (repeatable; /dev/vda, /dev/vdb, ... in order).
+    /// A block device: id=ID,path=PATH,ro=BOOL, or id=ID,layered for a read-only drive whose
+    /// image layers come through the control socket (repeatable; /dev/vda, /dev/vdb, ... in
+    /// order).
     #[arg(long = "drive")]
     pub drives: Vec<DriveArg>,
-    /// The control socket (JSON lines: {"status":{}}, {"stop":{}}, {"update_drive":{"id":..,"path":..}}).
+    /// The control socket (JSON lines: {"status":{}}, {"stop":{}},
+    /// {"update_drive":{"id":..,"path":..}}, {"add_layer":{"drive":..,"path":..}},
+    /// {"remove_layer":{"drive":..,"start":..}}).
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
     /// The network interface (at most one; the guest's eth0, the VMM's "net0"):
@@ -171,11 +215,42 @@ mod tests {
         assert!("path=/x".parse::<DriveArg>().is_err());
         assert!("id=a,ro=maybe".parse::<DriveArg>().is_err());
         assert!("id=a,colour=red".parse::<DriveArg>().is_err());
+        assert!(!d.layered && !e.layered);
+    }
+
+    #[test]
+    fn layered_drives_parse() {
+        for s in [
+            "id=layers,layered",
+            "layered,id=layers",
+            "id=layers,layered,ro=true",
+        ] {
+            assert_eq!(
+                s.parse::<DriveArg>().unwrap(),
+                DriveArg::layered("layers"),
+                "{s}"
+            );
+        }
+        for (bad, why) in [
+            ("id=layers,layered,path=/x.img", "has no path"),
+            ("id=layers,path=,layered", "has no path"),
+            ("id=layers,layered,ro=false", "is read-only"),
+            ("id=layers,layered=true", "takes no value"),
+            ("layered", "an id is required"),
+            ("id=layers,layer", "is not key=value"),
+        ] {
+            let e = bad.parse::<DriveArg>().unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]
     fn drives_print_what_they_parse() {
-        for s in ["id=rootfs,path=/x.img,ro=true", "id=slot1,path=,ro=false"] {
+        for s in [
+            "id=rootfs,path=/x.img,ro=true",
+            "id=slot1,path=,ro=false",
+            "id=layers,layered",
+        ] {
             assert_eq!(s.parse::<DriveArg>().unwrap().to_string(), s);
         }
     }
@@ -194,6 +269,7 @@ mod tests {
         c.drives = vec![
             "id=rootfs,path=/r.ext4,ro=false".parse().unwrap(),
             "id=slot1,path=,ro=true".parse().unwrap(),
+            DriveArg::layered("layers"),
         ];
         assert_eq!(VmConfig::try_parse_from(args(&c)).unwrap(), c);
         c.net = Some("fd=7,mac=02:00:00:00:00:01,mtu=1450".parse().unwrap());

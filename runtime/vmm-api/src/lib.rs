@@ -17,7 +17,7 @@ pub mod files;
 pub mod launch;
 pub mod net;
 
-pub use api::{Answer, DeviceStatus, Request, VcpuRegs, VcpuStatus, VmStatus};
+pub use api::{Answer, DeviceStatus, Layer, Request, VcpuRegs, VcpuStatus, VmStatus};
 pub use client::{Client, ClientError};
 pub use launch::{DriveArg, VmConfig};
 pub use net::{MacAddr, NetArg, NetBackendArg};

@@ -9,11 +9,11 @@ use std::{
     time::Duration,
 };
 
-use husk_vmm_api::{Answer, DeviceStatus, Request, VmStatus};
+use husk_vmm_api::{Answer, DeviceStatus, Layer, Request, VmStatus};
 
 use crate::{
     device_manager::{lock, Transports},
-    devices::legacy::LegacyBus,
+    devices::{legacy::LegacyBus, virtio::mmio::MmioTransport},
     vmm::Event,
     vstate::vcpu_stats::VcpuStats,
 };
@@ -84,8 +84,9 @@ fn answer(line: &str, ctx: &ApiContext) -> Answer {
             Answer::ok()
         }
         Request::UpdateDrive { id, path } => {
-            let Some((_, t)) = ctx.transports.iter().find(|(i, _)| *i == id) else {
-                return Answer::error(format!("no drive {id:?}"));
+            let t = match drive(ctx, &id) {
+                Ok(t) => t,
+                Err(a) => return a,
             };
             let mut t = lock(t);
             match t.device_mut().update_backing(&path) {
@@ -96,6 +97,46 @@ fn answer(line: &str, ctx: &ApiContext) -> Answer {
                 Err(e) => Answer::error(e),
             }
         }
+        // The capacity does not change: the guest is not told.
+        Request::AddLayer { drive: id, path } => {
+            let t = match drive(ctx, &id) {
+                Ok(t) => t,
+                Err(a) => return a,
+            };
+            let placed = lock(t).device_mut().add_layer(&path);
+            match placed {
+                Ok(r) => {
+                    tracing::info!(drive = %id, path = %path.display(), "layer at {r:?}");
+                    Answer::Layer(Layer {
+                        start: r.start,
+                        length: r.end - r.start,
+                    })
+                }
+                Err(e) => Answer::error(e),
+            }
+        }
+        Request::RemoveLayer { drive: id, start } => {
+            let t = match drive(ctx, &id) {
+                Ok(t) => t,
+                Err(a) => return a,
+            };
+            let removed = lock(t).device_mut().remove_layer(start);
+            match removed {
+                Ok(()) => {
+                    tracing::info!(drive = %id, "layer at {start} removed");
+                    Answer::ok()
+                }
+                Err(e) => Answer::error(e),
+            }
+        }
+    }
+}
+
+/// The device with id `id`, or the answer that there is none.
+fn drive<'a>(ctx: &'a ApiContext, id: &str) -> Result<&'a Arc<Mutex<MmioTransport>>, Answer> {
+    match ctx.transports.iter().find(|(i, _)| i == id) {
+        Some((_, t)) => Ok(t),
+        None => Err(Answer::error(format!("no drive {id:?}"))),
     }
 }
 
@@ -113,7 +154,8 @@ mod tests {
         vstate::vcpu_stats::ExitKind,
     };
 
-    /// The control API's inputs: a block drive, an empty drive slot, a vsock device.
+    /// The control API's inputs: a block drive, an empty drive slot, a vsock device, a
+    /// layered drive.
     struct Api {
         _dir: tempfile::TempDir,
         disk: PathBuf,
@@ -141,6 +183,7 @@ mod tests {
                     "vsock".into(),
                     Box::new(Vsock::new(3, &dir.path().join("v.sock")).unwrap()),
                 ),
+                ("layers".into(), Box::new(Block::layered("layers"))),
             ];
             let transports = devices
                 .into_iter()
@@ -254,6 +297,91 @@ mod tests {
     }
 
     #[test]
+    fn api_add_and_remove_layers() {
+        let api = Api::new();
+        let disk = api.disk.display().to_string();
+        let add = |drive: &str, path: &str| {
+            format!(r#"{{"add_layer":{{"drive":"{drive}","path":"{path}"}}}}"#)
+        };
+        let remove = |drive: &str, start: u64| {
+            format!(r#"{{"remove_layer":{{"drive":"{drive}","start":{start}}}}}"#)
+        };
+        // Missing or mistyped fields.
+        for bad in [
+            r#"{"add_layer":{}}"#.to_string(),
+            r#"{"add_layer":{"drive":"layers"}}"#.to_string(),
+            format!(r#"{{"add_layer":{{"path":"{disk}"}}}}"#),
+        ] {
+            assert_eq!(api.error(&bad), "add_layer needs drive and path", "{bad}");
+        }
+        for bad in [
+            r#"{"remove_layer":{"drive":"layers"}}"#,
+            r#"{"remove_layer":{"drive":"layers","start":-1}}"#,
+        ] {
+            assert_eq!(
+                api.error(bad),
+                "remove_layer needs drive and start (a byte offset)",
+                "{bad}"
+            );
+        }
+        // An unknown drive, a drive that is not layered, a device that is not a drive, a
+        // file that does not open, an empty file.
+        assert_eq!(api.error(&add("nope", &disk)), r#"no drive "nope""#);
+        assert_eq!(api.error(&remove("nope", 0)), r#"no drive "nope""#);
+        assert_eq!(
+            api.error(&add("rootfs", &disk)),
+            r#"drive "rootfs" is not layered"#
+        );
+        assert_eq!(
+            api.error(&remove("slot1", 1 << 20)),
+            r#"drive "slot1" is not layered"#
+        );
+        assert_eq!(api.error(&add("vsock", &disk)), "not a block device");
+        let e = api.error(&add("layers", "/nonexistent/l.erofs"));
+        assert!(
+            e.starts_with("opening the layer file /nonexistent/l.erofs: "),
+            "{e}"
+        );
+        let empty = api.disk.with_file_name("empty.erofs");
+        std::fs::write(&empty, b"").unwrap();
+        let e = api.error(&add("layers", &empty.display().to_string()));
+        assert!(e.ends_with("empty.erofs is empty"), "{e}");
+        // Layers go at 1 MiB boundaries past each other, as long as the file rounded up.
+        let a = api.ask(&add("layers", &disk));
+        assert_eq!(a, serde_json::json!({"start": 1 << 20, "length": 8192}));
+        let a = api.ask(&add("layers", &disk));
+        assert_eq!(a, serde_json::json!({"start": 2 << 20, "length": 8192}));
+        // Removal, once.
+        assert_eq!(
+            api.ask(&remove("layers", 2 << 20)),
+            serde_json::json!({"ok": true})
+        );
+        assert_eq!(
+            api.error(&remove("layers", 2 << 20)),
+            "no layer starts at byte 2097152"
+        );
+        assert_eq!(
+            api.error(&remove("layers", 12345)),
+            "no layer starts at byte 12345"
+        );
+        // A removed range is not given again.
+        let a = api.ask(&add("layers", &disk));
+        assert_eq!(a["start"], 3 << 20);
+        // The capacity never moved, and the guest was told nothing.
+        let sectors = (1u64 << 50) / 512;
+        assert_eq!(api.reg(3, 0x100), sectors as u32);
+        assert_eq!(api.reg(3, 0x104), (sectors >> 32) as u32);
+        assert_eq!(api.reg(3, 0xfc), 0, "config generation");
+        assert_eq!(api.reg(3, 0x60), 0, "no interrupt");
+        // A layered drive has no backing file to update.
+        let e = api.error(&format!(
+            r#"{{"update_drive":{{"id":"layers","path":"{disk}"}}}}"#
+        ));
+        assert!(e.starts_with(r#"drive "layers" is layered"#), "{e}");
+        assert!(api.events_rx.try_recv().is_err());
+    }
+
+    #[test]
     fn api_status_and_stop() {
         let api = Api::new();
         api.ctx.stats[0].record(ExitKind::Port, 0x3f8);
@@ -275,7 +403,7 @@ mod tests {
         assert_eq!(vcpus[1]["last_io"], "mmio 0xd0000070");
         let devices = st["devices"].as_array().expect("devices");
         let ids: Vec<_> = devices.iter().map(|d| d["id"].as_str().unwrap()).collect();
-        assert_eq!(ids, ["rootfs", "slot1", "vsock"]);
+        assert_eq!(ids, ["rootfs", "slot1", "vsock", "layers"]);
         assert!(devices.iter().all(|d| d["driver_status"] == 0));
         // The guest signals ready and acknowledges a device.
         lock(&api.ctx.legacy).write(crate::devices::legacy::BOOT_TIMER_PORT, &[1]);

@@ -160,10 +160,12 @@ fn load_initramfs(
 fn create_devices(cfg: &VmConfig) -> Result<(NamedDevices, Vec<PathBuf>), BuildError> {
     let mut devices: NamedDevices = Vec::new();
     for d in &cfg.drives {
-        devices.push((
-            d.id.clone(),
-            Box::new(Block::new(&d.id, d.path.as_deref(), d.read_only)?),
-        ));
+        let block = if d.layered {
+            Block::layered(&d.id)
+        } else {
+            Block::new(&d.id, d.path.as_deref(), d.read_only)?
+        };
+        devices.push((d.id.clone(), Box::new(block)));
     }
     let mut sockets = Vec::new();
     if let Some(uds) = &cfg.vsock_uds {

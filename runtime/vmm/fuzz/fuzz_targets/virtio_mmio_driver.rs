@@ -3,7 +3,8 @@
 //! of a block or vsock device at will. Whatever it does, the VMM must not panic, hang, or
 //! touch memory outside the guest's.
 //!
-//! Input: byte 0 picks the device; then 8 KiB of guest memory (zero-padded); then 8-byte
+//! Input: byte 0 picks the device (odd: vsock; even: a block drive, read-only with bit 1,
+//! layered with bit 2: two layers, one with a zero tail, with holes around them); then 8 KiB of guest memory (zero-padded); then 8-byte
 //! operations: [kind, offset_lo, offset_hi, len, value (4 bytes)]. seeds/gen.py writes
 //! inputs of a well-behaved driver (init, queue setup, one request) to start from.
 #![no_main]
@@ -27,12 +28,20 @@ fuzz_target!(|data: &[u8]| {
     mem.write_slice(image, GuestAddress(0)).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let device: Box<dyn VirtioDevice> = if which % 2 == 0 {
+    let device: Box<dyn VirtioDevice> = if which % 2 == 1 {
+        Box::new(Vsock::new(3, &dir.path().join("v.sock")).unwrap())
+    } else if which & 4 != 0 {
+        let mut b = Block::layered("fuzz");
+        for (name, len) in [("a", 5000), ("b", 4096)] {
+            let layer = dir.path().join(name);
+            std::fs::write(&layer, vec![0xa5u8; len]).unwrap();
+            b.add_layer(&layer).unwrap();
+        }
+        Box::new(b)
+    } else {
         let disk = dir.path().join("disk");
         std::fs::write(&disk, vec![0u8; 16 << 10]).unwrap();
         Box::new(Block::new("fuzz", Some(&disk), which & 2 != 0).unwrap())
-    } else {
-        Box::new(Vsock::new(3, &dir.path().join("v.sock")).unwrap())
     };
     let irq = IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
     let mut t = MmioTransport::new(device, mem.clone(), irq);

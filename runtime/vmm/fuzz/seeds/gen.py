@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes seed inputs for the fuzz targets, so the fuzzer starts from inputs that reach the
-devices' request paths. virtio_mmio_driver: a well-behaved driver that initializes a block (or
-vsock) device, sets up its queues and submits one request. vsock_packets: well-formed packet
+devices' request paths. virtio_mmio_driver: a well-behaved driver that initializes a block
+(file-backed or layered) or vsock device, sets up its queues and submits one request. vsock_packets: well-formed packet
 sequences (a connection's whole life, credit traffic). Run from this directory."""
 import os
 import struct
@@ -35,14 +35,15 @@ def init(features_hi):
     ])
 
 
-def block_seed(read_only):
+def block_seed(device, sector=0, length=512, status=0x1400):
+    """device: 0 a read-write drive, 2 a read-only one, 4 a layered one."""
     mem = bytearray(IMAGE)
-    # A read of sector 0: header, 512-byte data buffer, status byte.
-    mem[0:48] = desc(0x1000, 16, 1, 1) + desc(0x1100, 512, 3, 2) + desc(0x1400, 1, 2, 0)
+    # A read of `length` bytes at `sector`: header, data buffer, status byte.
+    mem[0:48] = desc(0x1000, 16, 1, 1) + desc(0x1100, length, 3, 2) + desc(status, 1, 2, 0)
     mem[0x400:0x406] = struct.pack("<HHH", 0, 1, 0)
-    mem[0x1000:0x1010] = struct.pack("<IIQ", 0, 0, 0)
+    mem[0x1000:0x1010] = struct.pack("<IIQ", 0, 0, sector)
     ops = init(1) + setup_queue(0, 8, 0, 0x400, 0x800) + op_write(0x070, 15) + op_write(0x050, 0)
-    return bytes([2 if read_only else 0]) + bytes(mem) + ops
+    return bytes([device]) + bytes(mem) + ops
 
 
 def vsock_seed():
@@ -60,7 +61,9 @@ def vsock_seed():
 
 
 os.makedirs("virtio_mmio_driver", exist_ok=True)
-for name, data in [("block-read", block_seed(False)), ("block-ro-read", block_seed(True)),
+# The layered read starts in the hole before the first layer (at 1 MiB) and ends inside it.
+for name, data in [("block-read", block_seed(0)), ("block-ro-read", block_seed(2)),
+                   ("block-layered-read", block_seed(4, (1 << 20) // 512 - 1, 1024, 0x1600)),
                    ("vsock-request", vsock_seed())]:
     with open(os.path.join("virtio_mmio_driver", name), "wb") as f:
         f.write(data)

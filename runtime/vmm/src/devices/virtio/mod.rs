@@ -84,4 +84,12 @@ pub trait VirtioDevice: Send {
     fn update_backing(&mut self, _path: &std::path::Path) -> Result<(), String> {
         Err("not a block device".into())
     }
+    /// Puts an image layer on a layered drive; returns its byte range.
+    fn add_layer(&mut self, _path: &std::path::Path) -> Result<std::ops::Range<u64>, String> {
+        Err("not a block device".into())
+    }
+    /// Takes the layer that starts at byte `start` off a layered drive.
+    fn remove_layer(&mut self, _start: u64) -> Result<(), String> {
+        Err("not a block device".into())
+    }
 }
