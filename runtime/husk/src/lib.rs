@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod image;
+pub mod layers;
 pub mod net;
 pub mod pod;
 pub mod stdio;

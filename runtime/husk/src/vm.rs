@@ -168,6 +168,7 @@ impl Vm {
                 id: d.id.clone(),
                 path: (!d.path.as_os_str().is_empty()).then(|| d.path.clone()),
                 read_only: d.read_only,
+                layered: false,
             })
             .collect();
         let mut tap_fd = None;
