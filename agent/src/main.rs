@@ -103,6 +103,10 @@ fn run(args: Args, pid1: bool) -> anyhow::Result<()> {
     let cgroup_root = cgroup_root(args.cgroup_root.as_deref(), pid1);
     let engine = EngineConfig {
         cgroup_root,
+        layers: std::sync::Arc::new(husk_agent::container::LayerStore::new(
+            args.state_dir.join(".layers"),
+            "/sys/class/block",
+        )),
         state_dir: args.state_dir,
         agent_exe: "/proc/self/exe".into(),
     };

@@ -16,7 +16,7 @@ use nix::{sys::signal::Signal, unistd::Pid};
 use oci_spec::runtime::{LinuxResources, Process, Spec};
 
 use crate::{
-    container::{self, Container, EngineConfig, RootfsSource},
+    container::{self, Container, EngineConfig, LayerSpec, Layered, RootfsSource},
     error::AgentError,
     oom::{self, MemoryEvents, OomEvents},
     reaper::{ExitWatch, Reaper},
@@ -118,8 +118,7 @@ impl std::fmt::Debug for Sandbox {
 fn check_id(field: &str, id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 128
-        && id != "."
-        && id != ".."
+        && !id.starts_with('.')
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
@@ -127,7 +126,7 @@ fn check_id(field: &str, id: &str) -> Result<()> {
         Ok(())
     } else {
         Err(AgentError::InvalidArgument(format!(
-            "{field}: {id:?} is not a valid id (1-128 of [A-Za-z0-9._-])"
+            "{field}: {id:?} is not a valid id (1-128 of [A-Za-z0-9._-], not starting with '.')"
         )))
     }
 }
@@ -240,9 +239,23 @@ impl Sandbox {
                     readonly: b.readonly,
                 }
             }
+            Some(pb::rootfs::Kind::Layered(l)) => RootfsSource::Layered(Layered {
+                device: l.device.into(),
+                layers: l
+                    .layers
+                    .into_iter()
+                    .map(|x| LayerSpec {
+                        key: x.key,
+                        start: x.start,
+                        length: x.length,
+                        fstype: x.fstype,
+                    })
+                    .collect(),
+                scratch: l.scratch.into(),
+            }),
             _ => {
                 return Err(AgentError::InvalidArgument(
-                    "rootfs: a path or a block device is required".into(),
+                    "rootfs: a path, a block device or layers are required".into(),
                 ))
             }
         };

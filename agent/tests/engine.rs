@@ -90,6 +90,10 @@ impl World {
             cgroup_root,
             state_dir: dir.path().join("state"),
             agent_exe: env!("CARGO_BIN_EXE_husk-agent").into(),
+            layers: std::sync::Arc::new(husk_agent::container::LayerStore::new(
+                dir.path().join("layers"),
+                "/sys/class/block",
+            )),
         };
         World {
             dir,

@@ -25,6 +25,9 @@ pub enum CreateError {
         #[source]
         source: io::Error,
     },
+    /// The image layers or the scratch drive of a layered rootfs.
+    #[error("{0}")]
+    Layers(String),
     #[error("mounting the rootfs {} ({fstype}) at {}", source_dev.display(), target.display())]
     MountRootfs {
         source_dev: PathBuf,

@@ -18,6 +18,7 @@ pub mod cgroup;
 pub mod channel;
 mod error;
 mod helper;
+mod layers;
 pub mod mounts;
 mod pidfd;
 pub mod process;
@@ -38,6 +39,7 @@ use nix::{sys::signal::Signal, unistd::Pid};
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
 
 pub use error::{ContainerError, CreateError, DestroyError, ExecError, StartError};
+pub use layers::{LayerSpec, LayerStore, Layered};
 pub use rootfs::RootfsSource;
 
 use cgroup::{Cgroup, CgroupError};
@@ -76,6 +78,8 @@ pub struct EngineConfig {
     pub state_dir: PathBuf,
     /// The agent binary to re-exec for the in-container helpers (normally /proc/self/exe).
     pub agent_exe: PathBuf,
+    /// The pod's image layers and scratch drive, shared by its containers.
+    pub layers: std::sync::Arc<LayerStore>,
 }
 
 /// Called first thing in main(): if argv[1] is one of the engine's internal re-exec verbs
@@ -98,6 +102,8 @@ pub struct Container {
     state_dir: PathBuf,
     /// The block rootfs we mounted, if any.
     rootfs_mount: Option<PathBuf>,
+    /// The layers and scratch directory a layered rootfs holds.
+    layered: Option<(std::sync::Arc<LayerStore>, layers::Held)>,
     cgroup: Option<Cgroup>,
     init_pid: Pid,
     init_pidfd: Option<OwnedFd>,
@@ -161,6 +167,7 @@ impl Container {
             agent_exe: cfg.agent_exe.clone(),
             state_dir: cfg.state_dir.join(id),
             rootfs_mount: None,
+            layered: None,
             cgroup: None,
             init_pid: Pid::from_raw(0),
             init_pidfd: None,
@@ -217,6 +224,13 @@ impl Container {
             } => {
                 let target = self.state_dir.join("rootfs");
                 rootfs::mount_block(&Linux, &source, &fstype, &options, readonly, &target)?;
+                self.rootfs_mount = Some(target.clone());
+                target
+            }
+            RootfsSource::Layered(l) => {
+                let target = self.state_dir.join("rootfs");
+                let held = cfg.layers.mount(&Linux, &self.id, &l, &target)?;
+                self.layered = Some((cfg.layers.clone(), held));
                 self.rootfs_mount = Some(target.clone());
                 target
             }
@@ -529,6 +543,9 @@ impl Container {
         if let Some(m) = &self.rootfs_mount {
             rootfs::unmount(&Linux, m)?;
             self.rootfs_mount = None;
+        }
+        if let Some((store, held)) = self.layered.take() {
+            store.release(&Linux, &held)?;
         }
         // Only rmdir: never recurse into what might still be a mounted rootfs.
         for dir in [self.state_dir.join("rootfs"), self.state_dir.clone()] {

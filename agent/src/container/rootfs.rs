@@ -27,6 +27,8 @@ pub enum RootfsSource {
         options: Vec<String>,
         readonly: bool,
     },
+    /// Image layers stacked under a writable upper (see [`super::layers`]).
+    Layered(super::Layered),
 }
 
 /// How long a block rootfs may take to get its media (a drive slot the VMM just filled).

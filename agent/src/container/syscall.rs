@@ -29,6 +29,58 @@ pub trait Syscall {
     fn chown(&self, path: &Path, uid: Option<u32>, gid: Option<u32>) -> nix::Result<()>;
     /// The mount flags (MS_RDONLY, MS_NOSUID, ...) of the mount holding `path`.
     fn mount_flags(&self, path: &Path) -> nix::Result<MsFlags>;
+    /// Makes bytes `start`..`start + length` of the disk `disk` its partition `pno`
+    /// (BLKPG_ADD_PARTITION: no partition table is read or written).
+    fn add_partition(&self, disk: &Path, pno: u32, start: u64, length: u64) -> nix::Result<()>;
+    /// Deletes partition `pno` of `disk` (BLKPG_DEL_PARTITION).
+    fn del_partition(&self, disk: &Path, pno: u32) -> nix::Result<()>;
+}
+
+/// `struct blkpg_partition` of linux/blkpg.h.
+#[repr(C)]
+struct BlkpgPartition {
+    start: libc::c_longlong,
+    length: libc::c_longlong,
+    pno: libc::c_int,
+    devname: [libc::c_char; 64],
+    volname: [libc::c_char; 64],
+}
+
+/// `struct blkpg_ioctl_arg` of linux/blkpg.h.
+#[repr(C)]
+struct BlkpgIoctlArg {
+    op: libc::c_int,
+    flags: libc::c_int,
+    datalen: libc::c_int,
+    data: *mut libc::c_void,
+}
+
+/// `BLKPG`, `_IO(0x12, 105)`.
+const BLKPG: libc::c_ulong = 0x1269;
+const BLKPG_ADD_PARTITION: libc::c_int = 1;
+const BLKPG_DEL_PARTITION: libc::c_int = 2;
+
+fn blkpg(disk: &Path, op: libc::c_int, pno: u32, start: u64, length: u64) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(disk)
+        .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    let mut part = BlkpgPartition {
+        start: i64::try_from(start).map_err(|_| nix::errno::Errno::EOVERFLOW)?,
+        length: i64::try_from(length).map_err(|_| nix::errno::Errno::EOVERFLOW)?,
+        pno: i32::try_from(pno).map_err(|_| nix::errno::Errno::EINVAL)?,
+        devname: [0; 64],
+        volname: [0; 64],
+    };
+    let mut arg = BlkpgIoctlArg {
+        op,
+        flags: 0,
+        datalen: std::mem::size_of::<BlkpgPartition>() as libc::c_int,
+        data: (&mut part as *mut BlkpgPartition).cast(),
+    };
+    // SAFETY: BLKPG reads one blkpg_ioctl_arg, whose data points at one blkpg_partition of
+    // datalen bytes; both live across the call, and the fd is ours.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), BLKPG, &mut arg) };
+    nix::errno::Errno::result(r).map(drop)
 }
 
 /// The real kernel.
@@ -98,6 +150,14 @@ impl Syscall for Linux {
             .filter(|(s, _)| f.contains(*s))
             .fold(MsFlags::empty(), |acc, (_, m)| acc | *m))
     }
+
+    fn add_partition(&self, disk: &Path, pno: u32, start: u64, length: u64) -> nix::Result<()> {
+        blkpg(disk, BLKPG_ADD_PARTITION, pno, start, length)
+    }
+
+    fn del_partition(&self, disk: &Path, pno: u32) -> nix::Result<()> {
+        blkpg(disk, BLKPG_DEL_PARTITION, pno, 0, 0)
+    }
 }
 
 #[cfg(test)]
@@ -120,6 +180,14 @@ pub mod test {
         PivotRoot(PathBuf),
         Mknod(PathBuf, u64),
         Chown(PathBuf),
+        AddPartition {
+            pno: u32,
+            start: u64,
+            length: u64,
+        },
+        DelPartition {
+            pno: u32,
+        },
     }
 
     /// The [`Call`] a mount records.
@@ -204,6 +272,16 @@ pub mod test {
         }
         fn mount_flags(&self, _: &Path) -> nix::Result<MsFlags> {
             Ok(MsFlags::MS_NOSUID)
+        }
+        fn add_partition(&self, _: &Path, pno: u32, start: u64, length: u64) -> nix::Result<()> {
+            self.calls
+                .borrow_mut()
+                .push(Call::AddPartition { pno, start, length });
+            Ok(())
+        }
+        fn del_partition(&self, _: &Path, pno: u32) -> nix::Result<()> {
+            self.calls.borrow_mut().push(Call::DelPartition { pno });
+            Ok(())
         }
     }
 }
