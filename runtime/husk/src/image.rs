@@ -1,15 +1,25 @@
 //! Container root filesystems for `husk run`: a directory, or an OCI image layout (directory or
-//! tarball) unpacked layer by layer; then packed into an ext4 disk image for the VM.
+//! tarball) unpacked layer by layer; then packed into an ext4 disk image for the VM. Or the
+//! layout's layers one by one, each unpacked as an overlayfs layer into the layer cache
+//! ([`layout_layers`]), for the guest to stack.
+
+mod digest;
+mod overlay;
 
 use std::{
     fs,
-    io::{Read, Seek},
+    io::{self, Read, Seek},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::Command,
 };
 
 use serde::Deserialize;
+
+use self::digest::{parse_digest, Hashing};
+use crate::layers::{Layer, LayerCache, LayerError};
+
+pub use overlay::unpack_layer_as_overlay;
 
 /// Why a rootfs could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +41,22 @@ pub enum ImageError {
     },
     #[error("the OCI layout {0} has no image manifest")]
     NoManifest(PathBuf),
+    #[error("{0} is not an OCI image layout (no oci-layout file)")]
+    NotLayout(PathBuf),
+    #[error("{0} is not a digest husk can check (sha256:<64 hex> or sha512:<128 hex>)")]
+    BadDigest(String),
+    #[error("the blob {path} does not match its digest {digest} (its content hashes to {actual})")]
+    DigestMismatch {
+        digest: String,
+        path: PathBuf,
+        actual: String,
+    },
+    #[error("layer {digest}")]
+    Layer {
+        digest: String,
+        #[source]
+        source: LayerError,
+    },
     #[error("layer {0}: unsupported media type {1}")]
     MediaType(String, String),
     #[error("a layer entry escapes the rootfs: {0}")]
@@ -67,10 +93,60 @@ pub struct Rootfs {
 /// Turns `src` into a rootfs directory: `src` itself if it is a plain directory, or the
 /// unpacked image if it is an OCI image layout (directory, or tarball unpacked under `work`).
 pub fn prepare(src: &Path, work: &Path) -> Result<Rootfs, ImageError> {
+    let Some(layout) = open_layout(src, work)? else {
+        return Ok(Rootfs {
+            dir: src.to_path_buf(),
+            config: ImageConfig::default(),
+        });
+    };
+    let dir = work.join("rootfs");
+    fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let config = unpack_layout(&layout, &dir)?;
+    Ok(Rootfs { dir, config })
+}
+
+/// An image's layers in the layer cache, each an overlayfs layer.
+#[derive(Debug)]
+pub struct LayoutLayers {
+    /// Bottom first.
+    pub layers: Vec<Layer>,
+    pub config: ImageConfig,
+}
+
+/// The layers of the OCI image layout `src` (a directory, or a tarball unpacked under `work`
+/// as [`prepare`] does) as entries of `cache`, each unpacked on first use with
+/// [`unpack_layer_as_overlay`], and the image's config.
+///
+/// An entry's key is its layer's digest. A blob is checked against its digest as it is
+/// unpacked: the layout is user input, and a blob that does not match is an error and never
+/// enters the cache. A cached layer is not read again.
+///
+/// An entry's source (what keeps it through [`LayerCache::gc`]) is its blob file. A tarball's
+/// blobs are under `work`, which goes when the run ends: its entries stay until the next gc,
+/// and until then any run of an image with one of those layers finds it and skips unpacking.
+pub fn layout_layers(
+    src: &Path,
+    work: &Path,
+    cache: &LayerCache,
+) -> Result<LayoutLayers, ImageError> {
+    let layout = open_layout(src, work)?.ok_or_else(|| ImageError::NotLayout(src.to_path_buf()))?;
+    let manifest = image_manifest(&layout)?;
+    let layers = manifest
+        .layers
+        .iter()
+        .map(|desc| cached_layer(&layout, desc, cache))
+        .collect::<Result<_, _>>()?;
+    let config = image_config(&layout, &manifest)?;
+    Ok(LayoutLayers { layers, config })
+}
+
+/// The OCI image layout `src` is: itself if it is a layout directory, the tarball `src`
+/// unpacked under `work`, or None for another directory.
+fn open_layout(src: &Path, work: &Path) -> Result<Option<PathBuf>, ImageError> {
     if !src.exists() {
         return Err(ImageError::Missing(src.to_path_buf()));
     }
-    let layout = if src.is_file() {
+    if src.is_file() {
         let dir = work.join("layout");
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         let mut f = fs::File::open(src).map_err(io(src))?;
@@ -83,19 +159,46 @@ pub fn prepare(src: &Path, work: &Path) -> Result<Rootfs, ImageError> {
             Box::new(f)
         };
         tar::Archive::new(reader).unpack(&dir).map_err(io(src))?;
-        dir
+        Ok(Some(dir))
     } else if src.join("oci-layout").exists() {
-        src.to_path_buf()
+        Ok(Some(src.to_path_buf()))
     } else {
-        return Ok(Rootfs {
-            dir: src.to_path_buf(),
-            config: ImageConfig::default(),
-        });
-    };
-    let dir = work.join("rootfs");
-    fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let config = unpack_layout(&layout, &dir)?;
-    Ok(Rootfs { dir, config })
+        Ok(None)
+    }
+}
+
+/// The cache entry of the layer `desc` of `layout`, made on first use.
+fn cached_layer(layout: &Path, desc: &Descriptor, cache: &LayerCache) -> Result<Layer, ImageError> {
+    let (alg, hex) = parse_digest(&desc.digest)?;
+    let path = blob(layout, &desc.digest);
+    // Before the cache: a layer husk cannot read is refused whether or not it is cached.
+    let compression = Compression::of(desc)?;
+    let mut actual = None;
+    let made = cache.blob(&desc.digest, &path, |dir| {
+        let file = fs::File::open(&path).map_err(|e| format!("opening it: {e}"))?;
+        let mut blob = Hashing::new(file, alg);
+        let unpacked = unpack_layer_as_overlay(compression.reader(&mut blob), dir);
+        // Every byte is hashed, also past the tar's end and after an error (a damaged blob
+        // is the likelier cause, and the one to report).
+        io::copy(&mut blob, &mut io::sink()).map_err(|e| format!("reading it: {e}"))?;
+        let got = blob.hex();
+        if got != hex {
+            actual = Some(got);
+            return Err("it does not match its digest".into());
+        }
+        unpacked.map_err(|e| format!("unpacking it: {}", error_chain(&e)))
+    });
+    made.map_err(|source| match actual {
+        Some(actual) => ImageError::DigestMismatch {
+            digest: desc.digest.clone(),
+            path,
+            actual,
+        },
+        None => ImageError::Layer {
+            digest: desc.digest.clone(),
+            source,
+        },
+    })
 }
 
 #[derive(Deserialize)]
@@ -151,7 +254,8 @@ fn read_json<T: for<'de> Deserialize<'de>>(
     })
 }
 
-fn unpack_layout(layout: &Path, dest: &Path) -> Result<ImageConfig, ImageError> {
+/// The image manifest of `layout`: its index's first, or the first of a nested index's.
+fn image_manifest(layout: &Path) -> Result<Manifest, ImageError> {
     let index: Index = read_json(&layout.join("index.json"), "OCI index")?;
     let desc = index
         .manifests
@@ -167,24 +271,10 @@ fn unpack_layout(layout: &Path, dest: &Path) -> Result<ImageConfig, ImageError> 
             .ok_or_else(|| ImageError::NoManifest(layout.to_path_buf()))?;
         manifest_path = blob(layout, &d.digest);
     }
-    let manifest: Manifest = read_json(&manifest_path, "OCI manifest")?;
-    for layer in &manifest.layers {
-        let path = blob(layout, &layer.digest);
-        let f = fs::File::open(&path).map_err(io(&path))?;
-        let reader: Box<dyn Read> = if layer.media_type.ends_with("+gzip")
-            || layer.media_type.ends_with(".gzip")
-        {
-            Box::new(flate2::read::GzDecoder::new(f))
-        } else if layer.media_type.ends_with(".tar") || layer.media_type.ends_with("layer.v1.tar") {
-            Box::new(f)
-        } else {
-            return Err(ImageError::MediaType(
-                layer.digest.clone(),
-                layer.media_type.clone(),
-            ));
-        };
-        apply_layer(reader, dest).map_err(io(&path))?;
-    }
+    read_json(&manifest_path, "OCI manifest")
+}
+
+fn image_config(layout: &Path, manifest: &Manifest) -> Result<ImageConfig, ImageError> {
     let cfg: ConfigFile = read_json(&blob(layout, &manifest.config.digest), "OCI image config")?;
     let c = cfg.config.unwrap_or_default();
     Ok(ImageConfig {
@@ -193,6 +283,60 @@ fn unpack_layout(layout: &Path, dest: &Path) -> Result<ImageConfig, ImageError> 
         env: c.env.unwrap_or_default(),
         working_dir: c.working_dir.filter(|w| !w.is_empty()),
     })
+}
+
+fn unpack_layout(layout: &Path, dest: &Path) -> Result<ImageConfig, ImageError> {
+    let manifest = image_manifest(layout)?;
+    for layer in &manifest.layers {
+        let path = blob(layout, &layer.digest);
+        let compression = Compression::of(layer)?;
+        let f = fs::File::open(&path).map_err(io(&path))?;
+        apply_layer(compression.reader(f), dest).map_err(io(&path))?;
+    }
+    image_config(layout, &manifest)
+}
+
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy)]
+enum Compression {
+    None,
+    Gzip,
+}
+
+impl Compression {
+    fn of(layer: &Descriptor) -> Result<Self, ImageError> {
+        let t = &layer.media_type;
+        if t.ends_with("+gzip") || t.ends_with(".gzip") {
+            Ok(Compression::Gzip)
+        } else if t.ends_with(".tar") {
+            Ok(Compression::None)
+        } else {
+            Err(ImageError::MediaType(
+                layer.digest.clone(),
+                layer.media_type.clone(),
+            ))
+        }
+    }
+
+    /// The tar stream of the blob `r`. A gzip stream may have several members (eStargz).
+    fn reader<'a>(self, r: impl Read + 'a) -> Box<dyn Read + 'a> {
+        match self {
+            Compression::None => Box::new(r),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
+        }
+    }
+}
+
+/// `e` and its sources, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += ": ";
+        s += &c.to_string();
+        cur = c.source();
+    }
+    s
 }
 
 /// Applies one layer tarball onto `dest`, honouring whiteouts (`.wh.NAME` removes NAME,
@@ -330,6 +474,8 @@ pub fn make_ext4(dir: &Path, img: &Path, extra_mib: u64) -> Result<u64, ImageErr
 
 #[cfg(test)]
 mod tests {
+    use sha2::{Digest, Sha256};
+
     use super::*;
 
     fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
@@ -433,21 +579,43 @@ mod tests {
         assert!(e.to_string().contains("nope"), "{e}");
     }
 
-    #[test]
-    fn oci_layout_is_unpacked_with_its_config() {
-        use sha2_free::digest;
-        let d = tempfile::tempdir().unwrap();
-        let layout = d.path().join("img");
+    const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+    const TAR_GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+    fn sha256(bytes: &[u8]) -> String {
+        let h: String = Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("sha256:{h}")
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, bytes).unwrap();
+        gz.finish().unwrap()
+    }
+
+    /// Writes an OCI image layout at `layout` with `layers` (media type, blob), bottom first,
+    /// and the image config `config`; returns the layers' digests.
+    fn layout_of(layout: &Path, layers: &[(&str, Vec<u8>)], config: &str) -> Vec<String> {
         fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
         let put = |bytes: &[u8]| {
-            let h = digest(bytes);
-            fs::write(layout.join("blobs/sha256").join(&h), bytes).unwrap();
-            format!("sha256:{h}")
+            let digest = sha256(bytes);
+            let path = blob(layout, &digest);
+            fs::write(path, bytes).unwrap();
+            digest
         };
-        let layer = put(&tar_of(&[("bin/hello", b"hi")]));
-        let config = put(br#"{"config":{"Cmd":["/bin/hello"],"Env":["A=1"],"WorkingDir":"/w"}}"#);
+        let digests: Vec<String> = layers.iter().map(|(_, b)| put(b)).collect();
+        let descs: Vec<String> = layers
+            .iter()
+            .zip(&digests)
+            .map(|((t, _), d)| format!(r#"{{"mediaType":"{t}","digest":"{d}"}}"#))
+            .collect();
+        let config = put(config.as_bytes());
         let manifest = put(format!(
-            r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}"}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}"}}]}}"#
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}"}},"layers":[{}]}}"#,
+            descs.join(",")
         ).as_bytes());
         fs::write(
             layout.join("oci-layout"),
@@ -459,6 +627,23 @@ mod tests {
             format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest}"}}]}}"#),
         )
         .unwrap();
+        digests
+    }
+
+    /// The layout `layout` as a tarball (`skopeo copy oci-archive:`).
+    fn tarball_of(layout: &Path) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_dir_all(".", layout).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    const CONFIG: &str = r#"{"config":{"Cmd":["/bin/hello"],"Env":["A=1"],"WorkingDir":"/w"}}"#;
+
+    #[test]
+    fn oci_layout_is_unpacked_with_its_config() {
+        let d = tempfile::tempdir().unwrap();
+        let layout = d.path().join("img");
+        layout_of(&layout, &[(TAR, tar_of(&[("bin/hello", b"hi")]))], CONFIG);
         let check = |r: Rootfs| {
             assert_eq!(fs::read(r.dir.join("bin/hello")).unwrap(), b"hi");
             assert_eq!(r.config.cmd, vec!["/bin/hello"]);
@@ -466,26 +651,129 @@ mod tests {
             assert_eq!(r.config.working_dir.as_deref(), Some("/w"));
         };
         check(prepare(&layout, &d.path().join("work")).unwrap());
-        // The same layout as a tarball (`skopeo copy oci-archive:`), plain and gzipped.
-        let mut b = tar::Builder::new(Vec::new());
-        b.append_dir_all(".", &layout).unwrap();
-        let tarball = b.into_inner().unwrap();
+        // The same layout as a tarball, plain and gzipped.
+        let tarball = tarball_of(&layout);
         fs::write(d.path().join("img.tar"), &tarball).unwrap();
         check(prepare(&d.path().join("img.tar"), &d.path().join("work-tar")).unwrap());
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gz, &tarball).unwrap();
-        fs::write(d.path().join("img.tar.gz"), gz.finish().unwrap()).unwrap();
+        fs::write(d.path().join("img.tar.gz"), gzip(&tarball)).unwrap();
         check(prepare(&d.path().join("img.tar.gz"), &d.path().join("work-gz")).unwrap());
     }
 
-    /// Blob names only need to be unique and stable in the test; the layout code never
-    /// verifies digests.
-    mod sha2_free {
-        pub fn digest(b: &[u8]) -> String {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            b.hash(&mut h);
-            format!("{:016x}{:048x}", h.finish(), b.len())
+    fn require_root() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root: whiteouts are device nodes, opaque directories trusted.* xattrs"
+        );
+    }
+
+    /// `debugfs -R CMD image`'s output.
+    fn debugfs(image: &Path, cmd: &str) -> String {
+        let o = Command::new("debugfs")
+            .args(["-R", cmd])
+            .arg(image)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+    }
+
+    /// The file names in `dir`, sorted.
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn layout_layers_enter_the_cache_bottom_first_once() {
+        require_root();
+        let d = tempfile::tempdir().unwrap();
+        let layout = d.path().join("img");
+        let lower = tar_of(&[("bin/hello", b"hi"), ("etc/gone", b"g"), ("var/old", b"o")]);
+        let upper = tar_of(&[
+            ("etc/.wh.gone", b""),
+            ("var/.wh..wh..opq", b""),
+            ("var/new", b"n"),
+        ]);
+        layout_of(&layout, &[(TAR, lower), (TAR_GZ, gzip(&upper))], CONFIG);
+        let cache = LayerCache::new(d.path().join("cache"));
+
+        let first = layout_layers(&layout, &d.path().join("work"), &cache).unwrap();
+        assert_eq!(first.config.cmd, vec!["/bin/hello"]);
+        assert_eq!(first.config.working_dir.as_deref(), Some("/w"));
+        let [bottom, top] = &first.layers[..] else {
+            panic!("{:?}", first.layers)
+        };
+        assert!(bottom.converted && top.converted);
+        assert_ne!(bottom.key, top.key);
+        assert!(debugfs(&bottom.image, "cat /bin/hello").contains("hi"));
+        let gone = debugfs(&top.image, "stat /etc/gone");
+        assert!(gone.contains("Type: character special"), "{gone}");
+        assert!(gone.contains("Mode:  0000"), "{gone}");
+        let var = debugfs(&top.image, "ea_list /var");
+        assert!(var.contains(r#"trusted.overlay.opaque (1) = "y""#), "{var}");
+        assert!(debugfs(&top.image, "cat /var/new").contains('n'));
+
+        // Again, and as a tarball: the digests find the entries.
+        let again = layout_layers(&layout, &d.path().join("work2"), &cache).unwrap();
+        fs::write(d.path().join("img.tar"), tarball_of(&layout)).unwrap();
+        let tarball = layout_layers(&d.path().join("img.tar"), &d.path().join("work3"), &cache);
+        for r in [again, tarball.unwrap()] {
+            let got: Vec<_> = r.layers.iter().map(|l| (&l.key, l.converted)).collect();
+            assert_eq!(got, [(&bottom.key, false), (&top.key, false)]);
         }
+    }
+
+    #[test]
+    fn a_blob_that_does_not_match_its_digest_is_refused_and_never_cached() {
+        require_root();
+        let d = tempfile::tempdir().unwrap();
+        let good = tar_of(&[("bin/hello", b"hi")]);
+        // A tar that unpacks, with other content; a gzip stream that does not decompress.
+        let other = tar_of(&[("bin/hello", b"ho")]);
+        let mut broken = gzip(&good);
+        broken[20] ^= 0xff;
+        let cases = [(TAR, good.clone(), other), (TAR_GZ, gzip(&good), broken)];
+        for (i, (media_type, blob_bytes, corrupted)) in cases.into_iter().enumerate() {
+            let layout = d.path().join(format!("img{i}"));
+            let digests = layout_of(&layout, &[(media_type, blob_bytes)], CONFIG);
+            fs::write(blob(&layout, &digests[0]), corrupted).unwrap();
+            let cache = LayerCache::new(d.path().join(format!("cache{i}")));
+            let e = layout_layers(&layout, &d.path().join("work"), &cache).unwrap_err();
+            match &e {
+                ImageError::DigestMismatch { digest, .. } => assert_eq!(digest, &digests[0]),
+                e => panic!("{media_type}: {e}"),
+            }
+            assert!(e.to_string().contains(&digests[0]), "{e}");
+            let left = names(cache.dir());
+            assert!(left.iter().all(|n| n.ends_with(".lock")), "{left:?}");
+        }
+    }
+
+    #[test]
+    fn layout_layers_refuse_what_they_cannot_check_or_read() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = LayerCache::new(d.path().join("cache"));
+        let work = d.path().join("work");
+        let e = layout_layers(d.path(), &work, &cache).unwrap_err();
+        assert!(matches!(e, ImageError::NotLayout(_)), "{e}");
+        let zstd = "application/vnd.oci.image.layer.v1.tar+zstd";
+        let layout = d.path().join("img");
+        layout_of(&layout, &[(zstd, b"zstd".to_vec())], CONFIG);
+        let e = layout_layers(&layout, &work, &cache).unwrap_err();
+        assert!(matches!(e, ImageError::MediaType(..)), "{e}");
+        // A digest that would name a path outside the layout.
+        let index: serde_json::Value =
+            serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+        let manifest = blob(&layout, index["manifests"][0]["digest"].as_str().unwrap());
+        let text = fs::read_to_string(&manifest).unwrap();
+        let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let layer = m["layers"][0]["digest"].as_str().unwrap();
+        fs::write(&manifest, text.replace(layer, "sha256:../../../etc/passwd")).unwrap();
+        let e = layout_layers(&layout, &work, &cache).unwrap_err();
+        assert!(matches!(e, ImageError::BadDigest(_)), "{e}");
+        assert!(!cache.dir().exists() || names(cache.dir()).is_empty());
     }
 }
