@@ -106,6 +106,7 @@ fn run(args: Args, pid1: bool) -> anyhow::Result<()> {
         layers: std::sync::Arc::new(husk_agent::container::LayerStore::new(
             args.state_dir.join(".layers"),
             "/sys/class/block",
+            "/dev/.husk-layers",
         )),
         state_dir: args.state_dir,
         agent_exe: "/proc/self/exe".into(),

@@ -93,6 +93,7 @@ impl World {
             layers: std::sync::Arc::new(husk_agent::container::LayerStore::new(
                 dir.path().join("layers"),
                 "/sys/class/block",
+                dir.path().join("nodes"),
             )),
         };
         World {

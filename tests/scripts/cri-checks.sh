@@ -36,6 +36,14 @@ wait_stopped() {
 pod_ip() { "${CRICTL[@]}" inspectp "$1" | grep -o '"ip": *"[0-9.]*"' | head -1 | grep -o '[0-9.]*[0-9]'; }
 pod_ip6() { "${CRICTL[@]}" inspectp "$1" | grep -o '"ip": *"fd88:[0-9a-f:]*"' | head -1 | grep -o 'fd88:[0-9a-f:]*'; }
 pod_netns() { "${CRICTL[@]}" inspectp "$1" | grep -o '"/var/run/netns/[^"]*"\|"/run/netns/[^"]*"' | head -1 | tr -d '"'; }
+# vmm_layers POD: how many layer files (cached images, or a container's own, unlinked) the
+# pod's VMM holds open.
+vmm_layers() {
+    local vmm
+    vmm=$(pgrep -f "husk-vmm.*/$1/" | head -1)
+    [[ -n $vmm ]] || { echo "no VMM"; return; }
+    find "/proc/$vmm/fd" \( -lname '*.img' -o -lname '*.layer*' \) 2>/dev/null | wc -l
+}
 # netns_tc POD: what husk wired in the pod's network namespace (ingress qdiscs, mirred
 # filters on eth0, the tap).
 netns_tc() {
@@ -91,7 +99,7 @@ ended runc $?
 # leftovers: what a husk pod could leave behind once it is gone.
 leftovers() {
     sleep 1
-    echo "leftovers: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) images $(find /run/husk/shim -name '*.ext4' 2>/dev/null | wc -l) rootfs mounts $(grep -c "$CRI_ROOT/state/.*/rootfs" /proc/mounts) pods $("${CRICTL[@]}" pods -q | wc -l) containers $("${CRICTL[@]}" ps -aq | wc -l) netns $(find /run/netns -mindepth 1 2>/dev/null | wc -l) taps $(ip -o link show | grep -c husk-tap)"
+    echo "leftovers: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) own layers $(find /run/husk/shim -name '*.layer' 2>/dev/null | wc -l) scratch $(find /var/lib/husk/scratch -type f 2>/dev/null | wc -l) rootfs mounts $(grep -c "$CRI_ROOT/state/.*/rootfs" /proc/mounts) pods $("${CRICTL[@]}" pods -q | wc -l) containers $("${CRICTL[@]}" ps -aq | wc -l) netns $(find /run/netns -mindepth 1 2>/dev/null | wc -l) taps $(ip -o link show | grep -c husk-tap)"
 }
 
 
@@ -140,7 +148,7 @@ husk_containers() {
     echo "timing husk: runp->ready $(ms "$t0" "$t1") ms, create+start $(ms "$t1" "$t2") ms, start->first log line $(ms "$t2" "$t3") ms"
     kill "$events"
     echo "container events: $(grep -F "\"$ctr\"" "$d/events" | grep -o ' /tasks/[a-z-]*' | xargs)"
-    grep -o "container $ctr: rootfs image.*ms" "$CRI_ROOT/containerd.log" | head -1
+    grep -o "container $ctr: .* image layers.*ms" "$CRI_ROOT/containerd.log" | head -1
     leftovers
     rm -rf "$d"
 }
@@ -277,13 +285,13 @@ husk_oom() {
     echo "container events: $(grep -F "\"$c\"" "$d/events" | grep -o ' /tasks/[a-z-]*' | xargs)"
     "${CRICTL[@]}" rm "$c" >/dev/null || return 1
     # A container whose program does not exist: start fails saying so, and its removal
-    # leaves nothing (image, drive slot) behind; the pod takes the next container.
+    # leaves nothing (a layer in the VM) behind; the pod takes the next container.
     container_json "$d/bad.json" c-bad '["/no/such/program"]'
     c=$("${CRICTL[@]}" create "$p" "$d/bad.json" "$d/p.json") || return 1
     echo "bad start: $("${CRICTL[@]}" start "$c" 2>&1 | grep -o '/no/such/program.\{0,3\}: no such file or directory' | head -1)"
     echo "bad container: $("${CRICTL[@]}" inspect "$c" | grep -o -e '"state": *"[A-Z_]*"' -e '"exitCode": *[0-9]*' | head -2 | xargs)"
     "${CRICTL[@]}" rm "$c" >/dev/null || return 1
-    echo "images in the pod after rm: $(find /run/husk/shim -name '*.ext4' | wc -l)"
+    echo "layers the VMM holds after rm: $(vmm_layers "$p")"
     container_json "$d/ok.json" c-ok '["echo","next container ok"]'
     c=$("${CRICTL[@]}" create "$p" "$d/ok.json" "$d/p.json") && "${CRICTL[@]}" start "$c" >/dev/null || return 1
     wait_log "$c" "next container ok" && echo "next container ok"
@@ -296,6 +304,99 @@ husk_oom() {
 echo "=== husk_oom"
 husk_oom
 ended husk_oom $?
+
+# Image layers from the layer cache, stacked in the guest with overlayfs:
+# - whiteouts and opaque directories behave as under runc;
+# - a container's writes are seen by its exec, and not by a new container of the image;
+# - a second pod of the image converts nothing, and the cache does not grow;
+# - 32 containers run in one pod at once;
+# - a damaged cache entry is rebuilt, never mounted;
+# - an image removed and imported again with other content under its name shows the new one.
+husk_layers() {
+    local d p p2 r rc c c2 i ids n before after key show
+    d=$(mktemp -d)
+    mkdir -p "$d/l2/data" "$d/l2/opq" "$d/l3/data" "$d/l3/opq"
+    echo keep >"$d/l2/data/keep"
+    echo gone >"$d/l2/data/gone"
+    echo lower >"$d/l2/opq/lower"
+    : >"$d/l3/data/.wh.gone"
+    : >"$d/l3/opq/.wh..wh..opq"
+    echo upper >"$d/l3/opq/upper"
+    oci_layers "$d/img" docker.io/husk/layers:1 '["/bin/sh"]' "$CRI_ROOT/images/busybox/root" "$d/l2" "$d/l3"
+    ctr --address "$CRI_SOCK" -n k8s.io images import "$d/img/image.tar" >/dev/null || return 1
+    show='["sh","-c","echo data: $(ls /data | xargs) opq: $(ls /opq | xargs) keep: $(cat /data/keep); echo x > /data/written; sleep 1000"]'
+    pod_json "$d/r.json" pod-layers-runc false
+    pod_json "$d/p.json" pod-layers true
+    pod_json "$d/p2.json" pod-layers2 true
+    IMAGE=docker.io/husk/layers:1 container_json "$d/c.json" c-layers "$show"
+    IMAGE=docker.io/husk/layers:1 container_json "$d/c2.json" c-layers2 '["sh","-c","echo data: $(ls /data | xargs); sleep 1000"]'
+    r=$("${CRICTL[@]}" runp "$d/r.json") && rc=$("${CRICTL[@]}" create "$r" "$d/c.json" "$d/r.json") &&
+        "${CRICTL[@]}" start "$rc" >/dev/null || return 1
+    p=$("${CRICTL[@]}" runp "$d/p.json") && c=$("${CRICTL[@]}" create "$p" "$d/c.json" "$d/p.json") &&
+        "${CRICTL[@]}" start "$c" >/dev/null || return 1
+    wait_log "$rc" "data:" && wait_log "$c" "data:" || return 1
+    echo "runc sees: $("${CRICTL[@]}" logs "$rc" 2>&1 | head -1)"
+    echo "husk sees: $("${CRICTL[@]}" logs "$c" 2>&1 | head -1)"
+    echo "husk exec sees the write: $("${CRICTL[@]}" exec -s "$c" cat /data/written)"
+    c2=$("${CRICTL[@]}" create "$p" "$d/c2.json" "$d/p.json") && "${CRICTL[@]}" start "$c2" >/dev/null || return 1
+    wait_log "$c2" "data:" || return 1
+    echo "a new container sees: $("${CRICTL[@]}" logs "$c2" 2>&1 | head -1)"
+    grep -o "container $c: .* image layers.*ms" "$CRI_ROOT/containerd.log" | head -1
+    before=$(du -sb /var/lib/husk/layers | cut -f1)
+    p2=$("${CRICTL[@]}" runp "$d/p2.json") || return 1
+    c=$("${CRICTL[@]}" create "$p2" "$d/c.json" "$d/p2.json") && "${CRICTL[@]}" start "$c" >/dev/null || return 1
+    after=$(du -sb /var/lib/husk/layers | cut -f1)
+    echo "second pod: $(grep -o "container $c: [0-9]* image layers ([0-9]* from the cache, [0-9]* converted)" "$CRI_ROOT/containerd.log" | head -1 | cut -d' ' -f3-)"
+    echo "layer cache bytes: before the second pod $before after $after"
+    # 32 containers at once in the second pod (with c: 33).
+    container_json "$d/s.json" c-many '["sleep","1000"]'
+    ids=()
+    for ((i = 0; i < 32; i++)); do
+        sed "s/c-many/c-many-$i/" "$d/s.json" >"$d/s$i.json"
+        n=$("${CRICTL[@]}" create "$p2" "$d/s$i.json" "$d/p2.json") && "${CRICTL[@]}" start "$n" >/dev/null || {
+            echo "container $i did not start"
+            tail -n 5 "$CRI_ROOT/containerd.log"
+            break
+        }
+        ids+=("$n")
+    done
+    echo "running in the second pod: $("${CRICTL[@]}" ps -q --pod "$p2" --state running | wc -l)"
+    echo "layers its VMM holds: $(vmm_layers "$p2")"
+    "${CRICTL[@]}" stop -t 1 "${ids[@]}" >/dev/null && "${CRICTL[@]}" rm "${ids[@]}" >/dev/null || return 1
+    echo "layers its VMM holds after rm: $(vmm_layers "$p2")"
+    "${CRICTL[@]}" stop -t 1 "$c" "$c2" "$rc" >/dev/null
+    "${CRICTL[@]}" rm "$c" "$c2" "$rc" >/dev/null
+    "${CRICTL[@]}" stopp "$p" "$p2" "$r" >/dev/null && "${CRICTL[@]}" rmp "$p" "$p2" "$r" >/dev/null || return 1
+    # Damaged cache entries (every one truncated) are rebuilt before a new pod uses them.
+    for key in /var/lib/husk/layers/*.img; do truncate -s 4096 "$key"; done
+    container_json "$d/b.json" c-rebuilt '["sh","-c","echo rebuilt: $(ls /bin | wc -l); sleep 1000"]'
+    pod_json "$d/p3.json" pod-layers3 true
+    p=$("${CRICTL[@]}" runp "$d/p3.json") && n=$("${CRICTL[@]}" create "$p" "$d/b.json" "$d/p3.json") &&
+        "${CRICTL[@]}" start "$n" >/dev/null || return 1
+    wait_log "$n" "rebuilt:" && echo "after truncating the cache entries: $("${CRICTL[@]}" logs "$n" 2>&1 | head -1 | grep -c 'rebuilt: [1-9]') container ran, $(grep -c 'rebuilding it' "$CRI_ROOT/containerd.log") rebuilt"
+    "${CRICTL[@]}" stop -t 1 "$n" >/dev/null && "${CRICTL[@]}" rm "$n" >/dev/null &&
+        "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
+    # The image removed and imported again under its name with other content.
+    "${CRICTL[@]}" rmi docker.io/husk/layers:1 >/dev/null || return 1
+    echo keep-v2 >"$d/l2/data/keep"
+    rm -rf "$d/img"
+    oci_layers "$d/img" docker.io/husk/layers:1 '["/bin/sh"]' "$CRI_ROOT/images/busybox/root" "$d/l2" "$d/l3"
+    ctr --address "$CRI_SOCK" -n k8s.io images import "$d/img/image.tar" >/dev/null || return 1
+    # (A pod of another name: the first one's log directory still holds c-layers.log.)
+    pod_json "$d/p4.json" pod-layers4 true
+    p=$("${CRICTL[@]}" runp "$d/p4.json") && c=$("${CRICTL[@]}" create "$p" "$d/c.json" "$d/p4.json") &&
+        "${CRICTL[@]}" start "$c" >/dev/null || return 1
+    wait_log "$c" "data:" && echo "after the image changed: $("${CRICTL[@]}" logs "$c" 2>&1 | head -1)"
+    echo "its layers: $(grep -o "container $c: [0-9]* image layers ([0-9]* from the cache, [0-9]* converted)" "$CRI_ROOT/containerd.log" | head -1 | cut -d' ' -f3-)"
+    "${CRICTL[@]}" stop -t 1 "$c" >/dev/null && "${CRICTL[@]}" rm "$c" >/dev/null &&
+        "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
+    "${CRICTL[@]}" rmi docker.io/husk/layers:1 >/dev/null
+    leftovers
+    rm -rf "$d"
+}
+echo "=== husk_layers"
+husk_layers
+ended husk_layers $?
 
 # containerd restarts: the pod's shim and VM live on, containerd reconnects to them, the
 # container still runs and takes execs, and the pod still stops and goes.

@@ -12,22 +12,26 @@ CRI_SOCK=$CRI_ROOT/containerd.sock
 export CONTAINER_RUNTIME_ENDPOINT=unix://$CRI_SOCK IMAGE_SERVICE_ENDPOINT=unix://$CRI_SOCK
 CRICTL=(crictl --config "$CRI_ROOT/crictl.yaml" --timeout 120s)
 
-# oci_image DIR NAME ENTRYPOINT_JSON -> DIR/image.tar: a one-layer OCI archive of a busybox
-# root, named NAME for `ctr images import`.
-oci_image() {
-    local dir=$1 name=$2 entrypoint=$3 root layer cfg man
-    root=$dir/root
-    bash "$CRI_REPO/scripts/busybox-rootfs.sh" "$root"
+# oci_layers DIR NAME ENTRYPOINT_JSON LAYER_DIR... -> DIR/image.tar: an OCI archive whose
+# layers are the given directories, bottom first (files named .wh.NAME and .wh..wh..opq in
+# them are OCI whiteouts), named NAME for `ctr images import`.
+oci_layers() {
+    local dir=$1 name=$2 entrypoint=$3 l digest layers='' diffs='' cfg man
+    shift 3
     mkdir -p "$dir/oci/blobs/sha256"
-    tar -C "$root" --numeric-owner --owner=0 --group=0 -cf "$dir/layer.tar" .
-    layer=$(sha256sum "$dir/layer.tar" | cut -d' ' -f1)
-    mv "$dir/layer.tar" "$dir/oci/blobs/sha256/$layer"
-    printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":%s,"Env":["PATH=/bin"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
-        "$entrypoint" "$layer" >"$dir/config.json"
+    for l in "$@"; do
+        tar -C "$l" --numeric-owner --owner=0 --group=0 -cf "$dir/layer.tar" .
+        digest=$(sha256sum "$dir/layer.tar" | cut -d' ' -f1)
+        mv "$dir/layer.tar" "$dir/oci/blobs/sha256/$digest"
+        layers+="${layers:+,}{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar\",\"digest\":\"sha256:$digest\",\"size\":$(stat -c %s "$dir/oci/blobs/sha256/$digest")}"
+        diffs+="${diffs:+,}\"sha256:$digest\""
+    done
+    printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":%s,"Env":["PATH=/bin"]},"rootfs":{"type":"layers","diff_ids":[%s]}}' \
+        "$entrypoint" "$diffs" >"$dir/config.json"
     cfg=$(sha256sum "$dir/config.json" | cut -d' ' -f1)
     mv "$dir/config.json" "$dir/oci/blobs/sha256/$cfg"
-    printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%d}]}' \
-        "$cfg" "$(stat -c %s "$dir/oci/blobs/sha256/$cfg")" "$layer" "$(stat -c %s "$dir/oci/blobs/sha256/$layer")" >"$dir/manifest.json"
+    printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%d},"layers":[%s]}' \
+        "$cfg" "$(stat -c %s "$dir/oci/blobs/sha256/$cfg")" "$layers" >"$dir/manifest.json"
     man=$(sha256sum "$dir/manifest.json" | cut -d' ' -f1)
     mv "$dir/manifest.json" "$dir/oci/blobs/sha256/$man"
     printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%d,"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"}}]}' \
@@ -36,11 +40,18 @@ oci_image() {
     tar -C "$dir/oci" -cf "$dir/image.tar" .
 }
 
+# oci_image DIR NAME ENTRYPOINT_JSON -> DIR/image.tar: a one-layer OCI archive of a busybox
+# root (kept in DIR/root), named NAME for `ctr images import`.
+oci_image() {
+    bash "$CRI_REPO/scripts/busybox-rootfs.sh" "$1/root"
+    oci_layers "$1" "$2" "$3" "$1/root"
+}
+
 # cri_config: containerd's configuration and state on a tmpfs (the testbed's root is an
 # overlay, which overlayfs snapshots cannot sit on), runc as the default runtime.
 cri_config() {
     mkdir -p "$CRI_ROOT"
-    mount -t tmpfs -o size=1g tmpfs "$CRI_ROOT"
+    mount -t tmpfs -o "size=${CRI_TMPFS_SIZE:-1g}" tmpfs "$CRI_ROOT"
     mkdir -p "$CRI_ROOT"/{root,state,images,cni-conf} /etc/cni/net.d /var/lib/cni /run/netns
     printf 'runtime-endpoint: unix://%s\nimage-endpoint: unix://%s\ntimeout: 120\n' \
         "$CRI_SOCK" "$CRI_SOCK" >"$CRI_ROOT/crictl.yaml"
@@ -125,10 +136,10 @@ pod_json() {
 EOF
 }
 
-# container_json FILE NAME ARGS_JSON [EXTRA_LINUX_JSON]
+# container_json FILE NAME ARGS_JSON [EXTRA_LINUX_JSON]; the image is $IMAGE if set.
 container_json() {
     cat >"$1" <<EOF
-{"metadata": {"name": "$2"}, "image": {"image": "docker.io/husk/busybox:1"},
+{"metadata": {"name": "$2"}, "image": {"image": "${IMAGE:-docker.io/husk/busybox:1}"},
  "command": $3, "log_path": "$2.log", "linux": {${4:-}}}
 EOF
 }

@@ -50,7 +50,7 @@ fn crictl_pod_lifecycle() {
     assert!(text.contains("timing runc:"), "{text}");
 
     const CLEAN: &str =
-        "leftovers: vmm 0 shim 0 run dirs 0 images 0 rootfs mounts 0 pods 0 containers 0 netns 0 taps 0";
+        "leftovers: vmm 0 shim 0 run dirs 0 own layers 0 scratch 0 rootfs mounts 0 pods 0 containers 0 netns 0 taps 0";
 
     // The untrusted annotation selects husk (`husk install` registered it): the pod is a
     // microVM, its container runs in the guest through every CRI step, and afterwards no
@@ -184,8 +184,8 @@ fn crictl_pod_lifecycle() {
             && events.contains(" /tasks/exit"),
         "the OOM event comes before the exit: {events}"
     );
-    // A program that does not exist: start says so; its removal frees the image and the
-    // drive slot, and the pod's next container runs.
+    // A program that does not exist: start says so; its removal takes its layers out of the
+    // VM, and the pod's next container runs.
     assert!(
         text.contains("bad start: /no/such/program") && text.contains("no such file or directory"),
         "{text}"
@@ -194,10 +194,60 @@ fn crictl_pod_lifecycle() {
         text.contains("bad container: exitCode: 128 state: CONTAINER_EXITED\n"),
         "{text}"
     );
-    assert!(text.contains("images in the pod after rm: 0\n"), "{text}");
+    assert!(
+        text.contains("layers the VMM holds after rm: 0\n"),
+        "{text}"
+    );
     assert!(text.contains("next container ok\n"), "{text}");
     assert!(
         text.contains("next container: exitCode: 0 state: CONTAINER_EXITED\n"),
+        "{text}"
+    );
+    assert!(text.contains(CLEAN), "{text}");
+
+    // Image layers: overlay semantics as under runc, writes private to the container, one
+    // host copy of each layer for every pod, 32 containers in a pod, damaged entries
+    // rebuilt, a changed image never served from a stale entry.
+    let (text, rc) = get("husk_layers");
+    assert_eq!(rc, Some(0), "{text}");
+    let line = |prefix: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?}: {text}"))
+            .to_string()
+    };
+    let seen = "data: keep opq: upper keep: keep";
+    assert_eq!(line("runc sees: "), seen, "{text}");
+    assert_eq!(line("husk sees: "), seen, "{text}");
+    assert_eq!(line("husk exec sees the write: "), "x", "{text}");
+    assert_eq!(line("a new container sees: "), "data: keep", "{text}");
+    assert_eq!(
+        line("second pod: "),
+        "3 image layers (3 from the cache, 0 converted)",
+        "{text}"
+    );
+    let bytes = line("layer cache bytes: before the second pod ");
+    let (before, after) = bytes.split_once(" after ").unwrap();
+    assert_eq!(
+        before, after,
+        "the cache grew for a second pod of the image: {text}"
+    );
+    assert_eq!(line("running in the second pod: "), "33", "{text}");
+    // busybox's layer, the layers image's three and each container's own.
+    let held: usize = line("layers its VMM holds: ").parse().unwrap();
+    assert!(held >= 33, "{text}");
+    assert_eq!(line("layers its VMM holds after rm: "), "4", "{text}");
+    let rebuilt = line("after truncating the cache entries: ");
+    assert!(rebuilt.starts_with("1 container ran, "), "{text}");
+    assert!(!rebuilt.ends_with(" 0 rebuilt"), "{text}");
+    assert_eq!(
+        line("after the image changed: "),
+        "data: keep opq: upper keep: keep-v2",
+        "{text}"
+    );
+    assert_eq!(
+        line("its layers: "),
+        "3 image layers (1 from the cache, 2 converted)",
         "{text}"
     );
     assert!(text.contains(CLEAN), "{text}");

@@ -5,9 +5,10 @@
 //! own on the pod's scratch drive (ext4, mounted once). The last container to let go of a
 //! layer unmounts it and deletes its partition.
 //!
-//! Paths under the store's root: `l/<n>` (layer mounts), `dev/<n>` (their device nodes,
-//! made from sysfs so that nothing depends on devtmpfs timing), `scratch` (the scratch
-//! drive), `scratch/<container>/{upper,work}`.
+//! Paths under the store's root: `l/<n>` (layer mounts), `scratch` (the scratch drive),
+//! `scratch/<container>/{upper,work}`. The partitions' device nodes are made in a directory
+//! of their own on a file system that allows devices (the root is usually on a `nodev`
+//! tmpfs), from sysfs, so that nothing depends on devtmpfs timing.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -118,6 +119,7 @@ pub struct Held {
 pub struct LayerStore {
     root: PathBuf,
     sys_block: PathBuf,
+    nodes: PathBuf,
     inner: Mutex<Inner>,
 }
 
@@ -127,11 +129,16 @@ fn layers_err(what: impl Into<String>) -> CreateError {
 
 impl LayerStore {
     /// A store under `root`, reading partitions' device numbers from `sys_block`
-    /// (/sys/class/block in the guest).
-    pub fn new(root: impl Into<PathBuf>, sys_block: impl Into<PathBuf>) -> Self {
+    /// (/sys/class/block in the guest) and making their nodes in `nodes`.
+    pub fn new(
+        root: impl Into<PathBuf>,
+        sys_block: impl Into<PathBuf>,
+        nodes: impl Into<PathBuf>,
+    ) -> Self {
         LayerStore {
             root: root.into(),
             sys_block: sys_block.into(),
+            nodes: nodes.into(),
             inner: Mutex::default(),
         }
     }
@@ -323,8 +330,8 @@ impl LayerStore {
             .split_once(':')
             .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
             .ok_or_else(|| format!("{} says {:?}", dev_file.display(), text.trim()))?;
-        let nodes = self.root.join("dev");
-        fs::create_dir_all(&nodes).map_err(|e| format!("creating {}: {e}", nodes.display()))?;
+        let nodes = &self.nodes;
+        fs::create_dir_all(nodes).map_err(|e| format!("creating {}: {e}", nodes.display()))?;
         let node = nodes.join(pno.to_string());
         let _ = fs::remove_file(&node);
         sys.mknod(
@@ -380,7 +387,7 @@ impl LayerStore {
                 let _ = sys.umount2(&dir, MntFlags::MNT_DETACH);
             }
             let _ = fs::remove_dir(&dir);
-            let _ = fs::remove_file(self.root.join("dev").join(m.pno.to_string()));
+            let _ = fs::remove_file(self.nodes.join(m.pno.to_string()));
             // A lazily unmounted layer keeps its partition busy until its last user goes;
             // the number is free again either way (a new partition with it fails loudly).
             if let Err(e) = sys.del_partition(&m.device, m.pno) {
@@ -424,7 +431,7 @@ mod tests {
             fs::create_dir_all(&p).unwrap();
             fs::write(p.join("dev"), format!("259:{n}\n")).unwrap();
         }
-        LayerStore::new(d.join("state"), d.join("sys"))
+        LayerStore::new(d.join("state"), d.join("sys"), d.join("nodes"))
     }
 
     fn partitions(sys: &Recorder) -> Vec<Call> {

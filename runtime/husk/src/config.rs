@@ -14,6 +14,10 @@
 //! vcpus = 1
 //! memory_mib = 256
 //! overhead_mib = 64  # added to the CRI sandbox memory (guest kernel and agent)
+//! scratch_gib = 10   # each pod's scratch drive (sparse: containers' writes), in GiB
+//!
+//! [storage]
+//! dir = "/var/lib/husk"  # the layer cache (layers/) and pods' scratch drives (scratch/)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -32,6 +36,8 @@ pub struct Config {
     pub kernel_args: String,
     pub vmm: Option<PathBuf>,
     pub pod: PodDefaults,
+    /// The layer cache is `<storage_dir>/layers`, pods' scratch drives `<storage_dir>/scratch`.
+    pub storage_dir: PathBuf,
 }
 
 /// The size of a pod's VM.
@@ -40,6 +46,7 @@ pub struct PodDefaults {
     pub vcpus: u8,
     pub memory_mib: u32,
     pub overhead_mib: u32,
+    pub scratch_gib: u32,
 }
 
 impl Default for Config {
@@ -53,7 +60,9 @@ impl Default for Config {
                 vcpus: 1,
                 memory_mib: 256,
                 overhead_mib: 64,
+                scratch_gib: 10,
             },
+            storage_dir: "/var/lib/husk".into(),
         }
     }
 }
@@ -73,6 +82,16 @@ impl Config {
     }
 
     /// Parses the file's text.
+    /// The layer cache's directory.
+    pub fn layer_cache(&self) -> crate::layers::LayerCache {
+        crate::layers::LayerCache::new(self.storage_dir.join("layers"))
+    }
+
+    /// Where pods' scratch drives are made.
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.storage_dir.join("scratch")
+    }
+
     pub fn parse(text: &str) -> Result<Config> {
         let doc: DocumentMut = text.parse().context("not valid TOML")?;
         let mut c = Config::default();
@@ -90,8 +109,10 @@ impl Config {
                     "pod.vcpus" => c.pod.vcpus = int(&name, v, 1, 64)? as u8,
                     "pod.memory_mib" => c.pod.memory_mib = int(&name, v, 64, 3072)? as u32,
                     "pod.overhead_mib" => c.pod.overhead_mib = int(&name, v, 0, 1024)? as u32,
+                    "pod.scratch_gib" => c.pod.scratch_gib = int(&name, v, 1, 4096)? as u32,
+                    "storage.dir" => c.storage_dir = path(&name, v)?,
                     _ => bail!(
-                        "unknown key {name} (known: guest.kernel, guest.initramfs, guest.kernel_args, vmm.path, pod.vcpus, pod.memory_mib, pod.overhead_mib)"
+                        "unknown key {name} (known: guest.kernel, guest.initramfs, guest.kernel_args, vmm.path, pod.vcpus, pod.memory_mib, pod.overhead_mib, pod.scratch_gib, storage.dir)"
                     ),
                 }
             }
@@ -147,6 +168,9 @@ path = "/opt/husk-vmm"
 vcpus = 2
 memory_mib = 512
 overhead_mib = 32
+scratch_gib = 20
+[storage]
+dir = "/srv/husk"
 "#,
         )
         .unwrap();
@@ -159,9 +183,12 @@ overhead_mib = 32
             PodDefaults {
                 vcpus: 2,
                 memory_mib: 512,
-                overhead_mib: 32
+                overhead_mib: 32,
+                scratch_gib: 20,
             }
         );
+        assert_eq!(c.storage_dir, Path::new("/srv/husk"));
+        assert_eq!(c.layer_cache().dir(), Path::new("/srv/husk/layers"));
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct UninstallArgs {
     /// Where the shim was installed.
     #[arg(long, default_value = "/usr/local/bin")]
     bin_dir: PathBuf,
+    /// Keep the layer cache (default: remove it; it is made again on demand).
+    #[arg(long)]
+    keep_cache: bool,
 }
 
 pub fn install(a: InstallArgs) -> Result<i32> {
@@ -111,6 +114,16 @@ pub fn uninstall(a: UninstallArgs) -> Result<i32> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("removing {}", dest.display())),
         }
+    }
+    if !a.keep_cache {
+        let cfg = husk::config::Config::load()?;
+        let cache = cfg.layer_cache();
+        cache
+            .remove_all()
+            .with_context(|| format!("removing the layer cache {}", cache.dir().display()))?;
+        // Empty unless a pod is running (its scratch file is unlinked at once).
+        let _ = fs::remove_dir(cfg.scratch_dir());
+        let _ = fs::remove_dir(&cfg.storage_dir);
     }
     let dest = a.bin_dir.join(SHIM_BINARY);
     println!(

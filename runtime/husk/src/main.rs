@@ -26,6 +26,13 @@ enum Cmd {
     Install(install::InstallArgs),
     /// Undo `husk install`.
     Uninstall(install::UninstallArgs),
+    /// Remove the layer cache's entries whose source (a containerd snapshot, an OCI blob)
+    /// is gone, or all of them.
+    Gc {
+        /// Remove every entry (running pods keep the layers they hold).
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 fn main() {
@@ -58,6 +65,7 @@ fn main() {
             Cmd::Vmm(a) => vmm_cmd::run(a),
             Cmd::Install(a) => install::install(a),
             Cmd::Uninstall(a) => install::uninstall(a),
+            Cmd::Gc { all } => gc(all),
         }
     });
     match res {
@@ -68,4 +76,17 @@ fn main() {
             std::process::exit(125);
         }
     }
+}
+
+fn gc(all: bool) -> anyhow::Result<i32> {
+    let cache = husk::config::Config::load()?.layer_cache();
+    let r = cache.gc(all)?;
+    println!(
+        "layer cache {}: {} entries removed ({} MiB freed), {} kept",
+        cache.dir().display(),
+        r.removed,
+        r.bytes_freed >> 20,
+        r.kept
+    );
+    Ok(0)
 }

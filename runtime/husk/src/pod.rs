@@ -1,15 +1,22 @@
-//! The pod engine: one microVM, its agent, its drive slots and the containers in it. `husk
-//! run` and the shim both drive a pod through this module; neither talks to the VMM's control
+//! The pod engine: one microVM, its agent, its drives and the containers in it. `husk run`
+//! and the shim both drive a pod through this module; neither talks to the VMM's control
 //! socket or builds an agent request for the pod's life cycle by itself.
 //!
-//! A pod's VM boots with `slots` empty drives (`slot0`.. = `/dev/vda`..). A container's root
-//! filesystem is a block image the caller prepares; [`Pod::create_container`] puts it into
-//! the slot [`Pod::reserve_slot`] gave out and creates the container in the guest on it, and
-//! [`Pod::remove_container`] takes it out again.
+//! A pod's VM boots with two drives: the layered drive (`/dev/vda`), which holds every image
+//! layer its containers stack, each at its own byte range, added when the first container
+//! that needs it is created and removed when the last one that held it is removed; and the
+//! scratch drive (`/dev/vdb`), an empty sparse ext4 image made at boot, where each container
+//! gets its writable upper directory. The scratch file is unlinked as soon as the VMM holds
+//! it: its space goes with the VMM, however that ends. A container's layers are files (the
+//! layer cache's images, or one the caller made for it alone); creating it costs the same
+//! whatever the size of its image.
 
 use std::{
+    collections::HashMap,
+    fs,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    process::Command,
+    sync::Arc,
     time::Duration,
 };
 
@@ -33,10 +40,12 @@ pub struct PodConfig {
     pub hostname: String,
     pub image: VmImage,
     pub size: VmSize,
-    /// The VM's run directory (sockets, logs, the containers' images); removed with the VM.
+    /// The VM's run directory (sockets, logs); removed with the VM.
     pub dir: PathBuf,
-    /// Empty drive slots: how many containers the pod can hold at once.
-    pub slots: usize,
+    /// Where the scratch drive is made (a directory on a disk, not a tmpfs: the file is
+    /// sparse and grows with what the containers write), and its size.
+    pub scratch_dir: PathBuf,
+    pub scratch_bytes: u64,
     /// How long the guest may take until its agent answers.
     pub boot_timeout: Duration,
 }
@@ -56,12 +65,12 @@ pub enum PodError {
         what: &'static str,
         source: ClientError,
     },
-    #[error("the pod's microVM has no free drive slot ({0} containers at once)")]
-    NoFreeSlot(usize),
-    #[error("the VMM refused to update drive {slot}: {reason}")]
-    DriveRefused { slot: String, reason: String },
-    #[error("updating drive {slot} of the VM: {reason}")]
-    DriveUnreachable { slot: String, reason: String },
+    #[error("making the pod's scratch drive {path}: {why}")]
+    Scratch { path: PathBuf, why: String },
+    #[error("the VMM refused the layer {image}: {reason}")]
+    LayerRefused { image: PathBuf, reason: String },
+    #[error("giving the VM the layer {image}: {reason}")]
+    LayerUnreachable { image: PathBuf, reason: String },
     #[error("the container's OCI spec: {0}")]
     Spec(String),
 }
@@ -83,33 +92,43 @@ struct Inner {
     vmm_pid: u32,
     dir: PathBuf,
     control: husk_vmm_api::Client,
-    slots: SlotTable,
+    layers: tokio::sync::Mutex<LayerTable>,
 }
 
-/// Which container holds each drive slot.
+/// The id of the layered drive, and of the scratch drive.
+pub const LAYERS_DRIVE: &str = "layers";
+pub const SCRATCH_DRIVE: &str = "scratch";
+
+/// The layers on the layered drive, and who holds them.
+#[derive(Debug, Default)]
+struct LayerTable {
+    placed: HashMap<String, Placed>,
+    /// Each container's layers (keys, bottom first).
+    held: HashMap<String, Vec<String>>,
+}
+
 #[derive(Debug)]
-struct SlotTable(Mutex<Vec<Option<String>>>);
+struct Placed {
+    start: u64,
+    length: u64,
+    refs: usize,
+}
 
-impl SlotTable {
-    fn new(n: usize) -> Self {
-        Self(Mutex::new(vec![None; n]))
-    }
+/// One read-only layer of a container: its key (one placement per key in a pod) and image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodLayer {
+    pub key: String,
+    pub image: PathBuf,
+    /// Remove the image file once the VMM holds it (a layer made for one container only).
+    pub unlink: bool,
+}
 
-    fn reserve(&self, id: &str) -> Result<usize, PodError> {
-        let mut slots = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = slots.len();
-        let slot = slots
-            .iter()
-            .position(Option::is_none)
-            .ok_or(PodError::NoFreeSlot(n))?;
-        slots[slot] = Some(id.to_string());
-        Ok(slot)
-    }
-
-    fn release(&self, slot: usize) {
-        let mut slots = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = slots.get_mut(slot) {
-            *s = None;
+impl From<crate::layers::Layer> for PodLayer {
+    fn from(l: crate::layers::Layer) -> Self {
+        PodLayer {
+            key: l.key,
+            image: l.image,
+            unlink: false,
         }
     }
 }
@@ -163,12 +182,45 @@ pub struct NewContainer<'a> {
     pub id: &'a str,
     /// The guest's view of the container (its paths are inside the VM).
     pub spec: &'a Spec,
-    /// The block image with the container's root filesystem (ext4).
-    pub image: &'a Path,
-    /// The slot [`Pod::reserve_slot`] gave out for it.
-    pub slot: usize,
+    /// Its root filesystem's layers, bottom first.
+    pub layers: &'a [PodLayer],
     /// Whether the container's init reads stdin (the agent keeps it open for a stream).
     pub stdin: bool,
+}
+
+/// Makes the pod's scratch drive: a sparse ext4 image of `bytes` in `dir`, opened and
+/// unlinked (the VMM inherits the open file).
+fn make_scratch(dir: &Path, id: &str, bytes: u64) -> Result<fs::File, PodError> {
+    let path = dir.join(format!("{id}.scratch"));
+    let err = |why: String| PodError::Scratch {
+        path: path.clone(),
+        why,
+    };
+    fs::create_dir_all(dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
+    let made = (|| {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| e.to_string())?;
+        f.set_len(bytes).map_err(|e| e.to_string())?;
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0", "-L", "husk-scratch"])
+            .args(["-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard"])
+            .arg(&path)
+            .output()
+            .map_err(|e| format!("running mkfs.ext4: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mkfs.ext4: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(f)
+    })();
+    let _ = fs::remove_file(&path);
+    made.map_err(err)
 }
 
 impl Pod {
@@ -176,19 +228,25 @@ impl Pod {
     /// the VMM process: whoever holds it decides how long the VM lives (dropping it kills the
     /// VMM and removes the run directory).
     pub async fn boot(cfg: &PodConfig, net: Option<GuestNetwork>) -> Result<(Pod, Vm), PodError> {
-        let empty: Vec<Drive> = (0..cfg.slots)
-            .map(|i| Drive {
-                id: drives::slot_id(i),
-                path: PathBuf::new(),
+        let scratch = make_scratch(&cfg.scratch_dir, &cfg.id, cfg.scratch_bytes)?;
+        let drives = [
+            Drive::Layered {
+                id: LAYERS_DRIVE.into(),
+            },
+            Drive::File {
+                id: SCRATCH_DRIVE.into(),
+                file: scratch,
                 read_only: false,
-            })
-            .collect();
+            },
+        ];
         let (device, net_config) = match net {
             Some(n) => (Some(n.device), n.config),
             None => (None, None),
         };
-        let mut vm = Vm::start(&cfg.image, &cfg.size, &empty, device, &cfg.dir)
+        let mut vm = Vm::start(&cfg.image, &cfg.size, &drives, device, &cfg.dir)
             .map_err(|e| PodError::Start(format!("{e:#}")))?;
+        // The VMM holds the scratch file now.
+        drop(drives);
         let agent = vm
             .connect_agent(cfg.boot_timeout)
             .await
@@ -212,7 +270,7 @@ impl Pod {
             vmm_pid: vm.pid().unwrap_or_default(),
             dir: cfg.dir.clone(),
             control: vm.control(CONTROL_TIMEOUT),
-            slots: SlotTable::new(cfg.slots),
+            layers: Default::default(),
         }));
         Ok((pod, vm))
     }
@@ -236,59 +294,115 @@ impl Pod {
         &self.0.dir
     }
 
-    /// Reserves a free drive slot for container `id`.
-    pub fn reserve_slot(&self, id: &str) -> Result<usize, PodError> {
-        self.0.slots.reserve(id)
+    /// How many layers the pod's VM holds.
+    pub async fn layer_count(&self) -> usize {
+        self.0.layers.lock().await.placed.len()
     }
 
-    /// Frees drive slot `slot` (it must be empty in the VM: see [`Pod::eject`]).
-    pub fn release_slot(&self, slot: usize) {
-        self.0.slots.release(slot)
-    }
-
-    /// Gives drive slot `slot` the backing file `image` (empty: none).
-    async fn update_drive(&self, slot: usize, image: &Path) -> Result<(), PodError> {
-        let slot = drives::slot_id(slot);
-        let (control, id, image) = (self.0.control.clone(), slot.clone(), image.to_path_buf());
-        let done = tokio::task::spawn_blocking(move || control.update_drive(&id, &image))
+    /// Puts `image` on the layered drive.
+    async fn add_layer(&self, image: &Path) -> Result<husk_vmm_api::Layer, PodError> {
+        let (control, path) = (self.0.control.clone(), image.to_path_buf());
+        let done = tokio::task::spawn_blocking(move || control.add_layer(LAYERS_DRIVE, &path))
             .await
-            .map_err(|e| PodError::DriveUnreachable {
-                slot: slot.clone(),
+            .map_err(|e| PodError::LayerUnreachable {
+                image: image.to_path_buf(),
                 reason: e.to_string(),
             })?;
         done.map_err(|e| match e {
-            husk_vmm_api::ClientError::Refused(reason) => PodError::DriveRefused { slot, reason },
-            e => PodError::DriveUnreachable {
-                slot,
+            husk_vmm_api::ClientError::Refused(reason) => PodError::LayerRefused {
+                image: image.to_path_buf(),
+                reason,
+            },
+            e => PodError::LayerUnreachable {
+                image: image.to_path_buf(),
                 reason: error_chain(&e),
             },
         })
     }
 
-    /// Empties drive slot `slot` in the VM (the guest sees a disk of size 0). Best effort: a
-    /// VM that is gone has nothing to empty.
-    pub async fn eject(&self, slot: usize) {
-        if let Err(e) = self.update_drive(slot, Path::new("")).await {
-            tracing::debug!("emptying drive slot {slot}: {e}");
+    /// Gives back `keys` (one reference each); a layer no container holds any more leaves
+    /// the VM. Best effort: a VM that is gone has nothing to remove.
+    async fn release_layers(&self, t: &mut LayerTable, keys: &[String]) {
+        for key in keys {
+            let Some(p) = t.placed.get_mut(key) else {
+                continue;
+            };
+            p.refs -= 1;
+            if p.refs > 0 {
+                continue;
+            }
+            let p = t.placed.remove(key).expect("just seen");
+            let control = self.0.control.clone();
+            let r =
+                tokio::task::spawn_blocking(move || control.remove_layer(LAYERS_DRIVE, p.start))
+                    .await;
+            if let Ok(Err(e)) | Err(e) = r
+                .map_err(|e| e.to_string())
+                .map(|r| r.map_err(|e| error_chain(&e)))
+            {
+                tracing::debug!("removing layer {key} from the VM: {e}");
+            }
         }
     }
 
-    /// Puts the container's image into its slot and creates the container in the guest on
-    /// it; the pid of its init process (not started yet). On failure the slot is empty again
-    /// (but still reserved) and the guest holds nothing of the container.
+    /// Places the layers the container needs on the layered drive (those the pod has are
+    /// shared) and creates the container in the guest on them; the pid of its init process
+    /// (not started yet). On failure the guest holds nothing of the container and the
+    /// layers it took are given back.
     pub async fn create_container(&self, c: &NewContainer<'_>) -> Result<u32, PodError> {
-        self.update_drive(c.slot, c.image).await?;
+        let mut specs = Vec::with_capacity(c.layers.len());
+        {
+            let mut t = self.0.layers.lock().await;
+            let mut taken: Vec<String> = Vec::new();
+            for l in c.layers {
+                let placed = match t.placed.get_mut(&l.key) {
+                    Some(p) => {
+                        p.refs += 1;
+                        (p.start, p.length)
+                    }
+                    None => match self.add_layer(&l.image).await {
+                        Ok(at) => {
+                            t.placed.insert(
+                                l.key.clone(),
+                                Placed {
+                                    start: at.start,
+                                    length: at.length,
+                                    refs: 1,
+                                },
+                            );
+                            (at.start, at.length)
+                        }
+                        Err(e) => {
+                            self.release_layers(&mut t, &taken).await;
+                            return Err(e);
+                        }
+                    },
+                };
+                if l.unlink {
+                    let _ = fs::remove_file(&l.image);
+                }
+                taken.push(l.key.clone());
+                let mut spec = pb::Layer::new();
+                spec.key = l.key.clone();
+                spec.start = placed.0;
+                spec.length = placed.1;
+                spec.fstype = "ext4".into();
+                specs.push(spec);
+            }
+            t.held.insert(c.id.to_string(), taken);
+        }
         let created = async {
             let mut r = pb::CreateContainerRequest::new();
             r.container_id = c.id.to_string();
             r.oci_spec_json =
                 serde_json::to_vec(c.spec).map_err(|e| PodError::Spec(e.to_string()))?;
             r.stdin = c.stdin;
-            let mut bd = pb::BlockDevice::new();
-            bd.source = drives::guest_device(c.slot);
-            bd.fstype = "ext4".into();
+            let mut layered = pb::LayeredRootfs::new();
+            layered.device = drives::guest_device(0);
+            layered.scratch = drives::guest_device(1);
+            layered.layers = specs;
             let mut root = pb::Rootfs::new();
-            root.set_block(bd);
+            root.set_layered(layered);
             r.rootfs = Some(root).into();
             let resp = self
                 .agent()
@@ -300,9 +414,17 @@ impl Pod {
         .await;
         if created.is_err() {
             let _ = self.forget_container(c.id).await;
-            self.eject(c.slot).await;
+            self.drop_layers_of(c.id).await;
         }
         created
+    }
+
+    /// Gives back the layers container `id` held.
+    async fn drop_layers_of(&self, id: &str) {
+        let mut t = self.0.layers.lock().await;
+        if let Some(keys) = t.held.remove(id) {
+            self.release_layers(&mut t, &keys).await;
+        }
     }
 
     /// Removes container `id` from the guest (one it never had is fine).
@@ -315,12 +437,11 @@ impl Pod {
         }
     }
 
-    /// Removes container `id` from the guest and empties its drive slot, which stays reserved
-    /// until [`Pod::release_slot`]. The guest's refusal is returned after the slot was
-    /// emptied.
-    pub async fn remove_container(&self, id: &str, slot: usize) -> Result<(), PodError> {
+    /// Removes container `id` from the guest, then gives back its layers (those no other
+    /// container holds leave the VM). The guest's refusal is returned after that.
+    pub async fn remove_container(&self, id: &str) -> Result<(), PodError> {
         let removed = self.forget_container(id).await;
-        self.eject(slot).await;
+        self.drop_layers_of(id).await;
         removed.map_err(PodError::agent("removing the container in the guest"))
     }
 
@@ -333,26 +454,5 @@ impl Pod {
             tokio::time::timeout(timeout, self.agent().destroy_sandbox(r)).await,
             Ok(Ok(_))
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_are_handed_out_once_and_reused_after_release() {
-        let t = SlotTable::new(2);
-        assert_eq!(t.reserve("a").unwrap(), 0);
-        assert_eq!(t.reserve("b").unwrap(), 1);
-        let e = t.reserve("c").unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "the pod's microVM has no free drive slot (2 containers at once)"
-        );
-        t.release(0);
-        assert_eq!(t.reserve("c").unwrap(), 0);
-        t.release(7); // out of range: nothing to free
-        assert_eq!(t.reserve("d").unwrap_err().to_string(), e.to_string());
     }
 }

@@ -2,7 +2,7 @@
 //! layout, with its stdio streamed and its exit status returned as husk's own.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -15,8 +15,8 @@ use oci_spec::runtime::{
 use husk::{
     image,
     net::{IpPrefix, NetInfo, Route, RouteScope},
-    pod::{GuestNetwork, NewContainer, Pod, PodConfig},
-    vm::{check_kvm, default_image, NetDevice, VmSize},
+    pod::{GuestNetwork, NewContainer, Pod, PodConfig, PodLayer},
+    vm::{check_kvm, image_from, NetDevice, VmSize},
 };
 
 use crate::agent_cmd::{attach, terminal_size, AttachOpts};
@@ -94,7 +94,8 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     let mut stop = Interrupts::new()?;
     let network = guest_network(&a)?;
     check_kvm()?;
-    let mut img = default_image()?;
+    let config = husk::config::Config::load()?;
+    let mut img = image_from(config.clone());
     if let Some(k) = a.kernel.clone() {
         img.kernel = k;
     }
@@ -119,10 +120,30 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         .tempdir_in(&base)
         .with_context(|| format!("creating a run directory in {}", base.display()))?;
 
-    let rootfs = image::prepare(&a.image, &work.path().join("image"))?;
-    let disk = work.path().join("rootfs.ext4");
-    image::make_ext4(&rootfs.dir, &disk, 64)?;
-    let spec = build_spec(&a, &rootfs.config)?;
+    // An OCI image: its layers from the layer cache (unpacked on their first use). A plain
+    // directory: one layer of its own (the VM reads it; writes go to the scratch drive).
+    let (layers, image_config) =
+        match image::layout_layers(&a.image, &work.path().join("image"), &config.layer_cache()) {
+            Ok(l) => (l.layers.into_iter().map(PodLayer::from).collect(), l.config),
+            Err(image::ImageError::NotLayout(_)) => {
+                let rootfs = image::prepare(&a.image, &work.path().join("image"))?;
+                let own = work.path().join("rootfs.layer");
+                husk::layers::make_layer_image(&rootfs.dir, &own).map_err(|why| {
+                    anyhow::anyhow!(
+                        "packing the rootfs {} into a layer: {why}",
+                        rootfs.dir.display()
+                    )
+                })?;
+                let layer = PodLayer {
+                    key: "husk-run-rootfs".into(),
+                    image: own,
+                    unlink: true,
+                };
+                (vec![layer], rootfs.config)
+            }
+            Err(e) => return Err(e.into()),
+        };
+    let spec = build_spec(&a, &image_config)?;
     if let Some(code) = stop.pending() {
         return Ok(code);
     }
@@ -136,7 +157,8 @@ pub async fn run(a: RunArgs) -> Result<i32> {
             mem_mib: a.memory,
         },
         dir: work.path().join("vm"),
-        slots: 1,
+        scratch_dir: config.scratch_dir(),
+        scratch_bytes: u64::from(config.pod.scratch_gib) << 30,
         boot_timeout: Duration::from_secs(a.boot_timeout),
     };
     let (pod, mut vm) = tokio::select! {
@@ -147,7 +169,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     let t_ready = t0.elapsed();
 
     let run = tokio::select! {
-        r = run_in_pod(&pod, &disk, &spec, a.tty, a.interactive, t0, a.timings) => r,
+        r = run_in_pod(&pod, &layers, &spec, a.tty, a.interactive, t0, a.timings) => r,
         code = stop.next() => Ok(code),
     };
     // Power the VM off whatever happened; the Vm's drop kills it if that fails.
@@ -282,19 +304,17 @@ impl Interrupts {
 
 async fn run_in_pod(
     pod: &Pod,
-    disk: &Path,
+    layers: &[PodLayer],
     spec: &Spec,
     tty: bool,
     interactive: bool,
     t0: Instant,
     timings: bool,
 ) -> Result<i32> {
-    let slot = pod.reserve_slot("main")?;
     pod.create_container(&NewContainer {
         id: "main",
         spec,
-        image: disk,
-        slot,
+        layers,
         stdin: interactive,
     })
     .await?;

@@ -39,13 +39,25 @@ pub struct VmSize {
     pub mem_mib: u32,
 }
 
-/// A drive of the VM: an image file, read-only or not.
-#[derive(Debug, Clone)]
-pub struct Drive {
-    pub id: String,
-    pub path: PathBuf,
-    pub read_only: bool,
+/// A drive of the VM, in the order the guest sees them (`/dev/vda`, `/dev/vdb`, ...).
+#[derive(Debug)]
+pub enum Drive {
+    /// A file the caller opened (and may have unlinked already): the VMM inherits it, so
+    /// the file's space goes with the VMM whatever kills it.
+    File {
+        id: String,
+        file: fs::File,
+        read_only: bool,
+    },
+    /// Read-only image layers, added and removed while the VM runs (see
+    /// [`husk_vmm_api::Client::add_layer`]).
+    Layered { id: String },
 }
+
+/// The first fd number inherited drive files get in the VMM (after the tap's).
+const FIRST_DRIVE_FD: i32 = NET_FD + 1;
+/// The most files the VMM inherits (the tap and the drives).
+const MAX_INHERITED: usize = 8;
 
 /// The VM's network interface (virtio-net over a tap).
 #[derive(Debug)]
@@ -162,15 +174,27 @@ impl Vm {
         cfg.serial_log = Some(Self::console_path(image, dir));
         cfg.vsock_uds = Some(files.vsock_sock());
         cfg.api_sock = Some(files.api_sock());
-        cfg.drives = drives
-            .iter()
-            .map(|d| DriveArg {
-                id: d.id.clone(),
-                path: (!d.path.as_os_str().is_empty()).then(|| d.path.clone()),
-                read_only: d.read_only,
-                layered: false,
-            })
-            .collect();
+        // Files the VMM inherits: (our fd, its number in the VMM).
+        let mut inherit: Vec<(i32, i32)> = Vec::new();
+        for d in drives {
+            cfg.drives.push(match d {
+                Drive::File {
+                    id,
+                    file,
+                    read_only,
+                } => {
+                    let n = FIRST_DRIVE_FD + inherit.len() as i32;
+                    inherit.push((file.as_raw_fd(), n));
+                    DriveArg {
+                        id: id.clone(),
+                        path: Some(format!("/proc/self/fd/{n}").into()),
+                        read_only: *read_only,
+                        layered: false,
+                    }
+                }
+                Drive::Layered { id } => DriveArg::layered(id.clone()),
+            });
+        }
         let mut tap_fd = None;
         cfg.net = net.map(|n| match n {
             NetDevice::Fd { fd, mac, mtu } => {
@@ -197,22 +221,32 @@ impl Vm {
             // container, power the VM off), not a signal that kills the VMM under it.
             .process_group(0)
             .kill_on_drop(true);
-        let tap_raw = tap_fd.as_ref().map(|f| f.as_raw_fd());
-        // SAFETY: prctl, dup2 and fcntl are async-signal-safe; the closure allocates nothing.
-        // The VMM dies with whoever started it (husk run, the shim), even when that is
-        // SIGKILLed, and gets the tap (if any) as its fd NET_FD, without close-on-exec.
+        if let Some(f) = &tap_fd {
+            inherit.push((f.as_raw_fd(), NET_FD));
+        }
+        if inherit.len() > MAX_INHERITED {
+            bail!("the VMM can inherit at most {MAX_INHERITED} files");
+        }
+        // SAFETY: prctl, dup2 and fcntl are async-signal-safe; the closure allocates nothing
+        // (`inherit` was built before the fork). The VMM dies with whoever started it (husk
+        // run, the shim), even when that is SIGKILLed, and gets each inherited file at its
+        // number without close-on-exec.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if let Some(fd) = tap_raw {
-                    let r = if fd == NET_FD {
-                        libc::fcntl(fd, libc::F_SETFD, 0)
-                    } else {
-                        libc::dup2(fd, NET_FD)
-                    };
-                    if r < 0 {
+                // First out of the way of every target number (closed at exec), then each
+                // to its number: a source that sits on another's target is not clobbered.
+                let mut moved = [0i32; MAX_INHERITED];
+                for (i, (src, _)) in inherit.iter().enumerate() {
+                    moved[i] = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 64);
+                    if moved[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, (_, dst)) in inherit.iter().enumerate() {
+                    if libc::dup2(moved[i], *dst) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }

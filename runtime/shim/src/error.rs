@@ -72,9 +72,9 @@ impl ShimError {
                 PodError::Start(_) => Code::FAILED_PRECONDITION,
                 PodError::Boot(_) => Code::DEADLINE_EXCEEDED,
                 PodError::Agent { source, .. } => source.code(),
-                PodError::NoFreeSlot(_) => Code::RESOURCE_EXHAUSTED,
-                PodError::DriveRefused { .. } | PodError::Spec(_) => Code::INTERNAL,
-                PodError::DriveUnreachable { .. } => Code::UNAVAILABLE,
+                PodError::Scratch { .. } => Code::RESOURCE_EXHAUSTED,
+                PodError::LayerRefused { .. } | PodError::Spec(_) => Code::INTERNAL,
+                PodError::LayerUnreachable { .. } => Code::UNAVAILABLE,
             },
         }
     }
@@ -111,9 +111,13 @@ mod tests {
                 "starting the container: ",
             ),
             (
-                PodError::NoFreeSlot(8).into(),
-                Code::RESOURCE_EXHAUSTED,
-                "no free drive slot (8 containers at once)",
+                PodError::LayerRefused {
+                    image: "/l/x.img".into(),
+                    reason: "the layer file /l/x.img is empty".into(),
+                }
+                .into(),
+                Code::INTERNAL,
+                "the VMM refused the layer /l/x.img: the layer file /l/x.img is empty",
             ),
             (
                 PodError::Boot("did not become ready".into()).into(),

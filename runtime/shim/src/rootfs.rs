@@ -1,30 +1,36 @@
 //! A container's root filesystem on the host side: its OCI spec made fit for the guest, and
-//! its rootfs packed into the block image the pod engine hands to the VM.
+//! its rootfs as the layers the pod engine stacks in the VM.
 //!
-//! containerd hands the shim the container's snapshot as mounts (usually one overlay). The
-//! shim mounts them, packs the tree into an ext4 image (`mkfs.ext4 -d`), unmounts, and gives
-//! the image to the VM through an empty drive slot; the agent mounts it as the rootfs. Files
-//! CRI bind-mounts from the host (/etc/hosts, /etc/resolv.conf, /etc/hostname, the termination
-//! log, and volumes) cannot be shared into the VM yet: they are copied into the image at their
-//! destination (a snapshot taken at create time), and /dev/shm becomes a tmpfs.
+//! containerd's overlay snapshotter hands the shim the container's snapshot as one overlay
+//! mount: committed snapshots as lowerdirs (the image's layers, immutable) and an upperdir
+//! (the container's active snapshot, usually empty). The shim never mounts it: each lowerdir
+//! comes from the layer cache (converted on the first use on this node, shared after), and
+//! what is the container's alone (a non-empty upperdir; the files CRI bind-mounts from the
+//! host: /etc/hosts, /etc/resolv.conf, /etc/hostname, the termination log, and volumes)
+//! becomes a small layer of its own on top. Volumes cannot be shared into the VM yet: they
+//! are copied at create time, each an opaque directory as a bind mount hides what is under
+//! it, and /dev/shm becomes a tmpfs. Other snapshotters' mounts are mounted, packed into the
+//! container's own layer (a copy, in proportion to the image) and unmounted.
 
 use std::{
-    fmt::Write as _,
-    os::unix::fs::{MetadataExt, PermissionsExt},
-    path::{Path, PathBuf},
+    fs,
+    os::unix::fs::{chown, MetadataExt, PermissionsExt},
+    path::{Component, Path, PathBuf},
     process::Command,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use containerd_shim::protos::types::mount::Mount;
+use husk::{
+    layers::{make_layer_image, LayerCache},
+    pod::PodLayer,
+};
 use nix::mount::{umount2, MntFlags, MsFlags};
 use oci_spec::runtime::{LinuxNamespaceType, Mount as OciMount, MountBuilder, Spec};
 
-/// Room left in a container's image for what the container writes, in MiB (the image file is
-/// sparse: it costs only what is used).
-pub const SCRATCH_MIB: u64 = 256;
-
-/// A host file or directory to copy into the image at `dest` (an absolute container path).
+/// A host file or directory to copy into the container's own layer at `dest` (an absolute
+/// container path).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Copy {
     pub src: PathBuf,
@@ -151,130 +157,219 @@ pub fn unmount(target: &Path) {
     }
 }
 
-/// A container's rootfs as containerd hands it out (`mounts`, or already in place when
-/// empty) at `target`, packed with `copies` into the ext4 image `img`: mounted, packed and
-/// unmounted again. The image's size in bytes.
-pub async fn pack(
+/// The overlay's lowerdirs (bottom first) and upperdir, if `mounts` is one overlay.
+fn overlay_dirs(mounts: &[Mount]) -> Option<(Vec<PathBuf>, Option<PathBuf>)> {
+    let [m] = mounts else { return None };
+    if m.type_ != "overlay" {
+        return None;
+    }
+    let mut lower = None;
+    let mut upper = None;
+    for o in &m.options {
+        if let Some(l) = o.strip_prefix("lowerdir=") {
+            lower = Some(l.split(':').map(PathBuf::from).rev().collect::<Vec<_>>());
+        } else if let Some(u) = o.strip_prefix("upperdir=") {
+            upper = Some(PathBuf::from(u));
+        }
+    }
+    let lower = lower.filter(|l| !l.is_empty() && l.iter().all(|p| p.is_absolute()))?;
+    Some((lower, upper))
+}
+
+/// What making a container's layers took.
+#[derive(Debug, Default)]
+pub struct LayersMade {
+    pub layers: Vec<PodLayer>,
+    /// Image layers found in the cache, and converted now.
+    pub cached: usize,
+    pub converted: usize,
+    /// The container's own layers (made now, whatever the cache holds).
+    pub own: usize,
+    pub took: Duration,
+}
+
+/// The container's layers, bottom first: its image's from the layer cache, then its own
+/// (a tree that is not an overlay of snapshots, a non-empty upperdir, the copies), made in
+/// `work` (files that the pod engine unlinks once the VM holds them).
+pub async fn layers(
+    cache: LayerCache,
     mounts: Vec<Mount>,
-    target: PathBuf,
+    bundle_rootfs: PathBuf,
     copies: Vec<Copy>,
-    img: PathBuf,
-) -> Result<u64> {
+    work: PathBuf,
+    id: String,
+) -> Result<LayersMade> {
     tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&target)
-            .with_context(|| format!("creating {}", target.display()))?;
-        let mounted = !mounts.is_empty();
-        if mounted {
-            mount_rootfs(&mounts, &target)?;
-        }
-        let r = make_image(&target, &copies, &img);
-        if mounted {
-            unmount(&target);
-        }
-        r
+        make_layers(&cache, &mounts, &bundle_rootfs, &copies, &work, &id)
     })
     .await
-    .context("packing the rootfs")?
+    .context("making the container's layers")?
 }
 
-/// Packs `rootfs` and `copies` into the ext4 image `img`; returns its size in bytes.
-pub fn make_image(rootfs: &Path, copies: &[Copy], img: &Path) -> Result<u64> {
-    let size = husk::image::make_ext4(rootfs, img, SCRATCH_MIB)
-        .with_context(|| format!("packing the rootfs {} into an image", rootfs.display()))?;
-    if copies.is_empty() {
-        return Ok(size);
-    }
-    let script = debugfs_script(copies)?;
-    let out = Command::new("debugfs")
-        .arg("-w")
-        .arg("-f")
-        .arg("-")
-        .arg(img)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin
-                .take()
-                .expect("piped")
-                .write_all(script.as_bytes())?;
-            c.wait_with_output()
-        })
-        .context("running debugfs (e2fsprogs) to copy the pod's files into the image")?;
-    if !out.status.success() {
-        bail!(
-            "debugfs failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    // debugfs reports failed commands on stderr but still exits 0.
-    let errors: Vec<&str> = std::str::from_utf8(&out.stderr)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
-        .filter(|l| !l.contains("already exists") && !l.contains("File not found by ext2_lookup"))
-        .collect();
-    if !errors.is_empty() {
-        bail!(
-            "copying the pod's files into the image: {}",
-            errors.join("; ")
-        );
-    }
-    Ok(size)
-}
-
-/// debugfs commands that put each copy at its destination, replacing what the image has there,
-/// with the source's mode and owner.
-fn debugfs_script(copies: &[Copy]) -> Result<String> {
-    fn quote(p: &str) -> Result<String> {
-        if p.contains('"') || p.contains('\n') {
-            bail!("cannot copy {p:?} into the image (quote or newline in the path)");
-        }
-        Ok(format!("\"{p}\""))
-    }
-    fn add(s: &mut String, src: &Path, dest: &str) -> Result<()> {
-        let md = std::fs::metadata(src).with_context(|| format!("reading {}", src.display()))?;
-        let q = quote(dest)?;
-        if md.is_dir() {
-            let _ = writeln!(s, "mkdir {q}");
-            let mut entries: Vec<_> = std::fs::read_dir(src)
-                .with_context(|| format!("reading {}", src.display()))?
-                .collect::<Result<_, _>>()?;
-            entries.sort_by_key(|e| e.file_name());
-            for e in entries {
-                let name = e.file_name();
-                let child = format!("{}/{}", dest.trim_end_matches('/'), name.to_string_lossy());
-                add(s, &e.path(), &child)?;
-            }
-        } else if md.is_file() {
-            let _ = writeln!(s, "rm {q}");
-            let _ = writeln!(s, "write {} {q}", quote(&src.to_string_lossy())?);
-        } else {
-            return Ok(()); // sockets, devices: nothing to copy
-        }
-        let kind = if md.is_dir() { 0o040000 } else { 0o100000 };
-        let mode = kind | (md.permissions().mode() & 0o7777);
-        let _ = writeln!(s, "sif {q} mode 0{mode:o}");
-        let _ = writeln!(s, "sif {q} uid {}", md.uid());
-        let _ = writeln!(s, "sif {q} gid {}", md.gid());
+fn make_layers(
+    cache: &LayerCache,
+    mounts: &[Mount],
+    bundle_rootfs: &Path,
+    copies: &[Copy],
+    work: &Path,
+    id: &str,
+) -> Result<LayersMade> {
+    let t0 = Instant::now();
+    let mut made = LayersMade::default();
+    fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
+    let nonce = t0.elapsed().as_nanos() ^ u128::from(std::process::id());
+    let own = |dir: &Path, made: &mut LayersMade| -> Result<()> {
+        let n = made.own;
+        let image = work.join(format!("{id}.{n}.layer"));
+        make_layer_image(dir, &image).map_err(|why| {
+            anyhow::anyhow!("packing {} into a layer of its own: {why}", dir.display())
+        })?;
+        made.layers.push(PodLayer {
+            key: format!("own/{id}/{n}/{nonce:x}"),
+            image,
+            unlink: true,
+        });
+        made.own += 1;
         Ok(())
-    }
-    let mut s = String::new();
-    for c in copies {
-        // Parents first (errors for existing ones are expected and filtered).
-        let mut parent = String::new();
-        let parts: Vec<&str> = c.dest.split('/').filter(|p| !p.is_empty()).collect();
-        for p in parts.iter().take(parts.len().saturating_sub(1)) {
-            parent.push('/');
-            parent.push_str(p);
-            let _ = writeln!(s, "mkdir {}", quote(&parent)?);
+    };
+    let mut lowers_top_first = Vec::new();
+    match overlay_dirs(mounts) {
+        Some((lower, upper)) => {
+            for dir in &lower {
+                let l = cache.snapshot(dir)?;
+                if l.converted {
+                    made.converted += 1;
+                } else {
+                    made.cached += 1;
+                }
+                made.layers.push(l.into());
+            }
+            lowers_top_first = lower.iter().rev().cloned().collect();
+            if let Some(u) = upper.filter(|u| has_entries(u)) {
+                lowers_top_first.insert(0, u.clone());
+                own(&u, &mut made)?;
+            }
         }
-        add(&mut s, &c.src, &c.dest)?;
+        None if mounts.is_empty() => own(bundle_rootfs, &mut made)?,
+        None => {
+            // Another snapshotter's mounts: mount, pack, unmount.
+            fs::create_dir_all(bundle_rootfs)
+                .with_context(|| format!("creating {}", bundle_rootfs.display()))?;
+            mount_rootfs(mounts, bundle_rootfs)?;
+            let r = own(bundle_rootfs, &mut made);
+            unmount(bundle_rootfs);
+            r?;
+        }
     }
-    Ok(s)
+    if !copies.is_empty() {
+        let staging = work.join(format!("{id}.copies"));
+        let _ = fs::remove_dir_all(&staging);
+        let r = stage_copies(copies, &lowers_top_first, &staging)
+            .and_then(|()| own(&staging, &mut made));
+        let _ = fs::remove_dir_all(&staging);
+        r?;
+    }
+    made.took = t0.elapsed();
+    Ok(made)
+}
+
+fn has_entries(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
+}
+
+/// Puts each copy under `staging` at its destination: a file with its content, mode and
+/// owner; a directory copied whole (`cp -a`) and marked opaque, so that it hides what the
+/// image has there as a bind mount would. Directories made on the way take their mode and
+/// owner from the image's layers (`lowers`, top first) where the image has them.
+fn stage_copies(copies: &[Copy], lowers: &[PathBuf], staging: &Path) -> Result<()> {
+    fs::create_dir_all(staging)?;
+    for c in copies {
+        let rel = relative(&c.dest)?;
+        let dest = staging.join(&rel);
+        let mut parent = PathBuf::new();
+        for comp in rel.parent().into_iter().flat_map(Path::components) {
+            parent.push(comp);
+            let d = staging.join(&parent);
+            if d.is_dir() {
+                continue;
+            }
+            fs::create_dir(&d).with_context(|| format!("creating {}", d.display()))?;
+            let like = lowers.iter().map(|l| l.join(&parent)).find(|p| p.is_dir());
+            let (mode, uid, gid) = like
+                .and_then(|p| p.metadata().ok())
+                .map(|m| (m.mode() & 0o7777, m.uid(), m.gid()))
+                .unwrap_or((0o755, 0, 0));
+            fs::set_permissions(&d, fs::Permissions::from_mode(mode))?;
+            chown(&d, Some(uid), Some(gid))?;
+        }
+        let md = fs::metadata(&c.src).with_context(|| format!("reading {}", c.src.display()))?;
+        if md.is_dir() {
+            let _ = fs::remove_dir_all(&dest);
+            fs::create_dir(&dest).with_context(|| format!("creating {}", dest.display()))?;
+            let out = Command::new("cp")
+                .arg("-a")
+                .arg(c.src.join("."))
+                .arg(&dest)
+                .output()
+                .context("running cp")?;
+            if !out.status.success() {
+                bail!(
+                    "copying {} into the container: {}",
+                    c.src.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            xattr_set(&dest, "trusted.overlay.opaque", b"y")?;
+        } else if md.is_file() {
+            let _ = fs::remove_dir_all(&dest);
+            fs::copy(&c.src, &dest)
+                .with_context(|| format!("copying {} into the container", c.src.display()))?;
+        } else {
+            continue; // sockets, devices: nothing to copy
+        }
+        fs::set_permissions(&dest, fs::Permissions::from_mode(md.mode() & 0o7777))?;
+        chown(&dest, Some(md.uid()), Some(md.gid()))?;
+    }
+    Ok(())
+}
+
+/// `dest` (an absolute container path) as a relative path of plain names.
+fn relative(dest: &str) -> Result<PathBuf> {
+    let mut rel = PathBuf::new();
+    for c in Path::new(dest).components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(n) => rel.push(n),
+            _ => bail!("the mount destination {dest:?} leaves the container's root"),
+        }
+    }
+    if rel.as_os_str().is_empty() {
+        bail!("a mount at the container's root ({dest:?}) cannot be copied");
+    }
+    Ok(rel)
+}
+
+fn xattr_set(p: &Path, name: &str, value: &[u8]) -> Result<()> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())?;
+    let n = std::ffi::CString::new(name)?;
+    // SAFETY: NUL-terminated strings and a slice that live across the call.
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r != 0 {
+        bail!(
+            "setting {name} on {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -377,20 +472,77 @@ mod tests {
         );
     }
 
+    fn debugfs(image: &Path, cmd: &str) -> String {
+        let o = Command::new("debugfs")
+            .args(["-R", cmd])
+            .arg(image)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    }
+
+    fn overlay(lower_top_first: &[&Path], upper: &Path) -> Mount {
+        let lower: Vec<String> = lower_top_first
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        Mount {
+            type_: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![
+                "index=off".into(),
+                format!("workdir={}/work", upper.display()),
+                format!("upperdir={}", upper.display()),
+                format!("lowerdir={}", lower.join(":")),
+            ],
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn copies_land_in_the_image_with_mode_and_content() {
+    fn overlay_mounts_give_their_lowerdirs_bottom_first() {
+        let m = overlay(
+            &[Path::new("/s/3/fs"), Path::new("/s/1/fs")],
+            Path::new("/s/4/fs"),
+        );
+        let (lower, upper) = overlay_dirs(&[m]).unwrap();
+        assert_eq!(lower, [PathBuf::from("/s/1/fs"), PathBuf::from("/s/3/fs")]);
+        assert_eq!(upper, Some(PathBuf::from("/s/4/fs")));
+        let bind = Mount {
+            type_: "bind".into(),
+            source: "/s/1/fs".into(),
+            options: vec!["rbind".into(), "ro".into()],
+            ..Default::default()
+        };
+        assert_eq!(overlay_dirs(&[bind]), None);
+        assert_eq!(overlay_dirs(&[]), None);
+    }
+
+    #[test]
+    fn image_layers_come_from_the_cache_and_copies_make_a_layer_of_their_own() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (chown, trusted.* xattrs)"
+        );
         let d = tempfile::tempdir().unwrap();
-        let root = d.path().join("root");
-        std::fs::create_dir_all(root.join("etc")).unwrap();
-        std::fs::write(root.join("etc/hostname"), "image\n").unwrap();
+        let (base, app, upper) = (
+            d.path().join("s/1/fs"),
+            d.path().join("s/2/fs"),
+            d.path().join("s/3/fs"),
+        );
+        fs::create_dir_all(base.join("etc")).unwrap();
+        fs::write(base.join("etc/hostname"), "image\n").unwrap();
+        fs::create_dir_all(base.join("mnt")).unwrap();
+        fs::set_permissions(base.join("mnt"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::create_dir_all(app.join("app")).unwrap();
+        fs::create_dir_all(&upper).unwrap();
         let host = d.path().join("hostname");
-        std::fs::write(&host, "pod-a\n").unwrap();
-        std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o640)).unwrap();
+        fs::write(&host, "pod-a\n").unwrap();
+        fs::set_permissions(&host, fs::Permissions::from_mode(0o640)).unwrap();
         let vol = d.path().join("vol");
-        std::fs::create_dir_all(vol.join("sub")).unwrap();
-        std::fs::write(vol.join("sub/f"), "in a volume\n").unwrap();
-        let img = d.path().join("img.ext4");
-        let copies = [
+        fs::create_dir_all(vol.join("sub")).unwrap();
+        fs::write(vol.join("sub/f"), "in a volume\n").unwrap();
+        let copies = vec![
             Copy {
                 src: host,
                 dest: "/etc/hostname".into(),
@@ -400,23 +552,56 @@ mod tests {
                 dest: "/mnt/deep/vol".into(),
             },
         ];
-        make_image(&root, &copies, &img).unwrap();
-        let cat = |p: &str| {
-            let o = Command::new("debugfs")
-                .args(["-R", &format!("cat {p}")])
-                .arg(&img)
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&o.stdout).to_string()
-        };
-        assert_eq!(cat("/etc/hostname"), "pod-a\n");
-        assert_eq!(cat("/mnt/deep/vol/sub/f"), "in a volume\n");
-        let o = Command::new("debugfs")
-            .args(["-R", "stat /etc/hostname"])
-            .arg(&img)
-            .output()
-            .unwrap();
-        let stat = String::from_utf8_lossy(&o.stdout);
-        assert!(stat.contains("Mode:  0640"), "{stat}");
+        let cache = LayerCache::new(d.path().join("cache"));
+        let mounts = vec![overlay(&[&app, &base], &upper)];
+        let work = d.path().join("work");
+        let made = make_layers(
+            &cache,
+            &mounts,
+            Path::new("/nonexistent"),
+            &copies,
+            &work,
+            "c1",
+        )
+        .unwrap();
+        assert_eq!((made.converted, made.cached, made.own), (2, 0, 1));
+        assert_eq!(made.layers.len(), 3);
+        assert!(!made.layers[0].unlink && made.layers[2].unlink);
+        assert!(debugfs(&made.layers[0].image, "ls /").contains("etc"));
+        assert!(debugfs(&made.layers[1].image, "ls /").contains("app"));
+        let own = &made.layers[2].image;
+        assert_eq!(debugfs(own, "cat /etc/hostname"), "pod-a\n");
+        assert_eq!(debugfs(own, "cat /mnt/deep/vol/sub/f"), "in a volume\n");
+        assert!(debugfs(own, "stat /etc/hostname").contains("Mode:  0640"));
+        // /mnt takes the image's mode; the volume hides what the image has there.
+        assert!(
+            debugfs(own, "stat /mnt").contains("Mode:  0700"),
+            "{}",
+            debugfs(own, "stat /mnt")
+        );
+        assert!(debugfs(own, "ea_get /mnt/deep/vol trusted.overlay.opaque").contains("= \"y\""));
+        assert!(
+            !work.join("c1.copies").exists(),
+            "the staging directory is left"
+        );
+
+        // A second container of the image: the layers are there; only its own is made.
+        let made = make_layers(
+            &cache,
+            &mounts,
+            Path::new("/nonexistent"),
+            &copies,
+            &work,
+            "c2",
+        )
+        .unwrap();
+        assert_eq!((made.converted, made.cached, made.own), (0, 2, 1));
+        // A non-empty upperdir is a layer of its own too.
+        fs::write(upper.join("written"), "by containerd").unwrap();
+        let made =
+            make_layers(&cache, &mounts, Path::new("/nonexistent"), &[], &work, "c3").unwrap();
+        assert_eq!((made.cached, made.own), (2, 1));
+        assert!(debugfs(&made.layers[2].image, "ls /").contains("written"));
+        assert!(relative("/").is_err() && relative("/a/../../b").is_err());
     }
 }

@@ -27,9 +27,6 @@ use crate::{
 /// How long the guest may take to answer (nested virtualization is slow).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Empty drive slots of a pod's VM, one per container that can run at once.
-const SLOTS: usize = 8;
-
 /// The status of a sandbox task whose VM was powered off because we asked (the pause task
 /// was killed): 128 + SIGKILL, as runc reports a killed pause process.
 const KILLED: u32 = 128 + libc::SIGKILL as u32;
@@ -138,10 +135,11 @@ impl Sandbox {
         let cfg = PodConfig {
             id: req.id.clone(),
             hostname: spec["hostname"].as_str().unwrap_or_default().to_string(),
-            image: image_from(cfg),
+            image: image_from(cfg.clone()),
             size,
             dir: pod_dir(events.namespace(), &req.id),
-            slots: SLOTS,
+            scratch_dir: cfg.scratch_dir(),
+            scratch_bytes: u64::from(cfg.pod.scratch_gib) << 30,
             boot_timeout: BOOT_TIMEOUT,
         };
         let t0 = std::time::Instant::now();
@@ -238,13 +236,31 @@ async fn watch_vm(
             vm.logs_tail()
         );
     }
-    drop(vm); // removes the VM's directory with the containers' images
+    drop(vm); // removes the VM's directory
     if let Some(n) = network {
         unwire_network(n).await;
     }
+    collect_layers().await;
     events
         .exited(&tx, &id, "", vmm_pid, Exit::now(status))
         .await;
+}
+
+/// Removes the layer cache's entries whose snapshot containerd removed (a pod's end is
+/// when a node's images may have gone; `husk gc` does the same by hand).
+async fn collect_layers() {
+    let Ok(cfg) = Config::load() else { return };
+    let cache = cfg.layer_cache();
+    match tokio::task::spawn_blocking(move || cache.gc(false)).await {
+        Ok(Ok(r)) if r.removed > 0 => log::info!(
+            "layer cache: {} entries removed ({} MiB), {} kept",
+            r.removed,
+            r.bytes_freed >> 20,
+            r.kept
+        ),
+        Ok(Err(e)) => log::warn!("layer cache: {e}"),
+        _ => {}
+    }
 }
 
 /// OOM kills in any container, as containerd events, until the VM is gone.
@@ -313,6 +329,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 1024,
             overhead_mib: 100,
+            scratch_gib: 10,
         };
         let s = vm_size(&serde_json::json!({}), &d);
         assert_eq!((s.vcpus, s.mem_mib), (2, 1024));

@@ -73,8 +73,6 @@ impl Proc {
 /// A container of the pod.
 pub struct Container {
     pub bundle: String,
-    slot: usize,
-    image: PathBuf,
     pub paused: bool,
     /// OOM events published for this container.
     ooms_reported: u32,
@@ -117,8 +115,9 @@ pub fn oom_to_report(state: &crate::service::Shared, id: &str, at_exit: bool) ->
 }
 
 impl Shim {
-    /// Creates container task `req` in the pod: its rootfs image into a drive slot, the
-    /// container in the guest, its stdio attached. The init's pid.
+    /// Creates container task `req` in the pod: its layers (from the layer cache, and one of
+    /// its own) onto the pod's layered drive, the container in the guest, its stdio attached.
+    /// The init's pid.
     pub async fn create_container(&self, req: &CreateTaskRequest, spec_path: &Path) -> Result<u32> {
         let pod = self.pod()?;
         if lock(&self.state).containers.contains_key(&req.id) {
@@ -131,9 +130,9 @@ impl Shim {
             .map_err(|e| ShimError::InvalidArgument(format!("{}: {e}", spec_path.display())))?;
         let copies = rootfs::guest_spec(&mut spec)
             .map_err(|e| ShimError::InvalidArgument(format!("{e:#}")))?;
-
-        let slot = pod.reserve_slot(&req.id)?;
-        let image = pod.dir().join(format!("{}.ext4", req.id));
+        let cache = husk::config::Config::load()
+            .map_err(|e| ShimError::FailedPrecondition(format!("husk's configuration: {e:#}")))?
+            .layer_cache();
         let fifos = Fifos {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -141,44 +140,50 @@ impl Shim {
             terminal: req.terminal,
         };
         let t0 = std::time::Instant::now();
+        let made = rootfs::layers(
+            cache,
+            req.rootfs.clone(),
+            PathBuf::from(&req.bundle).join("rootfs"),
+            copies,
+            pod.dir().join("layers"),
+            req.id.clone(),
+        )
+        .await
+        .map_err(|e| ShimError::Internal(format!("{e:#}")))?;
         let created = async {
-            let target = PathBuf::from(&req.bundle).join("rootfs");
-            let size = rootfs::pack(req.rootfs.clone(), target, copies, image.clone())
-                .await
-                .map_err(|e| ShimError::Internal(format!("{e:#}")))?;
-            let packed = t0.elapsed();
             let new = NewContainer {
                 id: &req.id,
                 spec: &spec,
-                image: &image,
-                slot,
+                layers: &made.layers,
                 stdin: !fifos.stdin.is_empty(),
             };
-            let pid = pod.create_container(&new).await?;
+            let pid = pod.create_container(&new).await;
+            // The engine unlinks the container's own layers once the VM holds them; not on
+            // every failure path.
+            for l in made.layers.iter().filter(|l| l.unlink) {
+                let _ = std::fs::remove_file(&l.image);
+            }
+            let pid = pid?;
             log::info!(
-                "container {}: rootfs image of {} MiB ready in slot {slot} after {} ms, created in the guest after {} ms",
+                "container {}: {} image layers ({} from the cache, {} converted) and {} of its own in {} ms, created in the guest after {} ms",
                 req.id,
-                size >> 20,
-                packed.as_millis(),
+                made.cached + made.converted,
+                made.cached,
+                made.converted,
+                made.own,
+                made.took.as_millis(),
                 t0.elapsed().as_millis()
             );
             match stdio::attach(pod.agent(), &req.id, "", &fifos).await {
                 Ok(copies) => Ok((pid, copies)),
                 Err(e) => {
-                    let _ = pod.remove_container(&req.id, slot).await;
+                    let _ = pod.remove_container(&req.id).await;
                     Err(ShimError::Internal(e))
                 }
             }
         }
         .await;
-        let (pid, copies) = match created {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = std::fs::remove_file(&image);
-                pod.release_slot(slot);
-                return Err(e);
-            }
-        };
+        let (pid, copies) = created?;
         let mut init = Proc::new(fifos, Vec::new());
         init.pid = pid;
         init.attached(copies);
@@ -186,8 +191,6 @@ impl Shim {
             req.id.clone(),
             Container {
                 bundle: req.bundle.clone(),
-                slot,
-                image,
                 paused: false,
                 ooms_reported: 0,
                 init,
@@ -320,8 +323,8 @@ impl Shim {
         });
     }
 
-    /// Deletes container `id` (stopped or never started): from the guest, its drive slot, its
-    /// image and its rootfs mount.
+    /// Deletes container `id` (stopped or never started): from the guest, and its layers
+    /// that no other container of the pod holds from the VM.
     pub async fn delete_container(&self, id: &str) -> Result<DeleteResponse> {
         let (c, exit) = {
             let mut st = lock(&self.state);
@@ -340,13 +343,10 @@ impl Shim {
         };
         // A VM that is gone has nothing to remove.
         if let Ok(pod) = self.pod() {
-            if let Err(e) = pod.remove_container(id, c.slot).await {
+            if let Err(e) = pod.remove_container(id).await {
                 log::warn!("{e}");
             }
-            pod.release_slot(c.slot);
         }
-        let _ = std::fs::remove_file(&c.image);
-        rootfs::unmount(&PathBuf::from(&c.bundle).join("rootfs"));
         let exit = exit.unwrap_or(Exit::now(128 + libc::SIGKILL as u32));
         Ok(self.events.deleted(id, c.init.pid, exit).await)
     }
