@@ -2,7 +2,8 @@
 # Benchmarks that print numbers (never pass/fail on them), as root, after scripts/setup.sh:
 # release builds of husk and husk-vmm, the guest image, then inside the nested-KVM testbed
 # (or directly where /dev/kvm has vmx/svm): vsock stdio throughput beside a Unix-socket copy;
-# in the testbed also pod-to-pod TCP throughput and request/response latency, husk beside runc.
+# in the testbed also container create+start against image size and pod-to-pod TCP throughput
+# and request/response latency, husk beside runc.
 # First, on this host: what packing a container's rootfs into its block image costs, beside cp -a.
 # Where the testbed is used: its boot and a `husk run` in it with 1 and with 2 L1 vCPUs.
 #
@@ -35,6 +36,17 @@ for cpus in 1 2 1 2; do
         "$(grep -o 'first output [0-9]* ms' <<<"$out")" "$wall"
 done
 tests/testbed/run.sh --timeout 1500 -- "${bench[@]}"
-echo "== pod-to-pod networking (containerd, CNI bridge): husk beside runc"
 cargo build --release --locked -p containerd-shim-husk-v2
+echo "== container create+start against image size (containerd): husk beside runc"
+for size in 16 256 1024; do
+    out=$repo/target/bench-layers/$size
+    [[ -f $out/image.tar ]] && continue
+    rm -rf "$out" && mkdir -p "$out/data/bench"
+    for ((i = 0; i < size; i++)); do head -c 1M /dev/urandom >"$out/data/bench/f$i"; done
+    (. tests/scripts/cri-env.sh && oci_layers "$out" "docker.io/husk/bench-$size:1" '["/bin/sh"]' "$rootfs" "$out/data")
+    rm -rf "$out/data" "$out/oci"
+done
+tests/testbed/run.sh --mem 8192 --timeout 1800 -- \
+    bash "$repo/tests/bench/layers.sh" "$repo" "$repo/target/bench-layers" 16 256 1024
+echo "== pod-to-pod networking (containerd, CNI bridge): husk beside runc"
 exec tests/testbed/run.sh --timeout 1500 -- bash "$repo/tests/bench/net-pods.sh" "$repo" 32 20 2
