@@ -4,7 +4,7 @@
 # (or directly where /dev/kvm has vmx/svm): vsock stdio throughput beside a Unix-socket copy;
 # in the testbed also container create+start against image size and pod-to-pod TCP throughput
 # and request/response latency, husk beside runc.
-# First, on this host: what packing a container's rootfs into its block image costs, beside cp -a.
+# First, on this host: what converting a layer into the layer cache costs, beside cp -a.
 # Where the testbed is used: its boot and a `husk run` in it with 1 and with 2 L1 vCPUs.
 #
 #   bash scripts/bench.sh [SIZE_MIB]
@@ -16,7 +16,7 @@ bash guest-image/build.sh
 
 rootfs=$repo/target/bench-rootfs
 bash scripts/busybox-rootfs.sh "$rootfs"
-echo "== container rootfs images (what the shim does per container), beside cp -a"
+echo "== layer conversion (a layer's first use on a node), beside cp -a"
 cargo run --release --locked -q -p husk --example pack-bench -- "$rootfs"
 echo "== vsock stdio throughput"
 bench=(bash "$repo/tests/bench/vsock-throughput.sh" "$repo" "$rootfs" "${1:-256}")

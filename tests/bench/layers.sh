@@ -26,23 +26,22 @@ d=$(mktemp -d)
 now() { date +%s%N; }
 ms() { echo $((($2 - $1) / 1000000)); }
 
-# create_start LABEL UNTRUSTED IMAGE: runp, then create+start timed (ms); the pod and
-# container ids in $pod $ctr.
+# create_start LABEL UNTRUSTED IMAGE: runp, then create+start timed: the pod and container
+# ids in $pod $cid, the milliseconds in $took.
 create_start() {
-    local t0 t1
+    local t0
     pod_json "$d/p.json" "$1" "$2"
     IMAGE=$3 container_json "$d/c.json" "c-$1" '["sleep","100000"]'
     pod=$("${CRICTL[@]}" runp "$d/p.json") || return 1
     t0=$(now)
-    ctr=$("${CRICTL[@]}" create "$pod" "$d/c.json" "$d/p.json") &&
-        "${CRICTL[@]}" start "$ctr" >/dev/null || return 1
-    t1=$(now)
-    ms "$t0" "$t1"
+    cid=$("${CRICTL[@]}" create "$pod" "$d/c.json" "$d/p.json") &&
+        "${CRICTL[@]}" start "$cid" >/dev/null || return 1
+    took=$(ms "$t0" "$(now)")
 }
 
 remove() {
-    "${CRICTL[@]}" stop -t 1 "$ctr" >/dev/null
-    "${CRICTL[@]}" rm "$ctr" >/dev/null
+    "${CRICTL[@]}" stop -t 1 "$cid" >/dev/null
+    "${CRICTL[@]}" rm "$cid" >/dev/null
     "${CRICTL[@]}" stopp "$pod" >/dev/null
     "${CRICTL[@]}" rmp "$pod" >/dev/null
 }
@@ -53,19 +52,23 @@ for size in "$@"; do
     t0=$(now)
     ctr --address "$CRI_SOCK" -n k8s.io images import "$images/$size/image.tar" >/dev/null || exit 1
     import=$(ms "$t0" "$(now)")
-    runc=$(create_start "r$size" false "$name") || exit 1
+    create_start "r$size" false "$name" || exit 1
+    runc=$took
     remove
-    first=$(create_start "h$size" true "$name") || exit 1
-    conv=$(grep -o "container $ctr: .*" "$CRI_ROOT/containerd.log" | head -1)
-    p1=$pod c1=$ctr
-    second=$(create_start "h2$size" true "$name") || exit 1
+    create_start "h$size" true "$name" || exit 1
+    first=$took
+    conv=$(grep -o "container $cid: .*" "$CRI_ROOT/containerd.log" | head -1)
+    p1=$pod c1=$cid
+    create_start "h2$size" true "$name" || exit 1
+    second=$took
     cache=$(du -sm "$CRI_ROOT/husk/layers" | cut -f1)
     remove
-    pod=$p1 ctr=$c1 remove
+    pod=$p1 cid=$c1 remove
     converted=$(grep -o 'layer cache: .* converted into .* in [0-9]* ms' "$CRI_ROOT/containerd.log" | tail -1 | grep -o '[0-9]* ms$')
     printf '%s | %s | %s (%s) | %s (%s) | %s | %s   (import %s ms; %s)\n' "$size" "$runc" \
         "$first" "$(awk -v a="$first" -v b="$runc" 'BEGIN { printf "%.1fx", a / b }')" \
         "$second" "$(awk -v a="$second" -v b="$runc" 'BEGIN { printf "%.1fx", a / b }')" \
         "${converted:-?}" "$cache" "$import" "${conv#container * }"
     "${CRICTL[@]}" rmi "$name" >/dev/null
+    "$husk" gc >/dev/null
 done

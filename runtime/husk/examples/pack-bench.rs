@@ -1,6 +1,6 @@
-//! What a container's rootfs image costs: the time to pack trees of growing size into an ext4
-//! image (as the shim does for every container it creates) beside a plain `cp -a` of the same
-//! tree, and the disk the sparse image really takes.
+//! What a layer's first use on a node costs: the time to convert trees of growing size into a
+//! layer-cache image (read-only ext4, as the shim does once per image layer and node) beside a
+//! plain `cp -a` of the same tree, and the disk the image takes.
 //!
 //!   cargo run --release --example pack-bench -- ROOTFS_DIR [EXTRA_MIB...]
 //!
@@ -60,7 +60,7 @@ fn main() {
         }
         let tree_mib = du_mib(&tree);
         // The tree was just written: both read it from the page cache.
-        let img = work.path().join("img.ext4");
+        let img = work.path().join("layer.img");
         let copy = work.path().join("copy");
         let cp = timed(|| {
             let ok = Command::new("cp")
@@ -73,7 +73,7 @@ fn main() {
             assert!(ok);
         });
         let pack = timed(|| {
-            husk::image::make_ext4(&tree, &img, 256).expect("make_ext4");
+            husk::layers::make_layer_image(&tree, &img).expect("make_layer_image");
         });
         let md = std::fs::metadata(&img).unwrap();
         println!(

@@ -9,9 +9,7 @@ mod overlay;
 use std::{
     fs,
     io::{self, Read, Seek},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use serde::Deserialize;
@@ -61,10 +59,6 @@ pub enum ImageError {
     MediaType(String, String),
     #[error("a layer entry escapes the rootfs: {0}")]
     Escape(PathBuf),
-    #[error("mkfs.ext4 failed ({status}): {stderr}")]
-    Mkfs { status: String, stderr: String },
-    #[error("running mkfs.ext4 (install e2fsprogs)")]
-    MkfsSpawn(#[source] std::io::Error),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
@@ -81,28 +75,6 @@ pub struct ImageConfig {
     pub cmd: Vec<String>,
     pub env: Vec<String>,
     pub working_dir: Option<String>,
-}
-
-/// A rootfs ready to pack.
-#[derive(Debug)]
-pub struct Rootfs {
-    pub dir: PathBuf,
-    pub config: ImageConfig,
-}
-
-/// Turns `src` into a rootfs directory: `src` itself if it is a plain directory, or the
-/// unpacked image if it is an OCI image layout (directory, or tarball unpacked under `work`).
-pub fn prepare(src: &Path, work: &Path) -> Result<Rootfs, ImageError> {
-    let Some(layout) = open_layout(src, work)? else {
-        return Ok(Rootfs {
-            dir: src.to_path_buf(),
-            config: ImageConfig::default(),
-        });
-    };
-    let dir = work.join("rootfs");
-    fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let config = unpack_layout(&layout, &dir)?;
-    Ok(Rootfs { dir, config })
 }
 
 /// An image's layers in the layer cache, each an overlayfs layer.
@@ -285,17 +257,6 @@ fn image_config(layout: &Path, manifest: &Manifest) -> Result<ImageConfig, Image
     })
 }
 
-fn unpack_layout(layout: &Path, dest: &Path) -> Result<ImageConfig, ImageError> {
-    let manifest = image_manifest(layout)?;
-    for layer in &manifest.layers {
-        let path = blob(layout, &layer.digest);
-        let compression = Compression::of(layer)?;
-        let f = fs::File::open(&path).map_err(io(&path))?;
-        apply_layer(compression.reader(f), dest).map_err(io(&path))?;
-    }
-    image_config(layout, &manifest)
-}
-
 /// How a layer blob is compressed.
 #[derive(Debug, Clone, Copy)]
 enum Compression {
@@ -339,139 +300,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Applies one layer tarball onto `dest`, honouring whiteouts (`.wh.NAME` removes NAME,
-/// `.wh..wh..opq` empties the directory of what lower layers put there).
-fn apply_layer(reader: impl Read, dest: &Path) -> std::io::Result<()> {
-    let mut ar = tar::Archive::new(reader);
-    ar.set_preserve_permissions(true);
-    ar.set_preserve_ownerships(true);
-    ar.set_unpack_xattrs(false);
-    ar.set_overwrite(true);
-    for entry in ar.entries()? {
-        let mut entry = entry?;
-        let path = entry.path()?.into_owned();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        let parent = path.parent().unwrap_or(Path::new(""));
-        if safe_join(dest, parent).is_none() {
-            return Err(std::io::Error::other(ImageError::Escape(path)));
-        }
-        match name.as_deref() {
-            Some(".wh..wh..opq") => {
-                // A directory reached through a symlink is not the layer's to empty.
-                if let Some(dir) = real_dir_in(dest, parent) {
-                    if let Ok(rd) = fs::read_dir(&dir) {
-                        for e in rd.flatten() {
-                            remove_any(&e.path())?;
-                        }
-                    }
-                }
-            }
-            Some(n) if n.starts_with(".wh.") => {
-                let target = &n[4..];
-                if target.is_empty() || target == "." || target == ".." {
-                    return Err(std::io::Error::other(ImageError::Escape(path)));
-                }
-                if let Some(dir) = real_dir_in(dest, parent) {
-                    let victim = dir.join(target);
-                    if victim.symlink_metadata().is_ok() {
-                        remove_any(&victim)?;
-                    }
-                }
-            }
-            _ => {
-                entry.unpack_in(dest)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn remove_any(p: &Path) -> std::io::Result<()> {
-    if p.symlink_metadata()?.is_dir() {
-        fs::remove_dir_all(p)
-    } else {
-        fs::remove_file(p)
-    }
-}
-
-/// `base/rel` if every component of `rel` is a plain name and none of the directories on the
-/// way (under `base`) is a symlink: whiteouts must never reach outside the rootfs through a
-/// link a lower layer planted. None also when the path does not exist (nothing to remove).
-fn real_dir_in(base: &Path, rel: &Path) -> Option<PathBuf> {
-    use std::path::Component;
-    let mut cur = base.to_path_buf();
-    for c in rel.components() {
-        match c {
-            Component::CurDir => continue,
-            Component::Normal(n) => cur.push(n),
-            _ => return None,
-        }
-        if !cur.symlink_metadata().ok()?.is_dir() {
-            return None;
-        }
-    }
-    Some(cur)
-}
-
-/// `base/rel` if `rel` has no `..` or root component.
-fn safe_join(base: &Path, rel: &Path) -> Option<PathBuf> {
-    use std::path::Component;
-    rel.components()
-        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
-        .then(|| base.join(rel))
-}
-
-/// Bytes used by the files under `dir` (apparent sizes, rounded up to 4 KiB blocks).
-fn du(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let Ok(m) = e.path().symlink_metadata() else {
-                continue;
-            };
-            total += m.len().div_ceil(4096) * 4096 + 4096;
-            if m.is_dir() {
-                stack.push(e.path());
-            }
-        }
-    }
-    total
-}
-
-/// Packs `dir` into a fresh ext4 image at `img` with room to spare, with `mkfs.ext4 -d`.
-pub fn make_ext4(dir: &Path, img: &Path, extra_mib: u64) -> Result<u64, ImageError> {
-    let size = du(dir) * 5 / 4 + (16 + extra_mib) * 1024 * 1024;
-    let size_kib = size.div_ceil(1024);
-    let out = Command::new("mkfs.ext4")
-        // Out of the terminal's process group: a Ctrl-C is for husk, which cleans up.
-        .process_group(0)
-        .args([
-            "-q",
-            "-F",
-            "-E",
-            "root_owner=0:0",
-            "-O",
-            "^has_journal",
-            "-L",
-            "husk-rootfs",
-            "-d",
-        ])
-        .arg(dir)
-        .arg(img)
-        .arg(format!("{size_kib}k"))
-        .output()
-        .map_err(ImageError::MkfsSpawn)?;
-    if !out.status.success() {
-        return Err(ImageError::Mkfs {
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(size_kib * 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use sha2::{Digest, Sha256};
@@ -491,92 +319,6 @@ mod tests {
             b.append_data(&mut h, name, *data).unwrap();
         }
         b.into_inner().unwrap()
-    }
-
-    #[test]
-    fn layers_apply_in_order_with_whiteouts() {
-        let d = tempfile::tempdir().unwrap();
-        let dest = d.path();
-        apply_layer(
-            &tar_of(&[("a/keep", b"1"), ("a/gone", b"2"), ("b/old", b"3")])[..],
-            dest,
-        )
-        .unwrap();
-        apply_layer(
-            &tar_of(&[
-                ("a/.wh.gone", b""),
-                ("b/.wh..wh..opq", b""),
-                ("b/new", b"4"),
-            ])[..],
-            dest,
-        )
-        .unwrap();
-        assert!(dest.join("a/keep").exists());
-        assert!(!dest.join("a/gone").exists());
-        assert!(!dest.join("b/old").exists());
-        assert_eq!(fs::read(dest.join("b/new")).unwrap(), b"4");
-    }
-
-    fn tar_with_link(link: &str, target: &Path) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_size(0);
-        h.set_mode(0o777);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_cksum();
-        b.append_link(&mut h, link, target).unwrap();
-        b.into_inner().unwrap()
-    }
-
-    #[test]
-    fn whiteouts_never_reach_through_a_symlink_or_up() {
-        let d = tempfile::tempdir().unwrap();
-        let outside = d.path().join("outside");
-        fs::create_dir_all(outside.join("dir")).unwrap();
-        fs::write(outside.join("precious"), b"x").unwrap();
-        fs::write(outside.join("dir/file"), b"y").unwrap();
-        let dest = d.path().join("rootfs");
-        fs::create_dir_all(&dest).unwrap();
-        apply_layer(&tar_with_link("a", &outside)[..], &dest).unwrap();
-        // A whiteout under the link and an opaque marker under it leave the outside alone;
-        // the link itself may be whited out.
-        apply_layer(
-            &tar_of(&[("a/.wh.precious", b""), ("a/dir/.wh..wh..opq", b"")])[..],
-            &dest,
-        )
-        .unwrap();
-        assert!(outside.join("precious").exists());
-        assert!(outside.join("dir/file").exists());
-        apply_layer(&tar_of(&[(".wh.a", b"")])[..], &dest).unwrap();
-        assert!(dest.join("a").symlink_metadata().is_err());
-        assert!(outside.join("precious").exists());
-        // `.wh..` would name the rootfs's parent. (tar refuses to build a `..` path, so
-        // the header is written by hand.)
-        let mut h = tar::Header::new_gnu();
-        h.as_gnu_mut().unwrap().name[..6].copy_from_slice(b".wh...");
-        h.set_size(0);
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_cksum();
-        let mut raw = h.as_bytes().to_vec();
-        raw.extend_from_slice(&[0; 1024]);
-        let e = apply_layer(&raw[..], &dest).unwrap_err();
-        assert!(e.to_string().contains("escapes"), "{e}");
-        assert!(dest.exists() && outside.join("precious").exists());
-    }
-
-    #[test]
-    fn a_plain_directory_is_used_as_is_and_a_missing_one_is_named() {
-        let d = tempfile::tempdir().unwrap();
-        let r = prepare(d.path(), d.path()).unwrap();
-        assert_eq!(r.dir, d.path());
-        let e = prepare(&d.path().join("nope"), d.path()).unwrap_err();
-        assert!(e.to_string().contains("nope"), "{e}");
     }
 
     const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
@@ -640,23 +382,47 @@ mod tests {
     const CONFIG: &str = r#"{"config":{"Cmd":["/bin/hello"],"Env":["A=1"],"WorkingDir":"/w"}}"#;
 
     #[test]
-    fn oci_layout_is_unpacked_with_its_config() {
+    fn oci_layouts_give_their_layers_and_config_as_directories_and_tarballs() {
+        require_root();
         let d = tempfile::tempdir().unwrap();
         let layout = d.path().join("img");
         layout_of(&layout, &[(TAR, tar_of(&[("bin/hello", b"hi")]))], CONFIG);
-        let check = |r: Rootfs| {
-            assert_eq!(fs::read(r.dir.join("bin/hello")).unwrap(), b"hi");
-            assert_eq!(r.config.cmd, vec!["/bin/hello"]);
-            assert_eq!(r.config.env, vec!["A=1"]);
-            assert_eq!(r.config.working_dir.as_deref(), Some("/w"));
+        let cache = LayerCache::new(d.path().join("cache"));
+        let check = |l: LayoutLayers| {
+            assert_eq!(l.layers.len(), 1);
+            assert!(debugfs(&l.layers[0].image, "cat /bin/hello").contains("hi"));
+            assert_eq!(l.config.cmd, vec!["/bin/hello"]);
+            assert_eq!(l.config.env, vec!["A=1"]);
+            assert_eq!(l.config.working_dir.as_deref(), Some("/w"));
         };
-        check(prepare(&layout, &d.path().join("work")).unwrap());
+        check(layout_layers(&layout, &d.path().join("work"), &cache).unwrap());
         // The same layout as a tarball, plain and gzipped.
         let tarball = tarball_of(&layout);
         fs::write(d.path().join("img.tar"), &tarball).unwrap();
-        check(prepare(&d.path().join("img.tar"), &d.path().join("work-tar")).unwrap());
+        check(
+            layout_layers(
+                &d.path().join("img.tar"),
+                &d.path().join("work-tar"),
+                &cache,
+            )
+            .unwrap(),
+        );
         fs::write(d.path().join("img.tar.gz"), gzip(&tarball)).unwrap();
-        check(prepare(&d.path().join("img.tar.gz"), &d.path().join("work-gz")).unwrap());
+        check(
+            layout_layers(
+                &d.path().join("img.tar.gz"),
+                &d.path().join("work-gz"),
+                &cache,
+            )
+            .unwrap(),
+        );
+        // A plain directory is not a layout; a missing path is named.
+        assert!(matches!(
+            layout_layers(d.path(), &d.path().join("w"), &cache),
+            Err(ImageError::NotLayout(_))
+        ));
+        let e = layout_layers(&d.path().join("nope"), &d.path().join("w"), &cache).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
     }
 
     fn require_root() {
@@ -668,7 +434,7 @@ mod tests {
 
     /// `debugfs -R CMD image`'s output.
     fn debugfs(image: &Path, cmd: &str) -> String {
-        let o = Command::new("debugfs")
+        let o = std::process::Command::new("debugfs")
             .args(["-R", cmd])
             .arg(image)
             .output()

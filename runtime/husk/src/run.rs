@@ -125,21 +125,17 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     let (layers, image_config) =
         match image::layout_layers(&a.image, &work.path().join("image"), &config.layer_cache()) {
             Ok(l) => (l.layers.into_iter().map(PodLayer::from).collect(), l.config),
-            Err(image::ImageError::NotLayout(_)) => {
-                let rootfs = image::prepare(&a.image, &work.path().join("image"))?;
+            Err(image::ImageError::NotLayout(dir)) => {
                 let own = work.path().join("rootfs.layer");
-                husk::layers::make_layer_image(&rootfs.dir, &own).map_err(|why| {
-                    anyhow::anyhow!(
-                        "packing the rootfs {} into a layer: {why}",
-                        rootfs.dir.display()
-                    )
+                husk::layers::make_layer_image(&dir, &own).map_err(|why| {
+                    anyhow::anyhow!("packing the rootfs {} into a layer: {why}", dir.display())
                 })?;
                 let layer = PodLayer {
                     key: "husk-run-rootfs".into(),
                     image: own,
                     unlink: true,
                 };
-                (vec![layer], rootfs.config)
+                (vec![layer], image::ImageConfig::default())
             }
             Err(e) => return Err(e.into()),
         };
