@@ -312,6 +312,7 @@ ended husk_oom $?
 # - 32 containers run in one pod at once;
 # - a damaged cache entry is rebuilt, never mounted;
 # - an image removed and imported again with other content under its name shows the new one.
+# shellcheck disable=SC2016 # $(...) in the containers' commands is their shell's
 husk_layers() {
     local d p p2 r rc c c2 i ids n before after key show
     d=$(mktemp -d)
@@ -353,11 +354,12 @@ husk_layers() {
     ids=()
     for ((i = 0; i < 32; i++)); do
         sed "s/c-many/c-many-$i/" "$d/s.json" >"$d/s$i.json"
-        n=$("${CRICTL[@]}" create "$p2" "$d/s$i.json" "$d/p2.json") && "${CRICTL[@]}" start "$n" >/dev/null || {
+        if ! n=$("${CRICTL[@]}" create "$p2" "$d/s$i.json" "$d/p2.json") ||
+            ! "${CRICTL[@]}" start "$n" >/dev/null; then
             echo "container $i did not start"
             tail -n 5 "$CRI_ROOT/containerd.log"
             break
-        }
+        fi
         ids+=("$n")
     done
     echo "running in the second pod: $("${CRICTL[@]}" ps -q --pod "$p2" --state running | wc -l)"

@@ -179,6 +179,7 @@ c, _ = s.accept()
 c.sendall(b"from-l1\n")
 c.close()' &
     server=$!
+    # shellcheck disable=SC2016 # expanded by the container's shell
     "$husk" run --net tap:hrun0 --ip 10.77.0.2/24 --gateway 10.77.0.1 --mtu 1400 "$rootfs" -- sh -c '
         ip -o link show eth0; ip -o -4 addr show eth0; ip route
         echo "guest to L1: $(nc -w 10 10.77.0.1 7001 </dev/null)"
