@@ -61,10 +61,14 @@ if [[ -z $agent ]]; then
     command -v cargo >/dev/null || husk_die "cargo not found (install Rust with rustup)"
     agent_start=$(husk_now)
     husk_log "building husk-agent (static, release)"
+    # One target directory per checkout: cargo names path crates' outputs the same in every
+    # checkout and decides freshness by mtimes, so two checkouts sharing one would each take
+    # the other's (older) build for fresh.
+    target_dir=$HUSK_CACHE/cargo-target/$(printf '%s' "$REPO" | sha256sum | cut -c1-12)
     RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p husk-agent \
-        --target x86_64-unknown-linux-gnu --target-dir "$HUSK_CACHE/cargo-target" \
+        --target x86_64-unknown-linux-gnu --target-dir "$target_dir" \
         --manifest-path "$REPO/Cargo.toml" >&2
-    agent="$HUSK_CACHE/cargo-target/x86_64-unknown-linux-gnu/release/husk-agent"
+    agent="$target_dir/x86_64-unknown-linux-gnu/release/husk-agent"
     husk_log "husk-agent built in $(husk_elapsed "$agent_start") s"
 fi
 [[ -x $agent ]] || husk_die "no executable husk-agent at $agent"
