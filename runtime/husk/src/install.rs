@@ -208,6 +208,10 @@ pub fn add_runtimes(text: &str, force: bool) -> Result<String> {
         }
         let mut t = Table::new();
         t.insert("runtime_type", toml_edit::value(RUNTIME_TYPE));
+        // A privileged container's devices would be the host's (containerd lists the host's
+        // /dev): inside the VM they are other devices or none. The guest's own devices are
+        // its /dev, as Kata has it.
+        t.insert("privileged_without_host_devices", toml_edit::value(true));
         t.decor_mut().set_prefix(
             "
 # Added by `husk install`; `husk uninstall` removes it.
@@ -273,12 +277,15 @@ mod tests {
     #[test]
     fn install_adds_both_runtimes_and_keeps_the_rest() {
         let out = add_runtimes(DEBIAN, false).unwrap();
+        let v: toml_edit::DocumentMut = out.parse().unwrap();
         for name in RUNTIMES {
             assert_eq!(
                 runtime_type(&out, name).as_deref(),
                 Some(RUNTIME_TYPE),
                 "{out}"
             );
+            let r = &v["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"][name];
+            assert_eq!(r["privileged_without_host_devices"].as_bool(), Some(true));
         }
         // Everything that was there is still there, byte for byte, in order.
         let mut rest = out.as_str();

@@ -62,6 +62,9 @@ fn create_device(sys: &dyn Syscall, rootfs: &Path, d: &LinuxDevice) -> Result<()
             }
             Ok(())
         }
+        // Already there, e.g. /dev/ptmx, which resolves to the devpts mount's own node
+        // (which cannot be removed): keep it, as runc does.
+        Err(nix::errno::Errno::EEXIST) => Ok(()),
         Err(nix::errno::Errno::EPERM) => {
             // Bind the host's node of the same path instead.
             ensure_mount_point(&dest, true)?;
