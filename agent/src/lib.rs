@@ -23,3 +23,4 @@ pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod stdio;
+pub mod sysctl;

@@ -6,7 +6,7 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, UNIX_EPOCH},
 };
@@ -104,6 +104,8 @@ pub struct Sandbox {
     sandbox_id: Mutex<Option<String>>,
     containers: Mutex<HashMap<String, Slot>>,
     oom: OomEvents,
+    /// The pod's shared PID namespace, for the containers that ask for it.
+    pod_pid: container::pod_pid::PodPidNamespace,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -145,6 +147,7 @@ impl Sandbox {
             sandbox_id: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
             oom,
+            pod_pid: Default::default(),
         });
         tokio::spawn(oom::watch(Arc::downgrade(&sb), oom_tx));
         sb
@@ -156,7 +159,16 @@ impl Sandbox {
             .unwrap_or_else(|| "default".to_string())
     }
 
-    pub fn create_sandbox(&self, id: &str, hostname: &str, set_hostname: bool) -> Result<()> {
+    /// Creates the sandbox. `owns_kernel`: the agent is the guest's PID 1, so the hostname
+    /// and `sysctls` are set in its kernel (as a host process for tests, a sandbox with
+    /// sysctls is refused rather than touching the host's).
+    pub fn create_sandbox(
+        &self,
+        id: &str,
+        hostname: &str,
+        sysctls: &std::collections::HashMap<String, String>,
+        owns_kernel: bool,
+    ) -> Result<()> {
         check_id("sandbox_id", id)?;
         let mut cur = lock(&self.sandbox_id);
         if let Some(existing) = cur.as_ref() {
@@ -164,9 +176,18 @@ impl Sandbox {
                 "this agent already runs sandbox {existing:?}"
             )));
         }
-        if set_hostname && !hostname.is_empty() {
+        if owns_kernel && !hostname.is_empty() {
             nix::unistd::sethostname(hostname)
                 .map_err(|e| AgentError::internal("setting the hostname", &e))?;
+        }
+        if !sysctls.is_empty() {
+            if !owns_kernel {
+                return Err(AgentError::FailedPrecondition(
+                    "sysctls: this agent is a host process, not a guest's init".into(),
+                ));
+            }
+            crate::sysctl::apply(Path::new("/proc/sys"), sysctls)
+                .map_err(|e| AgentError::InvalidArgument(e.to_string()))?;
         }
         *cur = Some(id.to_string());
         Ok(())
@@ -205,7 +226,37 @@ impl Sandbox {
                 }
             }
         }
+        self.pod_pid.stop();
         *lock(&self.sandbox_id) = None;
+        Ok(())
+    }
+
+    /// A PID namespace at [`husk_proto::POD_PID_NAMESPACE`] in `spec` becomes the pod's
+    /// (started on first use).
+    fn join_pod_pid_namespace(&self, spec: &mut Spec) -> Result<()> {
+        let Some(linux) = spec.linux_mut() else {
+            return Ok(());
+        };
+        let Some(mut namespaces) = linux.namespaces().clone() else {
+            return Ok(());
+        };
+        let wanted = std::path::Path::new(husk_proto::POD_PID_NAMESPACE);
+        let mut changed = false;
+        for n in namespaces.iter_mut() {
+            if n.typ() == oci_spec::runtime::LinuxNamespaceType::Pid
+                && n.path().as_deref() == Some(wanted)
+            {
+                let path = self
+                    .pod_pid
+                    .path(&self.engine_cfg.agent_exe)
+                    .map_err(|e| AgentError::internal("starting the pod's pause process", &e))?;
+                n.set_path(Some(path));
+                changed = true;
+            }
+        }
+        if changed {
+            linux.set_namespaces(Some(namespaces));
+        }
         Ok(())
     }
 
@@ -221,9 +272,10 @@ impl Sandbox {
 
     pub async fn create_container(&self, req: pb::CreateContainerRequest) -> Result<u32> {
         check_id("container_id", &req.container_id)?;
-        let spec: Spec = serde_json::from_slice(&req.oci_spec_json).map_err(|e| {
+        let mut spec: Spec = serde_json::from_slice(&req.oci_spec_json).map_err(|e| {
             AgentError::InvalidArgument(format!("oci_spec_json: not a valid OCI runtime spec: {e}"))
         })?;
+        self.join_pod_pid_namespace(&mut spec)?;
         let rootfs = match req.rootfs.into_option().and_then(|r| r.kind) {
             Some(pb::rootfs::Kind::Path(p)) if !p.is_empty() => RootfsSource::Path(p.into()),
             Some(pb::rootfs::Kind::Block(b)) => {

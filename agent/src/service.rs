@@ -85,7 +85,7 @@ impl agent_ttrpc::Agent for AgentService {
         log_err(
             "create_sandbox",
             self.sandbox
-                .create_sandbox(&req.sandbox_id, &req.hostname, set_hostname),
+                .create_sandbox(&req.sandbox_id, &req.hostname, &req.sysctls, set_hostname),
         )?;
         Ok(pb::Empty::new())
     }

@@ -10,6 +10,11 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The AF_VSOCK port of the agent's stdio stream listener.
 pub const STDIO_VSOCK_PORT: u32 = 1025;
 
+/// A container whose OCI spec has a PID namespace at this path joins the pod's shared PID
+/// namespace in the guest (a pod with shareProcessNamespace): the agent starts the pod's
+/// pause process, PID 1 of that namespace, for its first such container.
+pub const POD_PID_NAMESPACE: &str = "/run/husk-agent/pod-pid-namespace";
+
 /// The suffix added to the agent's Unix socket path for its stdio listener in host-process mode.
 pub const STDIO_UNIX_SUFFIX: &str = ".stdio";
 

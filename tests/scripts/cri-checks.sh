@@ -400,6 +400,48 @@ echo "=== husk_layers"
 husk_layers
 ended husk_layers $?
 
+# A privileged container runs (all capabilities, /sys writable, the guest's devices and not
+# the host's); the pod's sysctls are set in the guest; a pod that shares its processes has
+# one PID namespace whose PID 1 is its pause; a sysctl the guest kernel lacks fails runp,
+# naming it, and leaves nothing.
+husk_security() {
+    local d p c
+    d=$(mktemp -d)
+    POD_LINUX='"security_context": {"privileged": true}, "sysctls": {"kernel.shm_rmid_forced": "1", "net.ipv4.ip_unprivileged_port_start": "100"}' \
+        pod_json "$d/p.json" pod-priv true
+    # shellcheck disable=SC2016 # expanded by the container's shell
+    container_json "$d/c.json" c-priv '["sh","-c","echo caps: $(grep CapEff /proc/self/status | cut -f2); mount -o remount,rw /sys && echo sys: rw; echo kvm: $(ls /dev/kvm 2>&1 | grep -c No); echo sysctls: $(cat /proc/sys/kernel/shm_rmid_forced /proc/sys/net/ipv4/ip_unprivileged_port_start); sleep 1000"]' \
+        '"security_context": {"privileged": true}'
+    p=$("${CRICTL[@]}" runp "$d/p.json") || { tail -n 20 "$CRI_ROOT/containerd.log"; return 1; }
+    if ! c=$("${CRICTL[@]}" create "$p" "$d/c.json" "$d/p.json") || ! "${CRICTL[@]}" start "$c" >/dev/null; then
+        tail -n 20 "$CRI_ROOT/containerd.log"
+        return 1
+    fi
+    wait_log "$c" "sysctls:"
+    "${CRICTL[@]}" logs "$c" 2>&1 | grep -E '^(caps|sys|kvm|sysctls):'
+    "${CRICTL[@]}" stop -t 1 "$c" >/dev/null && "${CRICTL[@]}" rm "$c" >/dev/null &&
+        "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
+    # shareProcessNamespace: the pod's containers in one PID namespace, the pause PID 1.
+    POD_LINUX='"security_context": {"namespace_options": {"pid": 0}}' pod_json "$d/s.json" pod-sharedpid true
+    container_json "$d/s1.json" c-shared1 '["sleep","1001"]' '"security_context": {"namespace_options": {"pid": 0}}'
+    container_json "$d/s2.json" c-shared2 '["sleep","1002"]' '"security_context": {"namespace_options": {"pid": 0}}'
+    p=$("${CRICTL[@]}" runp "$d/s.json") || return 1
+    c=$("${CRICTL[@]}" create "$p" "$d/s1.json" "$d/s.json") && "${CRICTL[@]}" start "$c" >/dev/null || return 1
+    local c2
+    c2=$("${CRICTL[@]}" create "$p" "$d/s2.json" "$d/s.json") && "${CRICTL[@]}" start "$c2" >/dev/null || return 1
+    echo "shared pid namespace: $("${CRICTL[@]}" exec -s "$c2" ps -o pid,args 2>&1 | sed 's/  */ /g' | xargs)"
+    "${CRICTL[@]}" stop -t 1 "$c" "$c2" >/dev/null && "${CRICTL[@]}" rm "$c" "$c2" >/dev/null &&
+        "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
+    POD_LINUX='"sysctls": {"kernel.husk_no_such_setting": "1"}' pod_json "$d/bad.json" pod-badsysctl true
+    echo "bad sysctl: $("${CRICTL[@]}" runp "$d/bad.json" 2>&1 | grep -o 'sysctl kernel.husk_no_such_setting: [a-z ]*' | head -1)"
+    "${CRICTL[@]}" pods -q --name pod-badsysctl | xargs -r "${CRICTL[@]}" rmp -f >/dev/null
+    leftovers
+    rm -rf "$d"
+}
+echo "=== husk_security"
+husk_security
+ended husk_security $?
+
 # containerd restarts: the pod's shim and VM live on, containerd reconnects to them, the
 # container still runs and takes execs, and the pod still stops and goes.
 husk_restart() {

@@ -125,14 +125,14 @@ cri_stop() {
 }
 
 # pod_json FILE NAME RUNTIME_ANNOTATION(true|false) [DNS_CONFIG_JSON]: a pod sandbox config for
-# crictl runp.
+# crictl runp; $POD_LINUX is the inside of its "linux" object if set.
 pod_json() {
     cat >"$1" <<EOF
 {"metadata": {"name": "$2", "namespace": "default", "uid": "$2-uid", "attempt": 0},
  "log_directory": "$CRI_ROOT/logs/$2",
  "annotations": {"io.kubernetes.cri.untrusted-workload": "$3"},
  ${4:+"dns_config": $4,}
- "linux": {}}
+ "linux": {${POD_LINUX:-}}}
 EOF
 }
 

@@ -81,10 +81,11 @@ fn crictl_pod_lifecycle() {
         "not the VM's kernel: {ids}"
     );
     // The container sees its own processes (the exec'd ps and its sleep; `sh -c` exec'd
-    // into sleep), not the agent's.
+    // into sleep) and the pod's pause (crictl's container config leaves the PID namespace
+    // mode at POD, so the containers share the pod's, as under runc), not the agent's.
     assert_eq!(
         line("processes in the container: "),
-        "processes in the container: ps sleep",
+        "processes in the container: pause ps sleep",
         "{text}"
     );
     // stdin reaches an exec and ends with CloseIO; Update changes the guest cgroup live;
@@ -145,7 +146,11 @@ fn crictl_pod_lifecycle() {
     assert_eq!(rc, Some(0), "{text}");
     assert!(text.contains("vmm processes: 2\n"), "{text}");
     assert!(text.contains(" differ\n"), "{text}");
-    assert!(text.contains("pod b sees: sleep 1002 "), "{text}");
+    // (Its own processes: its pause, PID 1 of the pod's PID namespace, its sleep and ps.)
+    assert!(
+        text.contains("pod b sees: pause __pod-pause sleep 1002 ps -o args"),
+        "{text}"
+    );
     // The pod's tc wiring goes with its VM, whatever ended it.
     assert!(
         text.contains("pod a network before: qdiscs 2 filters 1 tap 1\n"),
@@ -250,6 +255,43 @@ fn crictl_pod_lifecycle() {
         "3 image layers (1 from the cache, 2 converted)",
         "{text}"
     );
+    assert!(text.contains(CLEAN), "{text}");
+
+    // A privileged container in a privileged pod: every capability, /sys remounted
+    // writable, none of the host's devices; the pod's sysctls set in the guest; a sysctl the
+    // guest lacks fails runp naming it, with nothing left.
+    let (text, rc) = get("husk_security");
+    assert_eq!(rc, Some(0), "{text}");
+    let caps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("caps: "))
+        .unwrap_or_else(|| panic!("no caps line: {text}"));
+    let shared = text
+        .lines()
+        .find_map(|l| l.strip_prefix("shared pid namespace: "))
+        .unwrap_or_else(|| panic!("no shared pid line: {text}"));
+    assert!(
+        shared.starts_with("PID COMMAND 1 pause __pod-pause "),
+        "PID 1 is not the pod's pause: {text}"
+    );
+    assert!(
+        shared.contains("sleep 1001") && shared.contains("sleep 1002"),
+        "the containers do not see each other: {text}"
+    );
+    let caps = u64::from_str_radix(caps.trim(), 16).unwrap();
+    assert_eq!(
+        caps.count_ones(),
+        41,
+        "not every capability: {caps:x}\n{text}"
+    );
+    for line in [
+        "sys: rw\n",
+        "kvm: 1\n",
+        "sysctls: 1 100\n",
+        "bad sysctl: sysctl kernel.husk_no_such_setting: the guest kernel has no such setting",
+    ] {
+        assert!(text.contains(line), "no {line:?}: {text}");
+    }
     assert!(text.contains(CLEAN), "{text}");
 
     // containerd restarts: it reconnects to the pod's shim; the same VM and its container run

@@ -21,6 +21,7 @@ mod helper;
 mod layers;
 pub mod mounts;
 mod pidfd;
+pub mod pod_pid;
 pub mod process;
 mod rootfs;
 pub mod seccomp;
@@ -90,6 +91,9 @@ pub fn maybe_run_child() {
     };
     if verb == process::VERB_INIT || verb == process::VERB_EXEC {
         process::run(&verb);
+    }
+    if verb == pod_pid::VERB {
+        pod_pid::run();
     }
 }
 

@@ -46,6 +46,8 @@ pub struct PodConfig {
     /// sparse and grows with what the containers write), and its size.
     pub scratch_dir: PathBuf,
     pub scratch_bytes: u64,
+    /// Sysctls set in the guest's kernel (the pod's own: the VM has a kernel of its own).
+    pub sysctls: std::collections::HashMap<String, String>,
     /// How long the guest may take until its agent answers.
     pub boot_timeout: Duration,
 }
@@ -254,6 +256,7 @@ impl Pod {
         let mut r = pb::CreateSandboxRequest::new();
         r.sandbox_id = cfg.id.clone();
         r.hostname = cfg.hostname.clone();
+        r.sysctls = cfg.sysctls.clone();
         agent
             .create_sandbox(r)
             .await

@@ -155,6 +155,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         dir: work.path().join("vm"),
         scratch_dir: config.scratch_dir(),
         scratch_bytes: u64::from(config.pod.scratch_gib) << 30,
+        sysctls: Default::default(),
         boot_timeout: Duration::from_secs(a.boot_timeout),
     };
     let (pod, mut vm) = tokio::select! {

@@ -40,8 +40,9 @@ pub struct Copy {
 /// Rewrites containerd's spec for a container that runs in the guest:
 /// - namespaces with a path (the pod's, from the pause process on the host) are the VM's own
 ///   for network, ipc and uts, so they are dropped (the container shares the guest's, which
-///   is the pod's); a pid namespace with a path becomes a new one (the guest's holds the
-///   agent); the network namespace is always the VM's;
+///   is the pod's); a pid namespace with a path (the sandbox's: a pod that shares its
+///   processes) becomes the pod's PID namespace in the guest, never the agent's; the network
+///   namespace is always the VM's;
 /// - bind mounts of host files and directories become copies into the image (returned), and
 ///   a bind of the pod's /dev/shm becomes a tmpfs.
 pub fn guest_spec(spec: &mut Spec) -> Result<Vec<Copy>> {
@@ -54,6 +55,12 @@ pub fn guest_spec(spec: &mut Spec) -> Result<Vec<Copy>> {
                     match n.typ() {
                         LinuxNamespaceType::Network => None,
                         LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts if joined => None,
+                        // The sandbox's PID namespace (shareProcessNamespace): the pod's in
+                        // the guest, whose PID 1 is the pod's pause process there.
+                        LinuxNamespaceType::Pid if joined => {
+                            n.set_path(Some(husk_proto::POD_PID_NAMESPACE.into()));
+                            Some(n)
+                        }
                         _ => {
                             n.set_path(None);
                             Some(n)
@@ -413,7 +420,8 @@ mod tests {
         );
         assert_eq!(linux.cgroups_path(), &None);
 
-        // A shared pid namespace (shareProcessNamespace) is a new one, never the agent's.
+        // A shared pid namespace (shareProcessNamespace) is the pod's in the guest, never
+        // the agent's.
         let mut s = spec(serde_json::json!({
             "ociVersion": "1.0.2",
             "linux": {"namespaces": [{"type": "pid", "path": "/proc/42/ns/pid"}]}
@@ -422,8 +430,11 @@ mod tests {
         let ns = s.linux().as_ref().unwrap().namespaces().clone().unwrap();
         assert_eq!(ns.len(), 1);
         assert_eq!(
-            (ns[0].typ(), ns[0].path()),
-            (LinuxNamespaceType::Pid, &None)
+            (ns[0].typ(), ns[0].path().as_deref()),
+            (
+                LinuxNamespaceType::Pid,
+                Some(Path::new(husk_proto::POD_PID_NAMESPACE))
+            )
         );
     }
 

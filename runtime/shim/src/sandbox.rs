@@ -140,6 +140,7 @@ impl Sandbox {
             dir: pod_dir(events.namespace(), &req.id),
             scratch_dir: cfg.scratch_dir(),
             scratch_bytes: u64::from(cfg.pod.scratch_gib) << 30,
+            sysctls: pod_sysctls(spec)?,
             boot_timeout: BOOT_TIMEOUT,
         };
         let t0 = std::time::Instant::now();
@@ -197,6 +198,22 @@ impl Sandbox {
         }
         Ok(self.pod.clone())
     }
+}
+
+/// The sysctls CRI put on the sandbox's spec (the pod's security context): the guest sets
+/// them in its kernel.
+fn pod_sysctls(spec: &serde_json::Value) -> Result<std::collections::HashMap<String, String>> {
+    let Some(map) = spec["linux"]["sysctl"].as_object() else {
+        return Ok(Default::default());
+    };
+    map.iter()
+        .map(|(k, v)| match v.as_str() {
+            Some(v) => Ok((k.clone(), v.to_string())),
+            None => Err(ShimError::InvalidArgument(format!(
+                "linux.sysctl.{k}: {v} is not a string"
+            ))),
+        })
+        .collect()
 }
 
 /// Powers the pod's guest off; if it does not answer, the VMM goes.
