@@ -12,7 +12,7 @@ PACKAGES=(
     # containerd integration and the runc peer in benchmarks
     containerd runc containernetworking-plugins iproute2
     # test tools
-    procps psmisc util-linux shellcheck file
+    procps psmisc util-linux shellcheck file python3
 )
 
 missing=()

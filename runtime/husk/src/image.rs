@@ -17,7 +17,7 @@ use serde::Deserialize;
 use self::digest::{parse_digest, Hashing};
 use crate::layers::{Layer, LayerCache, LayerError};
 
-pub use overlay::unpack_layer_as_overlay;
+pub use overlay::{lsetxattr, unpack_layer_as_overlay};
 
 /// Why a rootfs could not be prepared.
 #[derive(Debug, thiserror::Error)]

@@ -326,7 +326,8 @@ fn stage_copies(copies: &[Copy], lowers: &[PathBuf], staging: &Path) -> Result<(
                     String::from_utf8_lossy(&out.stderr).trim()
                 );
             }
-            xattr_set(&dest, "trusted.overlay.opaque", b"y")?;
+            husk::image::lsetxattr(&dest, c"trusted.overlay.opaque", b"y")
+                .with_context(|| format!("marking {} opaque", dest.display()))?;
         } else if md.is_file() {
             let _ = fs::remove_dir_all(&dest);
             fs::copy(&c.src, &dest)
@@ -354,29 +355,6 @@ fn relative(dest: &str) -> Result<PathBuf> {
         bail!("a mount at the container's root ({dest:?}) cannot be copied");
     }
     Ok(rel)
-}
-
-fn xattr_set(p: &Path, name: &str, value: &[u8]) -> Result<()> {
-    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())?;
-    let n = std::ffi::CString::new(name)?;
-    // SAFETY: NUL-terminated strings and a slice that live across the call.
-    let r = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r != 0 {
-        bail!(
-            "setting {name} on {}: {}",
-            p.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

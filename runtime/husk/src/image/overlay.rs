@@ -365,7 +365,7 @@ fn set_times(path: &Path, t: TimeSpec) -> io::Result<()> {
 }
 
 /// `lsetxattr(2)`: sets the attribute on `path` itself, never on a symlink's target.
-fn lsetxattr(path: &Path, name: &CStr, value: &[u8]) -> io::Result<()> {
+pub fn lsetxattr(path: &Path, name: &CStr, value: &[u8]) -> io::Result<()> {
     let r = path.with_nix_path(|p| {
         // SAFETY: `p` and `name` are NUL-terminated strings that live through the call, and
         // `value`'s pointer and length describe one live slice; the call keeps none of them.

@@ -253,7 +253,7 @@ fn special_files_long_names_xattrs_and_hard_links_convert() {
     fs::write(src.join(&long), "long name").unwrap();
     fs::hard_link(src.join(&long), src.join("link")).unwrap();
     std::os::unix::fs::symlink("/etc/os-release", src.join("sym")).unwrap();
-    xattr_set(&src.join("opaque"), "trusted.overlay.opaque", b"y");
+    crate::image::lsetxattr(&src.join("opaque"), c"trusted.overlay.opaque", b"y").unwrap();
     std::os::unix::fs::chown(src.join("null"), Some(1000), Some(1001)).unwrap();
 
     let cache = LayerCache::new(d.path().join("cache"));
@@ -283,22 +283,6 @@ fn special_files_long_names_xattrs_and_hard_links_convert() {
         "{opaque}"
     );
     assert!(src.join("sock").metadata().unwrap().file_type().is_socket());
-}
-
-fn xattr_set(p: &Path, name: &str, value: &[u8]) {
-    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    // SAFETY: NUL-terminated strings and a slice that live across the call.
-    let r = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(r, 0, "setxattr {name}: {}", std::io::Error::last_os_error());
 }
 
 #[test]
