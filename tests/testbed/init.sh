@@ -4,7 +4,7 @@
 #
 # Mounts the host's root (virtio-9p tag "hostroot", read-only) under a tmpfs
 # upper layer (overlayfs), mounts proc/sys/dev/cgroup2/tmp/run into it, then
-# runs the job of the command line inside a chroot of it:
+# runs the job of the command line inside a chroot of it, moved onto / first:
 #   husk.job=<dir on the host holding job.sh>  husk.time=<epoch seconds>
 # Markers on the console (ttyS0), parsed by run.sh:
 #   HUSK-TESTBED-BEGIN uptime=<s>    the job's output follows
@@ -75,7 +75,13 @@ mkdir -p $r/run/husk-testbed
 cp "/lower$job/job.sh" $r/run/husk-testbed/job.sh || fail "cannot copy the job script"
 
 echo "HUSK-TESTBED-BEGIN uptime=$(cut -d' ' -f1 /proc/uptime)"
-chroot $r /bin/bash /run/husk-testbed/job.sh </dev/null
+# The root moves onto / (as switch_root does) before the chroot: the mount namespace's root is
+# then the overlay, not this initramfs, and a process that joins a mount namespace (runc exec:
+# setns lands on the namespace's root) sees a real root, as on a booted machine. This shell
+# keeps the initramfs as its own root.
+cd $r || fail "cannot enter the root"
+mount --move . / || fail "cannot move the root onto /"
+chroot . /bin/bash /run/husk-testbed/job.sh </dev/null
 status=$?
 echo "HUSK-TESTBED-EXIT=$status uptime=$(cut -d' ' -f1 /proc/uptime)"
 trap - EXIT

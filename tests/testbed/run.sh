@@ -20,7 +20,7 @@
 #   --verbose          show L1's boot messages and timings
 #   --build-only       only build (or find in the cache) the L1 kernel and initramfs
 #
-# COMMAND runs as root in a chroot of the L1 root (host files read-only,
+# COMMAND runs as root in the L1 root, moved onto / (host files read-only,
 # writes go to RAM and are lost), stdin /dev/null, stdout+stderr on the VM's
 # serial console, which this script streams to its stdout. Exit status:
 # COMMAND's, 124 on timeout (QEMU killed), 125 if the testbed itself failed.
