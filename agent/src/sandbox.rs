@@ -374,7 +374,28 @@ impl Sandbox {
         let memory_events = container.cgroup_path().map(|p| {
             MemoryEvents::new(p.join("memory.events"), container.oom_kills().unwrap_or(0))
         });
+        let shared_pid_ns = !container.owns_pid_namespace();
         let engine = Arc::new(Mutex::new(container));
+        if shared_pid_ns {
+            // As runc does for a container in a shared PID namespace: once its init has
+            // exited, what it forked goes too (a private namespace's kernel does this itself).
+            // Those processes would otherwise hold its stdio open, and its exit would never
+            // be complete.
+            let (engine, mut exit, id) = (engine.clone(), exit.clone(), id.to_string());
+            tokio::spawn(async move {
+                if exit.wait_for(|e| e.is_some()).await.is_err() {
+                    return;
+                }
+                let killed = tokio::task::spawn_blocking(move || {
+                    let c = lock(&engine);
+                    (!c.is_destroyed()).then(|| c.signal_all(Signal::SIGKILL))
+                })
+                .await;
+                if let Ok(Some(Err(e))) = killed {
+                    tracing::warn!(container = %id, "killing what its init left: {e}");
+                }
+            });
+        }
         let streams = match host.start(&self.streams, id, "", exit.clone()) {
             Ok(s) => s,
             Err(e) => {

@@ -709,3 +709,63 @@ async fn a_block_rootfs_is_unmounted_on_removal_and_on_a_failed_create() {
     }
     assert!(agent.stop().success());
 }
+
+/// A container in a shared PID namespace (here another container's, joined by path): when
+/// its init exits, what the init forked is killed, as runc does (a private namespace's kernel
+/// does it itself). Otherwise a background child holds the output open and the exit never
+/// completes: containerd's StopPodSandbox waited forever on nginx's workers.
+#[tokio::test]
+async fn a_shared_pid_namespace_container_ends_with_its_init() {
+    let agent = TestAgent::start();
+    assert!(
+        agent.cgroup_root.is_some(),
+        "the test needs cgroup v2 (cgroup.kill)"
+    );
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let c = agent.client().await;
+    let holder = create_container(&c, "holder", &spec(&["sleep", "1000"]), &rootfs, false)
+        .await
+        .unwrap();
+    let _out = c
+        .open_stream("holder", "", StdioStream::Stdout)
+        .await
+        .unwrap();
+    c.start_container(start_req("holder")).await.unwrap();
+
+    let mut s = spec(&["sh", "-c", "sleep 1000 & echo forked $!"]);
+    let linux = s.linux_mut().as_mut().unwrap();
+    let ns = linux
+        .namespaces()
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|mut n| {
+            if n.typ() == oci_spec::runtime::LinuxNamespaceType::Pid {
+                n.set_path(Some(format!("/proc/{holder}/ns/pid").into()));
+            }
+            n
+        })
+        .collect();
+    linux.set_namespaces(Some(ns));
+    let f = tokio::time::timeout(
+        Duration::from_secs(30),
+        run_container(&c, "forker", &s, &rootfs, None),
+    )
+    .await
+    .expect("the exit completed although the init's child held its stdout");
+    assert_eq!(f.status, 0, "{f:?}");
+    let child: i32 = f
+        .stdout
+        .trim()
+        .strip_prefix("forked ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(child > 1, "{f:?}");
+    // The child is gone from the shared namespace: only the holder's sleep is left.
+    let mut lp = pb::ListProcessesRequest::new();
+    lp.container_id = "forker".into();
+    assert_eq!(c.list_processes(lp).await.unwrap().pids, Vec::<u32>::new());
+    remove(&c, "forker").await;
+    remove(&c, "holder").await;
+}

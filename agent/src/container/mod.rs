@@ -118,6 +118,8 @@ pub struct Container {
     seccomp: Option<seccomp::Program>,
     /// The init's pid namespace (`pid:[...]`), when the container has its own.
     pid_ns: Option<String>,
+    /// Whether the container has a PID namespace of its own (not the pod's or another's).
+    own_pid_ns: bool,
     destroyed: bool,
 }
 
@@ -179,6 +181,7 @@ impl Container {
             status_rx: None,
             seccomp,
             pid_ns: None,
+            own_pid_ns,
             destroyed: false,
         };
         match c.setup(cfg, sandbox_id, spec, rootfs, &resources, io, own_pid_ns) {
@@ -406,6 +409,17 @@ impl Container {
         let pid = pid.ok_or(ExecError::Exited)?;
         helper.finish();
         Ok(pid)
+    }
+
+    /// Whether the container has a PID namespace of its own. One that shares a namespace
+    /// keeps processes its init forked after the init exits, unless they are killed.
+    pub fn owns_pid_namespace(&self) -> bool {
+        self.own_pid_ns
+    }
+
+    /// Whether [`Container::destroy`] completed.
+    pub fn is_destroyed(&self) -> bool {
+        self.destroyed
     }
 
     /// Whether the init process still runs (not yet exited; it may be unreaped).
