@@ -10,7 +10,7 @@ PACKAGES=(
     # the testbed (nested KVM under TCG) and guest images
     qemu-system-x86 busybox-static e2fsprogs erofs-utils
     # containerd integration and the runc peer in benchmarks
-    containerd runc containernetworking-plugins iproute2
+    containerd runc containernetworking-plugins iproute2 iptables
     # test tools
     procps psmisc util-linux shellcheck file python3
 )
@@ -27,15 +27,18 @@ if ((${#missing[@]})); then
 fi
 echo "setup: system packages present"
 
-# crictl, for the containerd tests: built from its module on the Go module proxy (cached by
-# version under $HUSK_CACHE/tools). `go install ...@version` cannot do it: the checksum
+# crictl and critest (cri-tools' validation suite, the test binary of ./cmd/critest) for the
+# containerd tests, and ginkgo (critest runs its parallel nodes through it): built from the
+# cri-tools module on the Go module proxy, at the ginkgo version cri-tools' go.mod pins, cached
+# by version under $HUSK_CACHE/tools. `go install ...@version` cannot do it: the checksum
 # database has no entry for the served versions, so the module is fetched with GONOSUMDB and
 # built inside its own tree (its go.mod's replace directives apply there).
 CRICTL_VERSION=v1.34.0
 cache=${HUSK_CACHE:-/var/cache/husk}
+tools=$cache/tools/cri-tools-$CRICTL_VERSION
 crictl=$cache/tools/crictl-$CRICTL_VERSION/crictl
-if [[ ! -x $crictl ]]; then
-    echo "setup: building crictl $CRICTL_VERSION"
+if [[ ! -x $crictl || ! -x $tools/critest || ! -x $tools/ginkgo ]]; then
+    echo "setup: building crictl, critest and ginkgo from cri-tools $CRICTL_VERSION"
     export GONOSUMDB=sigs.k8s.io GOFLAGS=-mod=mod
     dir=$(go mod download -json "sigs.k8s.io/cri-tools@$CRICTL_VERSION" |
         sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
@@ -43,10 +46,33 @@ if [[ ! -x $crictl ]]; then
     src=$(mktemp -d)
     cp -r "$dir/." "$src"
     chmod -R u+w "$src"
-    mkdir -p "$(dirname "$crictl")"
-    (cd "$src" && go build -trimpath -o "$crictl.tmp" ./cmd/crictl)
+    mkdir -p "$(dirname "$crictl")" "$tools"
+    (cd "$src" && go build -trimpath -o "$crictl.tmp" ./cmd/crictl &&
+        go test -c -trimpath -o "$tools/critest.tmp" ./cmd/critest &&
+        go build -trimpath -o "$tools/ginkgo.tmp" github.com/onsi/ginkgo/v2/ginkgo)
     mv "$crictl.tmp" "$crictl"
+    mv "$tools/critest.tmp" "$tools/critest"
+    mv "$tools/ginkgo.tmp" "$tools/ginkgo"
     rm -rf "$src"
 fi
 ln -sf "$crictl" /usr/local/bin/crictl
-echo "setup: crictl $CRICTL_VERSION at /usr/local/bin/crictl"
+ln -sf "$tools/critest" /usr/local/bin/critest
+ln -sf "$tools/ginkgo" /usr/local/bin/ginkgo
+echo "setup: crictl, critest and ginkgo of cri-tools $CRICTL_VERSION in /usr/local/bin"
+
+# nginx for critest's web server images (tests/scripts/critest-images.sh): Debian's package
+# unpacked under $HUSK_CACHE, not installed (installing starts a service on the host's port 80).
+nginx_root=$cache/tools/nginx
+if [[ ! -x $nginx_root/usr/sbin/nginx ]]; then
+    echo "setup: unpacking Debian's nginx"
+    tmp=$(mktemp -d)
+    # (apt's _apt user cannot write to a root-only temporary directory: it says so and
+    # downloads as root.)
+    (cd "$tmp" && { apt-get download -qq nginx 2>/dev/null ||
+        { apt-get update -qq && apt-get download -qq nginx 2>/dev/null; }; }) &&
+        dpkg-deb -x "$tmp"/nginx_*.deb "$tmp/root"
+    [[ -x $tmp/root/usr/sbin/nginx ]] || { echo "setup: could not download nginx" >&2; exit 1; }
+    rm -rf "$nginx_root" && mv "$tmp/root" "$nginx_root"
+    rm -rf "$tmp"
+fi
+echo "setup: nginx (unpacked) at $nginx_root"

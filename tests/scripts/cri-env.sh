@@ -12,30 +12,46 @@ CRI_SOCK=$CRI_ROOT/containerd.sock
 export CONTAINER_RUNTIME_ENDPOINT=unix://$CRI_SOCK IMAGE_SERVICE_ENDPOINT=unix://$CRI_SOCK
 CRICTL=(crictl --config "$CRI_ROOT/crictl.yaml" --timeout 120s)
 
-# oci_layers DIR NAME ENTRYPOINT_JSON LAYER_DIR... -> DIR/image.tar: an OCI archive whose
-# layers are the given directories, bottom first (files named .wh.NAME and .wh..wh..opq in
-# them are OCI whiteouts), named NAME for `ctr images import`.
-oci_layers() {
-    local dir=$1 name=$2 entrypoint=$3 l digest layers='' diffs='' cfg man
-    shift 3
-    mkdir -p "$dir/oci/blobs/sha256"
+# oci_blobs BLOBS CONFIG_JSON LAYER_DIR...: the layers (the given directories as tars, bottom
+# first; files named .wh.NAME and .wh..wh..opq in them are OCI whiteouts), an image config whose
+# "config" is CONFIG_JSON, and their manifest, as blobs in BLOBS/sha256; the manifest's digest
+# (hex) and size in OCI_MANIFEST and OCI_MANIFEST_SIZE.
+oci_blobs() {
+    local blobs=$1 config=$2 l digest layers='' diffs='' cfg tmp
+    shift 2
+    mkdir -p "$blobs/sha256"
+    tmp=$(mktemp -d)
+    # oci_put FILE: FILE moved into BLOBS under its digest, which is echoed.
+    oci_put() {
+        local d
+        d=$(sha256sum "$1" | cut -d' ' -f1)
+        mv "$1" "$blobs/sha256/$d"
+        echo "$d"
+    }
     for l in "$@"; do
-        tar -C "$l" --numeric-owner --owner=0 --group=0 -cf "$dir/layer.tar" .
-        digest=$(sha256sum "$dir/layer.tar" | cut -d' ' -f1)
-        mv "$dir/layer.tar" "$dir/oci/blobs/sha256/$digest"
-        layers+="${layers:+,}{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar\",\"digest\":\"sha256:$digest\",\"size\":$(stat -c %s "$dir/oci/blobs/sha256/$digest")}"
+        tar -C "$l" --numeric-owner --owner=0 --group=0 -cf "$tmp/layer.tar" .
+        digest=$(oci_put "$tmp/layer.tar")
+        layers+="${layers:+,}{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar\",\"digest\":\"sha256:$digest\",\"size\":$(stat -c %s "$blobs/sha256/$digest")}"
         diffs+="${diffs:+,}\"sha256:$digest\""
     done
-    printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":%s,"Env":["PATH=/bin"]},"rootfs":{"type":"layers","diff_ids":[%s]}}' \
-        "$entrypoint" "$diffs" >"$dir/config.json"
-    cfg=$(sha256sum "$dir/config.json" | cut -d' ' -f1)
-    mv "$dir/config.json" "$dir/oci/blobs/sha256/$cfg"
+    printf '{"architecture":"amd64","os":"linux","config":%s,"rootfs":{"type":"layers","diff_ids":[%s]}}' \
+        "$config" "$diffs" >"$tmp/config.json"
+    cfg=$(oci_put "$tmp/config.json")
     printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%d},"layers":[%s]}' \
-        "$cfg" "$(stat -c %s "$dir/oci/blobs/sha256/$cfg")" "$layers" >"$dir/manifest.json"
-    man=$(sha256sum "$dir/manifest.json" | cut -d' ' -f1)
-    mv "$dir/manifest.json" "$dir/oci/blobs/sha256/$man"
+        "$cfg" "$(stat -c %s "$blobs/sha256/$cfg")" "$layers" >"$tmp/manifest.json"
+    OCI_MANIFEST=$(oci_put "$tmp/manifest.json")
+    OCI_MANIFEST_SIZE=$(stat -c %s "$blobs/sha256/$OCI_MANIFEST")
+    rm -rf "$tmp"
+}
+
+# oci_layers DIR NAME ENTRYPOINT_JSON LAYER_DIR... -> DIR/image.tar: an OCI archive whose
+# layers are the given directories, bottom first, named NAME for `ctr images import`.
+oci_layers() {
+    local dir=$1 name=$2 entrypoint=$3
+    shift 3
+    oci_blobs "$dir/oci/blobs" "{\"Entrypoint\":$entrypoint,\"Env\":[\"PATH=/bin\"]}" "$@"
     printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%d,"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"}}]}' \
-        "$man" "$(stat -c %s "$dir/oci/blobs/sha256/$man")" "$name" "${name##*:}" >"$dir/oci/index.json"
+        "$OCI_MANIFEST" "$OCI_MANIFEST_SIZE" "$name" "${name##*:}" >"$dir/oci/index.json"
     echo '{"imageLayoutVersion":"1.0.0"}' >"$dir/oci/oci-layout"
     tar -C "$dir/oci" -cf "$dir/image.tar" .
 }
@@ -87,7 +103,7 @@ EOF
 # cri_launch: containerd, and the pause and busybox images imported.
 cri_launch() {
     local i
-    containerd --config "$CRI_ROOT/config.toml" >"$CRI_ROOT/containerd.log" 2>&1 &
+    containerd --config "$CRI_ROOT/config.toml" ${CRI_LOG_LEVEL:+--log-level "$CRI_LOG_LEVEL"} >"$CRI_ROOT/containerd.log" 2>&1 &
     echo $! >"$CRI_ROOT/containerd.pid"
     for ((i = 0; i < 300; i++)); do
         "${CRICTL[@]}" info >/dev/null 2>&1 && break
@@ -117,8 +133,30 @@ cri_restart() {
     return 1
 }
 
+# cri_registry PORT NGINX_ROOT: critest's images, built as stand-ins (critest-images.sh), in
+# a registry on 127.0.0.1:PORT (registry.py), and containerd's mirrors for the public
+# registries pointing at it. Between cri_config and cri_launch.
+cri_registry() {
+    local r i
+    for r in registry.k8s.io gcr.io docker.io quay.io; do
+        printf '[plugins."io.containerd.grpc.v1.cri".registry.mirrors."%s"]\n  endpoint = ["http://127.0.0.1:%d"]\n' \
+            "$r" "$1" >>"$CRI_ROOT/config.toml"
+    done
+    bash "$CRI_REPO/tests/scripts/critest-images.sh" "$CRI_ROOT/registry" "$2" || return 1
+    python3 "$CRI_REPO/tests/scripts/registry.py" "$CRI_ROOT/registry" "$1" 2>"$CRI_ROOT/registry.log" &
+    echo $! >"$CRI_ROOT/registry.pid"
+    for ((i = 0; i < 50; i++)); do
+        python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$1/v2/')" 2>/dev/null &&
+            return 0
+        sleep 0.2
+    done
+    echo "the registry did not come up: $(cat "$CRI_ROOT/registry.log")"
+    return 1
+}
+
 cri_stop() {
     local pid
+    pid=$(cat "$CRI_ROOT/registry.pid" 2>/dev/null) && kill "$pid" 2>/dev/null
     pid=$(cat "$CRI_ROOT/containerd.pid" 2>/dev/null) && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
     umount -l "$CRI_ROOT" 2>/dev/null
     return 0

@@ -118,12 +118,7 @@ pub fn check_prerequisites() -> Result<(), Error> {
             "root (QEMU, the cache in /var/cache/husk, apt-get)".into(),
         ));
     }
-    let in_path = |bin: &str| {
-        std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-            .unwrap_or(false)
-    };
-    if !in_path("qemu-system-x86_64") {
+    if !on_path("qemu-system-x86_64") {
         return Err(Error::Missing(
             "qemu-system-x86_64 (apt-get install qemu-system-x86)".into(),
         ));
@@ -197,5 +192,19 @@ pub fn run_with(cmd: &str, opts: &Options) -> Result<Output, Error> {
             "run.sh ended with {} without reporting a result",
             out.status
         )))
+    }
+}
+
+/// Whether a file `tool` is in a directory of PATH.
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// Panics, naming the first of `tools` that is not on PATH (scripts/setup.sh installs them).
+pub fn require_tools(tools: &[&str]) {
+    for tool in tools {
+        assert!(on_path(tool), "{tool} is missing: run scripts/setup.sh");
     }
 }

@@ -12,17 +12,7 @@ use husk_tests::{sections::sections, testbed};
 #[test]
 fn crictl_pod_lifecycle() {
     husk_tests::agent::require_root();
-    for tool in ["containerd", "ctr", "runc", "crictl"] {
-        assert!(
-            std::process::Command::new("sh")
-                .arg("-c")
-                .arg(format!("command -v {tool} >/dev/null"))
-                .status()
-                .unwrap()
-                .success(),
-            "{tool} is missing: run scripts/setup.sh"
-        );
-    }
+    testbed::require_tools(&["containerd", "ctr", "runc", "crictl"]);
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let cmd = format!(
         "bash {}/tests/scripts/cri-checks.sh {}",

@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""Prints one line per spec of a ginkgo JSON report (critest --ginkgo.json-report):
+
+    spec HANDLER STATE SECONDS :: FULL SPEC TEXT
+      why: FIRST LINES OF THE FAILURE (failed specs only)
+
+and a closing "critest HANDLER: N passed, N failed, N skipped in S s" line.
+
+    critest-report.py REPORT.json HANDLER
+"""
+
+import json
+import sys
+from collections import Counter
+
+report, handler = sys.argv[1], sys.argv[2]
+with open(report) as f:
+    suites = json.load(f)
+counts = Counter()
+total = 0.0
+for suite in suites:
+    for spec in suite.get("SpecReports") or []:
+        if spec.get("LeafNodeType") != "It":
+            continue
+        name = " ".join([*(spec.get("ContainerHierarchyTexts") or []), spec.get("LeafNodeText", "")])
+        state = spec.get("State", "unknown")
+        secs = spec.get("RunTime", 0) / 1e9
+        total += secs
+        counts[state] += 1
+        print(f"spec {handler} {state} {secs:.1f} :: {name}")
+        if state not in ("passed", "skipped", "pending"):
+            failure = spec.get("Failure") or {}
+            loc = failure.get("Location") or {}
+            msg = " | ".join((failure.get("Message") or "").strip().splitlines()[:6])
+            print(f"  why: {loc.get('FileName', '?').rsplit('/', 1)[-1]}:{loc.get('LineNumber', '?')}: {msg[:600]}")
+print(
+    f"critest {handler}: {counts['passed']} passed, "
+    f"{sum(n for s, n in counts.items() if s not in ('passed', 'skipped', 'pending'))} failed, "
+    f"{counts['skipped'] + counts['pending']} skipped in {total:.0f} s of spec time"
+)
