@@ -8,7 +8,7 @@ PACKAGES=(
     # guest and testbed kernels
     linux-source-6.12 bc bison flex libelf-dev libssl-dev cpio xz-utils kmod build-essential
     # the testbed (nested KVM under TCG) and guest images
-    qemu-system-x86 busybox-static e2fsprogs erofs-utils
+    qemu-system-x86 busybox-static e2fsprogs
     # containerd integration and the runc peer in benchmarks
     containerd runc containernetworking-plugins iproute2 iptables
     # test tools
