@@ -386,13 +386,16 @@ impl Sandbox {
                 if exit.wait_for(|e| e.is_some()).await.is_err() {
                     return;
                 }
-                let killed = tokio::task::spawn_blocking(move || {
-                    let c = lock(&engine);
-                    (!c.is_destroyed()).then(|| c.signal_all(Signal::SIGKILL))
-                })
-                .await;
-                if let Ok(Some(Err(e))) = killed {
-                    tracing::warn!(container = %id, "killing what its init left: {e}");
+                let killed =
+                    tokio::task::spawn_blocking(move || lock(&engine).signal_all(Signal::SIGKILL))
+                        .await;
+                match killed {
+                    // Removed meanwhile: nothing of it is left.
+                    Ok(Ok(())) | Ok(Err(container::ContainerError::Destroyed)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(container = %id, "killing what its init left: {e}")
+                    }
+                    Err(e) => tracing::warn!(container = %id, "killing what its init left: {e}"),
                 }
             });
         }

@@ -417,11 +417,6 @@ impl Container {
         self.own_pid_ns
     }
 
-    /// Whether [`Container::destroy`] completed.
-    pub fn is_destroyed(&self) -> bool {
-        self.destroyed
-    }
-
     /// Whether the init process still runs (not yet exited; it may be unreaped).
     fn init_alive(&self) -> bool {
         match &self.init_pidfd {

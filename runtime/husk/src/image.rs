@@ -398,24 +398,12 @@ mod tests {
         check(layout_layers(&layout, &d.path().join("work"), &cache).unwrap());
         // The same layout as a tarball, plain and gzipped.
         let tarball = tarball_of(&layout);
-        fs::write(d.path().join("img.tar"), &tarball).unwrap();
-        check(
-            layout_layers(
-                &d.path().join("img.tar"),
-                &d.path().join("work-tar"),
-                &cache,
-            )
-            .unwrap(),
-        );
-        fs::write(d.path().join("img.tar.gz"), gzip(&tarball)).unwrap();
-        check(
-            layout_layers(
-                &d.path().join("img.tar.gz"),
-                &d.path().join("work-gz"),
-                &cache,
-            )
-            .unwrap(),
-        );
+        for (name, bytes) in [("img.tar", tarball.clone()), ("img.tar.gz", gzip(&tarball))] {
+            let file = d.path().join(name);
+            fs::write(&file, bytes).unwrap();
+            let work = d.path().join(format!("work-{name}"));
+            check(layout_layers(&file, &work, &cache).unwrap());
+        }
         // A plain directory is not a layout; a missing path is named.
         assert!(matches!(
             layout_layers(d.path(), &d.path().join("w"), &cache),
