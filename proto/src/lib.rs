@@ -158,6 +158,39 @@ impl StreamHeader {
     }
 }
 
+/// The header line a client writes first on a connection to the agent's stream listener: a
+/// process's stdio stream, or a forwarded TCP connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnHeader {
+    /// `STREAM <container_id> <exec_id or -> <stream>`: one stdio stream of a process.
+    Stdio(StreamHeader),
+    /// `FORWARD <port>`: a TCP connection to `port` on the guest's loopback, which the
+    /// containers share (CRI's port forwarding).
+    Forward(u16),
+}
+
+impl ConnHeader {
+    /// The header as a line, newline included.
+    pub fn to_line(&self) -> String {
+        match self {
+            ConnHeader::Stdio(h) => h.to_line(),
+            ConnHeader::Forward(port) => format!("FORWARD {port}\n"),
+        }
+    }
+
+    /// Parses a header line (with or without its newline).
+    pub fn parse(line: &str) -> Result<Self, String> {
+        let bare = line.strip_suffix('\n').unwrap_or(line);
+        match bare.strip_prefix("FORWARD ") {
+            Some(port) => match port.parse::<u16>() {
+                Ok(p) if p != 0 && port == p.to_string() => Ok(ConnHeader::Forward(p)),
+                _ => Err(format!("{port:?} is not a TCP port (1-65535)")),
+            },
+            None => StreamHeader::parse(line).map(ConnHeader::Stdio),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +218,32 @@ mod tests {
         ] {
             assert!(StreamHeader::parse(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn connection_headers_round_trip_and_bad_ports_are_refused() {
+        for h in [
+            ConnHeader::Forward(80),
+            ConnHeader::Forward(65535),
+            ConnHeader::Stdio(StreamHeader {
+                container_id: "c1".into(),
+                exec_id: String::new(),
+                stream: StdioStream::Stdout,
+            }),
+        ] {
+            assert_eq!(ConnHeader::parse(&h.to_line()).unwrap(), h);
+        }
+        for bad in [
+            "FORWARD 0",
+            "FORWARD 65536",
+            "FORWARD -1",
+            "FORWARD 080",
+            "FORWARD ",
+            "FORWARD x",
+        ] {
+            let e = ConnHeader::parse(bad).unwrap_err();
+            assert!(e.contains("is not a TCP port"), "{bad:?}: {e}");
+        }
+        assert!(ConnHeader::parse("HELLO").is_err());
     }
 }

@@ -210,12 +210,34 @@ husk_network() {
     echo "runc -> husk (ipv6 ping): $("${CRICTL[@]}" exec -s "$rc" ping -6 -c 1 -W 5 "$hip6" | grep -o '1 packets received')"
     echo "runc -> husk (ipv6 http): $(http_get "$rc" "$hip6")"
     echo "husk -> gateway: $("${X[@]}" ping -c 1 -W 5 "${gw##* }" | grep -o '1 packets received')"
-    echo "tc in the pod netns: qdiscs $(ip netns exec "${ns##*/}" tc qdisc show | grep -c ingress) filters $(ip netns exec "${ns##*/}" tc filter show dev eth0 ingress | grep -c mirred) tap $(ip netns exec "${ns##*/}" ip -o link show | grep -c husk-tap0)"
+    # Port forwarding (crictl port-forward, as kubectl port-forward): containerd connects to
+    # localhost:PORT in the pod's network namespace, which husk forwards to the guest's
+    # loopback; a server bound to the guest's 127.0.0.1 only is reached too, and a port
+    # nothing listens on fails. runc's pod, through the same steps, for comparison.
+    "${X[@]}" sh -c 'mkdir -p /lo && echo from-loopback > /lo/index.html && httpd -p 127.0.0.1:8081 -h /lo'
+    forward_get() {
+        local pf out i log=$d/pf-$2.log
+        "${CRICTL[@]}" port-forward "$1" "$2:$3" >"$log" 2>&1 &
+        pf=$!
+        for ((i = 0; i < 100; i++)); do
+            grep -q Forwarding "$log" && break
+            sleep 0.2
+        done
+        out=$(timeout 30 bash -c "exec 3<>/dev/tcp/127.0.0.1/$2 && printf 'GET / HTTP/1.0\r\n\r\n' >&3 && cat <&3" 2>&1)
+        kill "$pf" 2>/dev/null
+        wait "$pf" 2>/dev/null
+        grep -o 'from-[a-z0-9]*' <<<"$out" || echo "no page: $(tr '\r\n' '  ' <<<"$out" | head -c 200) (crictl: $(tr '\n' ' ' <"$log" | head -c 300))"
+    }
+    echo "port-forward runc 8080: $(forward_get "$r" 18080 8080)"
+    echo "port-forward husk 8080: $(forward_get "$h" 18081 8080)"
+    echo "port-forward husk loopback 8081: $(forward_get "$h" 18082 8081)"
+    echo "port-forward husk closed port 9: $(forward_get "$h" 18083 9)"
+    echo "tc in the pod netns: qdiscs $(ip netns exec "${ns##*/}" tc qdisc show | grep -c ingress) filters $(ip netns exec "${ns##*/}" tc filter show dev eth0 ingress | grep -c mirred) tap $(ip netns exec "${ns##*/}" ip -o link show | grep -c husk-tap0) forward rule $(ip netns exec "${ns##*/}" iptables -t nat -S OUTPUT | grep -c HUSK-PORT-FORWARD)"
     "${CRICTL[@]}" stop -t 1 "$rc" "$hc" "$hc2" >/dev/null
     "${CRICTL[@]}" rm "$rc" "$hc" "$hc2" >/dev/null
     "${CRICTL[@]}" stopp "$h" >/dev/null
     if [[ -e $ns ]]; then
-        echo "after stopp, in the pod netns: qdiscs $(ip netns exec "${ns##*/}" tc qdisc show | grep -c ingress) tap $(ip netns exec "${ns##*/}" ip -o link show | grep -c husk-tap0)"
+        echo "after stopp, in the pod netns: qdiscs $(ip netns exec "${ns##*/}" tc qdisc show | grep -c ingress) tap $(ip netns exec "${ns##*/}" ip -o link show | grep -c husk-tap0) forward rule $(ip netns exec "${ns##*/}" iptables -t nat -S | grep -c HUSK-PORT-FORWARD)"
     else
         echo "after stopp, in the pod netns: qdiscs 0 tap 0 (netns gone)"
     fi

@@ -299,7 +299,8 @@ fn crictl_pod_lifecycle() {
     // stopped, and removing them leaves nothing.
     // A husk pod on the CNI bridge: the guest has the pod's IP, MAC, MTU, route and DNS,
     // serves and fetches HTTP to and from a runc pod and another husk pod, reaches the
-    // gateway; its tap, qdiscs and filters are gone after stopp/rmp.
+    // gateway; port forwarding reaches it; its tap, qdiscs, filters and NAT rule are gone
+    // after stopp/rmp.
     let (text, rc) = get("husk_network");
     assert_eq!(rc, Some(0), "{text}");
     let field = |prefix: &str| -> String {
@@ -365,13 +366,31 @@ fn crictl_pod_lifecycle() {
     assert_eq!(field("runc -> husk: "), "from-husk", "{text}");
     assert_eq!(field("husk -> husk2: "), "from-husk2", "{text}");
     assert_eq!(field("husk -> gateway: "), "1 packets received", "{text}");
+    // Port forwarding reaches the guest's servers, also one bound to its loopback only, as
+    // runc's reaches its container's; a closed port fails.
+    assert_eq!(field("port-forward runc 8080: "), "from-runc", "{text}");
+    assert_eq!(field("port-forward husk 8080: "), "from-husk", "{text}");
     assert_eq!(
-        field("tc in the pod netns: "),
-        "qdiscs 2 filters 1 tap 1",
+        field("port-forward husk loopback 8081: "),
+        "from-loopback",
         "{text}"
     );
     assert!(
-        field("after stopp, in the pod netns: ").starts_with("qdiscs 0 tap 0"),
+        field("port-forward husk closed port 9: ").starts_with("no page: "),
+        "{text}"
+    );
+    assert_eq!(
+        field("tc in the pod netns: "),
+        "qdiscs 2 filters 1 tap 1 forward rule 1",
+        "{text}"
+    );
+    let after = field("after stopp, in the pod netns: ");
+    assert!(
+        [
+            "qdiscs 0 tap 0 forward rule 0",
+            "qdiscs 0 tap 0 (netns gone)"
+        ]
+        .contains(&after.as_str()),
         "{text}"
     );
     assert!(text.contains(": network wired in "), "{text}");

@@ -36,10 +36,6 @@ const BY_DESIGN: &[(&str, &str)] = &[
 /// here that passes fails the test, so the list only shrinks.
 const NOT_YET: &[(&str, &str)] = &[
     (
-        "Streaming runtime should support streaming interfaces runtime should support portforward [Conformance]",
-        "containerd dials localhost in the pod's network namespace, which is not the guest's: issue 14 (critest), still open",
-    ),
-    (
         "Container Mount Propagation runtime should support mount propagation mount with 'rprivate' should not support propagation",
         "volumes are copied into the guest, not shared: the live volumes issue",
     ),

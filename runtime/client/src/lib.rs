@@ -14,7 +14,7 @@ mod addr;
 use std::time::Duration;
 
 pub use addr::{AgentAddr, Conn, Service};
-pub use husk_proto::{agent as pb, StdioStream, StreamHeader};
+pub use husk_proto::{agent as pb, ConnHeader, StdioStream, StreamHeader};
 use husk_proto::{agent_ttrpc, health, health_ttrpc};
 use tokio::io::{AsyncWriteExt, BufReader};
 use ttrpc::Code;
@@ -50,9 +50,9 @@ pub enum ClientError {
     /// The connection broke (the agent or the VM died).
     #[error("connection to the agent lost: {0}")]
     Transport(String),
-    #[error("stdio stream refused by the agent: {0}")]
+    #[error("stream refused by the agent: {0}")]
     StreamRefused(String),
-    #[error("stdio stream i/o")]
+    #[error("stream i/o (stdio or forwarded connection)")]
     StreamIo(#[source] std::io::Error),
     /// The agent speaks another version of the API.
     #[error("the agent at {addr} speaks agent API v{agent}, this client v{ours}: use a guest image built from the same husk")]
@@ -237,11 +237,21 @@ impl AgentClient {
         exec_id: &str,
         stream: StdioStream,
     ) -> Result<Box<dyn Conn>, ClientError> {
-        let header = StreamHeader {
+        self.open_conn(ConnHeader::Stdio(StreamHeader {
             container_id: container_id.to_string(),
             exec_id: exec_id.to_string(),
             stream,
-        };
+        }))
+        .await
+    }
+
+    /// Opens a connection to TCP `port` on the guest's loopback (see `agent.proto`): what is
+    /// written to it reaches the server there, and the server's answer comes back on it.
+    pub async fn open_forward(&self, port: u16) -> Result<Box<dyn Conn>, ClientError> {
+        self.open_conn(ConnHeader::Forward(port)).await
+    }
+
+    async fn open_conn(&self, header: ConnHeader) -> Result<Box<dyn Conn>, ClientError> {
         let conn = self.addr.connect(Service::Stdio, self.timeout).await?;
         let mut conn = BufReader::new(conn);
         conn.get_mut()

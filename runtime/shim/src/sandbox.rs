@@ -10,7 +10,7 @@ use containerd_shim::{
 };
 use husk::{
     config::{Config, PodDefaults},
-    net::PodNetwork,
+    net::{PodNetwork, PortForward},
     pod::{GuestNetwork, Pod, PodConfig},
     vm::{error_chain, image_from, NetDevice, Vm, VmSize},
 };
@@ -95,6 +95,24 @@ async fn wire_network(netns: PathBuf) -> Result<(PodNetwork, GuestNetwork)> {
     ))
 }
 
+/// Listens for port forwarding in the pod's network namespace (see `husk::net::PortForward`).
+/// A pod whose forwarding cannot be set up (no iptables) runs without it, with a warning.
+async fn listen_for_forwards(netns: Option<PathBuf>) -> Option<PortForward> {
+    let netns = netns?;
+    let path = netns.clone();
+    match tokio::task::spawn_blocking(move || PortForward::setup(&path)).await {
+        Ok(Ok(f)) => Some(f),
+        Ok(Err(e)) => {
+            log::warn!("the pod runs without port forwarding: {}", error_chain(&e));
+            None
+        }
+        Err(e) => {
+            log::warn!("the pod runs without port forwarding: {e}");
+            None
+        }
+    }
+}
+
 /// Takes the tc filters, qdiscs and tap of the pod's network away (the tap goes with the
 /// VMM's fd anyway).
 async fn unwire_network(net: PodNetwork) {
@@ -144,7 +162,8 @@ impl Sandbox {
             boot_timeout: BOOT_TIMEOUT,
         };
         let t0 = std::time::Instant::now();
-        let (network, guest) = match pod_netns(spec)? {
+        let netns = pod_netns(spec)?;
+        let (network, guest) = match netns.clone() {
             Some(netns) => {
                 let (n, g) = wire_network(netns).await?;
                 log::info!(
@@ -160,7 +179,9 @@ impl Sandbox {
             }
             None => (None, None),
         };
-        let (pod, vm) = match Pod::boot(&cfg, guest).await {
+        // Port forwarding's listener is made while the VM boots.
+        let (booted, forward) = tokio::join!(Pod::boot(&cfg, guest), listen_for_forwards(netns));
+        let (pod, vm) = match booted {
             Ok(b) => b,
             Err(e) => {
                 if let Some(n) = network {
@@ -169,10 +190,19 @@ impl Sandbox {
                 return Err(e.into());
             }
         };
+        let forwarding = forward.map(|f| {
+            let agent = pod.clone();
+            tokio::spawn(f.serve(move |port| {
+                let pod = agent.clone();
+                async move { pod.agent().open_forward(port).await }
+            }))
+            .abort_handle()
+        });
         let (tx, exit) = watch::channel(None);
         let watch = watch_vm(
             vm,
             network,
+            forwarding,
             events.clone(),
             tx,
             req.id.clone(),
@@ -230,6 +260,7 @@ pub async fn kill(pod: &Pod) {
 async fn watch_vm(
     mut vm: Vm,
     network: Option<PodNetwork>,
+    forwarding: Option<tokio::task::AbortHandle>,
     events: Events,
     tx: ExitTx,
     id: String,
@@ -252,6 +283,9 @@ async fn watch_vm(
             "pod {id}: the VM ended with status {status}\n{}",
             vm.logs_tail()
         );
+    }
+    if let Some(f) = forwarding {
+        f.abort();
     }
     drop(vm); // removes the VM's directory
     if let Some(n) = network {

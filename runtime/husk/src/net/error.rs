@@ -123,4 +123,7 @@ pub enum TeardownError {
     NotATap { name: String, kind: String },
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    /// Removing port forwarding's NAT rule.
+    #[error(transparent)]
+    Forward(#[from] super::forward::ForwardError),
 }

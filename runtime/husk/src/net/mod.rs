@@ -38,6 +38,7 @@
 //! `tokio::task::spawn_blocking` in async code.
 
 mod error;
+mod forward;
 mod info;
 mod netns;
 mod rtnl;
@@ -52,6 +53,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 pub use error::{NetlinkError, NetnsError, SetupError, TeardownError};
+pub use forward::{ForwardError, PortForward, CHAIN as FORWARD_CHAIN};
 pub use info::{IpPrefix, MacAddr, NetInfo, ParseMacError, Route, RouteScope};
 pub use netns::is_host_netns;
 pub use rtnl::FILTER_PRIORITY;
@@ -104,11 +106,12 @@ impl PodNetwork {
         Ok((pod, wired.info, wired.tap))
     }
 
-    /// Removes the filters, the qdiscs and the tap; the CNI interface is left as CNI made it.
-    /// Idempotent. Blocks.
+    /// Removes the filters, the qdiscs, the tap and port forwarding's rule ([`PortForward`]);
+    /// the CNI interface is left as CNI made it. Idempotent. Blocks.
     pub fn teardown(&self) -> Result<(), TeardownError> {
-        netns::run_in(&self.netns, &self.netns_path, || {
-            setup::teardown(&self.tap_name)
+        netns::run_in(&self.netns, &self.netns_path, || async {
+            forward::remove_rule(&self.netns_path)?;
+            setup::teardown(&self.tap_name).await
         })?
     }
 
@@ -126,7 +129,7 @@ impl PodNetwork {
     }
 }
 
-/// Removes what [`PodNetwork::setup`] made in the namespace at `netns` for the tap `tap_name`,
+/// Removes what [`PodNetwork::setup`] and [`PortForward::setup`] made in the namespace at `netns` for the tap `tap_name`,
 /// without its [`PodNetwork`] (after a crash, from `shim delete`). Idempotent: nothing there
 /// (no namespace at that path any more, no tap, no filter) is fine. Blocks.
 pub fn teardown(netns: &Path, tap_name: &str) -> Result<(), TeardownError> {
@@ -137,7 +140,11 @@ pub fn teardown(netns: &Path, tap_name: &str) -> Result<(), TeardownError> {
         }
         Err(e) => return Err(e.into()),
     };
-    match netns::run_in(&file, netns, || setup::teardown(tap_name)) {
+    let work = || async {
+        forward::remove_rule(netns)?;
+        setup::teardown(tap_name).await
+    };
+    match netns::run_in(&file, netns, work) {
         Ok(res) => res,
         // The bind mount is gone and an empty file is left: the namespace died with all in it.
         Err(NetnsError::NotNetns { .. }) => Ok(()),

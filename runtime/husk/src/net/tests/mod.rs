@@ -3,4 +3,5 @@
 
 mod errors;
 mod fixture;
+mod forward;
 mod wiring;
