@@ -9,7 +9,7 @@
 //! ```text
 //! *nat
 //! :HUSK-PORT-FORWARD - [0:0]
-//! -A HUSK-PORT-FORWARD -p tcp -j REDIRECT --to-ports LISTENER
+//! -A HUSK-PORT-FORWARD -p tcp -j DNAT --to-destination 127.0.0.1:LISTENER
 //! -A OUTPUT -d 127.0.0.0/8 -p tcp -j HUSK-PORT-FORWARD
 //! COMMIT
 //! ```
@@ -20,6 +20,8 @@
 //! - **Only loopback destinations, only in the pod's namespace.** Nothing of the pod runs in
 //!   the host side of the namespace, so its loopback has no other user; the host's own
 //!   namespace is never touched.
+//! - **DNAT, not REDIRECT**: the same for a locally made connection, and DNAT is the target
+//!   CNI's portmap uses, so a kernel that runs CNI has it (the testbed's has no REDIRECT).
 //! - **One `iptables-restore --noflush` process**: the rule goes in whole or not at all. iptables
 //!   is what containerd's CNI plugins (portmap, bridge) use as well; setup fails with the
 //!   reason where it is missing, and the shim runs the pod without port forwarding.
@@ -191,7 +193,7 @@ fn original_port(conn: &impl AsRawFd) -> io::Result<u16> {
 /// The `iptables-restore` input that adds the redirect to `port`.
 fn rules(port: u16) -> String {
     format!(
-        "*nat\n:{CHAIN} - [0:0]\n-A {CHAIN} -p tcp -j REDIRECT --to-ports {port}\n\
+        "*nat\n:{CHAIN} - [0:0]\n-A {CHAIN} -p tcp -j DNAT --to-destination 127.0.0.1:{port}\n\
          -A OUTPUT -d 127.0.0.0/8 -p tcp -j {CHAIN}\nCOMMIT\n"
     )
 }

@@ -41,7 +41,10 @@ fn a_loopback_connection_in_the_pod_reaches_the_port_it_was_made_to() {
     assert!(
         rules.contains(&format!(
             "-A OUTPUT -d 127.0.0.0/8 -p tcp -j {FORWARD_CHAIN}"
-        )) && rules.contains(&format!("--to-ports {}", forward.port())),
+        )) && rules.contains(&format!(
+            "-j DNAT --to-destination 127.0.0.1:{}",
+            forward.port()
+        )),
         "{rules}"
     );
     let host_rules = run("iptables", &["-t", "nat", "-S"]);
