@@ -60,19 +60,25 @@ ln -sf "$tools/critest" /usr/local/bin/critest
 ln -sf "$tools/ginkgo" /usr/local/bin/ginkgo
 echo "setup: crictl, critest and ginkgo of cri-tools $CRICTL_VERSION in /usr/local/bin"
 
-# nginx for critest's web server images (tests/scripts/critest-images.sh): Debian's package
-# unpacked under $HUSK_CACHE, not installed (installing starts a service on the host's port 80).
-nginx_root=$cache/tools/nginx
-if [[ ! -x $nginx_root/usr/sbin/nginx ]]; then
-    echo "setup: unpacking Debian's nginx"
-    tmp=$(mktemp -d)
-    # (apt's _apt user cannot write to a root-only temporary directory: it says so and
-    # downloads as root.)
-    (cd "$tmp" && { apt-get download -qq nginx 2>/dev/null ||
-        { apt-get update -qq && apt-get download -qq nginx 2>/dev/null; }; }) &&
-        dpkg-deb -x "$tmp"/nginx_*.deb "$tmp/root"
-    [[ -x $tmp/root/usr/sbin/nginx ]] || { echo "setup: could not download nginx" >&2; exit 1; }
-    rm -rf "$nginx_root" && mv "$tmp/root" "$nginx_root"
-    rm -rf "$tmp"
-fi
-echo "setup: nginx (unpacked) at $nginx_root"
+# Debian packages critest's stand-in images are made of (tests/scripts/critest-images.sh),
+# unpacked under $HUSK_CACHE/tools/PACKAGE, not installed: nginx (installing it starts a service
+# on the host's port 80) and the dynamically linked busybox (its sh runs /bin/ls as a program,
+# as upstream busybox's does, where busybox-static's runs its own applet).
+unpack_deb() { # PACKAGE FILE: the package unpacked, FILE the one that shows it is there
+    local root=$cache/tools/$1 tmp
+    if [[ ! -x $root/$2 ]]; then
+        echo "setup: unpacking Debian's $1"
+        tmp=$(mktemp -d)
+        # (apt's _apt user cannot write to a root-only temporary directory: it says so and
+        # downloads as root.)
+        (cd "$tmp" && { apt-get download -qq "$1" 2>/dev/null ||
+            { apt-get update -qq && apt-get download -qq "$1" 2>/dev/null; }; }) &&
+            dpkg-deb -x "$tmp/$1"_*.deb "$tmp/root"
+        [[ -x $tmp/root/$2 ]] || { echo "setup: could not download $1" >&2; exit 1; }
+        rm -rf "$root" && mv "$tmp/root" "$root"
+        rm -rf "$tmp"
+    fi
+    echo "setup: $1 (unpacked) at $root"
+}
+unpack_deb nginx usr/sbin/nginx
+unpack_deb busybox bin/busybox

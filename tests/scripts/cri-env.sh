@@ -133,7 +133,7 @@ cri_restart() {
     return 1
 }
 
-# cri_registry PORT NGINX_ROOT: critest's images, built as stand-ins (critest-images.sh), in
+# cri_registry PORT TOOLS: critest's images, built as stand-ins (critest-images.sh), in
 # a registry on 127.0.0.1:PORT (registry.py), and containerd's mirrors for the public
 # registries pointing at it. Between cri_config and cri_launch.
 cri_registry() {

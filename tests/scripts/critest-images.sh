@@ -3,12 +3,14 @@
 # The images critest's specs pull, built locally as stand-ins (no registry is reachable from
 # the testbed) into a registry directory that tests/scripts/registry.py serves:
 #
-#   critest-images.sh REGISTRY_DIR NGINX_ROOT
+#   critest-images.sh REGISTRY_DIR TOOLS
 #
-# NGINX_ROOT is Debian's nginx package unpacked (scripts/setup.sh puts it under $HUSK_CACHE).
-# Every image is a busybox root (Debian's busybox-static, with procps' pgrep and util-linux's
-# ipcs, which busybox-static lacks, and upstream busybox's users and groups) plus what the
-# image's spec needs. Which are stand-ins, and how they differ from the originals:
+# TOOLS holds Debian's nginx and busybox packages unpacked, as TOOLS/nginx and TOOLS/busybox
+# (scripts/setup.sh puts them under $HUSK_CACHE/tools). Every image is a busybox root
+# (Debian's dynamically linked busybox with its libraries, procps' pgrep and util-linux's
+# ipcs, which it lacks, and upstream busybox's users and groups) plus what the image's spec
+# needs. Not busybox-static: its sh runs applets before programs, so `sh -c ls` would never
+# run a masked /bin/ls (MaskedPaths); upstream busybox's sh, and this one, run /bin/ls. Which are stand-ins, and how they differ from the originals:
 #   registry.k8s.io/e2e-test-images/busybox:1.29-2   busybox 1.35 instead of 1.29
 #   registry.k8s.io/e2e-test-images/nginx:1.14-2     Debian's nginx 1.22 on port 80
 #   registry.k8s.io/e2e-test-images/httpd:2.4.39-4   busybox httpd on port 80 (not Apache)
@@ -18,12 +20,15 @@
 #                                                    test-image-digest cannot be rebuilt
 #   gcr.io/k8s-staging-cri-tools/hostnet-nginx-amd64 nginx on port 12003
 set -euo pipefail
-reg=${1:?usage: critest-images.sh REGISTRY_DIR NGINX_ROOT}
-nginx=${2:?usage: critest-images.sh REGISTRY_DIR NGINX_ROOT}
+reg=${1:?usage: critest-images.sh REGISTRY_DIR TOOLS}
+tools=${2:?usage: critest-images.sh REGISTRY_DIR TOOLS}
+nginx=$tools/nginx busybox=$tools/busybox/bin/busybox
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=cri-env.sh
 . "$here/cri-env.sh"
-[[ -x $nginx/usr/sbin/nginx ]] || { echo "critest-images: no nginx under $nginx (run scripts/setup.sh)" >&2; exit 1; }
+for f in "$nginx/usr/sbin/nginx" "$busybox"; do
+    [[ -x $f ]] || { echo "critest-images: no $f (run scripts/setup.sh)" >&2; exit 1; }
+done
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -53,11 +58,12 @@ push() {
 
 # The base layer: busybox, pgrep and ipcs, upstream busybox's /etc/passwd and /etc/group.
 base=$work/base
-bash "$CRI_REPO/scripts/busybox-rootfs.sh" "$base"
+mkdir -p "$base"/{bin,proc,sys,dev,tmp,etc,root}
+with_libs "$base" "$busybox" /bin/busybox
 # Applets as hard links to busybox, as in the busybox image: a masked path (a bind mount over
 # /bin/ls) then hides that name only, not busybox itself.
-for a in "$base"/bin/*; do
-    [[ -L $a ]] && ln -f "$base/bin/busybox" "$a"
+for a in $("$busybox" --list); do
+    [[ $a == busybox ]] || ln -f "$base/bin/busybox" "$base/bin/$a"
 done
 with_libs "$base" /usr/bin/pgrep
 with_libs "$base" /usr/bin/ipcs

@@ -33,7 +33,7 @@ setup() {
     # node has them.
     sed -i 's/{"type": "loopback"}/{"type": "portmap", "capabilities": {"portMappings": true}},\n             &/' \
         "$CRI_ROOT/cni-conf/10-husk.conflist"
-    cri_registry "$port" "$cache/tools/nginx" || return 1
+    cri_registry "$port" "$cache/tools" || return 1
     cri_launch
 }
 
