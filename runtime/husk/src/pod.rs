@@ -191,22 +191,25 @@ pub struct NewContainer<'a> {
 }
 
 /// Makes the pod's scratch drive: a sparse ext4 image of `bytes` in `dir`, opened and
-/// unlinked (the VMM inherits the open file).
+/// unlinked (the VMM inherits the open file). Its name, `ID.XXXXXX.scratch`, is made unique
+/// with O_EXCL, so pods of the same id (every `husk run`, one per containerd namespace) never
+/// meet on one file.
 fn make_scratch(dir: &Path, id: &str, bytes: u64) -> Result<fs::File, PodError> {
-    let path = dir.join(format!("{id}.scratch"));
-    let err = |why: String| PodError::Scratch {
-        path: path.clone(),
-        why,
-    };
-    fs::create_dir_all(dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
+    let err = |path: PathBuf, why: String| PodError::Scratch { path, why };
+    fs::create_dir_all(dir).map_err(|e| {
+        err(
+            dir.to_path_buf(),
+            format!("creating {}: {e}", dir.display()),
+        )
+    })?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("{id}."))
+        .suffix(".scratch")
+        .tempfile_in(dir)
+        .map_err(|e| err(dir.join(format!("{id}.*.scratch")), e.to_string()))?;
+    let path = tmp.path().to_path_buf();
     let made = (|| {
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| e.to_string())?;
-        f.set_len(bytes).map_err(|e| e.to_string())?;
+        tmp.as_file().set_len(bytes).map_err(|e| e.to_string())?;
         let out = Command::new("mkfs.ext4")
             .args(["-q", "-F", "-m", "0", "-L", "husk-scratch"])
             .args(["-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard"])
@@ -219,10 +222,11 @@ fn make_scratch(dir: &Path, id: &str, bytes: u64) -> Result<fs::File, PodError> 
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
-        Ok(f)
+        tmp.as_file().try_clone().map_err(|e| e.to_string())
     })();
-    let _ = fs::remove_file(&path);
-    made.map_err(err)
+    // The name goes now (ours alone: made with O_EXCL); the open file stays.
+    drop(tmp);
+    made.map_err(|why| err(path, why))
 }
 
 impl Pod {
@@ -457,5 +461,34 @@ impl Pod {
             tokio::time::timeout(timeout, self.agent().destroy_sandbox(r)).await,
             Ok(Ok(_))
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two pods of one id (two `husk run`s at once) each get a scratch drive of their own,
+    /// and no name is left in the directory.
+    #[test]
+    fn scratch_drives_of_one_id_never_meet() {
+        let dir = tempfile::tempdir().unwrap();
+        let made: Vec<fs::File> = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| make_scratch(dir.path(), "husk-run", 16 << 20)))
+                .collect();
+            runs.into_iter()
+                .map(|r| r.join().unwrap().unwrap())
+                .collect()
+        });
+        let inodes: std::collections::BTreeSet<u64> = made
+            .iter()
+            .map(|f| std::os::unix::fs::MetadataExt::ino(&f.metadata().unwrap()))
+            .collect();
+        assert_eq!(inodes.len(), 4, "each pod its own file");
+        for f in &made {
+            assert_eq!(f.metadata().unwrap().len(), 16 << 20);
+        }
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "names left");
     }
 }
