@@ -31,8 +31,14 @@ for suite in suites:
         if state not in ("passed", "skipped", "pending"):
             failure = spec.get("Failure") or {}
             loc = failure.get("Location") or {}
-            msg = " | ".join((failure.get("Message") or "").strip().splitlines()[:6])
+            lines = (failure.get("Message") or "").strip().splitlines()
+            msg = " | ".join(lines[:6])
             print(f"  why: {loc.get('FileName', '?').rsplit('/', 1)[-1]}:{loc.get('LineNumber', '?')}: {msg[:600]}")
+            # A VM that did not boot: all the shim said (the VMM's status, its log and the
+            # guest console's last lines), to find out why.
+            if "did not become ready" in msg:
+                for line in lines[:200]:
+                    print(f"  | {line[:2000]}")
 print(
     f"critest {handler}: {counts['passed']} passed, "
     f"{sum(n for s, n in counts.items() if s not in ('passed', 'skipped', 'pending'))} failed, "

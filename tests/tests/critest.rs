@@ -59,6 +59,15 @@ fn results(text: &str, handler: &str) -> (BTreeMap<String, String>, BTreeMap<Str
             last = Some(name.to_string());
         } else if let (Some(w), Some(name)) = (line.strip_prefix("  why: "), &last) {
             why.insert(name.clone(), w.to_string());
+        } else if let (Some(more), Some(name)) = (line.strip_prefix("  | "), &last) {
+            // The rest of a failure's message (a VM that did not boot: what the shim said).
+            if let Some(w) = why.get_mut(name) {
+                w.push_str(
+                    "
+      ",
+                );
+                w.push_str(more);
+            }
         }
     }
     (states, why)
