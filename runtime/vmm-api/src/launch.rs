@@ -142,6 +142,21 @@ pub struct VmConfig {
     /// the VMM attaches to. Default MAC: random, locally administered; default MTU: 1500.
     #[arg(long)]
     pub net: Option<NetArg>,
+    /// The VMM's per-thread seccomp filters: `kill` (the default: a syscall outside the
+    /// calling thread's list kills the VMM), `log` (allowed, and logged by the kernel's audit;
+    /// for finding what a list lacks) or `off` (debugging only: a guest that breaks a device
+    /// model then reaches every syscall).
+    #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
+    pub seccomp: SeccompMode,
+}
+
+/// What the VMM's seccomp filters do with a syscall outside their lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SeccompMode {
+    #[default]
+    Kill,
+    Log,
+    Off,
 }
 
 impl VmConfig {
@@ -159,6 +174,7 @@ impl VmConfig {
             drives: Vec::new(),
             api_sock: None,
             net: None,
+            seccomp: SeccompMode::Kill,
         }
     }
 
@@ -194,6 +210,11 @@ impl VmConfig {
         }
         if let Some(n) = &self.net {
             flag("net", n.to_string().into());
+        }
+        match self.seccomp {
+            SeccompMode::Kill => {}
+            SeccompMode::Log => flag("seccomp", "log".into()),
+            SeccompMode::Off => flag("seccomp", "off".into()),
         }
         a
     }
@@ -265,6 +286,7 @@ mod tests {
         c.serial_log = Some("/run/vm/serial.log".into());
         c.vsock_uds = Some("/run/vm/vsock.sock".into());
         c.api_sock = Some("/run/vm/api.sock".into());
+        c.seccomp = SeccompMode::Off;
         c.guest_cid = 42;
         c.drives = vec![
             "id=rootfs,path=/r.ext4,ro=false".parse().unwrap(),

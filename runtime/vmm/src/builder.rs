@@ -96,8 +96,10 @@ pub(crate) fn build(
         None => Box::new(std::io::stdout()),
     };
     let guest_start = vm.host_range().0;
+    // Opened now: the vCPU thread that reports at ready may not open files.
+    let smaps = SmapsFiles::open();
     let on_ready = Box::new(move || {
-        if let Some(kib) = overhead_kib(guest_start) {
+        if let Some(kib) = smaps.as_ref().and_then(|f| overhead_kib(f, guest_start)) {
             println!(
                 "vmm memory overhead {:.1} MiB (PSS minus guest memory)",
                 kib as f64 / 1024.0
@@ -231,11 +233,42 @@ fn load_cmdline_for(vm: &Vm, devices: &[String], extra: &str) -> Result<usize, B
     Ok(len)
 }
 
+/// `/proc/self/smaps_rollup` and `/proc/self/smaps`, kept open: each read from offset 0
+/// gives their content at that moment.
+#[derive(Debug)]
+pub struct SmapsFiles {
+    rollup: File,
+    smaps: File,
+}
+
+impl SmapsFiles {
+    pub fn open() -> Option<Self> {
+        Some(SmapsFiles {
+            rollup: File::open("/proc/self/smaps_rollup").ok()?,
+            smaps: File::open("/proc/self/smaps").ok()?,
+        })
+    }
+}
+
+/// The whole of `f`, read from its start (pread: no seek, no reopening).
+fn read_from_start(f: &File) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = f.read_at(&mut buf, out.len() as u64).ok()?;
+        if n == 0 {
+            return String::from_utf8(out).ok();
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// The VMM's own memory: its proportional set size minus what the guest touched, in KiB.
-pub fn overhead_kib(guest_start: u64) -> Option<u64> {
-    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+pub fn overhead_kib(files: &SmapsFiles, guest_start: u64) -> Option<u64> {
+    let rollup = read_from_start(&files.rollup)?;
     let pss = field_kib(&rollup, "Pss:")?;
-    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let smaps = read_from_start(&files.smaps)?;
     let prefix = format!("{guest_start:x}-");
     let mut guest = 0;
     let mut inside = false;
@@ -264,6 +297,9 @@ mod tests {
 
     #[test]
     fn overhead_is_measurable() {
-        assert!(overhead_kib(0).is_some());
+        let files = SmapsFiles::open().unwrap();
+        assert!(overhead_kib(&files, 0).is_some());
+        // Read again from the start: the same file answers again.
+        assert!(overhead_kib(&files, 0).is_some());
     }
 }

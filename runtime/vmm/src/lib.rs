@@ -21,6 +21,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod event_loop;
 mod poll;
+pub mod seccomp;
 pub mod signals;
 #[cfg(test)]
 mod test_guest;

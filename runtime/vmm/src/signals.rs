@@ -1,9 +1,12 @@
 //! Signals: SIGRTMIN kicks a vCPU thread out of KVM_RUN (a no-op handler), and SIGTERM,
 //! SIGINT and SIGHUP stop the VM, taken by one thread while every other thread blocks them.
 
-use std::{sync::mpsc, thread};
+use std::sync::mpsc;
 
-use crate::vmm::Event;
+use crate::{
+    seccomp::{self, Filters, SpawnError, ThreadKind},
+    vmm::Event,
+};
 
 /// Errors setting up the VMM's signals.
 #[derive(Debug, thiserror::Error)]
@@ -14,9 +17,6 @@ pub enum SignalError {
     /// Blocking the stop signals in the VMM's threads.
     #[error("blocking the stop signals")]
     Block(#[source] std::io::Error),
-    /// Starting the thread that takes the stop signals.
-    #[error("starting a thread")]
-    Thread(#[source] std::io::Error),
 }
 
 /// A no-op handler for SIGRTMIN: the signal only kicks a vCPU thread out of KVM_RUN.
@@ -63,18 +63,15 @@ pub(crate) fn block_stop_signals() -> Result<StopSignals, SignalError> {
 pub(crate) fn spawn_signal_thread(
     signals: StopSignals,
     event_tx: mpsc::Sender<Event>,
-) -> Result<(), SignalError> {
+    filters: &Filters,
+) -> Result<(), SpawnError> {
     let StopSignals(set) = signals;
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let mut sig = 0;
-            // SAFETY: `set` and `sig` are live locals; sigwait only reads/writes them.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                eprintln!("husk-vmm: signal {sig}: stopping the VM");
-                let _ = event_tx.send(Event::Stop);
-            }
-        })
-        .map_err(SignalError::Thread)?;
-    Ok(())
+    seccomp::spawn("signals", ThreadKind::Signal, filters, move || loop {
+        let mut sig = 0;
+        // SAFETY: `set` and `sig` are live locals; sigwait only reads/writes them.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            eprintln!("husk-vmm: signal {sig}: stopping the VM");
+            let _ = event_tx.send(Event::Stop);
+        }
+    })
 }

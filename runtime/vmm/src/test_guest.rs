@@ -122,17 +122,22 @@ pub fn run_raw_with(
         RawMode::Real => Entry::Real(CODE),
         RawMode::Long => Entry::Long(CODE),
     };
-    let running = vmm::start(Machine {
-        vm,
-        devices,
-        vcpus: 1,
-        entry,
-        serial,
-        on_ready: None,
-        api: None,
-        stop_signals: None,
-        started,
-    })?;
+    let running = vmm::start(
+        Machine {
+            vm,
+            devices,
+            vcpus: 1,
+            entry,
+            serial,
+            on_ready: None,
+            api: None,
+            stop_signals: None,
+            started,
+        },
+        // The real filters: the raw guests exercise the vCPU and device paths under them.
+        &crate::seccomp::Filters::new(seccompiler::SeccompAction::KillProcess)
+            .map_err(VmmError::from)?,
+    )?;
     let timeout = guest.timeout.unwrap_or(Duration::from_secs(60));
     let outcome = running
         .wait_for(timeout)

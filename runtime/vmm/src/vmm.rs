@@ -6,20 +6,21 @@ use std::{
     io::Write,
     os::unix::net::UnixListener,
     sync::{mpsc, Arc, Mutex},
-    thread,
     time::Instant,
 };
 
+use seccompiler::SeccompAction;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
     api_server::{ApiContext, ApiError},
     arch::layout,
     builder::{self, BuildError},
-    config::VmConfig,
+    config::{SeccompMode, VmConfig},
     device_manager::{lock, DeviceBus, DeviceManager, DeviceManagerError},
     devices::legacy::{GuestExit, LegacyBus},
     event_loop::{self, EventLoopError},
+    seccomp::{self, Filters, SeccompError, SpawnError, ThreadKind},
     signals::{self, SignalError, StopSignals},
     vstate::{
         vcpu::{Entry, Vcpu, VcpuEnd, VcpuError},
@@ -48,9 +49,12 @@ pub enum VmmError {
     /// Creating the serial console's interrupt eventfd.
     #[error("an eventfd")]
     EventFd(#[source] std::io::Error),
-    /// Starting a vCPU thread or the guest-exit forwarder.
-    #[error("starting a thread")]
-    Thread(#[source] std::io::Error),
+    /// Starting a thread (with its seccomp filter).
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    /// Building the seccomp filters, or installing the main thread's.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// A vCPU stopped on an error of its own.
     #[error("vCPU {0} failed: {1}")]
     VcpuRun(u8, String),
@@ -103,10 +107,18 @@ impl Event {
 /// Builds the VM described by `cfg` and runs it to its end.
 pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     let started = Instant::now();
+    no_core_dumps();
     // Before any thread exists, so that every thread inherits the mask.
     let stop_signals = signals::block_stop_signals()?;
+    let filters = match cfg.seccomp {
+        SeccompMode::Kill => Filters::new(SeccompAction::KillProcess)?,
+        SeccompMode::Log => Filters::new(SeccompAction::Log)?,
+        SeccompMode::Off => Filters::off(),
+    };
     let (machine, sockets) = builder::build(cfg, started, stop_signals)?;
-    let running = start(machine)?;
+    let running = start(machine, &filters)?;
+    // Last: every other thread is started (a thread inherits its creator's filter).
+    filters.install(ThreadKind::Main)?;
     let outcome = running.wait();
     for s in sockets {
         let _ = std::fs::remove_file(s);
@@ -118,6 +130,20 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     );
     let _ = std::io::stdout().flush();
     outcome
+}
+
+/// A VMM that dies (of its seccomp filter, of a bug) leaves no core file: one would hold the
+/// guest's memory, a tenant's data, on the host's disk.
+fn no_core_dumps() {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads the struct; prctl(PR_SET_DUMPABLE) takes plain integers.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_CORE, &zero);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
 }
 
 /// A VM with its guest loaded and its virtio devices attached: what [`start`] runs.
@@ -148,16 +174,17 @@ pub(crate) struct Running {
 }
 
 /// Starts `m`: the serial console and the other port-I/O devices, the guest-exit
-/// forwarder, the signal thread, the I/O thread and one thread per vCPU.
-pub(crate) fn start(m: Machine) -> Result<Running, VmmError> {
+/// forwarder, the signal thread, the I/O thread and one thread per vCPU, each under its
+/// seccomp filter from `filters`.
+pub(crate) fn start(m: Machine, filters: &Filters) -> Result<Running, VmmError> {
     signals::register_kick_handler()?;
     let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     m.vm.register_irqfd(&serial_evt, layout::SERIAL_IRQ)?;
     let (exit_tx, exit_rx) = mpsc::channel::<GuestExit>();
     let (event_tx, event_rx) = mpsc::channel::<Event>();
-    spawn_exit_forwarder(exit_rx, event_tx.clone())?;
+    spawn_exit_forwarder(exit_rx, event_tx.clone(), filters)?;
     if let Some(set) = m.stop_signals {
-        signals::spawn_signal_thread(set, event_tx.clone())?;
+        signals::spawn_signal_thread(set, event_tx.clone(), filters)?;
     }
     let mut legacy = LegacyBus::new(serial_evt, m.serial, exit_tx, m.started);
     if let Some(f) = m.on_ready {
@@ -173,7 +200,7 @@ pub(crate) fn start(m: Machine) -> Result<Running, VmmError> {
             events: event_tx.clone(),
             stats: stats.clone(),
         };
-        event_loop::spawn(&m.devices.backend_fds, m.api, ctx)?;
+        event_loop::spawn(&m.devices.backend_fds, m.api, ctx, filters)?;
     }
     let bus = DeviceBus::new(legacy.clone(), transports);
     for id in 0..m.vcpus {
@@ -187,13 +214,10 @@ pub(crate) fn start(m: Machine) -> Result<Running, VmmError> {
             stats.clone(),
         )?;
         let event_tx = event_tx.clone();
-        thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                let end = vcpu.run();
-                let _ = event_tx.send(Event::of_vcpu(vcpu.id(), end));
-            })
-            .map_err(VmmError::Thread)?;
+        seccomp::spawn(format!("vcpu{id}"), ThreadKind::Vcpu, filters, move || {
+            let end = vcpu.run();
+            let _ = event_tx.send(Event::of_vcpu(vcpu.id(), end));
+        })?;
     }
     Ok(Running {
         legacy,
@@ -245,15 +269,13 @@ fn outcome_of(event: Option<Event>, legacy: &Mutex<LegacyBus>) -> Result<Outcome
 fn spawn_exit_forwarder(
     exit_rx: mpsc::Receiver<GuestExit>,
     event_tx: mpsc::Sender<Event>,
+    filters: &Filters,
 ) -> Result<(), VmmError> {
-    thread::Builder::new()
-        .name("exit".into())
-        .spawn(move || {
-            for e in exit_rx {
-                let _ = event_tx.send(Event::Guest(e));
-            }
-        })
-        .map_err(VmmError::Thread)?;
+    seccomp::spawn("exit", ThreadKind::Exit, filters, move || {
+        for e in exit_rx {
+            let _ = event_tx.send(Event::Guest(e));
+        }
+    })?;
     Ok(())
 }
 

@@ -268,6 +268,10 @@ impl Vcpu {
         stats.set_thread(unsafe { libc::pthread_self() });
         let mut first = true;
         loop {
+            #[cfg(feature = "seccomp-trigger")]
+            if id == 0 && crate::seccomp::trigger::vcpu_asked() {
+                crate::seccomp::trigger::forbidden_syscall();
+            }
             stats.maybe_sample(&self.fd);
             if first && id == 0 {
                 println!(

@@ -121,6 +121,15 @@ impl VcpuStats {
         }
     }
 
+    /// Kicks the vCPU thread out of KVM_RUN once (a test's seccomp trigger).
+    #[cfg(feature = "seccomp-trigger")]
+    pub(crate) fn kick(&self) {
+        let thread = self.thread.load(Ordering::Acquire);
+        if thread != 0 {
+            signals::kick(thread as libc::pthread_t);
+        }
+    }
+
     /// Asks the vCPU thread for a register sample and kicks it out of KVM_RUN; waits up to
     /// `wait` for the sample.
     fn sample(&self, wait: Duration) -> bool {
