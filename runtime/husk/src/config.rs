@@ -9,6 +9,7 @@
 //!
 //! [vmm]
 //! path = "/usr/local/bin/husk-vmm"                    # default: husk-vmm next to the caller
+//! confine = true     # per-thread seccomp filters on the VMM; false only to debug it
 //!
 //! [pod]              # a containerd pod's VM when CRI gives no sandbox sizes
 //! vcpus = 1
@@ -35,6 +36,8 @@ pub struct Config {
     pub initramfs: Option<PathBuf>,
     pub kernel_args: String,
     pub vmm: Option<PathBuf>,
+    /// Confine the VMM (seccomp filters per thread); off only for debugging.
+    pub confine: bool,
     pub pod: PodDefaults,
     /// The layer cache is `<storage_dir>/layers`, pods' scratch drives `<storage_dir>/scratch`.
     pub storage_dir: PathBuf,
@@ -56,6 +59,7 @@ impl Default for Config {
             initramfs: None,
             kernel_args: String::new(),
             vmm: None,
+            confine: true,
             pod: PodDefaults {
                 vcpus: 1,
                 memory_mib: 256,
@@ -106,13 +110,18 @@ impl Config {
                     "guest.initramfs" => c.initramfs = Some(path(&name, v)?),
                     "guest.kernel_args" => c.kernel_args = string(&name, v)?,
                     "vmm.path" => c.vmm = Some(path(&name, v)?),
+                    "vmm.confine" => {
+                        c.confine = v
+                            .as_bool()
+                            .with_context(|| format!("{name}: expected true or false"))?
+                    }
                     "pod.vcpus" => c.pod.vcpus = int(&name, v, 1, 64)? as u8,
                     "pod.memory_mib" => c.pod.memory_mib = int(&name, v, 64, 3072)? as u32,
                     "pod.overhead_mib" => c.pod.overhead_mib = int(&name, v, 0, 1024)? as u32,
                     "pod.scratch_gib" => c.pod.scratch_gib = int(&name, v, 1, 4096)? as u32,
                     "storage.dir" => c.storage_dir = path(&name, v)?,
                     _ => bail!(
-                        "unknown key {name} (known: guest.kernel, guest.initramfs, guest.kernel_args, vmm.path, pod.vcpus, pod.memory_mib, pod.overhead_mib, pod.scratch_gib, storage.dir)"
+                        "unknown key {name} (known: guest.kernel, guest.initramfs, guest.kernel_args, vmm.path, vmm.confine, pod.vcpus, pod.memory_mib, pod.overhead_mib, pod.scratch_gib, storage.dir)"
                     ),
                 }
             }
@@ -164,6 +173,7 @@ initramfs = "/k/initrd"
 kernel_args = "loglevel=7"
 [vmm]
 path = "/opt/husk-vmm"
+confine = false
 [pod]
 vcpus = 2
 memory_mib = 512
@@ -178,6 +188,7 @@ dir = "/srv/husk"
         assert_eq!(c.initramfs.as_deref(), Some(Path::new("/k/initrd")));
         assert_eq!(c.kernel_args, "loglevel=7");
         assert_eq!(c.vmm.as_deref(), Some(Path::new("/opt/husk-vmm")));
+        assert!(!c.confine && Config::default().confine);
         assert_eq!(
             c.pod,
             PodDefaults {
@@ -202,5 +213,6 @@ dir = "/srv/husk"
         );
         assert!(e("kernel = \"/x\"").contains("kernel: expected a table"));
         assert!(e("[guest").contains("not valid TOML"));
+        assert!(e("[vmm]\nconfine = 1").contains("vmm.confine: expected true or false"));
     }
 }

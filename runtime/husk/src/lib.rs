@@ -2,6 +2,7 @@
 //! microVMs ([`vm`]), container images ([`image`]), pod networking ([`net`]) and the
 //! configuration file ([`config`]).
 
+pub mod cgroup;
 pub mod config;
 pub mod image;
 pub mod layers;
@@ -9,3 +10,4 @@ pub mod net;
 pub mod pod;
 pub mod stdio;
 pub mod vm;
+pub mod vmm_process;

@@ -50,6 +50,8 @@ pub struct PodConfig {
     pub sysctls: std::collections::HashMap<String, String>,
     /// How long the guest may take until its agent answers.
     pub boot_timeout: Duration,
+    /// The VMM's cgroup, relative to the cgroup v2 root (see [`crate::cgroup`]).
+    pub cgroup: String,
 }
 
 /// Why the pod engine could not do what it was asked.
@@ -249,8 +251,15 @@ impl Pod {
             Some(n) => (Some(n.device), n.config),
             None => (None, None),
         };
-        let mut vm = Vm::start(&cfg.image, &cfg.size, &drives, device, &cfg.dir)
-            .map_err(|e| PodError::Start(format!("{e:#}")))?;
+        let mut vm = Vm::start(
+            &cfg.image,
+            &cfg.size,
+            &drives,
+            device,
+            &cfg.dir,
+            &cfg.cgroup,
+        )
+        .map_err(|e| PodError::Start(format!("{e:#}")))?;
         // The VMM holds the scratch file now.
         drop(drives);
         let agent = vm

@@ -157,6 +157,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         scratch_bytes: u64::from(config.pod.scratch_gib) << 30,
         sysctls: Default::default(),
         boot_timeout: Duration::from_secs(a.boot_timeout),
+        cgroup: format!("/husk/run-{}", std::process::id()),
     };
     let (pod, mut vm) = tokio::select! {
         r = Pod::boot(&cfg, network) => r?,
@@ -176,7 +177,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
     // and what the VMM and the guest said last: the VM directory goes with `vm` below.
     let run = run.map_err(|e| {
         let ended = match &exit {
-            Ok(Some(status)) => format!("the VMM exited ({status})"),
+            Ok(Some(status)) => format!("the VMM {}", husk::vm::describe_exit(status)),
             Ok(None) => "the VMM had exited".to_string(),
             Err(err) => format!("{err:#}"),
         };

@@ -6,7 +6,6 @@ use std::{
     fs,
     os::fd::{AsRawFd, OwnedFd},
     path::{Path, PathBuf},
-    process::Stdio,
     time::Duration,
 };
 
@@ -17,7 +16,11 @@ use husk_vmm_api::{
     net::{MacAddr, NetArg, NetBackendArg},
     DriveArg, VmConfig,
 };
-use tokio::process::{Child, Command};
+
+use crate::{
+    cgroup::VmCgroup,
+    vmm_process::{VmmCommand, VmmProcess},
+};
 
 /// The guest image and VMM to use.
 #[derive(Debug, Clone)]
@@ -30,6 +33,8 @@ pub struct VmImage {
     /// Where the guest's serial console goes (default: `serial.log` in the VM's directory,
     /// removed with it).
     pub console_log: Option<PathBuf>,
+    /// Confine the VMM (its per-thread seccomp filters); off only for debugging.
+    pub confine: bool,
 }
 
 /// How big the VM is.
@@ -56,8 +61,6 @@ pub enum Drive {
 
 /// The first fd number inherited drive files get in the VMM (after the tap's).
 const FIRST_DRIVE_FD: i32 = NET_FD + 1;
-/// The most files the VMM inherits (the tap and the drives).
-const MAX_INHERITED: usize = 8;
 
 /// The VM's network interface (virtio-net over a tap).
 #[derive(Debug)]
@@ -82,7 +85,9 @@ const NET_FD: i32 = 3;
 pub struct Vm {
     pub dir: PathBuf,
     console: PathBuf,
-    child: Option<Child>,
+    child: Option<VmmProcess>,
+    /// Removed after the VMM is reaped.
+    cgroup: Option<VmCgroup>,
 }
 
 /// The guest image and VMM to use: what husk's configuration file says (see
@@ -112,6 +117,7 @@ pub fn image_from(cfg: crate::config::Config) -> VmImage {
             .unwrap_or_else(|| cache.join("current/initramfs.cpio.gz")),
         kernel_args: cfg.kernel_args,
         console_log: None,
+        confine: cfg.confine,
     }
 }
 
@@ -150,13 +156,15 @@ impl Vm {
     }
 
     /// Starts a VMM for `image` with `drives` and `net`, in `dir` (created, and removed on
-    /// drop).
+    /// drop) and, when the image says to confine it, in the cgroup `cgroup` (made, and
+    /// removed on drop).
     pub fn start(
         image: &VmImage,
         size: &VmSize,
         drives: &[Drive],
         net: Option<NetDevice>,
         dir: &Path,
+        cgroup: &str,
     ) -> Result<Vm> {
         for (what, p) in [("kernel", &image.kernel), ("initramfs", &image.initramfs)] {
             if !p.exists() {
@@ -174,6 +182,9 @@ impl Vm {
         cfg.serial_log = Some(Self::console_path(image, dir));
         cfg.vsock_uds = Some(files.vsock_sock());
         cfg.api_sock = Some(files.api_sock());
+        if !image.confine {
+            cfg.seccomp = husk_vmm_api::SeccompMode::Off;
+        }
         // Files the VMM inherits: (our fd, its number in the VMM).
         let mut inherit: Vec<(i32, i32)> = Vec::new();
         for d in drives {
@@ -211,57 +222,32 @@ impl Vm {
                 mtu,
             },
         });
-        let mut cmd = Command::new(&image.vmm);
-        cmd.args(cfg.to_args());
         let log = fs::File::create(files.vmm_log()).context("creating vmm.log")?;
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            // Its own process group: a Ctrl-C at the terminal is husk's to handle (stop the
-            // container, power the VM off), not a signal that kills the VMM under it.
-            .process_group(0)
-            .kill_on_drop(true);
         if let Some(f) = &tap_fd {
             inherit.push((f.as_raw_fd(), NET_FD));
         }
-        if inherit.len() > MAX_INHERITED {
-            bail!("the VMM can inherit at most {MAX_INHERITED} files");
-        }
-        // SAFETY: prctl, dup2 and fcntl are async-signal-safe; the closure allocates nothing
-        // (`inherit` was built before the fork). The VMM dies with whoever started it (husk
-        // run, the shim), even when that is SIGKILLed, and gets each inherited file at its
-        // number without close-on-exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // First out of the way of every target number (closed at exec), then each
-                // to its number: a source that sits on another's target is not clobbered.
-                let mut moved = [0i32; MAX_INHERITED];
-                for (i, (src, _)) in inherit.iter().enumerate() {
-                    moved[i] = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 64);
-                    if moved[i] < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                for (i, (_, dst)) in inherit.iter().enumerate() {
-                    if libc::dup2(moved[i], *dst) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting the VMM {}", image.vmm.display()))?;
+        // Born in a PID namespace of its own, dying with whoever started it (husk run, the
+        // shim) even when that is SIGKILLed, in its own process group (a Ctrl-C at the
+        // terminal is husk's to handle: stop the container, power the VM off).
+        let cgroup = match image.confine {
+            true => Some(VmCgroup::create(cgroup, size.mem_mib, size.vcpus)?),
+            false => None,
+        };
+        let child = VmmProcess::spawn(VmmCommand {
+            program: &image.vmm,
+            args: cfg.to_args(),
+            log,
+            inherit,
+            cgroup: cgroup.as_ref().map(VmCgroup::dir),
+        })
+        .with_context(|| format!("starting the VMM {}", image.vmm.display()))?;
         // The VMM holds the tap now; ours goes, so that the tap goes with the VMM.
         drop(tap_fd);
         Ok(Vm {
             dir: dir.to_path_buf(),
             console: Self::console_path(image, dir),
             child: Some(child),
+            cgroup,
         })
     }
 
@@ -282,7 +268,11 @@ impl Vm {
             status = child.wait() => {
                 let status = status.context("waiting for the VMM")?;
                 self.child = None;
-                bail!("the VMM exited ({status}) before the agent was ready\n{}", self.logs_tail())
+                bail!(
+                    "the VMM {} before the agent was ready\n{}",
+                    describe_exit(&status),
+                    self.logs_tail()
+                )
             }
         }
     }
@@ -315,7 +305,7 @@ impl Vm {
 
     /// The VMM's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(Child::id)
+        self.child.as_ref().and_then(VmmProcess::id)
     }
 
     /// Waits for the VMM to exit, however long that takes; its exit status.
@@ -359,14 +349,30 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.start_kill();
-            // Reap it so no zombie or running VMM outlives us.
-            if let Some(pid) = child.id() {
-                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
-            }
-        }
+        // Kills and reaps the VMM: no zombie or running VMM outlives us. Then its cgroup,
+        // empty now, goes.
+        drop(self.child.take());
+        drop(self.cgroup.take());
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// How the VMM ended, in words: "exited with status N", "was killed by its seccomp filter
+/// (SIGSYS) ...", "was killed by signal N (NAME)".
+pub fn describe_exit(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(libc::SIGSYS)) => "was killed by its seccomp filter (SIGSYS): one of its \
+             threads made a syscall outside its allowlist (the kernel log names it)"
+            .to_string(),
+        (None, Some(sig)) => {
+            let name = nix::sys::signal::Signal::try_from(sig)
+                .map(|s| s.as_str())
+                .unwrap_or("?");
+            format!("was killed by signal {sig} ({name})")
+        }
+        _ => format!("ended ({status})"),
     }
 }
 

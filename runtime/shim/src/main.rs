@@ -74,6 +74,14 @@ impl Shim for HuskShim {
         let spec = std::fs::read("config.json")
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        if let Some(spec) = spec.as_ref().filter(|s| sandbox::is_sandbox(s)) {
+            // The VMM's cgroup, once its VMM (killed with the shim) is gone.
+            let cgroup = sandbox::vmm_cgroup(spec, &self.namespace, &self.id);
+            let r = tokio::task::spawn_blocking(move || husk::cgroup::remove(&cgroup)).await;
+            if let Ok(Err(e)) = r {
+                log::warn!("removing the VMM's cgroup: {e:#}");
+            }
+        }
         if let Some(spec) = spec {
             if let (true, Ok(Some(netns))) = (sandbox::is_sandbox(&spec), sandbox::pod_netns(&spec))
             {

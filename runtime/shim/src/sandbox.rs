@@ -12,7 +12,7 @@ use husk::{
     config::{Config, PodDefaults},
     net::{PodNetwork, PortForward},
     pod::{GuestNetwork, Pod, PodConfig},
-    vm::{error_chain, image_from, NetDevice, Vm, VmSize},
+    vm::{describe_exit, error_chain, image_from, NetDevice, Vm, VmSize},
 };
 use husk_client::pb;
 use husk_vmm_api::MacAddr;
@@ -124,6 +124,15 @@ async fn unwire_network(net: PodNetwork) {
     }
 }
 
+/// The VMM's cgroup: the sandbox's cgroup path (where runc would put the pause process, in
+/// the pod's cgroup), else `/husk/NS/ID`.
+pub fn vmm_cgroup(spec: &serde_json::Value, ns: &str, id: &str) -> String {
+    match spec["linux"]["cgroupsPath"].as_str() {
+        Some(p) if !p.is_empty() => p.to_string(),
+        _ => format!("/husk/{ns}/{id}"),
+    }
+}
+
 /// The run directory of pod `id` in containerd namespace `ns`: the VM's sockets and logs and
 /// its containers' rootfs images.
 pub fn pod_dir(ns: &str, id: &str) -> PathBuf {
@@ -160,6 +169,7 @@ impl Sandbox {
             scratch_bytes: u64::from(cfg.pod.scratch_gib) << 30,
             sysctls: pod_sysctls(spec)?,
             boot_timeout: BOOT_TIMEOUT,
+            cgroup: vmm_cgroup(spec, events.namespace(), &req.id),
         };
         let t0 = std::time::Instant::now();
         let netns = pod_netns(spec)?;
@@ -266,21 +276,24 @@ async fn watch_vm(
     id: String,
     vmm_pid: u32,
 ) {
-    let status = match vm.wait().await {
-        Ok(s) => match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
-            // A guest that powered off because we asked.
-            (Some(0), _) => KILLED,
-            (Some(c), _) => c as u32,
-            (None, Some(sig)) => 128 + sig as u32,
-            _ => 255,
-        },
-        Err(_) => 255,
+    let (status, how) = match vm.wait().await {
+        Ok(s) => (
+            match (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)) {
+                // A guest that powered off because we asked.
+                (Some(0), _) => KILLED,
+                (Some(c), _) => c as u32,
+                (None, Some(sig)) => 128 + sig as u32,
+                _ => 255,
+            },
+            describe_exit(&s),
+        ),
+        Err(e) => (255, format!("could not be waited for: {e:#}")),
     };
     // Anything but the power-off we asked for: keep the VM's last words in the log before its
     // directory goes.
     if status != KILLED {
         log::warn!(
-            "pod {id}: the VM ended with status {status}\n{}",
+            "pod {id}: the VMM {how}; the sandbox task exits with status {status}\n{}",
             vm.logs_tail()
         );
     }
