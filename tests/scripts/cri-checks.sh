@@ -99,7 +99,7 @@ ended runc $?
 # leftovers: what a husk pod could leave behind once it is gone.
 leftovers() {
     sleep 1
-    echo "leftovers: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) own layers $(find /run/husk/shim -name '*.layer' 2>/dev/null | wc -l) scratch $(find /var/lib/husk/scratch -type f 2>/dev/null | wc -l) rootfs mounts $(grep -c "$CRI_ROOT/state/.*/rootfs" /proc/mounts) pods $("${CRICTL[@]}" pods -q | wc -l) containers $("${CRICTL[@]}" ps -aq | wc -l) netns $(find /run/netns -mindepth 1 2>/dev/null | wc -l) taps $(ip -o link show | grep -c husk-tap)"
+    echo "leftovers: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) own layers $(find /run/husk/shim -name '*.layer' 2>/dev/null | wc -l) scratch $(find /var/lib/husk/scratch -type f 2>/dev/null | wc -l) rootfs mounts $(grep -c "$CRI_ROOT/state/.*/rootfs" /proc/mounts) pods $("${CRICTL[@]}" pods -q | wc -l) containers $("${CRICTL[@]}" ps -aq | wc -l) netns $(find /run/netns -mindepth 1 2>/dev/null | wc -l) taps $(ip -o link show | grep -c husk-tap) cgroups $(find /sys/fs/cgroup/k8s.io /sys/fs/cgroup/husk -mindepth 1 -type d 2>/dev/null | wc -l)"
 }
 
 
@@ -509,6 +509,60 @@ husk_shim_killed() {
 echo "=== husk_shim_killed"
 husk_shim_killed
 ended husk_shim_killed $?
+
+# The VMM is confined: every one of its threads runs under a seccomp filter, and a thread
+# that makes a syscall outside its filter kills the VMM (SIGSYS). A VMM built with the test
+# trigger (target/seccomp-trigger, built by tests/tests/cri.rs; never a release) is made to
+# break its filter on the I/O thread and on a vCPU thread: each pod is reported not ready, its
+# container exited, the shim's log names the cause, and nothing is left.
+husk_confined() {
+    local d p c vmm kind
+    d=$(mktemp -d)
+    pod_json "$d/p.json" pod-confined true
+    container_json "$d/c.json" c-confined '["sleep","1000"]'
+    p=$("${CRICTL[@]}" runp "$d/p.json") || return 1
+    c=$("${CRICTL[@]}" create "$p" "$d/c.json" "$d/p.json") && "${CRICTL[@]}" start "$c" >/dev/null || return 1
+    vmm=$(pgrep -f "husk-vmm.*/$p/" | head -1)
+    [[ -n $vmm ]] || { echo "no VMM found for pod $p"; return 1; }
+    echo "vmm threads: $(find "/proc/$vmm/task" -mindepth 1 -maxdepth 1 | wc -l) filtered: $(grep -l '^Seccomp:[[:space:]]*2' /proc/"$vmm"/task/*/status | wc -l) ($(cat /proc/"$vmm"/task/*/comm | sort | xargs))"
+    echo "vmm NoNewPrivs: $(awk '/^NoNewPrivs:/ {print $2}' "/proc/$vmm/status")"
+    # PID 1 of a PID namespace of its own, in its own cgroup with limits.
+    echo "vmm NSpid: $(awk '/^NSpid:/ {print $3}' "/proc/$vmm/status")"
+    local cg
+    cg=$(sed -n 's/^0:://p' "/proc/$vmm/cgroup")
+    echo "vmm cgroup: $([[ $cg == */$p ]] && echo "the pod's" || echo "$cg") memory.max $(cat "/sys/fs/cgroup$cg/memory.max") pids.max $(cat "/sys/fs/cgroup$cg/pids.max") procs $(wc -l <"/sys/fs/cgroup$cg/cgroup.procs")"
+    "${CRICTL[@]}" exec -s "$c" echo exec-under-seccomp
+    "${CRICTL[@]}" stop -t 1 "$c" >/dev/null && "${CRICTL[@]}" rm "$c" >/dev/null &&
+        "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
+    mkdir -p /etc/husk
+    printf '[vmm]\npath = "%s"\n' "$repo/target/seccomp-trigger/debug/husk-vmm" >/etc/husk/config.toml
+    local rc=0
+    for kind in io vcpu; do
+        seccomp_trigger "$d" "$kind" || rc=1
+    done
+    rm -f /etc/husk/config.toml
+    leftovers
+    rm -rf "$d"
+    return $rc
+}
+# seccomp_trigger DIR KIND: a pod whose VMM's KIND thread breaks its filter, then removed.
+seccomp_trigger() {
+    local p c sock
+    pod_json "$1/t.json" "pod-trigger-$2" true
+    container_json "$1/tc.json" "c-trigger-$2" '["sleep","1000"]'
+    p=$("${CRICTL[@]}" runp "$1/t.json") || return 1
+    c=$("${CRICTL[@]}" create "$p" "$1/tc.json" "$1/t.json") && "${CRICTL[@]}" start "$c" >/dev/null || return 1
+    sock=$(find /run/husk/shim -path "*/$p/*" -name api.sock | head -1)
+    python3 -c 'import socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.sendall(("{\"seccomp_trigger\":\"%s\"}\n" % sys.argv[2]).encode()); s.recv(100)' "$sock" "$2" 2>/dev/null
+    wait_stopped 30 "$c" "$p"
+    echo "trigger $2: pod $("${CRICTL[@]}" pods --id "$p" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1), container $("${CRICTL[@]}" inspect "$c" | grep -o 'CONTAINER_[A-Z]*' | head -1), shim log:$(grep -o "pod $p: the VMM was killed by its seccomp filter (SIGSYS)" "$CRI_ROOT/containerd.log" | head -1 | cut -d: -f2-)"
+    "${CRICTL[@]}" rm "$c" >/dev/null && "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null
+}
+echo "=== husk_confined"
+husk_confined
+ended husk_confined $?
 
 # A hostNetwork pod cannot be a VM: runp fails saying so, and leaves nothing.
 echo "=== husk_host_network"

@@ -14,6 +14,23 @@ fn crictl_pod_lifecycle() {
     husk_tests::agent::require_root();
     testbed::require_tools(&["containerd", "ctr", "runc", "crictl"]);
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    // A VMM with the test-only seccomp trigger, for husk_confined (never in a release).
+    let built = std::process::Command::new(env!("CARGO"))
+        .current_dir(repo)
+        .args([
+            "build",
+            "--quiet",
+            "--locked",
+            "-p",
+            "husk-vmm",
+            "--features",
+            "seccomp-trigger",
+            "--target-dir",
+            "target/seccomp-trigger",
+        ])
+        .status()
+        .expect("cargo runs");
+    assert!(built.success(), "building husk-vmm with seccomp-trigger");
     let cmd = format!(
         "bash {}/tests/scripts/cri-checks.sh {}",
         repo.display(),
@@ -40,7 +57,7 @@ fn crictl_pod_lifecycle() {
     assert!(text.contains("timing runc:"), "{text}");
 
     const CLEAN: &str =
-        "leftovers: vmm 0 shim 0 run dirs 0 own layers 0 scratch 0 rootfs mounts 0 pods 0 containers 0 netns 0 taps 0";
+        "leftovers: vmm 0 shim 0 run dirs 0 own layers 0 scratch 0 rootfs mounts 0 pods 0 containers 0 netns 0 taps 0 cgroups 0";
 
     // The untrusted annotation selects husk (`husk install` registered it): the pod is a
     // microVM, its container runs in the guest through every CRI step, and afterwards no
@@ -421,6 +438,47 @@ fn crictl_pod_lifecycle() {
         ),
         "{text}"
     );
+    assert!(text.contains(CLEAN), "{text}");
+
+    // The VMM's threads each under a seccomp filter; a thread that breaks it kills the VMM,
+    // and the pod is reported stopped with that cause.
+    let (text, rc) = get("husk_confined");
+    assert_eq!(rc, Some(0), "{text}");
+    let field = |prefix: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?}: {text}"))
+            .to_string()
+    };
+    let threads = field("vmm threads: ");
+    let (count, rest) = threads.split_once(" filtered: ").unwrap();
+    let (filtered, names) = rest.split_once(' ').unwrap();
+    assert_eq!(count, filtered, "every thread filtered: {threads}");
+    for name in ["exit", "io", "signals", "vcpu0"] {
+        assert!(names.contains(name), "{threads}");
+    }
+    assert_eq!(field("vmm NoNewPrivs: "), "1", "{text}");
+    assert_eq!(
+        field("vmm NSpid: "),
+        "1",
+        "PID 1 of its own namespace: {text}"
+    );
+    let cg = field("vmm cgroup: ");
+    let words: Vec<&str> = cg.split_whitespace().collect();
+    assert_eq!(words[..2], ["the", "pod's"], "{text}");
+    let mem: u64 = words[3]
+        .parse()
+        .unwrap_or_else(|_| panic!("memory.max: {cg}"));
+    assert!(mem > 256 << 20, "memory.max above the guest's memory: {cg}");
+    assert_eq!(words[4..], ["pids.max", "9", "procs", "1"], "{text}");
+    assert!(text.contains("exec-under-seccomp"), "{text}");
+    for kind in ["io", "vcpu"] {
+        assert_eq!(
+            field(&format!("trigger {kind}: ")),
+            "pod SANDBOX_NOTREADY, container CONTAINER_EXITED, shim log: the VMM was killed by its seccomp filter (SIGSYS)",
+            "{text}"
+        );
+    }
     assert!(text.contains(CLEAN), "{text}");
 
     // A pod whose VM cannot start: runp fails saying why, nothing is left.
