@@ -38,7 +38,8 @@ impl VmCgroup {
     /// Makes the cgroup `rel` (a cgroupfs path such as `/k8s.io/ID`, or systemd's
     /// `SLICE:PREFIX:NAME`) under [`ROOT`], enabling the memory and pids controllers on the
     /// way, with `memory.max` = `mem_mib` + [`MEMORY_OVERHEAD_MIB`] and `pids.max` =
-    /// [`pids_max`]. Fails if it exists already.
+    /// [`pids_max`]. An empty leaf of that name left by a killed owner is replaced; one with
+    /// processes is refused.
     pub fn create(rel: &str, mem_mib: u32, vcpus: u8) -> Result<VmCgroup> {
         let root = Path::new(ROOT);
         if !root.join("cgroup.controllers").exists() {
@@ -60,11 +61,22 @@ impl VmCgroup {
             }
         }
         enable_controllers(&at)?;
-        fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
-        let cg = VmCgroup {
-            dir: File::open(&path).with_context(|| format!("opening cgroup {}", path.display()))?,
-            path,
+        if let Err(e) = fs::create_dir(&path) {
+            // A leaf left by a VMM whose owner was SIGKILLed (a `husk run` of the same pid):
+            // empty, it goes; one with processes is refused.
+            if e.kind() != io::ErrorKind::AlreadyExists || fs::remove_dir(&path).is_err() {
+                return Err(e).with_context(|| format!("creating cgroup {}", path.display()));
+            }
+            fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        }
+        let dir = match File::open(&path) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = fs::remove_dir(&path);
+                return Err(e).with_context(|| format!("opening cgroup {}", path.display()));
+            }
         };
+        let cg = VmCgroup { dir, path };
         let mem = (u64::from(mem_mib) + MEMORY_OVERHEAD_MIB) << 20;
         cg.write("memory.max", &mem.to_string())?;
         cg.write("memory.swap.max", "0").ok();

@@ -94,6 +94,7 @@ struct Inner {
     id: String,
     agent: AgentClient,
     vmm_pid: u32,
+    vmm: Option<crate::vmm_process::VmmKiller>,
     dir: PathBuf,
     control: husk_vmm_api::Client,
     layers: tokio::sync::Mutex<LayerTable>,
@@ -284,6 +285,7 @@ impl Pod {
             id: cfg.id.clone(),
             agent,
             vmm_pid: vm.pid().unwrap_or_default(),
+            vmm: vm.killer(),
             dir: cfg.dir.clone(),
             control: vm.control(CONTROL_TIMEOUT),
             layers: Default::default(),
@@ -303,6 +305,14 @@ impl Pod {
     /// The VMM's process id (0 if it was gone by the time the pod was booted).
     pub fn vmm_pid(&self) -> u32 {
         self.0.vmm_pid
+    }
+
+    /// SIGKILL to the VMM, through its pidfd: a VMM already gone (and reaped) is not
+    /// confused with a process that took its pid.
+    pub fn kill_vmm(&self) {
+        if let Some(k) = &self.0.vmm {
+            let _ = k.kill();
+        }
     }
 
     /// The VM's run directory.

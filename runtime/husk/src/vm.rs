@@ -19,7 +19,7 @@ use husk_vmm_api::{
 
 use crate::{
     cgroup::VmCgroup,
-    vmm_process::{VmmCommand, VmmProcess},
+    vmm_process::{VmmCommand, VmmKiller, VmmProcess},
 };
 
 /// The guest image and VMM to use.
@@ -301,6 +301,11 @@ impl Vm {
             }
         }
         s
+    }
+
+    /// A handle that kills the VMM, and never another process (see [`VmmKiller`]).
+    pub fn killer(&self) -> Option<VmmKiller> {
+        self.child.as_ref().and_then(|c| c.killer().ok())
     }
 
     /// The VMM's process id, while it runs.

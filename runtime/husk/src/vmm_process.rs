@@ -162,7 +162,16 @@ impl VmmProcess {
             return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
         }
         // SAFETY: the pidfd is ours and stays open as long as the AsyncFd that owns it.
-        let pidfd = unsafe { AsyncFd::register(pidfd) }.map_err(|e| e.into_parts().1)?;
+        let pidfd = match unsafe { AsyncFd::register(pidfd) } {
+            Ok(fd) => fd,
+            Err(e) => {
+                // Not watchable (epoll limits): the VMM must not run on unwatched.
+                let (pidfd, e) = e.into_parts();
+                let _ = kill(&pidfd);
+                let _ = wait_blocking(&pidfd);
+                return Err(e);
+            }
+        };
         Ok(VmmProcess {
             pid: pid as u32,
             pidfd,
@@ -187,31 +196,35 @@ impl VmmProcess {
         }
     }
 
+    /// A handle that can kill the VMM from elsewhere, through a pidfd of its own: once the
+    /// VMM is gone it reaches nothing (ESRCH), never a process that took its pid.
+    pub fn killer(&self) -> io::Result<VmmKiller> {
+        Ok(VmmKiller(self.pidfd.get_ref().try_clone()?))
+    }
+
     /// Sends SIGKILL (through the pidfd: never to a reused pid).
     pub fn start_kill(&self) -> io::Result<()> {
         if self.reaped {
             return Ok(());
         }
-        // SAFETY: pidfd_send_signal with a pidfd we own and no siginfo.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.get_ref().as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        kill(self.pidfd.get_ref())
     }
 
     /// Kills the VMM and waits for it.
     pub async fn kill(&mut self) -> io::Result<ExitStatus> {
         self.start_kill()?;
         self.wait().await
+    }
+}
+
+/// Kills a VMM through a pidfd (see [`VmmProcess::killer`]).
+#[derive(Debug)]
+pub struct VmmKiller(OwnedFd);
+
+impl VmmKiller {
+    /// SIGKILL to the VMM; ESRCH once it is gone.
+    pub fn kill(&self) -> io::Result<()> {
+        kill(&self.0)
     }
 }
 
@@ -222,6 +235,24 @@ impl Drop for VmmProcess {
             let _ = wait_blocking(self.pidfd.get_ref());
         }
     }
+}
+
+/// SIGKILL to the process of `pidfd`.
+fn kill(pidfd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal with a pidfd we own and no siginfo.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Blocks until the process of `pidfd` exits; reaps it.
@@ -282,6 +313,12 @@ unsafe fn exec_child(
 ) -> ! {
     // SAFETY: only async-signal-safe calls, on data the parent built before the clone.
     unsafe {
+        // The error pipe first out of the way of every number stdio and the inherited files
+        // take (all below 64).
+        let err = match libc::fcntl(err, libc::F_DUPFD_CLOEXEC, 64) {
+            -1 => libc::_exit(127),
+            fd => fd,
+        };
         let fail = || -> ! {
             let e = *libc::__errno_location();
             libc::write(err, (&e as *const i32).cast(), 4);
@@ -312,14 +349,15 @@ unsafe fn exec_child(
                 fail();
             }
         }
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        // Handlers to their defaults first, then unblock: no handler of the caller's runs here.
         for sig in 1..32 {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
         libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr());
         fail()
     }
@@ -369,8 +407,11 @@ mod tests {
             log.reopen().unwrap(),
         ))
         .unwrap();
+        let killer = p.killer().unwrap();
         let status = p.kill().await.unwrap();
         assert_eq!(status.signal(), Some(libc::SIGKILL));
+        // Reaped: the killer reaches nothing, whoever has that pid now.
+        assert_eq!(killer.kill().unwrap_err().raw_os_error(), Some(libc::ESRCH));
         let e = VmmProcess::spawn(command(
             Path::new("/nonexistent/husk-vmm"),
             &[],

@@ -259,10 +259,7 @@ fn pod_sysctls(spec: &serde_json::Value) -> Result<std::collections::HashMap<Str
 /// Powers the pod's guest off; if it does not answer, the VMM goes.
 pub async fn kill(pod: &Pod) {
     if !pod.power_off(Duration::from_secs(10)).await {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pod.vmm_pid() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        pod.kill_vmm();
     }
 }
 

@@ -1,6 +1,6 @@
 //! `husk-vmm`: runs one microVM from command-line flags; exits when the guest ends.
 //! Exit status: 0 guest reboot/poweroff or stop, 2 guest kernel panic, 3 guest crash,
-//! 1 VMM error.
+//! 1 VMM error, 134 a panic of the VMM.
 
 use clap::Parser;
 
@@ -15,6 +15,15 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    // A panic ends the VMM with status 134 and its message in the log. (abort() would raise
+    // SIGABRT, which PID 1 of a PID namespace, as the VMM is, does not get, and then call
+    // syscalls its seccomp filters refuse.)
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        // SAFETY: _exit ends the process at once; nothing is left to unwind.
+        unsafe { libc::_exit(134) }
+    }));
     let cfg = husk_vmm::config::VmConfig::parse();
     let code = match husk_vmm::vmm::run(&cfg) {
         Ok(outcome) => outcome.exit_code(),

@@ -220,6 +220,14 @@ fn common() -> R<Rules> {
     );
     arg_without(&mut r, libc::SYS_mmap, 2, libc::PROT_EXEC as u64)?;
     arg_without(&mut r, libc::SYS_mprotect, 2, libc::PROT_EXEC as u64)?;
+    // Rust's fault handler resets SIGSEGV or SIGBUS to its default before the fault comes
+    // again, so that a segfault kills the VMM as a segfault.
+    arg_in(
+        &mut r,
+        libc::SYS_rt_sigaction,
+        0,
+        &[libc::SIGSEGV as u64, libc::SIGBUS as u64],
+    )?;
     Ok(r)
 }
 

@@ -100,7 +100,9 @@ impl PortForward {
                     source,
                 });
             let (listener, port) = listener?;
-            // iptables runs as a child of this thread, in its namespace.
+            // iptables runs as a child of this thread, in its namespace. A rule of an earlier
+            // setup goes first, so there is never a second jump to the chain.
+            remove_rule(netns)?;
             restore(netns, &rules(port))?;
             tracing::info!(netns = %netns.display(), port, "port forwarding listens");
             Ok(PortForward { listener })

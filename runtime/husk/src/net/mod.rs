@@ -110,8 +110,10 @@ impl PodNetwork {
     /// the CNI interface is left as CNI made it. Idempotent. Blocks.
     pub fn teardown(&self) -> Result<(), TeardownError> {
         netns::run_in(&self.netns, &self.netns_path, || async {
-            forward::remove_rule(&self.netns_path)?;
-            setup::teardown(&self.tap_name).await
+            // The tap's wiring goes whatever becomes of the port forwarding rule.
+            let wiring = setup::teardown(&self.tap_name).await;
+            let rule = forward::remove_rule(&self.netns_path);
+            wiring.and(rule.map_err(TeardownError::from))
         })?
     }
 
@@ -141,8 +143,9 @@ pub fn teardown(netns: &Path, tap_name: &str) -> Result<(), TeardownError> {
         Err(e) => return Err(e.into()),
     };
     let work = || async {
-        forward::remove_rule(netns)?;
-        setup::teardown(tap_name).await
+        let wiring = setup::teardown(tap_name).await;
+        let rule = forward::remove_rule(netns);
+        wiring.and(rule.map_err(TeardownError::from))
     };
     match netns::run_in(&file, netns, work) {
         Ok(res) => res,

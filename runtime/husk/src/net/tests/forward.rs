@@ -36,8 +36,11 @@ fn a_loopback_connection_in_the_pod_reaches_the_port_it_was_made_to() {
     require_root();
     let ns = Netns::new("fwd");
     ns.ip("link set lo up");
+    // A rule an earlier setup left (a shim that died) is replaced, not doubled.
+    drop(PortForward::setup(&ns.path()).unwrap());
     let forward = PortForward::setup(&ns.path()).unwrap();
     let rules = nat_rules(&ns);
+    assert_eq!(rules.matches("-j HUSK-PORT-FORWARD").count(), 1, "{rules}");
     assert!(
         rules.contains(&format!(
             "-A OUTPUT -d 127.0.0.0/8 -p tcp -j {FORWARD_CHAIN}"
