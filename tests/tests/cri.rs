@@ -9,6 +9,14 @@ use std::{path::Path, time::Duration};
 
 use husk_tests::{sections::sections, testbed};
 
+/// The rest of the line of `text` that starts with `prefix`; panics naming it when none does.
+fn field_of(text: &str, prefix: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line {prefix:?}: {text}"))
+        .to_string()
+}
+
 #[test]
 fn crictl_pod_lifecycle() {
     husk_tests::agent::require_root();
@@ -320,12 +328,7 @@ fn crictl_pod_lifecycle() {
     // after stopp/rmp.
     let (text, rc) = get("husk_network");
     assert_eq!(rc, Some(0), "{text}");
-    let field = |prefix: &str| -> String {
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no line {prefix:?}: {text}"))
-            .to_string()
-    };
+    let field = |prefix: &str| field_of(&text, prefix);
     let ips = field("pod ips: ");
     let husk_ip = ips
         .split_whitespace()
@@ -444,12 +447,7 @@ fn crictl_pod_lifecycle() {
     // and the pod is reported stopped with that cause.
     let (text, rc) = get("husk_confined");
     assert_eq!(rc, Some(0), "{text}");
-    let field = |prefix: &str| -> String {
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no line {prefix:?}: {text}"))
-            .to_string()
-    };
+    let field = |prefix: &str| field_of(&text, prefix);
     let threads = field("vmm threads: ");
     let (count, rest) = threads.split_once(" filtered: ").unwrap();
     let (filtered, names) = rest.split_once(' ').unwrap();
