@@ -3,7 +3,7 @@
 # release builds of husk and husk-vmm, the guest image, then inside the nested-KVM testbed
 # (or directly where /dev/kvm has vmx/svm): vsock stdio throughput beside a Unix-socket copy;
 # in the testbed also container create+start against image size and pod-to-pod TCP throughput
-# and request/response latency, husk beside runc.
+# and request/response latency, husk beside runc, and what confining the VMM costs.
 # First, on this host: what converting a layer into the layer cache costs, beside cp -a.
 # Where the testbed is used: its boot and a `husk run` in it with 1 and with 2 L1 vCPUs.
 #
@@ -36,6 +36,8 @@ for cpus in 1 2 1 2; do
         "$(grep -o 'first output [0-9]* ms' <<<"$out")" "$wall"
 done
 tests/testbed/run.sh --timeout 1500 -- "${bench[@]}"
+echo "== what confining the VMM costs: husk run confined and unconfined, in alternation"
+tests/testbed/run.sh --timeout 900 -- bash "$repo/tests/bench/jail.sh" "$repo" "$rootfs" 6
 cargo build --release --locked -p containerd-shim-husk-v2
 echo "== container create+start against image size (containerd): husk beside runc"
 for size in 16 256 1024; do

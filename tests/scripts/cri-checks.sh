@@ -526,6 +526,17 @@ husk_confined() {
     [[ -n $vmm ]] || { echo "no VMM found for pod $p"; return 1; }
     echo "vmm threads: $(find "/proc/$vmm/task" -mindepth 1 -maxdepth 1 | wc -l) filtered: $(grep -l '^Seccomp:[[:space:]]*2' /proc/"$vmm"/task/*/status | wc -l) ($(cat /proc/"$vmm"/task/*/comm | sort | xargs))"
     echo "vmm NoNewPrivs: $(awk '/^NoNewPrivs:/ {print $2}' "/proc/$vmm/status")"
+    # Jailed: a user of its own, no capabilities on any thread, a root holding only its
+    # sockets, no namespace shared with the host, rlimits.
+    echo "vmm user: uid $(awk '/^Uid:/ {print $2}' "/proc/$vmm/status") gid $(awk '/^Gid:/ {print $2}' "/proc/$vmm/status") groups [$(awk '/^Groups:/ {$1 = ""; print}' "/proc/$vmm/status" | xargs)]"
+    echo "vmm capabilities: $(cat /proc/"$vmm"/task/*/status | grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb):' | sort -u | xargs)"
+    echo "vmm root: $(find "/proc/$vmm/root/" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort | xargs)"
+    local ns shared=()
+    for ns in mnt ipc uts net pid; do
+        [[ $(readlink "/proc/$vmm/ns/$ns") == "$(readlink "/proc/1/ns/$ns")" ]] && shared+=("$ns")
+    done
+    echo "vmm namespaces shared with the host: ${shared[*]:-none}"
+    echo "vmm limits: open files $(awk '/^Max open files/ {print $4, $5}' "/proc/$vmm/limits") file size $(awk '/^Max file size/ {print $4, $5}' "/proc/$vmm/limits")"
     # PID 1 of a PID namespace of its own, in its own cgroup with limits.
     echo "vmm NSpid: $(awk '/^NSpid:/ {print $3}' "/proc/$vmm/status")"
     local cg

@@ -33,7 +33,7 @@ one() {
             echo "HUNG: still running after $limit s"
             for dir in "$f.run"/run-*/vm; do
                 echo "--- VMM status"
-                "$husk" vmm --api "$dir/api.sock" status 2>&1
+                "$husk" vmm --api "$dir/jail/api.sock" status 2>&1
                 echo "--- vmm.log"
                 tail -n 30 "$dir/vmm.log"
             done

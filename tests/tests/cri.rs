@@ -456,6 +456,36 @@ fn crictl_pod_lifecycle() {
         assert!(names.contains(name), "{threads}");
     }
     assert_eq!(field("vmm NoNewPrivs: "), "1", "{text}");
+    // Jailed (husk-vmm --jail): a user and group of its own from [vmm] uids, nothing else.
+    let user = field("vmm user: ");
+    let words: Vec<&str> = user.split_whitespace().collect();
+    assert_eq!(words.len(), 6, "{user}");
+    let uid: u32 = words[1].parse().unwrap_or_else(|_| panic!("{user}"));
+    assert!(
+        (1_600_000_000..=1_600_065_535).contains(&uid),
+        "a uid of the default range: {user}"
+    );
+    assert_eq!(words[3], words[1], "gid = uid: {user}");
+    assert_eq!(words[5], "[]", "no supplementary groups: {user}");
+    assert_eq!(
+        field("vmm capabilities: "),
+        "CapAmb: 0000000000000000 CapBnd: 0000000000000000 CapEff: 0000000000000000 \
+         CapInh: 0000000000000000 CapPrm: 0000000000000000",
+        "no capability on any thread: {text}"
+    );
+    assert_eq!(field("vmm root: "), "api.sock vsock.sock", "{text}");
+    assert_eq!(
+        field("vmm namespaces shared with the host: "),
+        "none",
+        "{text}"
+    );
+    // Open files: 2 x 1024 vsock sockets and 128 of its own; file size: its largest
+    // writable drive, the 10 GiB scratch drive.
+    assert_eq!(
+        field("vmm limits: "),
+        "open files 2176 2176 file size 10737418240 10737418240",
+        "{text}"
+    );
     assert_eq!(
         field("vmm NSpid: "),
         "1",

@@ -9,7 +9,8 @@
 //!
 //! [vmm]
 //! path = "/usr/local/bin/husk-vmm"                    # default: husk-vmm next to the caller
-//! confine = true     # per-thread seccomp filters on the VMM; false only to debug it
+//! confine = true     # the VMM's jail, seccomp filters and cgroup; false only to debug it
+//! uids = "1600000000-1600065535"  # the users (and groups) confined VMMs run as, one each
 //!
 //! [pod]              # a containerd pod's VM when CRI gives no sandbox sizes
 //! vcpus = 1
@@ -36,8 +37,10 @@ pub struct Config {
     pub initramfs: Option<PathBuf>,
     pub kernel_args: String,
     pub vmm: Option<PathBuf>,
-    /// Confine the VMM (seccomp filters per thread); off only for debugging.
+    /// Confine the VMM (jail, seccomp filters per thread, cgroup); off only for debugging.
     pub confine: bool,
+    /// The user ids (each also a group id) confined VMMs run as, one per VM.
+    pub uids: crate::uid_lease::UidRange,
     pub pod: PodDefaults,
     /// The layer cache is `<storage_dir>/layers`, pods' scratch drives `<storage_dir>/scratch`.
     pub storage_dir: PathBuf,
@@ -60,6 +63,7 @@ impl Default for Config {
             kernel_args: String::new(),
             vmm: None,
             confine: true,
+            uids: Default::default(),
             pod: PodDefaults {
                 vcpus: 1,
                 memory_mib: 256,
@@ -115,13 +119,18 @@ impl Config {
                             .as_bool()
                             .with_context(|| format!("{name}: expected true or false"))?
                     }
+                    "vmm.uids" => {
+                        c.uids = string(&name, v)?
+                            .parse()
+                            .map_err(|e| anyhow::anyhow!("{name}: {e}"))?
+                    }
                     "pod.vcpus" => c.pod.vcpus = int(&name, v, 1, 64)? as u8,
                     "pod.memory_mib" => c.pod.memory_mib = int(&name, v, 64, 3072)? as u32,
                     "pod.overhead_mib" => c.pod.overhead_mib = int(&name, v, 0, 1024)? as u32,
                     "pod.scratch_gib" => c.pod.scratch_gib = int(&name, v, 1, 4096)? as u32,
                     "storage.dir" => c.storage_dir = path(&name, v)?,
                     _ => bail!(
-                        "unknown key {name} (known: guest.kernel, guest.initramfs, guest.kernel_args, vmm.path, vmm.confine, pod.vcpus, pod.memory_mib, pod.overhead_mib, pod.scratch_gib, storage.dir)"
+                        "unknown key {name} (known: guest.kernel, guest.initramfs, guest.kernel_args, vmm.path, vmm.confine, vmm.uids, pod.vcpus, pod.memory_mib, pod.overhead_mib, pod.scratch_gib, storage.dir)"
                     ),
                 }
             }
@@ -174,6 +183,7 @@ kernel_args = "loglevel=7"
 [vmm]
 path = "/opt/husk-vmm"
 confine = false
+uids = "5000-5999"
 [pod]
 vcpus = 2
 memory_mib = 512
@@ -189,6 +199,7 @@ dir = "/srv/husk"
         assert_eq!(c.kernel_args, "loglevel=7");
         assert_eq!(c.vmm.as_deref(), Some(Path::new("/opt/husk-vmm")));
         assert!(!c.confine && Config::default().confine);
+        assert_eq!(c.uids.to_string(), "5000-5999");
         assert_eq!(
             c.pod,
             PodDefaults {
@@ -214,5 +225,6 @@ dir = "/srv/husk"
         assert!(e("kernel = \"/x\"").contains("kernel: expected a table"));
         assert!(e("[guest").contains("not valid TOML"));
         assert!(e("[vmm]\nconfine = 1").contains("vmm.confine: expected true or false"));
+        assert!(e("[vmm]\nuids = \"0-10\"").contains("vmm.uids: \"0-10\": expected FIRST-LAST"));
     }
 }

@@ -9,5 +9,6 @@ pub mod layers;
 pub mod net;
 pub mod pod;
 pub mod stdio;
+pub mod uid_lease;
 pub mod vm;
 pub mod vmm_process;

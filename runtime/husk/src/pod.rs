@@ -325,15 +325,21 @@ impl Pod {
         self.0.layers.lock().await.placed.len()
     }
 
-    /// Puts `image` on the layered drive.
+    /// Puts `image` on the layered drive: opened here, passed to the VMM (which, jailed,
+    /// could not open it).
     async fn add_layer(&self, image: &Path) -> Result<husk_vmm_api::Layer, PodError> {
         let (control, path) = (self.0.control.clone(), image.to_path_buf());
-        let done = tokio::task::spawn_blocking(move || control.add_layer(LAYERS_DRIVE, &path))
-            .await
-            .map_err(|e| PodError::LayerUnreachable {
-                image: image.to_path_buf(),
-                reason: e.to_string(),
+        let done = tokio::task::spawn_blocking(move || {
+            let file = fs::File::open(&path).map_err(|e| {
+                husk_vmm_api::ClientError::Refused(format!("opening {}: {e}", path.display()))
             })?;
+            control.add_layer(LAYERS_DRIVE, &file)
+        })
+        .await
+        .map_err(|e| PodError::LayerUnreachable {
+            image: image.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         done.map_err(|e| match e {
             husk_vmm_api::ClientError::Refused(reason) => PodError::LayerRefused {
                 image: image.to_path_buf(),

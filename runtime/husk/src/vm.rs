@@ -19,6 +19,7 @@ use husk_vmm_api::{
 
 use crate::{
     cgroup::VmCgroup,
+    uid_lease::UidLease,
     vmm_process::{VmmCommand, VmmKiller, VmmProcess},
 };
 
@@ -33,8 +34,11 @@ pub struct VmImage {
     /// Where the guest's serial console goes (default: `serial.log` in the VM's directory,
     /// removed with it).
     pub console_log: Option<PathBuf>,
-    /// Confine the VMM (its per-thread seccomp filters); off only for debugging.
+    /// Confine the VMM (its jail, per-thread seccomp filters, cgroup); off only for
+    /// debugging.
     pub confine: bool,
+    /// The users a confined VMM runs as (one leased per VM).
+    pub uids: crate::uid_lease::UidRange,
 }
 
 /// How big the VM is.
@@ -88,6 +92,8 @@ pub struct Vm {
     child: Option<VmmProcess>,
     /// Removed after the VMM is reaped.
     cgroup: Option<VmCgroup>,
+    /// The user the VMM runs as, leased until it is reaped.
+    uid: Option<UidLease>,
 }
 
 /// The guest image and VMM to use: what husk's configuration file says (see
@@ -118,6 +124,7 @@ pub fn image_from(cfg: crate::config::Config) -> VmImage {
         kernel_args: cfg.kernel_args,
         console_log: None,
         confine: cfg.confine,
+        uids: cfg.uids,
     }
 }
 
@@ -156,8 +163,8 @@ impl Vm {
     }
 
     /// Starts a VMM for `image` with `drives` and `net`, in `dir` (created, and removed on
-    /// drop) and, when the image says to confine it, in the cgroup `cgroup` (made, and
-    /// removed on drop).
+    /// drop) and, when the image says to confine it, jailed in `dir/jail` as a user of its
+    /// own, in the cgroup `cgroup` (made, and removed on drop).
     pub fn start(
         image: &VmImage,
         size: &VmSize,
@@ -174,17 +181,28 @@ impl Vm {
                 );
             }
         }
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let files = VmDir::new(dir);
+        fs::create_dir_all(files.jail())
+            .with_context(|| format!("creating {}", files.jail().display()))?;
         let mut cfg = VmConfig::new(&image.kernel, size.vcpus, size.mem_mib);
         cfg.initramfs = Some(image.initramfs.clone());
         cfg.cmdline_extra = image.kernel_args.clone();
         cfg.serial_log = Some(Self::console_path(image, dir));
         cfg.vsock_uds = Some(files.vsock_sock());
         cfg.api_sock = Some(files.api_sock());
-        if !image.confine {
-            cfg.seccomp = husk_vmm_api::SeccompMode::Off;
-        }
+        let uid = match image.confine {
+            true => {
+                let lease = UidLease::acquire(image.uids)?;
+                cfg.jail = Some(files.jail());
+                cfg.uid = Some(lease.uid);
+                cfg.gid = Some(lease.uid);
+                Some(lease)
+            }
+            false => {
+                cfg.seccomp = husk_vmm_api::SeccompMode::Off;
+                None
+            }
+        };
         // Files the VMM inherits: (our fd, its number in the VMM).
         let mut inherit: Vec<(i32, i32)> = Vec::new();
         for d in drives {
@@ -248,6 +266,7 @@ impl Vm {
             console: Self::console_path(image, dir),
             child: Some(child),
             cgroup,
+            uid,
         })
     }
 
@@ -358,6 +377,7 @@ impl Drop for Vm {
         // empty now, goes.
         drop(self.child.take());
         drop(self.cgroup.take());
+        drop(self.uid.take());
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -19,28 +19,38 @@ pub struct VmmArgs {
 enum VmmCmd {
     /// State, guest readiness, vCPU exits and registers, device driver status (JSON).
     Status,
-    /// Give the pre-declared drive ID a new backing file (the guest sees a media change).
+    /// Give the pre-declared drive ID a new backing file (the guest sees a media change):
+    /// opened here (read-write where this user may, else read-only) and passed to the VMM,
+    /// which, jailed, could not open it.
     UpdateDrive { id: String, path: PathBuf },
+    /// Empty the drive ID (the guest sees a disk of size 0).
+    Eject { id: String },
     /// Stop the VM.
     Stop,
 }
 
 pub fn run(a: VmmArgs) -> Result<i32> {
+    let mut file = None;
     let req = match &a.cmd {
         VmmCmd::Status => Request::Status {},
         VmmCmd::Stop => Request::Stop {},
+        VmmCmd::Eject { id } => Request::eject(id),
         VmmCmd::UpdateDrive { id, path } => {
-            let path = path
-                .canonicalize()
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .or_else(|_| std::fs::File::open(path))
                 .with_context(|| format!("the drive image {}", path.display()))?;
+            file = Some(f);
             Request::UpdateDrive {
                 id: id.clone(),
-                path,
+                path: None,
             }
         }
     };
     let answer = Client::new(&a.api, Duration::from_secs(10))
-        .call(&req)
+        .call_with(&req, file.as_ref())
         .map_err(|e| anyhow::anyhow!(husk::vm::error_chain(&e)))?;
     println!("{}", serde_json::to_string(&answer)?);
     Ok(0)

@@ -64,12 +64,17 @@ pub struct VmmProcess {
     pid: u32,
     pidfd: AsyncFd<OwnedFd>,
     reaped: bool,
+    /// The write end of the VMM's stdin, never written: it closes when this process ends,
+    /// however it ends, and the VMM reads that as its parent being gone (when a change of
+    /// user has reset its parent-death signal, see `husk-vmm --jail`).
+    _lifeline: OwnedFd,
 }
 
 impl VmmProcess {
     /// Starts `c`: the VMM dies with the calling thread's process (`PR_SET_PDEATHSIG`), runs
     /// in a process group of its own (a Ctrl-C at a terminal is the caller's to handle), has
-    /// stdin from /dev/null and every signal unblocked and at its default.
+    /// a lifeline as stdin (a pipe nobody writes, whose write end closes with the caller)
+    /// and every signal unblocked and at its default.
     pub fn spawn(c: VmmCommand<'_>) -> io::Result<VmmProcess> {
         let cstr = |b: &[u8]| {
             CString::new(b).map_err(|_| io::Error::other("a NUL byte in the VMM's command line"))
@@ -104,7 +109,7 @@ impl VmmProcess {
         let mut inherit = [(-1, -1); MAX_INHERITED];
         inherit[..c.inherit.len()].copy_from_slice(&c.inherit);
         let inherit = &inherit[..c.inherit.len()];
-        let devnull = File::open("/dev/null")?;
+        let (lifeline_r, lifeline_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         // The child writes its errno here if it cannot exec; close-on-exec, so a successful
         // exec reads as end of file.
         let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -140,7 +145,7 @@ impl VmmProcess {
                     &prog,
                     &argv,
                     &envp,
-                    devnull.as_raw_fd(),
+                    lifeline_r.as_raw_fd(),
                     c.log.as_raw_fd(),
                     inherit,
                     err_w.as_raw_fd(),
@@ -148,6 +153,7 @@ impl VmmProcess {
             }
         }
         drop(err_w);
+        drop(lifeline_r);
         // SAFETY: clone3 wrote a new pidfd, ours alone.
         let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
         let mut errno = [0u8; 4];
@@ -176,6 +182,7 @@ impl VmmProcess {
             pid: pid as u32,
             pidfd,
             reaped: false,
+            _lifeline: lifeline_w,
         })
     }
 
@@ -306,7 +313,7 @@ unsafe fn exec_child(
     prog: &CString,
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
-    devnull: RawFd,
+    stdin: RawFd,
     log: RawFd,
     inherit: &[(RawFd, RawFd)],
     err: RawFd,
@@ -330,8 +337,12 @@ unsafe fn exec_child(
         if libc::setpgid(0, 0) != 0 {
             fail();
         }
-        for (src, dst) in [(devnull, 0), (log, 1), (log, 2)] {
+        for (src, dst) in [(stdin, 0), (log, 1), (log, 2)] {
             if libc::dup2(src, dst) < 0 {
+                fail();
+            }
+            // (dup2 onto itself keeps close-on-exec.)
+            if libc::fcntl(dst, libc::F_SETFD, 0) < 0 {
                 fail();
             }
         }
@@ -419,6 +430,21 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+    }
+
+    /// Stdin is a pipe nobody writes: the VMM's lifeline.
+    #[tokio::test]
+    async fn stdin_is_a_lifeline_pipe() {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let mut p = VmmProcess::spawn(command(
+            Path::new("/bin/sh"),
+            &["-c", "readlink /proc/self/fd/0"],
+            log.reopen().unwrap(),
+        ))
+        .unwrap();
+        assert_eq!(p.wait().await.unwrap().code(), Some(0));
+        let out = std::fs::read_to_string(log.path()).unwrap();
+        assert!(out.starts_with("pipe:["), "{out}");
     }
 
     #[tokio::test]

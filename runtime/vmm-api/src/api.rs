@@ -3,11 +3,18 @@
 //! ```text
 //! {"status":{}}                                       -> {"state":"running","ready_ms":..,"vcpus":[..],"devices":[..]}
 //! {"stop":{}}                                         -> {"ok":true}
+//! {"update_drive":{"id":"slot1"}} + a file            -> {"ok":true}
 //! {"update_drive":{"id":"slot1","path":"/x"}}         -> {"ok":true}   (path "" empties the slot)
+//! {"add_layer":{"drive":"layers"}} + a file           -> {"start":1048576,"length":8192}
 //! {"add_layer":{"drive":"layers","path":"/l.erofs"}}  -> {"start":1048576,"length":8192}
 //! {"remove_layer":{"drive":"layers","start":1048576}} -> {"ok":true}
 //! anything else                                       -> {"error":"..."}
 //! ```
+//!
+//! A file for `update_drive` or `add_layer` comes either as a path, which the VMM opens
+//! (from its root: a jailed VMM sees nothing but its sockets), or passed with the request
+//! line (`SCM_RIGHTS` on the line's bytes; exactly one file, and no path). A writable drive's
+//! file must be open for reading and writing.
 //!
 //! `add_layer` and `remove_layer` work on a layered drive (`--drive id=ID,layered`): one
 //! read-only disk on which each image layer file sits at its own byte range, the rest reading
@@ -27,12 +34,21 @@ pub enum Request {
     Status {},
     /// Stop the VM (the VMM exits 0).
     Stop {},
-    /// Give drive `id` a new backing file, or none when `path` is empty (the guest sees a
-    /// media change).
-    UpdateDrive { id: String, path: PathBuf },
-    /// Put the image file `path` on layered drive `drive`, read-only, at a new range (the
-    /// answer is a [`Layer`]).
-    AddLayer { drive: String, path: PathBuf },
+    /// Give drive `id` a new backing file: `path`, or the file passed with the request when
+    /// there is no path; none when `path` is empty (the guest sees a media change).
+    UpdateDrive {
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<PathBuf>,
+    },
+    /// Put the image file `path` (or the file passed with the request when there is no
+    /// path) on layered drive `drive`, read-only, at a new range (the answer is a
+    /// [`Layer`]).
+    AddLayer {
+        drive: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<PathBuf>,
+    },
     /// Take the layer that starts at byte `start` off layered drive `drive` (its range reads
     /// zeros from then on).
     RemoveLayer { drive: String, start: u64 },
@@ -45,9 +61,9 @@ pub enum RequestError {
     NotJson(String),
     #[error("unknown request (status, stop, update_drive, add_layer, remove_layer)")]
     Unknown,
-    #[error("update_drive needs id and path")]
+    #[error("update_drive needs id, and path or a file passed with the request")]
     UpdateDriveArgs,
-    #[error("add_layer needs drive and path")]
+    #[error("add_layer needs drive, and path or a file passed with the request")]
     AddLayerArgs,
     #[error("remove_layer needs drive and start (a byte offset)")]
     RemoveLayerArgs,
@@ -58,7 +74,7 @@ impl Request {
     pub fn eject(id: impl Into<String>) -> Self {
         Request::UpdateDrive {
             id: id.into(),
-            path: PathBuf::new(),
+            path: Some(PathBuf::new()),
         }
     }
 
@@ -76,9 +92,11 @@ impl Request {
             Ok(Request::Stop {})
         } else if let Some(args) = map.get("update_drive") {
             #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
             struct Args {
                 id: String,
-                path: PathBuf,
+                #[serde(default)]
+                path: Option<PathBuf>,
             }
             let a = Args::deserialize(args).map_err(|_| RequestError::UpdateDriveArgs)?;
             Ok(Request::UpdateDrive {
@@ -87,9 +105,11 @@ impl Request {
             })
         } else if let Some(args) = map.get("add_layer") {
             #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
             struct Args {
                 drive: String,
-                path: PathBuf,
+                #[serde(default)]
+                path: Option<PathBuf>,
             }
             let a = Args::deserialize(args).map_err(|_| RequestError::AddLayerArgs)?;
             Ok(Request::AddLayer {
@@ -208,9 +228,16 @@ mod tests {
             (
                 Request::UpdateDrive {
                     id: "slot1".into(),
-                    path: "/d.img".into(),
+                    path: Some("/d.img".into()),
                 },
                 r#"{"update_drive":{"id":"slot1","path":"/d.img"}}"#,
+            ),
+            (
+                Request::UpdateDrive {
+                    id: "slot1".into(),
+                    path: None,
+                },
+                r#"{"update_drive":{"id":"slot1"}}"#,
             ),
             (
                 Request::eject("slot2"),
@@ -219,9 +246,16 @@ mod tests {
             (
                 Request::AddLayer {
                     drive: "layers".into(),
-                    path: "/l/0.erofs".into(),
+                    path: Some("/l/0.erofs".into()),
                 },
                 r#"{"add_layer":{"drive":"layers","path":"/l/0.erofs"}}"#,
+            ),
+            (
+                Request::AddLayer {
+                    drive: "layers".into(),
+                    path: None,
+                },
+                r#"{"add_layer":{"drive":"layers"}}"#,
             ),
             (
                 Request::RemoveLayer {
@@ -247,7 +281,8 @@ mod tests {
         }
         for bad in [
             r#"{"update_drive":{}}"#,
-            r#"{"update_drive":{"id":"slot1"}}"#,
+            r#"{"update_drive":{"path":"/x"}}"#,
+            r#"{"update_drive":{"id":"slot1","file":"/x"}}"#,
             r#"{"update_drive":{"id":1,"path":"/x"}}"#,
             r#"{"update_drive":"slot1"}"#,
         ] {
@@ -255,7 +290,7 @@ mod tests {
         }
         for bad in [
             r#"{"add_layer":{}}"#,
-            r#"{"add_layer":{"drive":"layers"}}"#,
+            r#"{"add_layer":{"drive":"layers","file":1}}"#,
             r#"{"add_layer":{"path":"/l.erofs"}}"#,
             r#"{"add_layer":{"id":"layers","path":"/l.erofs"}}"#,
             r#"{"add_layer":{"drive":7,"path":"/l.erofs"}}"#,

@@ -1,7 +1,17 @@
 //! The files of one VM's directory: what the caller passes to the VMM and reads afterwards.
+//!
+//! ```text
+//! DIR/vmm.log          the VMM's stdout and stderr
+//! DIR/serial.log       the guest's console
+//! DIR/jail/            the jailed VMM's root (--jail): nothing but its sockets
+//! DIR/jail/api.sock    the control socket
+//! DIR/jail/vsock.sock  the hybrid-vsock socket
+//! ```
 
 use std::path::{Path, PathBuf};
 
+/// The jailed VMM's root directory (`--jail`), where its sockets are.
+pub const JAIL: &str = "jail";
 /// The control socket (`--api-sock`).
 pub const API_SOCK: &str = "api.sock";
 /// The hybrid-vsock socket (`--vsock-uds`); guest connections to host port P go to
@@ -25,12 +35,17 @@ impl VmDir {
         &self.0
     }
 
+    /// The VMM's root once jailed; its sockets are here, jailed or not.
+    pub fn jail(&self) -> PathBuf {
+        self.0.join(JAIL)
+    }
+
     pub fn api_sock(&self) -> PathBuf {
-        self.0.join(API_SOCK)
+        self.jail().join(API_SOCK)
     }
 
     pub fn vsock_sock(&self) -> PathBuf {
-        self.0.join(VSOCK_SOCK)
+        self.jail().join(VSOCK_SOCK)
     }
 
     pub fn vmm_log(&self) -> PathBuf {

@@ -148,6 +148,22 @@ pub struct VmConfig {
     /// model then reaches every syscall).
     #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
     pub seccomp: SeccompMode,
+    /// Jail the VMM once it has built the VM (opened /dev/kvm, its files and tap, bound its
+    /// sockets) and before any of its threads starts: it moves into new mount, IPC, UTS and
+    /// network namespaces whose root (after `pivot_root`) is this directory, bound read-only
+    /// (it must hold the sockets: `--api-sock` and `--vsock-uds` inside it, and whatever host
+    /// listeners `<vsock-uds>_P` the guest may connect to), and runs on as `--uid` and
+    /// `--gid` with no capabilities. Its stdin, if a pipe, is its lifeline: once its writers
+    /// are gone the VMM's parent is taken to be gone too, and the VMM exits. The caller
+    /// removes the sockets afterwards (the VMM cannot write its root).
+    #[arg(long, requires_all = ["uid", "gid"])]
+    pub jail: Option<PathBuf>,
+    /// The user the jailed VMM runs as (not 0).
+    #[arg(long, requires = "jail", value_parser = clap::value_parser!(u32).range(1..))]
+    pub uid: Option<u32>,
+    /// The group the jailed VMM runs as (not 0); it keeps no supplementary groups.
+    #[arg(long, requires = "jail", value_parser = clap::value_parser!(u32).range(1..))]
+    pub gid: Option<u32>,
 }
 
 /// What the VMM's seccomp filters do with a syscall outside their lists.
@@ -175,6 +191,9 @@ impl VmConfig {
             api_sock: None,
             net: None,
             seccomp: SeccompMode::Kill,
+            jail: None,
+            uid: None,
+            gid: None,
         }
     }
 
@@ -215,6 +234,15 @@ impl VmConfig {
             SeccompMode::Kill => {}
             SeccompMode::Log => flag("seccomp", "log".into()),
             SeccompMode::Off => flag("seccomp", "off".into()),
+        }
+        if let Some(j) = &self.jail {
+            flag("jail", j.clone().into());
+        }
+        if let Some(u) = self.uid {
+            flag("uid", u.to_string().into());
+        }
+        if let Some(g) = self.gid {
+            flag("gid", g.to_string().into());
         }
         a
     }
@@ -298,6 +326,30 @@ mod tests {
         assert_eq!(VmConfig::try_parse_from(args(&c)).unwrap(), c);
         c.net = Some("tap=husk0".parse().unwrap());
         assert_eq!(VmConfig::try_parse_from(args(&c)).unwrap(), c);
+        c.jail = Some("/run/vm/jail".into());
+        c.uid = Some(1_600_000_007);
+        c.gid = Some(1_600_000_007);
+        assert_eq!(VmConfig::try_parse_from(args(&c)).unwrap(), c);
+    }
+
+    /// A jail needs its user and group, neither of them root; a user needs a jail.
+    #[test]
+    fn a_jail_comes_with_an_unprivileged_user_and_group() {
+        let parse = |extra: &[&str]| {
+            let mut a = vec!["husk-vmm", "--kernel", "/k"];
+            a.extend_from_slice(extra);
+            VmConfig::try_parse_from(a)
+        };
+        assert!(parse(&["--jail", "/j", "--uid", "5", "--gid", "6"]).is_ok());
+        for bad in [
+            &["--jail", "/j"][..],
+            &["--jail", "/j", "--uid", "5"],
+            &["--uid", "5", "--gid", "6"],
+            &["--jail", "/j", "--uid", "0", "--gid", "6"],
+            &["--jail", "/j", "--uid", "5", "--gid", "0"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     /// One interface: a second --net is refused, not silently dropped.

@@ -9,10 +9,12 @@
 //! - [`drives`]: drive slots and the guest device (`/dev/vdX`) each one becomes.
 //! - [`api`]: the control socket's requests and answers (one JSON line each way).
 //! - [`client`]: a blocking client for the control socket.
+//! - [`fdpass`]: files passed with a request line (`SCM_RIGHTS`), both sides.
 
 pub mod api;
 pub mod client;
 pub mod drives;
+pub mod fdpass;
 pub mod files;
 pub mod launch;
 pub mod net;

@@ -2,18 +2,22 @@
 //! in and a JSON line out, typed by `husk_vmm_api`.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    fs::File,
+    io::Write,
     os::unix::net::UnixListener,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{mpsc, Arc, Mutex},
     time::Duration,
 };
 
-use husk_vmm_api::{Answer, DeviceStatus, Layer, Request, VmStatus};
+use husk_vmm_api::{fdpass, Answer, DeviceStatus, Layer, Request, VmStatus};
 
 use crate::{
     device_manager::{lock, Transports},
-    devices::{legacy::LegacyBus, virtio::mmio::MmioTransport},
+    devices::{
+        legacy::LegacyBus,
+        virtio::{mmio::MmioTransport, FileArg},
+    },
     vmm::Event,
     vstate::vcpu_stats::VcpuStats,
 };
@@ -42,23 +46,22 @@ pub(crate) struct ApiContext {
     pub(crate) stats: Arc<Vec<VcpuStats>>,
 }
 
-/// Serves one request of the control API: a JSON line in, a JSON line out.
+/// Serves one request of the control API: a JSON line in (and the file passed with it, if
+/// any), a JSON line out.
 pub(crate) fn serve(l: &UnixListener, ctx: &ApiContext) {
     let Ok((s, _)) = l.accept() else { return };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut reader = BufReader::new(&s);
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return;
-    }
-    let answer = answer(&line, ctx);
+    let answer = match fdpass::recv_line_with_files(&s) {
+        Ok((line, files)) => answer(&line, files, ctx),
+        Err(e) => Answer::error(format!("reading the request: {e}")),
+    };
     let answer = serde_json::to_string(&answer).expect("answers always serialize");
     let mut w = &s;
     let _ = writeln!(w, "{answer}");
 }
 
-/// The answer to one request line.
-fn answer(line: &str, ctx: &ApiContext) -> Answer {
+/// The answer to one request line, and the files passed with it.
+fn answer(line: &str, mut files: Vec<File>, ctx: &ApiContext) -> Answer {
     #[cfg(feature = "seccomp-trigger")]
     match crate::seccomp::trigger::parse(line) {
         Some("io") => crate::seccomp::trigger::forbidden_syscall(),
@@ -74,6 +77,32 @@ fn answer(line: &str, ctx: &ApiContext) -> Answer {
     let req = match Request::parse(line) {
         Ok(r) => r,
         Err(e) => return Answer::error(e),
+    };
+    if files.len() > 1 {
+        return Answer::error(format!(
+            "{} files passed with one request: at most one",
+            files.len()
+        ));
+    }
+    let passed = files.pop();
+    let takes_file = matches!(
+        req,
+        Request::UpdateDrive { path: None, .. } | Request::AddLayer { path: None, .. }
+    );
+    match (&passed, takes_file) {
+        (Some(_), false) => {
+            return Answer::error("a file was passed with a request that takes none (a request with a path takes no file)")
+        }
+        (None, true) => {
+            return Answer::error("no path, and no file passed with the request: one of them is needed")
+        }
+        _ => {}
+    }
+    // The file the request names: passed, or a path (empty: none).
+    let file_arg = |path: Option<PathBuf>| match path {
+        None => passed.map(FileArg::Passed),
+        Some(p) if p.as_os_str().is_empty() => None,
+        Some(p) => Some(FileArg::Path(p)),
     };
     match req {
         Request::Status {} => Answer::Status(VmStatus {
@@ -101,7 +130,7 @@ fn answer(line: &str, ctx: &ApiContext) -> Answer {
                 Err(a) => return a,
             };
             let mut t = lock(t);
-            match t.device_mut().update_backing(&path) {
+            match t.device_mut().update_backing(file_arg(path)) {
                 Ok(()) => {
                     t.config_changed();
                     Answer::ok()
@@ -115,10 +144,14 @@ fn answer(line: &str, ctx: &ApiContext) -> Answer {
                 Ok(t) => t,
                 Err(a) => return a,
             };
-            let placed = lock(t).device_mut().add_layer(&path);
+            let Some(file) = file_arg(path) else {
+                return Answer::error("add_layer: an empty path");
+            };
+            let name = file.name();
+            let placed = lock(t).device_mut().add_layer(file);
             match placed {
                 Ok(r) => {
-                    tracing::info!(drive = %id, path = %path.display(), "layer at {r:?}");
+                    tracing::info!(drive = %id, file = %name, "layer at {r:?}");
                     Answer::Layer(Layer {
                         start: r.start,
                         length: r.end - r.start,
@@ -229,7 +262,12 @@ mod tests {
         }
 
         fn ask(&self, line: &str) -> serde_json::Value {
-            serde_json::to_value(answer(line, &self.ctx)).unwrap()
+            self.ask_with(line, Vec::new())
+        }
+
+        /// Asks `line` with `files` passed along.
+        fn ask_with(&self, line: &str, files: Vec<File>) -> serde_json::Value {
+            serde_json::to_value(answer(line, files, &self.ctx)).unwrap()
         }
 
         fn error(&self, line: &str) -> String {
@@ -269,13 +307,39 @@ mod tests {
         // Missing or mistyped fields.
         for bad in [
             r#"{"update_drive":{}}"#.to_string(),
-            r#"{"update_drive":{"id":"slot1"}}"#.to_string(),
             format!(r#"{{"update_drive":{{"path":"{disk}"}}}}"#),
             format!(r#"{{"update_drive":{{"id":1,"path":"{disk}"}}}}"#),
             r#"{"update_drive":"slot1"}"#.to_string(),
         ] {
-            assert_eq!(api.error(&bad), "update_drive needs id and path", "{bad}");
+            assert_eq!(
+                api.error(&bad),
+                "update_drive needs id, and path or a file passed with the request",
+                "{bad}"
+            );
         }
+        // A file: a path or one passed, never both, never neither, never two.
+        let open = || File::open(&api.disk).unwrap();
+        let e = api.error(r#"{"update_drive":{"id":"slot1"}}"#);
+        assert!(e.starts_with("no path, and no file passed"), "{e}");
+        let with_path = format!(r#"{{"update_drive":{{"id":"slot1","path":"{disk}"}}}}"#);
+        let e = api.ask_with(&with_path, vec![open()]);
+        assert!(
+            e["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("a file was passed with a request that takes none"),
+            "{e}"
+        );
+        let e = api.ask_with(r#"{"update_drive":{"id":"slot1"}}"#, vec![open(), open()]);
+        assert_eq!(e["error"], "2 files passed with one request: at most one");
+        let e = api.ask_with(r#"{"status":{}}"#, vec![open()]);
+        assert!(
+            e["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("a file was passed"),
+            "{e}"
+        );
         // An unknown drive, a device that is not a drive, a file that does not open.
         let e = api.error(&format!(
             r#"{{"update_drive":{{"id":"nope","path":"{disk}"}}}}"#
@@ -306,6 +370,11 @@ mod tests {
         let a = api.ask(r#"{"update_drive":{"id":"slot1","path":""}}"#);
         assert_eq!(a, serde_json::json!({"ok": true}));
         assert_eq!(api.reg(1, 0x100), 0);
+        // And filling it with a file passed with the request (the VMM opens nothing).
+        let a = api.ask_with(r#"{"update_drive":{"id":"slot1"}}"#, vec![open()]);
+        assert_eq!(a, serde_json::json!({"ok": true}));
+        assert_eq!(api.reg(1, 0x100), 16);
+        assert_eq!(api.reg(1, 0xfc), 3);
     }
 
     #[test]
@@ -321,11 +390,16 @@ mod tests {
         // Missing or mistyped fields.
         for bad in [
             r#"{"add_layer":{}}"#.to_string(),
-            r#"{"add_layer":{"drive":"layers"}}"#.to_string(),
             format!(r#"{{"add_layer":{{"path":"{disk}"}}}}"#),
         ] {
-            assert_eq!(api.error(&bad), "add_layer needs drive and path", "{bad}");
+            assert_eq!(
+                api.error(&bad),
+                "add_layer needs drive, and path or a file passed with the request",
+                "{bad}"
+            );
         }
+        let e = api.error(r#"{"add_layer":{"drive":"layers"}}"#);
+        assert!(e.starts_with("no path, and no file passed"), "{e}");
         for bad in [
             r#"{"remove_layer":{"drive":"layers"}}"#,
             r#"{"remove_layer":{"drive":"layers","start":-1}}"#,
@@ -379,6 +453,12 @@ mod tests {
         // A removed range is not given again.
         let a = api.ask(&add("layers", &disk));
         assert_eq!(a["start"], 3 << 20);
+        // A layer passed with the request.
+        let a = api.ask_with(
+            r#"{"add_layer":{"drive":"layers"}}"#,
+            vec![File::open(&api.disk).unwrap()],
+        );
+        assert_eq!(a, serde_json::json!({"start": 4 << 20, "length": 8192}));
         // The capacity never moved, and the guest was told nothing.
         let sectors = (1u64 << 50) / 512;
         assert_eq!(api.reg(3, 0x100), sectors as u32);

@@ -21,9 +21,10 @@ use crate::{
         virtio::{
             block::{Block, BlockError},
             net::{Net, NetBackend, NetError, Tap},
-            vsock::{Vsock, VsockError},
+            vsock::{Vsock, VsockError, MAX_HOST_SOCKETS},
         },
     },
+    jail::{Jail, Limits},
     signals::StopSignals,
     vmm::{Machine, VmmError},
     vstate::{vcpu::Entry, vm::Vm},
@@ -54,6 +55,11 @@ pub enum BuildError {
     /// Writing to guest memory.
     #[error("guest memory")]
     Memory(#[from] vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
+    /// Reading a writable drive's size.
+    #[error("the drive {0}")]
+    DriveSize(String, #[source] std::io::Error),
     /// Creating the serial console's log file.
     #[error("opening the serial log {0}")]
     SerialLog(PathBuf, #[source] std::io::Error),
@@ -70,18 +76,30 @@ pub enum BuildError {
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable quiet";
 
 /// Builds the VM `cfg` describes, ready to start; with it the sockets it made, to remove
-/// when the VM ends.
+/// when the VM ends. With a `jail`, its sockets must be inside the jail's root, and the
+/// vsock device knows its socket by its path inside.
 pub(crate) fn build(
     cfg: &VmConfig,
     started: Instant,
     stop_signals: StopSignals,
+    jail: Option<&Jail>,
 ) -> Result<(Machine, Vec<PathBuf>), VmmError> {
+    if let Some(j) = jail {
+        for (what, p) in [
+            ("control socket", &cfg.api_sock),
+            ("vsock socket", &cfg.vsock_uds),
+        ] {
+            if let Some(p) = p {
+                j.inside(what, p).map_err(BuildError::from)?;
+            }
+        }
+    }
     let vm = Vm::new(cfg.mem_mib as u64)?;
     let mem_size = (cfg.mem_mib as u64) << 20;
     let entry = load_kernel(&vm, cfg)?;
     let initrd = load_initramfs(&vm, cfg, mem_size)?;
 
-    let (devices, mut sockets) = create_devices(cfg)?;
+    let (devices, mut sockets) = create_devices(cfg, jail)?;
     let devices = DeviceManager::attach(&vm, devices)?;
     let cmdline_len = load_cmdline_for(&vm, &devices.cmdline, &cfg.cmdline_extra)?;
     arch::write_boot_tables(&vm.mem).map_err(BuildError::from)?;
@@ -157,9 +175,31 @@ fn load_initramfs(
     Ok(Some((addr, bytes.len() as u64)))
 }
 
+/// The limits a jailed VMM of `cfg` runs under: open files for its own (a few dozen) and
+/// every host socket vsock may hold; file size for the largest writable drive, and the
+/// serial log with room to spare.
+pub(crate) fn jail_limits(cfg: &VmConfig) -> Result<Limits, BuildError> {
+    let mut file_size = SERIAL_LOG_MAX + (1 << 20);
+    for d in cfg.drives.iter().filter(|d| !d.read_only) {
+        if let Some(p) = &d.path {
+            let len = std::fs::metadata(p)
+                .map_err(|e| BuildError::DriveSize(p.display().to_string(), e))?
+                .len();
+            file_size = file_size.max(len);
+        }
+    }
+    Ok(Limits {
+        open_files: MAX_HOST_SOCKETS as u64 + 128,
+        file_size,
+    })
+}
+
 /// The virtio devices of `cfg`: block drives first (so they are vda, vdb, ... in order),
 /// then vsock, then the network interface; with the sockets they listen on.
-fn create_devices(cfg: &VmConfig) -> Result<(NamedDevices, Vec<PathBuf>), BuildError> {
+fn create_devices(
+    cfg: &VmConfig,
+    jail: Option<&Jail>,
+) -> Result<(NamedDevices, Vec<PathBuf>), BuildError> {
     let mut devices: NamedDevices = Vec::new();
     for d in &cfg.drives {
         let block = if d.layered {
@@ -171,7 +211,11 @@ fn create_devices(cfg: &VmConfig) -> Result<(NamedDevices, Vec<PathBuf>), BuildE
     }
     let mut sockets = Vec::new();
     if let Some(uds) = &cfg.vsock_uds {
-        devices.push(("vsock".into(), Box::new(Vsock::new(cfg.guest_cid, uds)?)));
+        let mut vsock = Vsock::new(cfg.guest_cid, uds)?;
+        if let Some(j) = jail {
+            vsock.rename_socket(j.inside("vsock socket", uds)?);
+        }
+        devices.push(("vsock".into(), Box::new(vsock)));
         sockets.push(uds.clone());
     }
     if let Some(n) = &cfg.net {

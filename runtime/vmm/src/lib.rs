@@ -11,6 +11,8 @@
 //! - [`vmm`]: starts what the builder built and runs it to its end; its helpers are the
 //!   [`event_loop`] (the devices' I/O thread), the [`api_server`] (the control socket) and
 //!   [`signals`] (vCPU kicks, stop signals).
+//! - [`jail`]: the VMM's jail (namespaces, root, user, no capabilities, rlimits), entered
+//!   between building and starting.
 //! - `test_guest` (tests only): tiny hand-written guests through the same path.
 
 pub mod api_server;
@@ -20,6 +22,7 @@ pub mod config;
 pub mod device_manager;
 pub mod devices;
 pub mod event_loop;
+pub mod jail;
 mod poll;
 pub mod seccomp;
 pub mod signals;

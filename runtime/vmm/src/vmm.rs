@@ -20,6 +20,7 @@ use crate::{
     device_manager::{lock, DeviceBus, DeviceManager, DeviceManagerError},
     devices::legacy::{GuestExit, LegacyBus},
     event_loop::{self, EventLoopError},
+    jail::{Jail, JailError},
     seccomp::{self, Filters, SeccompError, SpawnError, ThreadKind},
     signals::{self, SignalError, StopSignals},
     vstate::{
@@ -55,6 +56,11 @@ pub enum VmmError {
     /// Building the seccomp filters, or installing the main thread's.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    Jail(#[from] JailError),
+    /// Threads started before the jail (a bug of the VMM's).
+    #[error("the VMM has {0} threads before entering its jail; it must enter alone")]
+    Threads(usize),
     /// A vCPU stopped on an error of its own.
     #[error("vCPU {0} failed: {1}")]
     VcpuRun(u8, String),
@@ -115,13 +121,30 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
         SeccompMode::Log => Filters::new(SeccompAction::Log)?,
         SeccompMode::Off => Filters::off(),
     };
-    let (machine, sockets) = builder::build(cfg, started, stop_signals)?;
+    let jail = Jail::of(cfg);
+    let (machine, sockets) = builder::build(cfg, started, stop_signals, jail.as_ref())?;
+    if let Some(j) = &jail {
+        // Alone: a thread keeps the namespaces, root and bounding set it started with.
+        let threads = std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+        if threads != 1 {
+            return Err(VmmError::Threads(threads));
+        }
+        let t = Instant::now();
+        j.enter(builder::jail_limits(cfg)?)?;
+        println!(
+            "jail entered in {:.2} ms",
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+    }
     let running = start(machine, &filters)?;
     // Last: every other thread is started (a thread inherits its creator's filter).
     filters.install(ThreadKind::Main)?;
     let outcome = running.wait();
-    for s in sockets {
-        let _ = std::fs::remove_file(s);
+    // A jailed VMM cannot write its root: its caller removes the sockets.
+    if jail.is_none() {
+        for s in sockets {
+            let _ = std::fs::remove_file(s);
+        }
     }
     println!(
         "vm ended after {} ms: {:?}",

@@ -80,16 +80,97 @@ pub trait VirtioDevice: Send {
     fn process_backend(&mut self) {}
     /// The driver reset the device.
     fn reset(&mut self) {}
-    /// Gives a block device a new backing file (Firecracker's drive update).
-    fn update_backing(&mut self, _path: &std::path::Path) -> Result<(), String> {
+    /// Gives a block device a new backing file, or none (Firecracker's drive update).
+    fn update_backing(&mut self, _file: Option<FileArg>) -> Result<(), String> {
         Err("not a block device".into())
     }
     /// Puts an image layer on a layered drive; returns its byte range.
-    fn add_layer(&mut self, _path: &std::path::Path) -> Result<std::ops::Range<u64>, String> {
+    fn add_layer(&mut self, _file: FileArg) -> Result<std::ops::Range<u64>, String> {
         Err("not a block device".into())
     }
     /// Takes the layer that starts at byte `start` off a layered drive.
     fn remove_layer(&mut self, _start: u64) -> Result<(), String> {
         Err("not a block device".into())
+    }
+}
+
+/// A file given to a device: a path the VMM opens (from its root: inside its jail, if it
+/// is jailed), or a file its caller opened and passed (over the control socket, with
+/// `SCM_RIGHTS`).
+#[derive(Debug)]
+pub enum FileArg {
+    Path(std::path::PathBuf),
+    Passed(std::fs::File),
+}
+
+impl FileArg {
+    /// How errors name it.
+    pub fn name(&self) -> String {
+        match self {
+            FileArg::Path(p) => p.display().to_string(),
+            FileArg::Passed(_) => "(the file passed with the request)".into(),
+        }
+    }
+
+    /// The file, opened for reading and, if `write`, writing: a passed file must have been
+    /// opened so.
+    pub fn open(self, write: bool) -> std::io::Result<std::fs::File> {
+        match self {
+            FileArg::Path(p) => std::fs::OpenOptions::new().read(true).write(write).open(p),
+            FileArg::Passed(f) => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: F_GETFL on an fd we own.
+                let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+                if flags < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let need = if write { libc::O_RDWR } else { libc::O_RDONLY };
+                let mode = flags & libc::O_ACCMODE;
+                if mode != need && mode != libc::O_RDWR {
+                    return Err(std::io::Error::other(if write {
+                        "the drive is writable, and the file was not opened for reading and writing"
+                    } else {
+                        "the file was not opened for reading"
+                    }));
+                }
+                Ok(f)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod file_arg_tests {
+    use super::FileArg;
+
+    /// A passed file must be open the way the drive uses it: read-only does for a
+    /// read-only drive or a layer, not for a writable drive.
+    #[test]
+    fn a_passed_file_must_be_open_for_what_the_drive_does() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let ro = || FileArg::Passed(std::fs::File::open(f.path()).unwrap());
+        let rw = || {
+            FileArg::Passed(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(f.path())
+                    .unwrap(),
+            )
+        };
+        assert!(ro().open(false).is_ok());
+        assert!(rw().open(false).is_ok());
+        assert!(rw().open(true).is_ok());
+        let e = ro().open(true).unwrap_err().to_string();
+        assert!(e.contains("not opened for reading and writing"), "{e}");
+        let wo = FileArg::Passed(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(f.path())
+                .unwrap(),
+        );
+        assert!(wo.open(false).is_err());
+        assert_eq!(ro().name(), "(the file passed with the request)");
+        assert_eq!(FileArg::Path("/x.img".into()).name(), "/x.img");
     }
 }

@@ -1,12 +1,8 @@
 //! The virtio-blk device: its features, configuration (the capacity) and requests, on
 //! whatever backs the drive.
 
-use std::{
-    fs::{File, OpenOptions},
-    ops::Range,
-    path::Path,
-    sync::Arc,
-};
+use crate::devices::virtio::FileArg;
+use std::{fs::File, ops::Range, path::Path, sync::Arc};
 
 use husk_vmm_api::drives::LAYERED_CAPACITY;
 use virtio_queue::{desc::split::Descriptor, Queue, QueueT};
@@ -40,6 +36,8 @@ pub enum BlockError {
     Open(String, #[source] std::io::Error),
     #[error("drive {0:?} is layered: its layers come and go with add_layer and remove_layer")]
     Layered(String),
+    #[error("the drive file {name} ({len} bytes) is bigger than the VMM's file size limit ({limit} bytes, its largest writable drive at start): writes past that would fail")]
+    TooBig { name: String, len: u64, limit: u64 },
 }
 
 /// What backs a drive.
@@ -104,7 +102,7 @@ impl Block {
             irq: None,
         };
         if let Some(p) = path {
-            b.set_backing(p)?;
+            b.set_backing(Some(FileArg::Path(p.to_path_buf())))?;
         }
         Ok(b)
     }
@@ -121,26 +119,29 @@ impl Block {
         }
     }
 
-    /// Replaces the backing file (the caller then signals a configuration change). An empty
-    /// path empties the slot: the guest sees a disk of size 0, and I/O to it fails. A
-    /// layered drive has no backing file to replace.
-    pub fn set_backing(&mut self, path: &Path) -> Result<(), BlockError> {
+    /// Replaces the backing file (the caller then signals a configuration change). None
+    /// empties the slot: the guest sees a disk of size 0, and I/O to it fails. A layered
+    /// drive has no backing file to replace.
+    pub fn set_backing(&mut self, file: Option<FileArg>) -> Result<(), BlockError> {
         if matches!(self.backing, Backing::Layers(_)) {
             return Err(BlockError::Layered(self.id.clone()));
         }
-        if path.as_os_str().is_empty() {
+        let Some(file) = file else {
             self.backing = Backing::Empty;
             return Ok(());
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!self.read_only)
-            .open(path)
-            .map_err(|e| BlockError::Open(path.display().to_string(), e))?;
+        };
+        let name = file.name();
+        let file = file
+            .open(!self.read_only)
+            .map_err(|e| BlockError::Open(name.clone(), e))?;
         let len = file
             .metadata()
-            .map_err(|e| BlockError::Open(path.display().to_string(), e))?
+            .map_err(|e| BlockError::Open(name.clone(), e))?
             .len();
+        let limit = crate::jail::file_size_limit();
+        if !self.read_only && len > limit {
+            return Err(BlockError::TooBig { name, len, limit });
+        }
         self.backing = Backing::File {
             file,
             sectors: len / SECTOR,
@@ -148,10 +149,10 @@ impl Block {
         Ok(())
     }
 
-    /// Puts the image file `path` on this layered drive; returns its byte range.
-    pub fn add_layer(&mut self, path: &Path) -> Result<Range<u64>, LayerError> {
+    /// Puts the image file `file` on this layered drive; returns its byte range.
+    pub fn add_layer(&mut self, file: FileArg) -> Result<Range<u64>, LayerError> {
         match &mut self.backing {
-            Backing::Layers(l) => l.add(path),
+            Backing::Layers(l) => l.add(file),
             _ => Err(LayerError::NotLayered(self.id.clone())),
         }
     }
@@ -327,12 +328,12 @@ impl VirtioDevice for Block {
         self.mem = None;
     }
 
-    fn update_backing(&mut self, path: &Path) -> Result<(), String> {
-        self.set_backing(path).map_err(|e| chain(&e))
+    fn update_backing(&mut self, file: Option<FileArg>) -> Result<(), String> {
+        self.set_backing(file).map_err(|e| chain(&e))
     }
 
-    fn add_layer(&mut self, path: &Path) -> Result<Range<u64>, String> {
-        Block::add_layer(self, path).map_err(|e| chain(&e))
+    fn add_layer(&mut self, file: FileArg) -> Result<Range<u64>, String> {
+        Block::add_layer(self, file).map_err(|e| chain(&e))
     }
 
     fn remove_layer(&mut self, start: u64) -> Result<(), String> {
@@ -465,12 +466,14 @@ mod tests {
         let mut cap = [0u8; 8];
         b.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 0);
-        b.set_backing(f.path()).unwrap();
+        b.set_backing(Some(FileArg::Path(f.path().into()))).unwrap();
         b.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 16);
-        assert!(b.set_backing(Path::new("/nonexistent/disk")).is_err());
-        // An empty path empties the slot again.
-        b.set_backing(Path::new("")).unwrap();
+        assert!(b
+            .set_backing(Some(FileArg::Path("/nonexistent/disk".into())))
+            .is_err());
+        // None empties the slot again.
+        b.set_backing(None).unwrap();
         b.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 0);
         assert!(matches!(b.backing, Backing::Empty));
@@ -581,8 +584,8 @@ mod tests {
         std::fs::write(&pa, [0xaa; 5000]).unwrap();
         std::fs::write(&pb, [0xbb; 4096]).unwrap();
         let mut b = Block::layered("layers");
-        let a = b.add_layer(&pa).unwrap();
-        let bb = b.add_layer(&pb).unwrap();
+        let a = b.add_layer(FileArg::Path(pa.clone())).unwrap();
+        let bb = b.add_layer(FileArg::Path(pb.clone())).unwrap();
         assert_eq!((a.start, a.end - a.start), (1 << 20, 8192));
         assert_eq!((bb.start, bb.end - bb.start), (2 << 20, 4096));
         (mem, dir, b, a, bb)
@@ -596,16 +599,17 @@ mod tests {
         b.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), (1 << 50) / 512);
         // No backing file to replace, and no layers on a drive that is not layered.
-        let e = b.update_backing(Path::new("")).unwrap_err();
+        let e = b.update_backing(None).unwrap_err();
         assert!(e.contains("is layered"), "{e}");
         let (_, f) = setup();
         let mut plain = Block::new("vda", Some(f.path()), true).unwrap();
-        let e = VirtioDevice::add_layer(&mut plain, f.path()).unwrap_err();
+        let e = VirtioDevice::add_layer(&mut plain, FileArg::Path(f.path().into())).unwrap_err();
         assert_eq!(e, r#"drive "vda" is not layered"#);
         let e = VirtioDevice::remove_layer(&mut plain, 1 << 20).unwrap_err();
         assert_eq!(e, r#"drive "vda" is not layered"#);
         // Refusals carry their cause.
-        let e = VirtioDevice::add_layer(&mut b, Path::new("/nonexistent/l.erofs")).unwrap_err();
+        let e = VirtioDevice::add_layer(&mut b, FileArg::Path("/nonexistent/l.erofs".into()))
+            .unwrap_err();
         assert!(
             e.starts_with("opening the layer file /nonexistent/l.erofs: "),
             "{e}"
@@ -662,7 +666,9 @@ mod tests {
         assert_eq!(request(&b, &mem, T_IN, a.start / SECTOR, 512), (S_OK, 513));
         assert_eq!(guest_bytes(&mem, 0x10_0000, 512), [0xaa; 512]);
         // A new layer goes past B's old range, not into it.
-        let c = b.add_layer(&dir.path().join("b.erofs")).unwrap();
+        let c = b
+            .add_layer(FileArg::Path(dir.path().join("b.erofs")))
+            .unwrap();
         assert_eq!(c.start, 3 << 20);
     }
 

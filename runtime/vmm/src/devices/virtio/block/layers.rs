@@ -1,12 +1,8 @@
 //! A layered drive's layers: image files opened read-only, each at its own byte range of a
 //! fixed-size disk, found by start in a `BTreeMap`; what no layer covers reads zeros.
 
-use std::{
-    collections::BTreeMap,
-    fs::File,
-    ops::Range,
-    path::{Path, PathBuf},
-};
+use crate::devices::virtio::FileArg;
+use std::{collections::BTreeMap, fs::File, ops::Range};
 
 use husk_vmm_api::drives::{LAYERED_CAPACITY, LAYER_ALIGN, LAYER_LENGTH_ALIGN};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -18,17 +14,16 @@ use super::copy::{file_to_guest, zeros_to_guest};
 pub enum LayerError {
     #[error("drive {0:?} is not layered")]
     NotLayered(String),
-    #[error("opening the layer file {}", .0.display())]
-    Open(PathBuf, #[source] std::io::Error),
-    #[error("the layer {} is not a regular file", .0.display())]
-    NotAFile(PathBuf),
-    #[error("the layer file {} is empty", .0.display())]
-    Empty(PathBuf),
+    #[error("opening the layer file {0}")]
+    Open(String, #[source] std::io::Error),
+    #[error("the layer {0} is not a regular file")]
+    NotAFile(String),
+    #[error("the layer file {0} is empty")]
+    Empty(String),
     #[error(
-        "the layer file {} ({len} bytes) does not fit: the drive's {LAYERED_CAPACITY} bytes are given out up to byte {used}",
-        .path.display()
+        "the layer file {name} ({len} bytes) does not fit: the drive's {LAYERED_CAPACITY} bytes are given out up to byte {used}"
     )]
-    Full { path: PathBuf, len: u64, used: u64 },
+    Full { name: String, len: u64, used: u64 },
     #[error("no layer starts at byte {0}")]
     NoLayer(u64),
 }
@@ -62,18 +57,22 @@ impl Layers {
         }
     }
 
-    /// Opens `path` read-only and places it after every range given so far; returns its
+    /// Opens `file` read-only and places it after every range given so far; returns its
     /// range.
-    pub(super) fn add(&mut self, path: &Path) -> Result<Range<u64>, LayerError> {
-        let open = |e| LayerError::Open(path.to_path_buf(), e);
-        let file = File::open(path).map_err(open)?;
-        let meta = file.metadata().map_err(open)?;
+    pub(super) fn add(&mut self, file: FileArg) -> Result<Range<u64>, LayerError> {
+        let name = file.name();
+        let file = file
+            .open(false)
+            .map_err(|e| LayerError::Open(name.clone(), e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| LayerError::Open(name.clone(), e))?;
         if !meta.is_file() {
-            return Err(LayerError::NotAFile(path.to_path_buf()));
+            return Err(LayerError::NotAFile(name));
         }
         let file_len = meta.len();
         if file_len == 0 {
-            return Err(LayerError::Empty(path.to_path_buf()));
+            return Err(LayerError::Empty(name));
         }
         let range = self
             .high
@@ -85,7 +84,7 @@ impl Layers {
             });
         let Some(range) = range else {
             return Err(LayerError::Full {
-                path: path.to_path_buf(),
+                name,
                 len: file_len,
                 used: self.high,
             });
@@ -176,7 +175,14 @@ impl Layer {
 
 #[cfg(test)]
 mod tests {
+    use std::path::{Path, PathBuf};
     use vm_memory::Bytes;
+
+    impl Layers {
+        fn add_path(&mut self, p: &Path) -> Result<Range<u64>, LayerError> {
+            self.add(FileArg::Path(p.to_path_buf()))
+        }
+    }
 
     use super::*;
 
@@ -209,11 +215,13 @@ mod tests {
     fn placement_is_aligned_rounded_and_never_reused() {
         let dir = tempfile::tempdir().unwrap();
         let mut l = Layers::new();
-        let a = l.add(&image(dir.path(), "a", 5000, 1)).unwrap();
+        let a = l.add_path(&image(dir.path(), "a", 5000, 1)).unwrap();
         assert_eq!(a, MIB..MIB + 8192, "past the first MiB, rounded up to 4096");
-        let b = l.add(&image(dir.path(), "b", 3 * MIB as usize, 2)).unwrap();
+        let b = l
+            .add_path(&image(dir.path(), "b", 3 * MIB as usize, 2))
+            .unwrap();
         assert_eq!(b, 2 * MIB..5 * MIB);
-        let c = l.add(&image(dir.path(), "c", 4096, 3)).unwrap();
+        let c = l.add_path(&image(dir.path(), "c", 4096, 3)).unwrap();
         assert_eq!(
             c,
             5 * MIB..5 * MIB + 4096,
@@ -222,14 +230,14 @@ mod tests {
         // Removing the highest layer, or all of them, gives no range back.
         l.remove(c.start).unwrap();
         l.remove(a.start).unwrap();
-        let d = l.add(&image(dir.path(), "d", 1, 4)).unwrap();
+        let d = l.add_path(&image(dir.path(), "d", 1, 4)).unwrap();
         assert_eq!(d, 6 * MIB..6 * MIB + 4096);
         l.remove(b.start).unwrap();
         l.remove(d.start).unwrap();
-        let e = l.add(&dir.path().join("a")).unwrap();
+        let e = l.add_path(&dir.path().join("a")).unwrap();
         assert_eq!(e.start, 7 * MIB);
         // The same file twice is two layers.
-        let f = l.add(&dir.path().join("a")).unwrap();
+        let f = l.add_path(&dir.path().join("a")).unwrap();
         assert_eq!(f.start, 8 * MIB);
         assert_eq!(l.by_start.len(), 2);
     }
@@ -239,16 +247,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut l = Layers::new();
         let missing = dir.path().join("missing.erofs");
-        let e = l.add(&missing).unwrap_err();
+        let e = l.add_path(&missing).unwrap_err();
         assert!(matches!(e, LayerError::Open(..)), "{e}");
         assert!(e.to_string().contains(&*missing.to_string_lossy()), "{e}");
-        let e = l.add(&image(dir.path(), "empty", 0, 0)).unwrap_err();
+        let e = l.add_path(&image(dir.path(), "empty", 0, 0)).unwrap_err();
         assert!(matches!(e, LayerError::Empty(..)), "{e}");
-        let e = l.add(dir.path()).unwrap_err();
+        let e = l.add_path(dir.path()).unwrap_err();
         assert!(matches!(e, LayerError::NotAFile(..)), "{e}");
         assert!(matches!(l.remove(MIB), Err(LayerError::NoLayer(MIB))));
         // Nothing refused took a range.
-        assert_eq!(l.add(&image(dir.path(), "a", 1, 1)).unwrap().start, MIB);
+        assert_eq!(
+            l.add_path(&image(dir.path(), "a", 1, 1)).unwrap().start,
+            MIB
+        );
         assert!(matches!(l.remove(0), Err(LayerError::NoLayer(0))));
         assert!(matches!(l.remove(MIB + 1), Err(LayerError::NoLayer(_))));
         l.remove(MIB).unwrap();
@@ -265,20 +276,20 @@ mod tests {
         let sparse = dir.path().join("sparse");
         File::create(&sparse).unwrap().set_len(MIB).unwrap();
         assert_eq!(
-            l.add(&sparse).unwrap(),
+            l.add_path(&sparse).unwrap(),
             LAYERED_CAPACITY - MIB..LAYERED_CAPACITY
         );
-        let e = l.add(&a).unwrap_err();
+        let e = l.add_path(&a).unwrap_err();
         assert!(matches!(e, LayerError::Full { len: 10, .. }), "{e}");
         // A range that would overflow u64 is refused the same way.
         l.high = u64::MAX - 3;
-        assert!(matches!(l.add(&a), Err(LayerError::Full { .. })));
+        assert!(matches!(l.add_path(&a), Err(LayerError::Full { .. })));
         // Two MiB left: a file one byte longer does not fit, and takes nothing.
         let mut l = Layers::new();
         l.high = LAYERED_CAPACITY - 2 * MIB;
         let big = dir.path().join("big");
         File::create(&big).unwrap().set_len(2 * MIB + 1).unwrap();
-        assert!(matches!(l.add(&big), Err(LayerError::Full { .. })));
+        assert!(matches!(l.add_path(&big), Err(LayerError::Full { .. })));
         assert!(l.by_start.is_empty());
         assert_eq!(l.high, LAYERED_CAPACITY - 2 * MIB);
     }
@@ -289,8 +300,8 @@ mod tests {
         let mem = guest();
         let mut l = Layers::new();
         // A: 5000 bytes (range 8192), B: 4096 bytes, each byte saying which.
-        let a = l.add(&image(dir.path(), "a", 5000, 0xaa)).unwrap();
-        let b = l.add(&image(dir.path(), "b", 4096, 0xbb)).unwrap();
+        let a = l.add_path(&image(dir.path(), "a", 5000, 0xaa)).unwrap();
+        let b = l.add_path(&image(dir.path(), "b", 4096, 0xbb)).unwrap();
         // Hole, all of A with its zero tail, the hole up to B, all of B, the hole after.
         let offset = a.start - 512;
         let len = (b.end + 1024 - offset) as usize;
@@ -330,7 +341,7 @@ mod tests {
         let mem = guest();
         let mut l = Layers::new();
         let p = image(dir.path(), "a", 8192, 1);
-        let a = l.add(&p).unwrap();
+        let a = l.add_path(&p).unwrap();
         // Past the address space, or guest memory, in a layer and in a hole.
         assert!(!l.read(&mem, u64::MAX - 10, GuestAddress(0), 20));
         assert!(!l.read(&mem, a.start, GuestAddress(u64::MAX - 10), 20));

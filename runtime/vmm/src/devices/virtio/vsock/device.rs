@@ -37,6 +37,12 @@ impl Vsock {
         })
     }
 
+    /// The path its socket has from now on (inside the VMM's jail): guest connections to
+    /// host port P go to `<path>_P`.
+    pub fn rename_socket(&mut self, uds: std::path::PathBuf) {
+        self.muxer.rename_socket(uds);
+    }
+
     /// Handles one packet from the guest.
     pub fn handle_guest_packet(&mut self, h: Header, payload: &[u8]) {
         self.muxer.handle_guest_packet(h, payload);

@@ -33,6 +33,10 @@ mod packet;
 mod unix;
 
 pub use connection::BUF_ALLOC;
+
+/// The most host sockets the device holds at once: its connections, and the host peers it
+/// accepted that have not sent their `CONNECT` line yet.
+pub const MAX_HOST_SOCKETS: usize = 2 * muxer::MAX_CONNS;
 pub use device::Vsock;
 pub use packet::{
     Header, HDR_LEN, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,

@@ -64,6 +64,11 @@ pub(super) struct Muxer {
 }
 
 impl Muxer {
+    /// See [`HostListener::rename`].
+    pub(super) fn rename_socket(&mut self, uds: std::path::PathBuf) {
+        self.host.rename(uds);
+    }
+
     /// Listens on `uds` for the host side of guest `cid`.
     pub(super) fn new(cid: u64, uds: &Path) -> Result<Muxer, VsockError> {
         let host = HostListener::bind(uds)?;

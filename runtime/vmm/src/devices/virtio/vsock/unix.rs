@@ -55,6 +55,12 @@ impl HostListener {
         })
     }
 
+    /// The path the socket is known by from now on (its path inside the VMM's jail): where
+    /// `<uds>_<port>` is looked for, and what is removed at the end.
+    pub(super) fn rename(&mut self, uds: PathBuf) {
+        self.uds = uds;
+    }
+
     /// Connects to the host's listener for the guest's connections to host port `port`,
     /// `<uds>_<port>`, without ever waiting.
     pub(super) fn connect_port(&self, port: u32) -> std::io::Result<UnixStream> {
