@@ -99,7 +99,7 @@ ended runc $?
 # leftovers: what a husk pod could leave behind once it is gone.
 leftovers() {
     sleep 1
-    echo "leftovers: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) own layers $(find /run/husk/shim -name '*.layer' 2>/dev/null | wc -l) scratch $(find /var/lib/husk/scratch -type f 2>/dev/null | wc -l) rootfs mounts $(grep -c "$CRI_ROOT/state/.*/rootfs" /proc/mounts) pods $("${CRICTL[@]}" pods -q | wc -l) containers $("${CRICTL[@]}" ps -aq | wc -l) netns $(find /run/netns -mindepth 1 2>/dev/null | wc -l) taps $(ip -o link show | grep -c husk-tap) cgroups $(find /sys/fs/cgroup/k8s.io /sys/fs/cgroup/husk -mindepth 1 -type d 2>/dev/null | wc -l)"
+    echo "leftovers: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) own layers $(find /run/husk/shim -name '*.layer' 2>/dev/null | wc -l) scratch $(find /var/lib/husk/scratch -type f 2>/dev/null | wc -l) rootfs mounts $(grep -c "$CRI_ROOT/state/.*/rootfs" /proc/mounts) pods $("${CRICTL[@]}" pods -q | wc -l) containers $("${CRICTL[@]}" ps -aq | wc -l) netns $(find /run/netns -mindepth 1 2>/dev/null | wc -l) taps $(ip -o link show | grep -c husk-tap) cgroups $(find /sys/fs/cgroup/k8s.io /sys/fs/cgroup/husk -mindepth 1 -type d 2>/dev/null | wc -l) uid leases $(find /run/husk/uids -type f 2>/dev/null | wc -l)"
 }
 
 
@@ -531,6 +531,8 @@ husk_confined() {
     echo "vmm user: uid $(awk '/^Uid:/ {print $2}' "/proc/$vmm/status") gid $(awk '/^Gid:/ {print $2}' "/proc/$vmm/status") groups [$(awk '/^Groups:/ {$1 = ""; print}' "/proc/$vmm/status" | xargs)]"
     echo "vmm capabilities: $(cat /proc/"$vmm"/task/*/status | grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb):' | sort -u | xargs)"
     echo "vmm root: $(find "/proc/$vmm/root/" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort | xargs)"
+    echo "vmm root mount: $(awk '$5 == "/" {print $6}' "/proc/$vmm/mountinfo") ($(wc -l <"/proc/$vmm/mountinfo") mounts)"
+    echo "vmm lease: $([[ -f /run/husk/uids/$(awk '/^Uid:/ {print $2}' "/proc/$vmm/status") ]] && echo held)"
     local ns shared=()
     for ns in mnt ipc uts net pid; do
         [[ $(readlink "/proc/$vmm/ns/$ns") == "$(readlink "/proc/1/ns/$ns")" ]] && shared+=("$ns")

@@ -95,19 +95,24 @@ interrupt() {
 check interrupt interrupt running
 check interrupt_boot interrupt booting
 
-# Drives (husk-vmm and the agent driven directly): a container on a read-only ext4 drive,
-# then a second drive filled later through the control API, used by a second container;
-# after the guest powers off the VMM is gone and left nothing behind.
+# Drives (husk-vmm, jailed, and the agent driven directly): a container on a read-only ext4
+# drive, then a second drive filled later through the control API (the file passed to the
+# jailed VMM; one bigger than its file size limit refused first), used by a second
+# container; after the guest powers off the VMM is gone, its sockets left to its caller.
 drives() {
     local d rc vmm_pid
     d=$(mktemp -d "$XDG_RUNTIME_DIR/drives.XXXXXX")
+    # The jailed VMM's file size limit is its largest writable drive at start, or 17 MiB:
+    # b fits, big does not.
     for n in a b; do
         mkdir -p "$d/$n"
         cp -a "$rootfs/." "$d/$n/"
         echo "drive-$n" >"$d/$n/marker"
-        mkfs.ext4 -q -d "$d/$n" "$d/$n.ext4" 64M || return 1
+        mkfs.ext4 -q -d "$d/$n" "$d/$n.ext4" 16M || return 1
         rm -rf "${d:?}/$n"
     done
+    truncate -s 64M "$d/big.img"
+    mkdir "$d/jail"
     mkdir -p "$d/bundle"
     cat >"$d/bundle/config.json" <<'JSON'
 {"ociVersion": "1.0.2",
@@ -119,15 +124,18 @@ drives() {
  "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]}}
 JSON
     "$vmm" --kernel "$kernel" --initramfs "$initramfs" --mem-mib 256 \
-        --serial-log "$d/serial.log" --vsock-uds "$d/vsock.sock" --api-sock "$d/api.sock" \
-        --drive "id=rootfs,path=$d/a.ext4,ro=true" --drive "id=late,path=" >"$d/vmm.log" 2>&1 &
+        --serial-log "$d/serial.log" --vsock-uds "$d/jail/vsock.sock" --api-sock "$d/jail/api.sock" \
+        --drive "id=rootfs,path=$d/a.ext4,ro=true" --drive "id=late,path=" \
+        --jail "$d/jail" --uid 1600099999 --gid 1600099999 >"$d/vmm.log" 2>&1 &
     vmm_pid=$!
-    local A=("$husk" agent --addr "hvsock:$d/vsock.sock" --timeout-secs 60)
+    local A=("$husk" agent --addr "hvsock:$d/jail/vsock.sock" --timeout-secs 60)
     "${A[@]}" --wait check >/dev/null &&
         "${A[@]}" create-sandbox pod >/dev/null &&
         "${A[@]}" create --bundle "$d/bundle" --block /dev/vda:ext4:ro first >/dev/null &&
         "${A[@]}" start first >/dev/null && "${A[@]}" attach first &&
-        "$husk" vmm --api "$d/api.sock" update-drive late "$d/b.ext4" >/dev/null &&
+        echo "vmm user: $(awk '/^Uid:/ {print $2}' "/proc/$vmm_pid/status"), root: $(find "/proc/$vmm_pid/root/" -mindepth 1 -printf '%f\n' | sort | xargs)" &&
+        { "$husk" vmm --api "$d/jail/api.sock" update-drive --writable late "$d/big.img" 2>&1 || true; } &&
+        "$husk" vmm --api "$d/jail/api.sock" update-drive --writable late "$d/b.ext4" >/dev/null &&
         "${A[@]}" create --bundle "$d/bundle" --block /dev/vdb:ext4 second >/dev/null &&
         "${A[@]}" start second >/dev/null && "${A[@]}" attach second &&
         "${A[@]}" destroy-sandbox pod
@@ -136,7 +144,7 @@ JSON
     # The guest powered off (or was told to stop): the VMM must be gone within 30 s.
     wait_gone "$vmm_pid" husk-vmm "the guest ended"
     echo "vmm exit $?"
-    find "$d" -name '*.sock' | wc -l
+    echo "sockets left for the caller: $(find "$d" -name '*.sock' | wc -l)"
     rm -rf "$d"
     return "$rc"
 }

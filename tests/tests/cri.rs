@@ -65,7 +65,7 @@ fn crictl_pod_lifecycle() {
     assert!(text.contains("timing runc:"), "{text}");
 
     const CLEAN: &str =
-        "leftovers: vmm 0 shim 0 run dirs 0 own layers 0 scratch 0 rootfs mounts 0 pods 0 containers 0 netns 0 taps 0 cgroups 0";
+        "leftovers: vmm 0 shim 0 run dirs 0 own layers 0 scratch 0 rootfs mounts 0 pods 0 containers 0 netns 0 taps 0 cgroups 0 uid leases 0";
 
     // The untrusted annotation selects husk (`husk install` registered it): the pod is a
     // microVM, its container runs in the guest through every CRI step, and afterwards no
@@ -474,6 +474,15 @@ fn crictl_pod_lifecycle() {
         "no capability on any thread: {text}"
     );
     assert_eq!(field("vmm root: "), "api.sock vsock.sock", "{text}");
+    // Its only mount: the jail directory, read-only, nosuid, nodev, noexec.
+    let mount = field("vmm root mount: ");
+    let (options, count) = mount.split_once(' ').unwrap();
+    assert_eq!(count, "(1 mounts)", "{text}");
+    let options: Vec<&str> = options.split(',').collect();
+    for o in ["ro", "nosuid", "nodev", "noexec"] {
+        assert!(options.contains(&o), "{o}: {mount}");
+    }
+    assert_eq!(field("vmm lease: "), "held", "{text}");
     assert_eq!(
         field("vmm namespaces shared with the host: "),
         "none",

@@ -299,8 +299,10 @@ fn husk_run_in_microvms() {
         assert!(text.contains("interrupted"), "{when}: {text}");
     }
 
-    // Drives: the first container on a read-only drive, the second on a drive filled later
-    // through the control API; the VMM ends with the guest and leaves no socket.
+    // Drives, the VMM jailed: the first container on a read-only drive, the second on a
+    // drive filled later through the control API with a file passed to the VMM (one past
+    // its file size limit refused first); the VMM ends with the guest and leaves its two
+    // sockets to its caller.
     let (text, rc) = get("drives");
     assert_eq!(rc, Some(0), "{text}");
     let seen: Vec<&str> = text
@@ -312,7 +314,18 @@ fn husk_run_in_microvms() {
         ["drive-a", "read-only", "drive-b", "writable"],
         "{text}"
     );
-    assert!(text.contains("vmm exit 0\n0\n"), "{text}");
+    assert!(
+        text.contains("vmm user: 1600099999, root: api.sock vsock.sock\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("the VMM refused: the drive file (the file passed with the request) (67108864 bytes) is bigger than the VMM's file size limit (17825792 bytes"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vmm exit 0\nsockets left for the caller: 2\n"),
+        "{text}"
+    );
 
     // --net tap:NAME: eth0 with the address, the MTU and a locally administered MAC, the
     // default route through the gateway, traffic both ways; the tap is left to its owner.

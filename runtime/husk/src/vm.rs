@@ -224,6 +224,8 @@ impl Vm {
                 Drive::Layered { id } => DriveArg::layered(id.clone()),
             });
         }
+        // The next free number after the drives'.
+        let next_fd = FIRST_DRIVE_FD + inherit.len() as i32;
         let mut tap_fd = None;
         cfg.net = net.map(|n| match n {
             NetDevice::Fd { fd, mac, mtu } => {
@@ -243,6 +245,11 @@ impl Vm {
         let log = fs::File::create(files.vmm_log()).context("creating vmm.log")?;
         if let Some(f) = &tap_fd {
             inherit.push((f.as_raw_fd(), NET_FD));
+        }
+        // The VMM holds its user's lease too (it knows nothing of it): a VMM that outlives
+        // its caller for a moment (killed with it) keeps its user until it is gone.
+        if let Some(l) = &uid {
+            inherit.push((l.file().as_raw_fd(), next_fd));
         }
         // Born in a PID namespace of its own, dying with whoever started it (husk run, the
         // shim) even when that is SIGKILLed, in its own process group (a Ctrl-C at the

@@ -20,9 +20,15 @@ enum VmmCmd {
     /// State, guest readiness, vCPU exits and registers, device driver status (JSON).
     Status,
     /// Give the pre-declared drive ID a new backing file (the guest sees a media change):
-    /// opened here (read-write where this user may, else read-only) and passed to the VMM,
+    /// opened here, read-only unless --writable (as the drive is), and passed to the VMM,
     /// which, jailed, could not open it.
-    UpdateDrive { id: String, path: PathBuf },
+    UpdateDrive {
+        id: String,
+        path: PathBuf,
+        /// Open the file for writing too: the drive is writable (ro=false).
+        #[arg(long)]
+        writable: bool,
+    },
     /// Empty the drive ID (the guest sees a disk of size 0).
     Eject { id: String },
     /// Stop the VM.
@@ -35,12 +41,11 @@ pub fn run(a: VmmArgs) -> Result<i32> {
         VmmCmd::Status => Request::Status {},
         VmmCmd::Stop => Request::Stop {},
         VmmCmd::Eject { id } => Request::eject(id),
-        VmmCmd::UpdateDrive { id, path } => {
+        VmmCmd::UpdateDrive { id, path, writable } => {
             let f = std::fs::OpenOptions::new()
                 .read(true)
-                .write(true)
+                .write(*writable)
                 .open(path)
-                .or_else(|_| std::fs::File::open(path))
                 .with_context(|| format!("the drive image {}", path.display()))?;
             file = Some(f);
             Request::UpdateDrive {

@@ -360,6 +360,22 @@ unsafe fn exec_child(
                 fail();
             }
         }
+        // Nothing else crosses the exec, whatever the caller forgot to mark close-on-exec
+        // (the errno pipe is already so).
+        if libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+        ) < 0
+        {
+            fail();
+        }
+        for (_, dst) in inherit {
+            if libc::fcntl(*dst, libc::F_SETFD, 0) < 0 {
+                fail();
+            }
+        }
         // Handlers to their defaults first, then unblock: no handler of the caller's runs here.
         for sig in 1..32 {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
@@ -445,6 +461,27 @@ mod tests {
         assert_eq!(p.wait().await.unwrap().code(), Some(0));
         let out = std::fs::read_to_string(log.path()).unwrap();
         assert!(out.starts_with("pipe:["), "{out}");
+    }
+
+    /// A file the caller left without close-on-exec does not reach the VMM.
+    #[tokio::test]
+    async fn only_the_files_given_are_inherited() {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let stray = File::open("/dev/null").unwrap();
+        // SAFETY: clearing FD_CLOEXEC on an fd we own.
+        unsafe { libc::fcntl(stray.as_raw_fd(), libc::F_SETFD, 0) };
+        let given = File::open("/dev/null").unwrap();
+        let mut c = command(
+            Path::new("/bin/sh"),
+            &["-c", "ls /proc/self/fd | sort -n | xargs"],
+            log.reopen().unwrap(),
+        );
+        c.inherit = vec![(given.as_raw_fd(), 5)];
+        let mut p = VmmProcess::spawn(c).unwrap();
+        assert_eq!(p.wait().await.unwrap().code(), Some(0));
+        // 0-2, the given 5, and the fd ls opens to list /proc/self/fd (3).
+        let out = std::fs::read_to_string(log.path()).unwrap();
+        assert_eq!(out.trim(), "0 1 2 3 5", "stray fd {}", stray.as_raw_fd());
     }
 
     #[tokio::test]

@@ -81,6 +81,9 @@ impl Shim for HuskShim {
             if let Ok(Err(e)) = r {
                 log::warn!("removing the VMM's cgroup: {e:#}");
             }
+            // Its user's lease, once nobody holds it (the shim's and the VMM's descriptors
+            // went with them; the file stays until swept).
+            let _ = tokio::task::spawn_blocking(husk::uid_lease::sweep).await;
         }
         if let Some(spec) = spec {
             if let (true, Ok(Some(netns))) = (sandbox::is_sandbox(&spec), sandbox::pod_netns(&spec))

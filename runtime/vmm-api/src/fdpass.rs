@@ -55,8 +55,9 @@ pub fn send_with_fd(s: &UnixStream, data: &[u8], file: &File) -> std::io::Result
 }
 
 /// Reads one request line (up to and without its newline; at most [`MAX_LINE`] bytes) and
-/// the files passed with any of its bytes (received close-on-exec). A peer that passes more
-/// files than fit in the room for [`MAX_FILES`] gets an error, and those files are closed.
+/// the files passed with any of its bytes (received close-on-exec). Files that did not
+/// arrive (more per message than the room for [`MAX_FILES`], or no free descriptor here)
+/// make it an error; those that did are closed.
 pub fn recv_line_with_files(s: &UnixStream) -> io::Result<(String, Vec<File>)> {
     let mut line = Vec::new();
     let mut files = Vec::new();
@@ -100,9 +101,9 @@ pub fn recv_line_with_files(s: &UnixStream) -> io::Result<(String, Vec<File>)> {
             }
         }
         if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            return Err(io::Error::other(format!(
-                "more files passed than the {MAX_FILES} a request may carry"
-            )));
+            return Err(io::Error::other(
+                "files passed with the request were dropped (too many at once, or no free descriptor in the VMM)",
+            ));
         }
         let n = n as usize;
         line.extend_from_slice(&buf[..n]);
@@ -124,7 +125,7 @@ pub fn recv_line_with_files(s: &UnixStream) -> io::Result<(String, Vec<File>)> {
     Ok((line, files))
 }
 
-/// The most files one request carries that [`recv_line_with_files`] makes room for.
+/// The files per message [`recv_line_with_files`] makes room for, at least.
 pub const MAX_FILES: usize = 8;
 
 #[cfg(test)]

@@ -98,6 +98,17 @@ fn answer(line: &str, mut files: Vec<File>, ctx: &ApiContext) -> Answer {
         }
         _ => {}
     }
+    if crate::jail::jailed()
+        && matches!(
+            &req,
+            Request::UpdateDrive { path: Some(p), .. } | Request::AddLayer { path: Some(p), .. }
+                if !p.as_os_str().is_empty()
+        )
+    {
+        return Answer::error(
+            "the VMM is jailed and can open no path: pass the file with the request (SCM_RIGHTS)",
+        );
+    }
     // The file the request names: passed, or a path (empty: none).
     let file_arg = |path: Option<PathBuf>| match path {
         None => passed.map(FileArg::Passed),

@@ -118,7 +118,7 @@ pub(crate) fn build(
     let smaps = SmapsFiles::open();
     let on_ready = Box::new(move || {
         if let Some(kib) = smaps.as_ref().and_then(|f| overhead_kib(f, guest_start)) {
-            println!(
+            crate::log_line!(
                 "vmm memory overhead {:.1} MiB (PSS minus guest memory)",
                 kib as f64 / 1024.0
             );
@@ -213,7 +213,7 @@ fn create_devices(
     if let Some(uds) = &cfg.vsock_uds {
         let mut vsock = Vsock::new(cfg.guest_cid, uds)?;
         if let Some(j) = jail {
-            vsock.rename_socket(j.inside("vsock socket", uds)?);
+            vsock.host_ports_at(j.inside("vsock socket", uds)?);
         }
         devices.push(("vsock".into(), Box::new(vsock)));
         sockets.push(uds.clone());

@@ -71,6 +71,12 @@ pub fn file_size_limit() -> u64 {
     FILE_SIZE_LIMIT.load(Ordering::Relaxed)
 }
 
+/// Whether the VMM is jailed: then it can open no path (its root holds only sockets), and a
+/// request that names a path is told to pass the file instead.
+pub fn jailed() -> bool {
+    file_size_limit() != u64::MAX
+}
+
 impl Jail {
     /// The jail `cfg` asks for, if any.
     pub fn of(cfg: &VmConfig) -> Option<Jail> {
@@ -160,6 +166,16 @@ impl Jail {
                     return Err(step("dropping the bounding set")(io::Error::last_os_error()));
                 }
             }
+            // A new, empty session keyring: none of the caller's keys stay possessed.
+            if libc::syscall(
+                libc::SYS_keyctl,
+                libc::KEYCTL_JOIN_SESSION_KEYRING as libc::c_ulong,
+                0 as libc::c_ulong,
+            ) < 0
+                && io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS)
+            {
+                return Err(step("a new session keyring")(io::Error::last_os_error()));
+            }
             sys(libc::setgroups(0, std::ptr::null())).map_err(step("setgroups"))?;
             sys(libc::setresgid(self.gid, self.gid, self.gid)).map_err(step("setresgid"))?;
             sys(libc::setresuid(self.uid, self.uid, self.uid)).map_err(step("setresuid"))?;
@@ -169,6 +185,9 @@ impl Jail {
             sys(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))
                 .map_err(step("PR_SET_PDEATHSIG"))?;
             sys(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0)).map_err(step("PR_SET_DUMPABLE"))?;
+            // The seccomp filters set it too; a jail without them (--seccomp off) keeps it.
+            sys(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+                .map_err(step("PR_SET_NO_NEW_PRIVS"))?;
         }
         // The parent may have died while there was no death signal to tell.
         if lifeline_cut() {
@@ -298,11 +317,15 @@ mod tests {
         names.sort();
         // (On a line of its own: the harness's "test ... " has no newline.)
         println!("\nroot {}", names.join(","));
+        // The root is writable by anyone on the host side (the test made it so): only the
+        // read-only bind refuses this.
         println!(
             "create {}",
-            std::fs::File::create("/new")
-                .map(|_| "ok")
-                .unwrap_or("refused")
+            match std::fs::File::create("/new") {
+                Ok(_) => "ok".to_string(),
+                Err(e) if e.raw_os_error() == Some(libc::EROFS) => "EROFS".to_string(),
+                Err(e) => e.to_string(),
+            }
         );
         println!("host-etc {}", Path::new("/etc/passwd").exists());
         let text = std::io::read_to_string(&status).unwrap();
@@ -334,6 +357,10 @@ mod tests {
             println!(
                 "dumpable {}",
                 libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0)
+            );
+            println!(
+                "no_new_privs {}",
+                libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0)
             );
             let mut sig = 0i32;
             libc::prctl(libc::PR_GET_PDEATHSIG, &mut sig as *mut i32, 0, 0, 0);
@@ -370,9 +397,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("jail");
         std::fs::create_dir(&root).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
         std::fs::write(root.join("api.sock"), "").unwrap();
         std::fs::write(root.join("vsock.sock"), "").unwrap();
-        let out = jailed_child_report(&root, std::process::Stdio::null());
+        // A live lifeline: a pipe whose writer this process holds until the child is done.
+        let (r, w) = std::io::pipe().unwrap();
+        let out = jailed_child_report(&root, r.into());
+        drop(w);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -383,7 +415,7 @@ mod tests {
             stdout.lines().filter_map(|l| l.split_once(' ')).collect();
         let expect = [
             ("root", "api.sock,vsock.sock"),
-            ("create", "refused"),
+            ("create", "EROFS"),
             ("host-etc", "false"),
             ("Uid", "4000000001 4000000001 4000000001 4000000001"),
             ("Gid", "4000000002 4000000002 4000000002 4000000002"),
@@ -396,6 +428,7 @@ mod tests {
             ("nofile", "100 100"),
             ("fsize", "1048576 1048576"),
             ("dumpable", "0"),
+            ("no_new_privs", "1"),
             ("pdeathsig", "9"),
         ];
         for (k, v) in expect {

@@ -15,6 +15,25 @@
 //!   between building and starting.
 //! - `test_guest` (tests only): tiny hand-written guests through the same path.
 
+/// `println!` that never panics: a line of the VMM's log (stdout) that cannot be written (a
+/// full disk, the file size limit of the jail) is dropped, and the VM runs on.
+#[macro_export]
+macro_rules! log_line {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that never panics (see [`log_line!`]).
+#[macro_export]
+macro_rules! log_err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod api_server;
 pub mod arch;
 pub mod builder;

@@ -34,7 +34,7 @@ fn main() {
                 msg.push_str(&format!(": {s}"));
                 src = s.source();
             }
-            eprintln!("husk-vmm: {msg}");
+            husk_vmm::log_err!("husk-vmm: {msg}");
             // Remove our sockets on this path too.
             for p in [cfg.vsock_uds.as_ref(), cfg.api_sock.as_ref()]
                 .into_iter()

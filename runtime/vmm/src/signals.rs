@@ -70,7 +70,7 @@ pub(crate) fn spawn_signal_thread(
         let mut sig = 0;
         // SAFETY: `set` and `sig` are live locals; sigwait only reads/writes them.
         if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-            eprintln!("husk-vmm: signal {sig}: stopping the VM");
+            crate::log_err!("husk-vmm: signal {sig}: stopping the VM");
             let _ = event_tx.send(Event::Stop);
         }
     })

@@ -58,6 +58,9 @@ pub enum VmmError {
     Seccomp(#[from] SeccompError),
     #[error(transparent)]
     Jail(#[from] JailError),
+    /// Counting its threads before the jail.
+    #[error("reading /proc/self/task to count the VMM's threads before it enters its jail")]
+    ThreadCount(#[source] std::io::Error),
     /// Threads started before the jail (a bug of the VMM's).
     #[error("the VMM has {0} threads before entering its jail; it must enter alone")]
     Threads(usize),
@@ -125,13 +128,15 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     let (machine, sockets) = builder::build(cfg, started, stop_signals, jail.as_ref())?;
     if let Some(j) = &jail {
         // Alone: a thread keeps the namespaces, root and bounding set it started with.
-        let threads = std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+        let threads = std::fs::read_dir("/proc/self/task")
+            .map(|d| d.count())
+            .map_err(VmmError::ThreadCount)?;
         if threads != 1 {
             return Err(VmmError::Threads(threads));
         }
         let t = Instant::now();
         j.enter(builder::jail_limits(cfg)?)?;
-        println!(
+        crate::log_line!(
             "jail entered in {:.2} ms",
             t.elapsed().as_secs_f64() * 1000.0
         );
@@ -146,7 +151,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
             let _ = std::fs::remove_file(s);
         }
     }
-    println!(
+    crate::log_line!(
         "vm ended after {} ms: {:?}",
         started.elapsed().as_millis(),
         outcome

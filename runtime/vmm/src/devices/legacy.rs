@@ -174,7 +174,7 @@ impl LegacyBus {
                 if self.ready.is_none() {
                     let t = self.started.elapsed();
                     self.ready = Some(t);
-                    println!("guest ready after {} ms", t.as_millis());
+                    crate::log_line!("guest ready after {} ms", t.as_millis());
                     if let Some(mut f) = self.on_ready.take() {
                         f();
                     }

@@ -274,7 +274,7 @@ impl Vcpu {
             }
             stats.maybe_sample(&self.fd);
             if first && id == 0 {
-                println!(
+                crate::log_line!(
                     "first vCPU entry after {} ms",
                     self.started.elapsed().as_millis()
                 );
@@ -306,7 +306,7 @@ impl Vcpu {
                     // the vCPU here, so the registers read back as the reset state; the last
                     // exception and interrupt in the vCPU events are what tells the fault (on
                     // Intel the registers too).
-                    println!(
+                    crate::log_line!(
                         "vcpu{id}: guest shutdown (triple fault): {}",
                         crash_state(&self.fd)
                     );

@@ -113,10 +113,14 @@ impl FileArg {
     }
 
     /// The file, opened for reading and, if `write`, writing: a passed file must have been
-    /// opened so.
+    /// opened exactly so (a read-only use refuses a writable file: the VMM holds no more
+    /// than it needs), without O_APPEND or O_PATH; either must be a regular file.
     pub fn open(self, write: bool) -> std::io::Result<std::fs::File> {
-        match self {
-            FileArg::Path(p) => std::fs::OpenOptions::new().read(true).write(write).open(p),
+        let file = match self {
+            FileArg::Path(p) => std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(p)?,
             FileArg::Passed(f) => {
                 use std::os::fd::AsRawFd;
                 // SAFETY: F_GETFL on an fd we own.
@@ -125,17 +129,27 @@ impl FileArg {
                     return Err(std::io::Error::last_os_error());
                 }
                 let need = if write { libc::O_RDWR } else { libc::O_RDONLY };
-                let mode = flags & libc::O_ACCMODE;
-                if mode != need && mode != libc::O_RDWR {
-                    return Err(std::io::Error::other(if write {
-                        "the drive is writable, and the file was not opened for reading and writing"
-                    } else {
-                        "the file was not opened for reading"
-                    }));
+                let why = if flags & libc::O_PATH != 0 {
+                    Some("the file was opened with O_PATH (no reads or writes)")
+                } else if flags & libc::O_APPEND != 0 {
+                    Some("the file was opened with O_APPEND (writes would go to its end)")
+                } else if flags & libc::O_ACCMODE != need && write {
+                    Some("the drive is writable, and the file was not opened for reading and writing")
+                } else if flags & libc::O_ACCMODE != need {
+                    Some("the drive or layer is read-only, and the file was not opened read-only")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(std::io::Error::other(why));
                 }
-                Ok(f)
+                f
             }
+        };
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
         }
+        Ok(file)
     }
 }
 
@@ -159,10 +173,11 @@ mod file_arg_tests {
             )
         };
         assert!(ro().open(false).is_ok());
-        assert!(rw().open(false).is_ok());
         assert!(rw().open(true).is_ok());
         let e = ro().open(true).unwrap_err().to_string();
         assert!(e.contains("not opened for reading and writing"), "{e}");
+        let e = rw().open(false).unwrap_err().to_string();
+        assert!(e.contains("not opened read-only"), "{e}");
         let wo = FileArg::Passed(
             std::fs::OpenOptions::new()
                 .write(true)
@@ -170,6 +185,32 @@ mod file_arg_tests {
                 .unwrap(),
         );
         assert!(wo.open(false).is_err());
+        let append = FileArg::Passed(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .append(true)
+                .open(f.path())
+                .unwrap(),
+        );
+        let e = append.open(true).unwrap_err().to_string();
+        assert!(e.contains("O_APPEND"), "{e}");
+        use std::os::unix::fs::OpenOptionsExt;
+        let path_only = FileArg::Passed(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH)
+                .open(f.path())
+                .unwrap(),
+        );
+        let e = path_only.open(false).unwrap_err().to_string();
+        assert!(e.contains("O_PATH"), "{e}");
+        let dir = FileArg::Passed(std::fs::File::open("/").unwrap());
+        assert_eq!(
+            dir.open(false).unwrap_err().to_string(),
+            "not a regular file"
+        );
+        let e = FileArg::Path("/".into()).open(false).unwrap_err();
+        assert_eq!(e.to_string(), "not a regular file");
         assert_eq!(ro().name(), "(the file passed with the request)");
         assert_eq!(FileArg::Path("/x.img".into()).name(), "/x.img");
     }

@@ -138,9 +138,8 @@ impl Block {
             .metadata()
             .map_err(|e| BlockError::Open(name.clone(), e))?
             .len();
-        let limit = crate::jail::file_size_limit();
-        if !self.read_only && len > limit {
-            return Err(BlockError::TooBig { name, len, limit });
+        if !self.read_only {
+            within_file_size_limit(&name, len, crate::jail::file_size_limit())?;
         }
         self.backing = Backing::File {
             file,
@@ -190,6 +189,19 @@ impl Block {
             }
         }
     }
+}
+
+/// A writable drive of `len` bytes must fit under the file size limit `limit`: the kernel
+/// refuses writes at offsets past it.
+fn within_file_size_limit(name: &str, len: u64, limit: u64) -> Result<(), BlockError> {
+    if len > limit {
+        return Err(BlockError::TooBig {
+            name: name.to_string(),
+            len,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 /// Serves one request; returns the bytes written into the guest's buffers.
@@ -457,6 +469,15 @@ mod tests {
         header(&mem, 99, 0);
         handle_request(&mem, &d, &Backing::Empty, false, "x");
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3000)).unwrap(), S_UNSUPP);
+    }
+
+    #[test]
+    fn a_writable_drive_past_the_file_size_limit_is_refused() {
+        assert!(within_file_size_limit("d", 1 << 20, 1 << 20).is_ok());
+        let e = within_file_size_limit("/d.img", (1 << 20) + 1, 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("the drive file /d.img (1048577 bytes) is bigger than the VMM's file size limit (1048576 bytes"), "{e}");
     }
 
     #[test]

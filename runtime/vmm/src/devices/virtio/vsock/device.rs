@@ -37,10 +37,10 @@ impl Vsock {
         })
     }
 
-    /// The path its socket has from now on (inside the VMM's jail): guest connections to
-    /// host port P go to `<path>_P`.
-    pub fn rename_socket(&mut self, uds: std::path::PathBuf) {
-        self.muxer.rename_socket(uds);
+    /// The path of its socket inside the VMM's jail: guest connections to host port P go to
+    /// `<path>_P` there.
+    pub fn host_ports_at(&mut self, path: std::path::PathBuf) {
+        self.muxer.host_ports_at(path);
     }
 
     /// Handles one packet from the guest.

@@ -64,9 +64,9 @@ pub(super) struct Muxer {
 }
 
 impl Muxer {
-    /// See [`HostListener::rename`].
-    pub(super) fn rename_socket(&mut self, uds: std::path::PathBuf) {
-        self.host.rename(uds);
+    /// See [`HostListener::ports_at`].
+    pub(super) fn host_ports_at(&mut self, path: std::path::PathBuf) {
+        self.host.ports_at(path);
     }
 
     /// Listens on `uds` for the host side of guest `cid`.

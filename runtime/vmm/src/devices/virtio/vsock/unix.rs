@@ -32,7 +32,11 @@ struct Pending {
 /// have not said which guest port they want yet. The socket file goes when this does.
 #[derive(Debug)]
 pub(super) struct HostListener {
+    /// The socket's path, removed at the end.
     uds: PathBuf,
+    /// Where `<ports_base>_<port>` host listeners are looked for: `uds`, or its path inside
+    /// the VMM's jail.
+    ports_base: PathBuf,
     listener: UnixListener,
     pending: HashMap<RawFd, Pending>,
     accept_log: LogLimiter,
@@ -49,22 +53,24 @@ impl HostListener {
             .map_err(|e| VsockError::Listen(uds.display().to_string(), e))?;
         Ok(HostListener {
             uds: uds.to_path_buf(),
+            ports_base: uds.to_path_buf(),
             listener,
             pending: HashMap::new(),
             accept_log: LogLimiter::default(),
         })
     }
 
-    /// The path the socket is known by from now on (its path inside the VMM's jail): where
-    /// `<uds>_<port>` is looked for, and what is removed at the end.
-    pub(super) fn rename(&mut self, uds: PathBuf) {
-        self.uds = uds;
+    /// The socket's path inside the VMM's jail: where `<path>_<port>` host listeners are
+    /// looked for once jailed (the socket itself is removed by its host path, if the VMM
+    /// ends before its jail, or by its caller).
+    pub(super) fn ports_at(&mut self, path: PathBuf) {
+        self.ports_base = path;
     }
 
     /// Connects to the host's listener for the guest's connections to host port `port`,
     /// `<uds>_<port>`, without ever waiting.
     pub(super) fn connect_port(&self, port: u32) -> std::io::Result<UnixStream> {
-        let mut path = OsString::from(self.uds.as_os_str());
+        let mut path = OsString::from(self.ports_base.as_os_str());
         path.push(format!("_{port}"));
         connect_nonblocking(Path::new(&path))
     }
