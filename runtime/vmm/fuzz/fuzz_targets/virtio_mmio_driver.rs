@@ -10,7 +10,7 @@
 #![no_main]
 
 use husk_vmm::devices::virtio::{
-    block::Block, mmio::MmioTransport, vsock::Vsock, IrqLine, VirtioDevice,
+    block::Block, mmio::MmioTransport, vsock::Vsock, FileArg, IrqLine, VirtioDevice,
 };
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
         for (name, len) in [("a", 5000), ("b", 4096)] {
             let layer = dir.path().join(name);
             std::fs::write(&layer, vec![0xa5u8; len]).unwrap();
-            b.add_layer(&layer).unwrap();
+            b.add_layer(FileArg::Path(layer)).unwrap();
         }
         Box::new(b)
     } else {
