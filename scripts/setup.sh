@@ -13,6 +13,8 @@ PACKAGES=(
     containerd runc containernetworking-plugins iproute2 iptables
     # test tools
     procps psmisc util-linux shellcheck file python3
+    # building virtiofsd (the pods' virtio-fs backend)
+    libseccomp-dev libcap-ng-dev pkg-config
 )
 
 missing=()
@@ -82,3 +84,17 @@ unpack_deb() { # PACKAGE FILE: the package unpacked, FILE the one that shows it 
 }
 unpack_deb nginx usr/sbin/nginx
 unpack_deb busybox bin/busybox
+
+# virtiofsd, the vhost-user-fs backend each pod's shared directory is served by (Debian 12 has
+# only QEMU's old C one): built from crates.io at a pinned version, cached by version under
+# $HUSK_CACHE/tools, linked as /usr/local/libexec/husk/virtiofsd.
+VIRTIOFSD_VERSION=1.14.0
+virtiofsd=$cache/tools/virtiofsd-$VIRTIOFSD_VERSION/bin/virtiofsd
+if [[ ! -x $virtiofsd ]]; then
+    echo "setup: building virtiofsd $VIRTIOFSD_VERSION"
+    cargo install --quiet --locked virtiofsd --version "$VIRTIOFSD_VERSION" \
+        --root "$cache/tools/virtiofsd-$VIRTIOFSD_VERSION"
+fi
+mkdir -p /usr/local/libexec/husk
+ln -sf "$virtiofsd" /usr/local/libexec/husk/virtiofsd
+echo "setup: virtiofsd $VIRTIOFSD_VERSION at /usr/local/libexec/husk/virtiofsd"

@@ -14,9 +14,11 @@ initramfs=${HUSK_CACHE:-/var/cache/husk}/current/initramfs.cpio.gz
 export XDG_RUNTIME_DIR=/run/husk-test
 mkdir -p "$XDG_RUNTIME_DIR"
 
+# HUSK_CHECKS="NAME ..." runs only those (debugging one check in the testbed).
 check() {
     local name=$1
     shift
+    [[ -z ${HUSK_CHECKS:-} || " $HUSK_CHECKS " == *" $name "* ]] || return 0
     echo "=== $name"
     "$@" 2>&1
     echo "=== $name rc=$?"
@@ -95,6 +97,17 @@ interrupt() {
 check interrupt interrupt running
 check interrupt_boot interrupt booting
 
+# jailed_vmm DIR UID ARGS...: starts husk-vmm in the background (256 MiB, its sockets and
+# root in DIR/jail, user and group UID, its log in DIR) with ARGS; its pid in vmm_pid.
+jailed_vmm() {
+    local d=$1 uid=$2
+    shift 2
+    "$vmm" --kernel "$kernel" --initramfs "$initramfs" --mem-mib 256 \
+        --serial-log "$d/serial.log" --vsock-uds "$d/jail/vsock.sock" --api-sock "$d/jail/api.sock" \
+        --jail "$d/jail" --uid "$uid" --gid "$uid" "$@" >"$d/vmm.log" 2>&1 &
+    vmm_pid=$!
+}
+
 # Drives (husk-vmm, jailed, and the agent driven directly): a container on a read-only ext4
 # drive, then a second drive filled later through the control API (the file passed to the
 # jailed VMM; one bigger than its file size limit refused first), used by a second
@@ -123,11 +136,7 @@ drives() {
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]}],
  "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]}}
 JSON
-    "$vmm" --kernel "$kernel" --initramfs "$initramfs" --mem-mib 256 \
-        --serial-log "$d/serial.log" --vsock-uds "$d/jail/vsock.sock" --api-sock "$d/jail/api.sock" \
-        --drive "id=rootfs,path=$d/a.ext4,ro=true" --drive "id=late,path=" \
-        --jail "$d/jail" --uid 1600099999 --gid 1600099999 >"$d/vmm.log" 2>&1 &
-    vmm_pid=$!
+    jailed_vmm "$d" 1600099999 --drive "id=rootfs,path=$d/a.ext4,ro=true" --drive "id=late,path="
     local A=("$husk" agent --addr "hvsock:$d/jail/vsock.sock" --timeout-secs 60)
     "${A[@]}" --wait check >/dev/null &&
         "${A[@]}" create-sandbox pod >/dev/null &&
@@ -169,6 +178,74 @@ vmm_sigterm() {
     rm -rf "$d"
 }
 check vmm_sigterm vmm_sigterm
+
+# pss_kib PID...: the processes' proportional set size together, in KiB.
+pss_kib() {
+    local pid sum=0
+    for pid in "$@"; do
+        sum=$((sum + $(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup" 2>/dev/null || echo 0)))
+    done
+    echo "$sum"
+}
+
+# A shared directory (virtio-fs): virtiofsd serves a host directory, the jailed husk-vmm
+# gives it to the guest as tag husk-shared, a container mounts it: it reads what the host
+# wrote before and after it started, and what it writes the host reads (owned by the uid
+# that wrote it); a symlink in the share to a host file beside it, and `..`, reach nothing
+# of the host's. After the guest powers off, the VMM and virtiofsd are gone.
+fs_share() {
+    local d rc vmm_pid fsd_pid virtiofsd=/usr/local/libexec/husk/virtiofsd
+    [[ -x $virtiofsd ]] || { echo "no $virtiofsd (scripts/setup.sh builds it)"; return 1; }
+    d=$(mktemp -d "$XDG_RUNTIME_DIR/fs.XXXXXX")
+    mkdir -p "$d/shared" "$d/jail" "$d/bundle" "$d/root"
+    echo "written by the host before" >"$d/shared/before"
+    ln -s "$d/secret" "$d/shared/to-secret"
+    echo "host-secret" >"$d/secret"
+    cp -a "$rootfs/." "$d/root/"
+    mkdir -p "$d/root/shared"
+    mkfs.ext4 -q -d "$d/root" "$d/root.ext4" 16M || return 1
+    cat >"$d/bundle/config.json" <<'JSON'
+{"ociVersion": "1.0.2",
+ "process": {"args": ["sh", "-c", "cat /shared/before; while [ ! -e /shared/after ]; do sleep 0.2; done; cat /shared/after; echo written by the guest >/shared/from-guest; echo \"symlink: $(cat /shared/to-secret 2>&1)\"; echo \"dotdot: $(cat /shared/../secret 2>&1)\""],
+             "cwd": "/", "env": ["PATH=/bin:/sbin:/usr/bin"], "user": {"uid": 0, "gid": 0}},
+ "root": {"path": "rootfs"},
+ "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/shared", "type": "virtiofs", "source": "husk-shared"}],
+ "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]}}
+JSON
+    "$virtiofsd" --socket-path "$d/fs.sock" --shared-dir "$d/shared" --sandbox namespace \
+        --seccomp kill --cache auto --inode-file-handles=never >"$d/virtiofsd.log" 2>&1 &
+    fsd_pid=$!
+    local i
+    for ((i = 0; i < 100; i++)); do
+        [[ -S $d/fs.sock ]] && break
+        sleep 0.1
+    done
+    [[ -S $d/fs.sock ]] || { echo "virtiofsd did not listen:"; cat "$d/virtiofsd.log"; return 1; }
+    jailed_vmm "$d" 1600099998 --drive "id=rootfs,path=$d/root.ext4,ro=true" \
+        --fs "tag=husk-shared,socket=$d/fs.sock"
+    local A=("$husk" agent --addr "hvsock:$d/jail/vsock.sock" --timeout-secs 60)
+    "${A[@]}" --wait check >/dev/null &&
+        "${A[@]}" create-sandbox pod >/dev/null &&
+        "${A[@]}" create --bundle "$d/bundle" --block /dev/vda:ext4:ro c >/dev/null &&
+        "${A[@]}" start c >/dev/null &&
+        { sleep 2; echo "written by the host after" >"$d/shared/after"; } &&
+        echo "virtiofsd PSS: $(pss_kib "$fsd_pid" $(pgrep -P "$fsd_pid")) KiB" &&
+        "${A[@]}" attach c &&
+        echo "host reads: $(cat "$d/shared/from-guest")" &&
+        echo "owner: $(stat -c %u "$d/shared/from-guest")" &&
+        "${A[@]}" destroy-sandbox pod
+    rc=$?
+    ((rc == 0)) || { tail -n 5 "$d/vmm.log" "$d/serial.log" "$d/virtiofsd.log"; kill "$vmm_pid"; }
+    wait_gone "$vmm_pid" husk-vmm "the guest ended"
+    echo "vmm exit $?"
+    wait_gone "$fsd_pid" virtiofsd "its VMM ended"
+    echo "virtiofsd exit $?"
+    grep -h "memory overhead" "$d/vmm.log"
+    rm -rf "$d"
+    return "$rc"
+}
+check fs_share fs_share
 
 # --net tap:NAME: the guest's eth0 on a tap L1 made, with the address, default route and MTU
 # given; TCP both ways (the guest fetches a line from L1, L1 sends one to the guest). husk

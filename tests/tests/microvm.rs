@@ -327,6 +327,34 @@ fn husk_run_in_microvms() {
         "{text}"
     );
 
+    // A shared directory (virtio-fs through virtiofsd, the VMM jailed): the container reads
+    // the host's files, written before and after it started; the host reads the container's
+    // (owned by root, who wrote it); a symlink to a host file beside the share and `..`
+    // reach nothing of the host; the VMM and virtiofsd end with the guest.
+    let (text, rc) = get("fs_share");
+    assert_eq!(rc, Some(0), "{text}");
+    for line in [
+        "written by the host before\n",
+        "written by the host after\n",
+        "host reads: written by the guest\n",
+        "owner: 0\n",
+        "vmm exit 0\n",
+        "virtiofsd exit 0\n",
+    ] {
+        assert!(text.contains(line), "{line:?}: {text}");
+    }
+    assert!(!text.contains("host-secret"), "an escape: {text}");
+    let symlink = text
+        .lines()
+        .find(|l| l.starts_with("symlink: "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(symlink.contains("No such file"), "{symlink}");
+    let dotdot = text
+        .lines()
+        .find(|l| l.starts_with("dotdot: "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(dotdot.contains("No such file"), "{dotdot}");
+
     // --net tap:NAME: eth0 with the address, the MTU and a locally administered MAC, the
     // default route through the gateway, traffic both ways; the tap is left to its owner.
     let (text, rc) = get("net_tap");

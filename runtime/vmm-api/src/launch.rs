@@ -96,6 +96,45 @@ impl fmt::Display for DriveArg {
     }
 }
 
+/// A shared directory for the guest (virtio-fs), served by a vhost-user-fs backend
+/// (virtiofsd) listening on `socket`: `tag=TAG,socket=PATH`. The guest mounts it with
+/// `mount -t virtiofs TAG DIR`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsArg {
+    pub tag: String,
+    pub socket: PathBuf,
+}
+
+impl std::str::FromStr for FsArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut tag, mut socket) = (None, None);
+        for kv in s.split(',') {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("fs {s:?}: {kv:?} is not key=value"))?;
+            match k {
+                "tag" => tag = Some(v.to_string()),
+                "socket" => socket = Some(PathBuf::from(v)),
+                other => return Err(format!("fs {s:?}: unknown key {other:?}")),
+            }
+        }
+        let tag = tag
+            .filter(|t| !t.is_empty() && t.len() <= 36)
+            .ok_or_else(|| format!("fs {s:?}: a tag of 1 to 36 bytes is required"))?;
+        let socket = socket
+            .filter(|p| !p.as_os_str().is_empty())
+            .ok_or_else(|| format!("fs {s:?}: the backend's socket is required"))?;
+        Ok(FsArg { tag, socket })
+    }
+}
+
+impl fmt::Display for FsArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "tag={},socket={}", self.tag, self.socket.display())
+    }
+}
+
 /// The configuration of one microVM.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Parser)]
 #[command(name = "husk-vmm", version, about = "husk's KVM microVM monitor")]
@@ -142,6 +181,11 @@ pub struct VmConfig {
     /// the VMM attaches to. Default MAC: random, locally administered; default MTU: 1500.
     #[arg(long)]
     pub net: Option<NetArg>,
+    /// A shared directory (virtio-fs): tag=TAG,socket=PATH, the socket of a vhost-user-fs
+    /// backend (virtiofsd) already listening; connected when the VM is built (before the
+    /// jail). Guest memory is then a memfd the backend maps. Repeatable.
+    #[arg(long = "fs")]
+    pub fs: Vec<FsArg>,
     /// The VMM's per-thread seccomp filters: `kill` (the default: a syscall outside the
     /// calling thread's list kills the VMM), `log` (allowed, and logged by the kernel's audit;
     /// for finding what a list lacks) or `off` (debugging only: a guest that breaks a device
@@ -190,6 +234,7 @@ impl VmConfig {
             drives: Vec::new(),
             api_sock: None,
             net: None,
+            fs: Vec::new(),
             seccomp: SeccompMode::Kill,
             jail: None,
             uid: None,
@@ -229,6 +274,9 @@ impl VmConfig {
         }
         if let Some(n) = &self.net {
             flag("net", n.to_string().into());
+        }
+        for f in &self.fs {
+            flag("fs", f.to_string().into());
         }
         match self.seccomp {
             SeccompMode::Kill => {}
@@ -326,10 +374,39 @@ mod tests {
         assert_eq!(VmConfig::try_parse_from(args(&c)).unwrap(), c);
         c.net = Some("tap=husk0".parse().unwrap());
         assert_eq!(VmConfig::try_parse_from(args(&c)).unwrap(), c);
+        c.fs = vec![
+            "tag=shared,socket=/run/vm/fs.sock".parse().unwrap(),
+            "tag=b,socket=/x".parse().unwrap(),
+        ];
+        assert_eq!(VmConfig::try_parse_from(args(&c)).unwrap(), c);
         c.jail = Some("/run/vm/jail".into());
         c.uid = Some(1_600_000_007);
         c.gid = Some(1_600_000_007);
         assert_eq!(VmConfig::try_parse_from(args(&c)).unwrap(), c);
+    }
+
+    #[test]
+    fn fs_args_parse() {
+        let f: FsArg = "tag=husk-shared,socket=/run/fs.sock".parse().unwrap();
+        assert_eq!(
+            (f.tag.as_str(), f.socket.as_path()),
+            ("husk-shared", std::path::Path::new("/run/fs.sock"))
+        );
+        assert_eq!(f.to_string(), "tag=husk-shared,socket=/run/fs.sock");
+        for (bad, why) in [
+            ("socket=/s", "a tag of 1 to 36 bytes"),
+            ("tag=,socket=/s", "a tag of 1 to 36 bytes"),
+            (
+                &format!("tag={},socket=/s", "x".repeat(37)),
+                "a tag of 1 to 36 bytes",
+            ),
+            ("tag=a", "socket is required"),
+            ("tag=a,socket=/s,cache=auto", "unknown key"),
+            ("tag", "is not key=value"),
+        ] {
+            let e = bad.parse::<FsArg>().unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     /// A jail needs its user and group, neither of them root; a user needs a jail.

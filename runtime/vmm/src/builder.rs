@@ -20,6 +20,7 @@ use crate::{
         legacy::{CappedWriter, SERIAL_LOG_MAX},
         virtio::{
             block::{Block, BlockError},
+            fs::{Fs, FsError},
             net::{Net, NetBackend, NetError, Tap},
             vsock::{Vsock, VsockError, MAX_HOST_SOCKETS},
         },
@@ -69,6 +70,8 @@ pub enum BuildError {
     Vsock(#[from] VsockError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
 }
 
 /// The default kernel command line: serial console, reboot via the i8042, no probing of
@@ -94,7 +97,8 @@ pub(crate) fn build(
             }
         }
     }
-    let vm = Vm::new(cfg.mem_mib as u64)?;
+    // A vhost-user backend maps guest memory: then it is a memfd.
+    let vm = Vm::new(cfg.mem_mib as u64, !cfg.fs.is_empty())?;
     let mem_size = (cfg.mem_mib as u64) << 20;
     let entry = load_kernel(&vm, cfg)?;
     let initrd = load_initramfs(&vm, cfg, mem_size)?;
@@ -220,6 +224,12 @@ fn create_devices(
     }
     if let Some(n) = &cfg.net {
         devices.push((NET_ID.into(), Box::new(create_net(n)?)));
+    }
+    for f in &cfg.fs {
+        devices.push((
+            format!("fs-{}", f.tag),
+            Box::new(Fs::connect(&f.tag, &f.socket)?),
+        ));
     }
     Ok((devices, sockets))
 }

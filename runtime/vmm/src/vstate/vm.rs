@@ -2,7 +2,7 @@
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Errors creating or configuring the VM.
@@ -16,12 +16,39 @@ pub enum VmError {
     Setup(&'static str, #[source] kvm_ioctls::Error),
     #[error("allocating {0} MiB of guest memory")]
     Memory(u64, #[source] vm_memory::mmap::FromRangesError),
+    #[error("making {0} MiB of shareable guest memory (a memfd)")]
+    SharedMemory(u64, #[source] std::io::Error),
     #[error("guest memory of {0} MiB is too large (at most 3072 MiB, below the MMIO hole)")]
     TooMuchMemory(u64),
     #[error("registering guest memory with KVM")]
     MemoryRegion(#[source] kvm_ioctls::Error),
     #[error("registering an irqfd for GSI {0}")]
     Irqfd(u32, #[source] kvm_ioctls::Error),
+}
+
+/// A memfd of `size` bytes, sealed so that it can neither shrink nor grow (a backend that
+/// maps it can trust its size).
+fn memfd(size: u64) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a NUL-terminated name; the fd it returns is ours.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"husk-guest-memory".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd, owned by nothing else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on an fd we own.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 /// A KVM VM and its memory.
@@ -34,9 +61,10 @@ pub struct Vm {
 
 impl Vm {
     /// Creates a VM with `mem_mib` MiB of memory at guest address 0, an in-kernel irqchip and
-    /// PIT. The memory is an anonymous MAP_NORESERVE mapping: the host pays only for pages the
-    /// guest touches.
-    pub fn new(mem_mib: u64) -> Result<Vm, VmError> {
+    /// PIT. The memory is a MAP_NORESERVE mapping, so the host pays only for pages the guest
+    /// touches: anonymous, or, if `shared`, of a memfd (sealed at its size) that a vhost-user
+    /// backend can map too.
+    pub fn new(mem_mib: u64, shared: bool) -> Result<Vm, VmError> {
         if mem_mib > 3072 {
             return Err(VmError::TooMuchMemory(mem_mib));
         }
@@ -53,8 +81,16 @@ impl Vm {
         fd.create_pit2(pit)
             .map_err(|e| VmError::Setup("creating the in-kernel PIT", e))?;
         let size = (mem_mib << 20) as usize;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
-            .map_err(|e| VmError::Memory(mem_mib, e))?;
+        let mem = match shared {
+            false => GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
+                .map_err(|e| VmError::Memory(mem_mib, e))?,
+            true => {
+                let file = memfd(size as u64).map_err(|e| VmError::SharedMemory(mem_mib, e))?;
+                let fo = FileOffset::new(file, 0);
+                GuestMemoryMmap::<()>::from_ranges_with_files(&[(GuestAddress(0), size, Some(fo))])
+                    .map_err(|e| VmError::Memory(mem_mib, e))?
+            }
+        };
         for (slot, region) in mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,

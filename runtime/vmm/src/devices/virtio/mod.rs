@@ -1,6 +1,7 @@
 //! virtio devices over the virtio-mmio transport (version 2).
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 #[cfg(test)]
