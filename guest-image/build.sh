@@ -53,7 +53,7 @@ mkdir -p "$HUSK_CACHE"
 husk_ensure_packages gcc gzip file
 
 # --- kernel ------------------------------------------------------------------
-husk_kernel_build guest "$HERE/kernel/guest.config"
+husk_kernel_build guest "$HERE/kernel/guest.config" "$HERE/kernel/guest-only.config"
 vmlinux=$HUSK_KERNEL_VMLINUX
 
 # --- husk-agent, static --------------------------------------------------------
