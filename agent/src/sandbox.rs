@@ -167,6 +167,7 @@ impl Sandbox {
         id: &str,
         hostname: &str,
         sysctls: &std::collections::HashMap<String, String>,
+        shared_fs_tag: &str,
         owns_kernel: bool,
     ) -> Result<()> {
         check_id("sandbox_id", id)?;
@@ -188,6 +189,14 @@ impl Sandbox {
             }
             crate::sysctl::apply(Path::new("/proc/sys"), sysctls)
                 .map_err(|e| AgentError::InvalidArgument(e.to_string()))?;
+        }
+        if !shared_fs_tag.is_empty() {
+            if !owns_kernel {
+                return Err(AgentError::FailedPrecondition(
+                    "a shared directory: this agent is a host process, not a guest's init".into(),
+                ));
+            }
+            mount_shared_dir(shared_fs_tag)?;
         }
         *cur = Some(id.to_string());
         Ok(())
@@ -707,6 +716,27 @@ fn stats_to_pb(s: container::cgroup::Stats) -> pb::ContainerStatsResponse {
     r.io_read_ios = s.io_read_ios;
     r.io_write_ios = s.io_write_ios;
     r
+}
+
+/// Mounts the pod's shared directory, the virtio-fs `tag`, at [`husk_proto::SHARED_DIR`]
+/// (nosuid, nodev: what containers get of it is bind-mounted with their own options).
+fn mount_shared_dir(tag: &str) -> Result<()> {
+    let dir = Path::new(husk_proto::SHARED_DIR);
+    std::fs::create_dir_all(dir)
+        .map_err(|e| AgentError::internal("making the shared directory's mount point", &e))?;
+    nix::mount::mount(
+        Some(tag),
+        dir,
+        Some("virtiofs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        AgentError::internal(
+            &format!("mounting the pod's shared directory (virtio-fs tag {tag:?})"),
+            &e,
+        )
+    })
 }
 
 #[cfg(test)]

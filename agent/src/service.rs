@@ -84,8 +84,13 @@ impl agent_ttrpc::Agent for AgentService {
         let set_hostname = self.on_destroy == OnDestroy::PowerOff;
         log_err(
             "create_sandbox",
-            self.sandbox
-                .create_sandbox(&req.sandbox_id, &req.hostname, &req.sysctls, set_hostname),
+            self.sandbox.create_sandbox(
+                &req.sandbox_id,
+                &req.hostname,
+                &req.sysctls,
+                &req.shared_fs_tag,
+                set_hostname,
+            ),
         )?;
         Ok(pb::Empty::new())
     }

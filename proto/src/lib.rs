@@ -15,6 +15,13 @@ pub const STDIO_VSOCK_PORT: u32 = 1025;
 /// pause process, PID 1 of that namespace, for its first such container.
 pub const POD_PID_NAMESPACE: &str = "/run/husk-agent/pod-pid-namespace";
 
+/// The virtio-fs tag of a pod's shared directory (the host's `DIR/shared`, served by the
+/// pod's virtiofsd).
+pub const SHARED_FS_TAG: &str = "husk-shared";
+
+/// Where the agent mounts the pod's shared directory in the guest.
+pub const SHARED_DIR: &str = "/run/husk/shared";
+
 /// The suffix added to the agent's Unix socket path for its stdio listener in host-process mode.
 pub const STDIO_UNIX_SUFFIX: &str = ".stdio";
 

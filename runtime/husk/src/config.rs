@@ -11,6 +11,7 @@
 //! path = "/usr/local/bin/husk-vmm"                    # default: husk-vmm next to the caller
 //! confine = true     # the VMM's jail, seccomp filters and cgroup; false only to debug it
 //! uids = "1600000000-1600065535"  # the users (and groups) confined VMMs run as, one each
+//! virtiofsd = "/usr/local/libexec/husk/virtiofsd"  # serves each pod's shared directory
 //!
 //! [pod]              # a containerd pod's VM when CRI gives no sandbox sizes
 //! vcpus = 1
@@ -41,6 +42,8 @@ pub struct Config {
     pub confine: bool,
     /// The user ids (each also a group id) confined VMMs run as, one per VM.
     pub uids: crate::uid_lease::UidRange,
+    /// The vhost-user-fs backend each pod's shared directory is served by.
+    pub virtiofsd: PathBuf,
     pub pod: PodDefaults,
     /// The layer cache is `<storage_dir>/layers`, pods' scratch drives `<storage_dir>/scratch`.
     pub storage_dir: PathBuf,
@@ -64,6 +67,7 @@ impl Default for Config {
             vmm: None,
             confine: true,
             uids: Default::default(),
+            virtiofsd: "/usr/local/libexec/husk/virtiofsd".into(),
             pod: PodDefaults {
                 vcpus: 1,
                 memory_mib: 256,
@@ -124,13 +128,14 @@ impl Config {
                             .parse()
                             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?
                     }
+                    "vmm.virtiofsd" => c.virtiofsd = path(&name, v)?,
                     "pod.vcpus" => c.pod.vcpus = int(&name, v, 1, 64)? as u8,
                     "pod.memory_mib" => c.pod.memory_mib = int(&name, v, 64, 3072)? as u32,
                     "pod.overhead_mib" => c.pod.overhead_mib = int(&name, v, 0, 1024)? as u32,
                     "pod.scratch_gib" => c.pod.scratch_gib = int(&name, v, 1, 4096)? as u32,
                     "storage.dir" => c.storage_dir = path(&name, v)?,
                     _ => bail!(
-                        "unknown key {name} (known: guest.kernel, guest.initramfs, guest.kernel_args, vmm.path, vmm.confine, vmm.uids, pod.vcpus, pod.memory_mib, pod.overhead_mib, pod.scratch_gib, storage.dir)"
+                        "unknown key {name} (known: guest.kernel, guest.initramfs, guest.kernel_args, vmm.path, vmm.confine, vmm.uids, vmm.virtiofsd, pod.vcpus, pod.memory_mib, pod.overhead_mib, pod.scratch_gib, storage.dir)"
                     ),
                 }
             }
@@ -184,6 +189,7 @@ kernel_args = "loglevel=7"
 path = "/opt/husk-vmm"
 confine = false
 uids = "5000-5999"
+virtiofsd = "/opt/virtiofsd"
 [pod]
 vcpus = 2
 memory_mib = 512
@@ -200,6 +206,7 @@ dir = "/srv/husk"
         assert_eq!(c.vmm.as_deref(), Some(Path::new("/opt/husk-vmm")));
         assert!(!c.confine && Config::default().confine);
         assert_eq!(c.uids.to_string(), "5000-5999");
+        assert_eq!(c.virtiofsd, Path::new("/opt/virtiofsd"));
         assert_eq!(
             c.pod,
             PodDefaults {

@@ -8,6 +8,7 @@ pub mod image;
 pub mod layers;
 pub mod net;
 pub mod pod;
+pub mod share;
 pub mod stdio;
 pub mod uid_lease;
 pub mod vm;

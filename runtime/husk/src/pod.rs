@@ -26,6 +26,7 @@ use oci_spec::runtime::Spec;
 
 use crate::{
     net::{IpPrefix, NetInfo, RouteScope},
+    share::{SharedDir, Volume},
     vm::{error_chain, Drive, NetDevice, Vm, VmImage, VmSize},
 };
 
@@ -52,6 +53,9 @@ pub struct PodConfig {
     pub boot_timeout: Duration,
     /// The VMM's cgroup, relative to the cgroup v2 root (see [`crate::cgroup`]).
     pub cgroup: String,
+    /// The pod's shared directory on the host (virtio-fs; mounted in the guest at
+    /// [`husk_proto::SHARED_DIR`]), if it has one.
+    pub shared_dir: Option<PathBuf>,
 }
 
 /// Why the pod engine could not do what it was asked.
@@ -77,6 +81,9 @@ pub enum PodError {
     LayerUnreachable { image: PathBuf, reason: String },
     #[error("the container's OCI spec: {0}")]
     Spec(String),
+    /// Its volumes could not be shared with the guest.
+    #[error("sharing the container's volumes with the guest: {0}")]
+    Share(String),
 }
 
 impl PodError {
@@ -98,6 +105,8 @@ struct Inner {
     dir: PathBuf,
     control: husk_vmm_api::Client,
     layers: tokio::sync::Mutex<LayerTable>,
+    /// The pod's shared directory (its containers' volumes), if the VM has one.
+    share: Option<Arc<SharedDir>>,
 }
 
 /// The id of the layered drive, and of the scratch drive.
@@ -191,6 +200,9 @@ pub struct NewContainer<'a> {
     pub layers: &'a [PodLayer],
     /// Whether the container's init reads stdin (the agent keeps it open for a stream).
     pub stdin: bool,
+    /// Host files and directories shared with it: each at `SHARED_DIR/ID/NAME` in the
+    /// guest, where its spec's mounts take them from.
+    pub volumes: &'a [Volume],
 }
 
 /// Makes the pod's scratch drive: a sparse ext4 image of `bytes` in `dir`, opened and
@@ -259,6 +271,7 @@ impl Pod {
             device,
             &cfg.dir,
             &cfg.cgroup,
+            cfg.shared_dir.as_deref(),
         )
         .map_err(|e| PodError::Start(format!("{e:#}")))?;
         // The VMM holds the scratch file now.
@@ -271,6 +284,9 @@ impl Pod {
         r.sandbox_id = cfg.id.clone();
         r.hostname = cfg.hostname.clone();
         r.sysctls = cfg.sysctls.clone();
+        if cfg.shared_dir.is_some() {
+            r.shared_fs_tag = husk_proto::SHARED_FS_TAG.into();
+        }
         agent
             .create_sandbox(r)
             .await
@@ -281,6 +297,11 @@ impl Pod {
                 .await
                 .map_err(PodError::agent("configuring the guest's network"))?;
         }
+        // The guest has mounted the share: its root becomes read-only to it.
+        let share = vm
+            .shared_dir()
+            .and_then(|s| s.map(|s| s.seal().map(|()| Arc::new(s))).transpose())
+            .map_err(|e| PodError::Share(format!("{e:#}")))?;
         let pod = Pod(Arc::new(Inner {
             id: cfg.id.clone(),
             agent,
@@ -289,6 +310,7 @@ impl Pod {
             dir: cfg.dir.clone(),
             control: vm.control(CONTROL_TIMEOUT),
             layers: Default::default(),
+            share,
         }));
         Ok((pod, vm))
     }
@@ -382,6 +404,34 @@ impl Pod {
     /// (not started yet). On failure the guest holds nothing of the container and the
     /// layers it took are given back.
     pub async fn create_container(&self, c: &NewContainer<'_>) -> Result<u32, PodError> {
+        if !c.volumes.is_empty() {
+            let Some(share) = self.0.share.clone() else {
+                return Err(PodError::Share(
+                    "the pod's VM has no shared directory".into(),
+                ));
+            };
+            let (id, volumes) = (c.id.to_string(), c.volumes.to_vec());
+            tokio::task::spawn_blocking(move || share.add(&id, &volumes))
+                .await
+                .map_err(|e| PodError::Share(e.to_string()))?
+                .map_err(|e| PodError::Share(format!("{e:#}")))?;
+        }
+        let created = self.create_on_layers(c).await;
+        if created.is_err() {
+            self.unshare_volumes(c.id).await;
+        }
+        created
+    }
+
+    /// Unmounts container `id`'s volumes from the share.
+    async fn unshare_volumes(&self, id: &str) {
+        if let Some(share) = self.0.share.clone() {
+            let id = id.to_string();
+            let _ = tokio::task::spawn_blocking(move || share.remove(&id)).await;
+        }
+    }
+
+    async fn create_on_layers(&self, c: &NewContainer<'_>) -> Result<u32, PodError> {
         let mut specs = Vec::with_capacity(c.layers.len());
         {
             let mut t = self.0.layers.lock().await;
@@ -474,6 +524,7 @@ impl Pod {
     pub async fn remove_container(&self, id: &str) -> Result<(), PodError> {
         let removed = self.forget_container(id).await;
         self.drop_layers_of(id).await;
+        self.unshare_volumes(id).await;
         removed.map_err(PodError::agent("removing the container in the guest"))
     }
 

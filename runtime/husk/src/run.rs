@@ -158,6 +158,7 @@ pub async fn run(a: RunArgs) -> Result<i32> {
         sysctls: Default::default(),
         boot_timeout: Duration::from_secs(a.boot_timeout),
         cgroup: format!("/husk/run-{}", std::process::id()),
+        shared_dir: None,
     };
     let (pod, mut vm) = tokio::select! {
         r = Pod::boot(&cfg, network) => r?,
@@ -314,6 +315,7 @@ async fn run_in_pod(
         spec,
         layers,
         stdin: interactive,
+        volumes: &[],
     })
     .await?;
     let agent = pod.agent();

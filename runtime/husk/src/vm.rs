@@ -14,7 +14,7 @@ use husk_client::{AgentAddr, AgentClient};
 use husk_vmm_api::{
     files::VmDir,
     net::{MacAddr, NetArg, NetBackendArg},
-    DriveArg, VmConfig,
+    DriveArg, FsArg, VmConfig,
 };
 
 use crate::{
@@ -39,6 +39,8 @@ pub struct VmImage {
     pub confine: bool,
     /// The users a confined VMM runs as (one leased per VM).
     pub uids: crate::uid_lease::UidRange,
+    /// The vhost-user-fs backend of a VM's shared directory.
+    pub virtiofsd: PathBuf,
 }
 
 /// How big the VM is.
@@ -94,6 +96,10 @@ pub struct Vm {
     cgroup: Option<VmCgroup>,
     /// The user the VMM runs as, leased until it is reaped.
     uid: Option<UidLease>,
+    /// The virtiofsd serving the shared directory, if the VM has one.
+    virtiofsd: Option<VmmProcess>,
+    /// That directory.
+    shared: Option<PathBuf>,
 }
 
 /// The guest image and VMM to use: what husk's configuration file says (see
@@ -125,6 +131,7 @@ pub fn image_from(cfg: crate::config::Config) -> VmImage {
         console_log: None,
         confine: cfg.confine,
         uids: cfg.uids,
+        virtiofsd: cfg.virtiofsd,
     }
 }
 
@@ -164,7 +171,9 @@ impl Vm {
 
     /// Starts a VMM for `image` with `drives` and `net`, in `dir` (created, and removed on
     /// drop) and, when the image says to confine it, jailed in `dir/jail` as a user of its
-    /// own, in the cgroup `cgroup` (made, and removed on drop).
+    /// own, in the cgroup `cgroup` (made, and removed on drop). With `shared`, the guest
+    /// gets that directory as virtio-fs tag [`husk_proto::SHARED_FS_TAG`], served by a
+    /// virtiofsd started here (and killed on drop).
     pub fn start(
         image: &VmImage,
         size: &VmSize,
@@ -172,6 +181,7 @@ impl Vm {
         net: Option<NetDevice>,
         dir: &Path,
         cgroup: &str,
+        shared: Option<&Path>,
     ) -> Result<Vm> {
         for (what, p) in [("kernel", &image.kernel), ("initramfs", &image.initramfs)] {
             if !p.exists() {
@@ -242,6 +252,18 @@ impl Vm {
                 mtu,
             },
         });
+        let virtiofsd = match shared {
+            Some(share) => {
+                let socket = dir.join(VIRTIOFSD_SOCKET);
+                let p = start_virtiofsd(&image.virtiofsd, share, &socket, dir)?;
+                cfg.fs.push(FsArg {
+                    tag: husk_proto::SHARED_FS_TAG.into(),
+                    socket,
+                });
+                Some(p)
+            }
+            None => None,
+        };
         let log = fs::File::create(files.vmm_log()).context("creating vmm.log")?;
         if let Some(f) = &tap_fd {
             inherit.push((f.as_raw_fd(), NET_FD));
@@ -274,6 +296,8 @@ impl Vm {
             child: Some(child),
             cgroup,
             uid,
+            virtiofsd,
+            shared: shared.map(Path::to_path_buf),
         })
     }
 
@@ -327,6 +351,18 @@ impl Vm {
             }
         }
         s
+    }
+
+    /// The shared directory, served by this VM's virtiofsd, if it has one.
+    pub fn shared_dir(&self) -> Result<Option<crate::share::SharedDir>> {
+        let Some(p) = &self.virtiofsd else {
+            return Ok(None);
+        };
+        let pidfd = p.pidfd().context("virtiofsd's pidfd")?;
+        Ok(Some(crate::share::SharedDir::new(
+            self.shared.clone().unwrap_or_default(),
+            pidfd,
+        )))
     }
 
     /// A handle that kills the VMM, and never another process (see [`VmmKiller`]).
@@ -383,10 +419,68 @@ impl Drop for Vm {
         // Kills and reaps the VMM: no zombie or running VMM outlives us. Then its cgroup,
         // empty now, goes.
         drop(self.child.take());
+        // virtiofsd ends when its VMM does; it is killed if not.
+        drop(self.virtiofsd.take());
         drop(self.cgroup.take());
         drop(self.uid.take());
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The socket virtiofsd listens on, in the VM's directory (outside the jail: the VMM
+/// connects before it enters it).
+const VIRTIOFSD_SOCKET: &str = "virtiofsd.sock";
+
+/// Starts `program` (virtiofsd) serving `share` on `socket`, its log `virtiofsd.log` in
+/// `dir`: through the VMM's own spawn (a PID namespace of its own, dying with its caller,
+/// killed through a pidfd). It runs as root in its own sandbox (namespaces, pivot_root into
+/// the share, seccomp) and keeps no CAP_DAC_READ_SEARCH (no file handles). The VMM waits for
+/// it to listen.
+fn start_virtiofsd(program: &Path, share: &Path, socket: &Path, dir: &Path) -> Result<VmmProcess> {
+    if !program.exists() {
+        bail!(
+            "virtiofsd {} does not exist (scripts/setup.sh builds it; [vmm] virtiofsd names another)",
+            program.display()
+        );
+    }
+    fs::create_dir_all(share).with_context(|| format!("creating {}", share.display()))?;
+    let log = fs::File::create(dir.join("virtiofsd.log")).context("creating virtiofsd.log")?;
+    let args: Vec<std::ffi::OsString> = vec![
+        "--socket-path".into(),
+        socket.into(),
+        "--shared-dir".into(),
+        share.into(),
+        "--sandbox=namespace".into(),
+        "--seccomp=kill".into(),
+        "--cache=auto".into(),
+        "--inode-file-handles=never".into(),
+    ];
+    let mut p = VmmProcess::spawn(VmmCommand {
+        program,
+        args,
+        log,
+        inherit: Vec::new(),
+        cgroup: None,
+    })
+    .with_context(|| format!("starting virtiofsd {}", program.display()))?;
+    // It binds its socket before anything else; the VMM connects to it at once.
+    let t0 = std::time::Instant::now();
+    while !socket.exists() {
+        if let Some(status) = p.try_wait()? {
+            let log = fs::read_to_string(dir.join("virtiofsd.log")).unwrap_or_default();
+            bail!(
+                "virtiofsd {} {}: {}",
+                program.display(),
+                describe_exit(&status),
+                log.trim()
+            );
+        }
+        if t0.elapsed() > Duration::from_secs(5) {
+            bail!("virtiofsd made no socket {} in 5 s", socket.display());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(p)
 }
 
 /// How the VMM ended, in words: "exited with status N", "was killed by its seccomp filter

@@ -209,6 +209,22 @@ impl VmmProcess {
         Ok(VmmKiller(self.pidfd.get_ref().try_clone()?))
     }
 
+    /// The exit status if the process has exited (and reaps it), without waiting.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        if self.reaped {
+            return Ok(None);
+        }
+        let status = waitid(self.pidfd.get_ref(), libc::WNOHANG)?;
+        self.reaped = status.is_some();
+        Ok(status)
+    }
+
+    /// A pidfd of the process's own (to signal it or enter its namespaces, never another
+    /// process's that took its pid).
+    pub fn pidfd(&self) -> io::Result<OwnedFd> {
+        self.pidfd.get_ref().try_clone()
+    }
+
     /// Sends SIGKILL (through the pidfd: never to a reused pid).
     pub fn start_kill(&self) -> io::Result<()> {
         if self.reaped {

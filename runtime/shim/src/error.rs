@@ -75,6 +75,7 @@ impl ShimError {
                 PodError::Scratch { .. } => Code::RESOURCE_EXHAUSTED,
                 PodError::LayerRefused { .. } | PodError::Spec(_) => Code::INTERNAL,
                 PodError::LayerUnreachable { .. } => Code::UNAVAILABLE,
+                PodError::Share(_) => Code::FAILED_PRECONDITION,
             },
         }
     }

@@ -170,6 +170,8 @@ impl Sandbox {
             sysctls: pod_sysctls(spec)?,
             boot_timeout: BOOT_TIMEOUT,
             cgroup: vmm_cgroup(spec, events.namespace(), &req.id),
+            // Its volumes, shared live with the guest (virtio-fs).
+            shared_dir: Some(pod_dir(events.namespace(), &req.id).join("shared")),
         };
         let t0 = std::time::Instant::now();
         let netns = pod_netns(spec)?;

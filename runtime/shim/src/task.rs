@@ -128,7 +128,7 @@ impl Shim {
         }
         let mut spec = oci_spec::runtime::Spec::load(spec_path)
             .map_err(|e| ShimError::InvalidArgument(format!("{}: {e}", spec_path.display())))?;
-        let copies = rootfs::guest_spec(&mut spec)
+        let volumes = rootfs::guest_spec(&mut spec, &req.id)
             .map_err(|e| ShimError::InvalidArgument(format!("{e:#}")))?;
         let cache = husk::config::Config::load()
             .map_err(|e| ShimError::FailedPrecondition(format!("husk's configuration: {e:#}")))?
@@ -144,7 +144,6 @@ impl Shim {
             cache,
             req.rootfs.clone(),
             PathBuf::from(&req.bundle).join("rootfs"),
-            copies,
             pod.dir().join("layers"),
             req.id.clone(),
         )
@@ -156,6 +155,7 @@ impl Shim {
                 spec: &spec,
                 layers: &made.layers,
                 stdin: !fifos.stdin.is_empty(),
+                volumes: &volumes,
             };
             let pid = pod.create_container(&new).await;
             // The engine unlinks the container's own layers once the VM holds them; not on

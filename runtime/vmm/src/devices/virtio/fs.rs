@@ -86,7 +86,7 @@ impl Fs {
             return Err(FsError::Tag(tag.to_string()));
         }
         let name = socket.display().to_string();
-        let stream = UnixStream::connect(socket).map_err(|e| FsError::Connect(name.clone(), e))?;
+        let stream = connect(socket).map_err(|e| FsError::Connect(name.clone(), e))?;
         let mut frontend = Frontend::from_stream(stream, QUEUE_SIZES.len() as u64);
         let backend =
             |what: &str, e: vhost::Error| FsError::Backend(name.clone(), format!("{what}: {e}"));
@@ -193,6 +193,21 @@ impl Fs {
                 self.tag,
                 self.socket
             );
+        }
+    }
+}
+
+/// Connects to `socket`, waiting up to 5 s for a backend that has bound it but is not
+/// listening yet (the caller waits for the socket to exist).
+fn connect(socket: &Path) -> std::io::Result<UnixStream> {
+    let mut tries = 50;
+    loop {
+        match UnixStream::connect(socket) {
+            Err(e) if tries > 0 && e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                tries -= 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            r => return r,
         }
     }
 }
