@@ -99,7 +99,7 @@ ended runc $?
 # leftovers: what a husk pod could leave behind once it is gone.
 leftovers() {
     sleep 1
-    echo "leftovers: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) own layers $(find /run/husk/shim -name '*.layer' 2>/dev/null | wc -l) scratch $(find /var/lib/husk/scratch -type f 2>/dev/null | wc -l) rootfs mounts $(grep -c "$CRI_ROOT/state/.*/rootfs" /proc/mounts) pods $("${CRICTL[@]}" pods -q | wc -l) containers $("${CRICTL[@]}" ps -aq | wc -l) netns $(find /run/netns -mindepth 1 2>/dev/null | wc -l) taps $(ip -o link show | grep -c husk-tap) cgroups $(find /sys/fs/cgroup/k8s.io /sys/fs/cgroup/husk -mindepth 1 -type d 2>/dev/null | wc -l) uid leases $(find /run/husk/uids -type f 2>/dev/null | wc -l)"
+    echo "leftovers: vmm $(pgrep -c husk-vmm) shim $(pgrep -c -f containerd-shim-husk) run dirs $(find /run/husk/shim -mindepth 2 -maxdepth 2 2>/dev/null | wc -l) own layers $(find /run/husk/shim -name '*.layer' 2>/dev/null | wc -l) scratch $(find /var/lib/husk/scratch -type f 2>/dev/null | wc -l) rootfs mounts $(grep -c "$CRI_ROOT/state/.*/rootfs" /proc/mounts) pods $("${CRICTL[@]}" pods -q | wc -l) containers $("${CRICTL[@]}" ps -aq | wc -l) netns $(find /run/netns -mindepth 1 2>/dev/null | wc -l) taps $(ip -o link show | grep -c husk-tap) cgroups $(find /sys/fs/cgroup/k8s.io /sys/fs/cgroup/husk -mindepth 1 -type d 2>/dev/null | wc -l) uid leases $(find /run/husk/uids -type f 2>/dev/null | wc -l) virtiofsd $(pgrep -c -x virtiofsd)"
 }
 
 
@@ -118,6 +118,9 @@ husk_containers() {
     t1=$(now)
     "${CRICTL[@]}" pods --id "$pod" -o json | grep -o '"state": *"[A-Z_]*"'
     echo "vmm processes: $(pgrep -c husk-vmm)"
+    # The pod's shared directory: its virtiofsd, and the guest's driver up (status 15).
+    echo "virtiofsd processes: $(pgrep -c -x virtiofsd)"
+    echo "shared fs device: $("$repo/target/debug/husk" vmm --api "$(find /run/husk/shim -path "*/$pod/*" -name api.sock | head -1)" status | grep -o '"id":"fs-husk-shared","driver_status":[0-9]*')"
     ctr=$("${CRICTL[@]}" create "$pod" "$d/c.json" "$d/pod.json") || { tail -n 20 "$CRI_ROOT/containerd.log"; return 1; }
     "${CRICTL[@]}" start "$ctr" >/dev/null || return 1
     t2=$(now)
@@ -463,6 +466,87 @@ husk_security() {
 echo "=== husk_security"
 husk_security
 ended husk_security $?
+
+# Volumes are shared live (virtio-fs): a host write after the start is read in the
+# container and a container's write on the host; two containers of the pod sharing a
+# directory see each other's writes; a read-only volume refuses writes (EROFS), even after a
+# privileged container remounts it read-write, and shows the host's updates; CRI's
+# /etc/hosts comes through the share. Escapes fail: a symlink in the volume to a host
+# directory, `..` walks, the share mounted whole from a privileged container, and forged
+# file handles (tests/helpers/handle-escape.c) reach no host file outside the share. The
+# host's mount table never holds the volumes; rmp, and a killed VMM, leave the host's files
+# and nothing else.
+husk_volumes() {
+    local d p c1 c2 vfs
+    d=$(mktemp -d)
+    mkdir -p "$d/vol" "$d/ro" "$d/secret"
+    echo HUSK-HOST-SECRET >"$d/secret/husk-secret-marker"
+    echo v1 >"$d/ro/config"
+    ln -s "$d/secret" "$d/vol/escape"
+    cp "$repo/target/handle-escape" "$d/vol/handle-escape"
+    POD_LINUX='"security_context": {"privileged": true}' pod_json "$d/p.json" pod-vol true
+    cat >"$d/c1.json" <<EOF
+{"metadata": {"name": "c-vol1"}, "image": {"image": "docker.io/husk/busybox:1"},
+ "command": ["sleep", "1000"], "log_path": "c-vol1.log",
+ "mounts": [{"container_path": "/vol", "host_path": "$d/vol"},
+            {"container_path": "/ro", "host_path": "$d/ro", "readonly": true}],
+ "linux": {"security_context": {"privileged": true}}}
+EOF
+    cat >"$d/c2.json" <<EOF
+{"metadata": {"name": "c-vol2"}, "image": {"image": "docker.io/husk/busybox:1"},
+ "command": ["sleep", "1000"], "log_path": "c-vol2.log",
+ "mounts": [{"container_path": "/shared", "host_path": "$d/vol"}]}
+EOF
+    p=$("${CRICTL[@]}" runp "$d/p.json") || { tail -n 20 "$CRI_ROOT/containerd.log"; return 1; }
+    if ! c1=$("${CRICTL[@]}" create "$p" "$d/c1.json" "$d/p.json") || ! "${CRICTL[@]}" start "$c1" >/dev/null ||
+        ! c2=$("${CRICTL[@]}" create "$p" "$d/c2.json" "$d/p.json") || ! "${CRICTL[@]}" start "$c2" >/dev/null; then
+        tail -n 20 "$CRI_ROOT/containerd.log"
+        return 1
+    fi
+    local X1=("${CRICTL[@]}" exec -s "$c1") X2=("${CRICTL[@]}" exec -s "$c2")
+    echo from-host >"$d/vol/host-file"
+    echo "host to container: $("${X1[@]}" cat /vol/host-file 2>&1)"
+    "${X1[@]}" sh -c 'echo from-c1 >/vol/c1-file'
+    echo "container to host: $(cat "$d/vol/c1-file")"
+    echo "c1 to c2: $("${X2[@]}" cat /shared/c1-file 2>&1)"
+    "${X2[@]}" sh -c 'echo from-c2 >/shared/c2-file'
+    echo "c2 to c1: $("${X1[@]}" cat /vol/c2-file 2>&1)"
+    echo "read-only: $("${X1[@]}" sh -c 'touch /ro/x' 2>&1 | grep -o 'Read-only file system')"
+    echo "read-only after a remount rw: $("${X1[@]}" sh -c 'mount -o remount,rw /ro && echo x >/ro/config' 2>&1 | grep -o 'Read-only file system')"
+    echo v2 >"$d/ro/config"
+    sleep 2
+    echo "read-only volume updated on the host: $("${X1[@]}" cat /ro/config 2>&1)"
+    # shellcheck disable=SC2016 # awk's fields
+    echo "hosts file through the share: $("${X1[@]}" awk '$5 == "/etc/hosts" {for (i = 7; i <= NF; i++) if ($i == "-") print $(i + 1)}' /proc/self/mountinfo)"
+    # Escapes.
+    echo "symlink to the host: $("${X1[@]}" cat /vol/escape/husk-secret-marker 2>&1 | grep -o -e HUSK-HOST-SECRET -e 'No such file or directory')"
+    echo "dot-dot walk: $("${X1[@]}" cat "/vol/../../../../..$d/secret/husk-secret-marker" 2>&1 | grep -o -e HUSK-HOST-SECRET -e 'No such file or directory')"
+    echo "the share mounted whole: $("${X1[@]}" sh -c 'mkdir -p /mnt/share && mount -t virtiofs husk-shared /mnt/share && echo mounted; grep -rs HUSK-HOST-SECRET /mnt/share/ /mnt/share/../ | grep -c .; true' 2>&1 | xargs)"
+    "${X1[@]}" /vol/handle-escape /vol husk-secret-marker 2>&1
+    "${X1[@]}" /vol/handle-escape /mnt/share husk-secret-marker 2>&1
+    echo "host mount table: $(grep -c -e "$d" -e /shared/ /proc/self/mountinfo) volume mounts"
+    vfs=$(pgrep -x virtiofsd | head -1)
+    echo "virtiofsd's namespace: $(awk '{print $5}' "/proc/$vfs/mountinfo" | grep -c "^/$c1/")+$(awk '{print $5}' "/proc/$vfs/mountinfo" | grep -c "^/$c2/") volume mounts"
+    "${CRICTL[@]}" stop -t 1 "$c1" "$c2" >/dev/null && "${CRICTL[@]}" rm "$c1" "$c2" >/dev/null &&
+        "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
+    echo "host files after rmp: $(find "$d/vol" -mindepth 1 -printf '%f\n' | sort | xargs)"
+    leftovers
+    # A killed VMM: virtiofsd goes with it, and its mounts with its namespace.
+    pod_json "$d/k.json" pod-vol-kill true
+    p=$("${CRICTL[@]}" runp "$d/k.json") || return 1
+    c1=$("${CRICTL[@]}" create "$p" "$d/c2.json" "$d/k.json") && "${CRICTL[@]}" start "$c1" >/dev/null || return 1
+    pkill -KILL -f "husk-vmm.*/$p/"
+    wait_stopped 30 "$c1" "$p"
+    sleep 1
+    echo "after the VMM's SIGKILL: virtiofsd $(pgrep -c -x virtiofsd)"
+    "${CRICTL[@]}" rm "$c1" >/dev/null && "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
+    echo "host files after the kill: $(find "$d/vol" -mindepth 1 -printf '%f\n' | sort | xargs)"
+    leftovers
+    rm -rf "$d"
+}
+echo "=== husk_volumes"
+husk_volumes
+ended husk_volumes $?
 
 # containerd restarts: the pod's shim and VM live on, containerd reconnects to them, the
 # container still runs and takes execs, and the pod still stops and goes.

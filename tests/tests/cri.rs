@@ -20,7 +20,7 @@ fn field_of(text: &str, prefix: &str) -> String {
 #[test]
 fn crictl_pod_lifecycle() {
     husk_tests::agent::require_root();
-    testbed::require_tools(&["containerd", "ctr", "runc", "crictl"]);
+    testbed::require_tools(&["containerd", "ctr", "runc", "crictl", "gcc"]);
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     // A VMM with the test-only seccomp trigger, for husk_confined (never in a release).
     let built = std::process::Command::new(env!("CARGO"))
@@ -39,6 +39,14 @@ fn crictl_pod_lifecycle() {
         .status()
         .expect("cargo runs");
     assert!(built.success(), "building husk-vmm with seccomp-trigger");
+    // The file-handle forger husk_volumes runs in a container (static: the image has no libc).
+    let built = std::process::Command::new("gcc")
+        .args(["-static", "-O2", "-Wall", "-o"])
+        .arg(repo.join("target/handle-escape"))
+        .arg(repo.join("tests/helpers/handle-escape.c"))
+        .status()
+        .expect("gcc runs");
+    assert!(built.success(), "building tests/helpers/handle-escape.c");
     let cmd = format!(
         "bash {}/tests/scripts/cri-checks.sh {}",
         repo.display(),
@@ -65,7 +73,7 @@ fn crictl_pod_lifecycle() {
     assert!(text.contains("timing runc:"), "{text}");
 
     const CLEAN: &str =
-        "leftovers: vmm 0 shim 0 run dirs 0 own layers 0 scratch 0 rootfs mounts 0 pods 0 containers 0 netns 0 taps 0 cgroups 0 uid leases 0";
+        "leftovers: vmm 0 shim 0 run dirs 0 own layers 0 scratch 0 rootfs mounts 0 pods 0 containers 0 netns 0 taps 0 cgroups 0 uid leases 0 virtiofsd 0";
 
     // The untrusted annotation selects husk (`husk install` registered it): the pod is a
     // microVM, its container runs in the guest through every CRI step, and afterwards no
@@ -76,6 +84,13 @@ fn crictl_pod_lifecycle() {
     assert!(
         text.contains("vmm processes: 1\n"),
         "no microVM for the pod: {text}"
+    );
+    // Its shared directory: a virtiofsd (its monitor and its sandboxed server), and the
+    // guest's virtio-fs driver up (the agent mounted it before the pod was ready).
+    assert!(text.contains("virtiofsd processes: 2\n"), "{text}");
+    assert!(
+        text.contains("shared fs device: \"id\":\"fs-husk-shared\",\"driver_status\":15\n"),
+        "{text}"
     );
     assert!(text.contains("hello from the container"), "{text}");
     assert!(text.contains("exec-ok"), "{text}");
@@ -253,10 +268,10 @@ fn crictl_pod_lifecycle() {
         "the cache grew for a second pod of the image: {text}"
     );
     assert_eq!(line("running in the second pod: "), "33", "{text}");
-    // busybox's layer, the layers image's three and each container's own.
-    let held: usize = line("layers its VMM holds: ").parse().unwrap();
-    assert!(held >= 33, "{text}");
-    assert_eq!(line("layers its VMM holds after rm: "), "4", "{text}");
+    // The layers image's three (busybox's is its bottom one): 33 containers share them, and
+    // none has a layer of its own (CRI's files come through the shared directory).
+    assert_eq!(line("layers its VMM holds: "), "3", "{text}");
+    assert_eq!(line("layers its VMM holds after rm: "), "3", "{text}");
     let rebuilt = line("after truncating the cache entries: ");
     assert!(rebuilt.starts_with("1 container ran, "), "{text}");
     assert!(!rebuilt.ends_with(" 0 rebuilt"), "{text}");
@@ -308,6 +323,53 @@ fn crictl_pod_lifecycle() {
         assert!(text.contains(line), "no {line:?}: {text}");
     }
     assert!(text.contains(CLEAN), "{text}");
+
+    // Volumes are shared live through the pod's shared directory (virtio-fs): both ways
+    // between host and container and between the pod's containers, read-only where asked
+    // (also after a privileged remount), updated from the host, and nothing outside the
+    // share is reachable: not through a symlink, `..`, the whole share, or forged file
+    // handles. The mounts live in virtiofsd's namespace only; rmp and a VMM kill leave the
+    // host's files and nothing else.
+    let (text, rc) = get("husk_volumes");
+    assert_eq!(rc, Some(0), "{text}");
+    for line in [
+        "host to container: from-host\n",
+        "container to host: from-c1\n",
+        "c1 to c2: from-c1\n",
+        "c2 to c1: from-c2\n",
+        "read-only: Read-only file system\n",
+        "read-only after a remount rw: Read-only file system\n",
+        "read-only volume updated on the host: v2\n",
+        "hosts file through the share: virtiofs\n",
+        "symlink to the host: No such file or directory\n",
+        "dot-dot walk: No such file or directory\n",
+        "the share mounted whole: mounted 0\n",
+        "host mount table: 0 volume mounts\n",
+        "host files after rmp: c1-file c2-file escape handle-escape host-file\n",
+        "after the VMM's SIGKILL: virtiofsd 0\n",
+        "host files after the kill: c1-file c2-file escape handle-escape host-file\n",
+    ] {
+        assert!(text.contains(line), "no {line:?}: {text}");
+    }
+    // The forging helper opens what it can; none of it is the host's file.
+    let handles: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("handles: "))
+        .collect();
+    assert_eq!(handles.len(), 2, "{text}");
+    for h in handles {
+        assert!(
+            h.ends_with(" marker_found=0"),
+            "a host file reached: {h}\n{text}"
+        );
+    }
+    // Each container's volumes are mounts in virtiofsd's namespace: c1 its two and CRI's
+    // hosts, hostname and resolv.conf, c2 its one and those three.
+    assert!(
+        text.contains("virtiofsd's namespace: 5+4 volume mounts\n"),
+        "{text}"
+    );
+    assert_eq!(text.matches(CLEAN).count(), 2, "{text}");
 
     // containerd restarts: it reconnects to the pod's shim; the same VM and its container run
     // on, take an exec, and still stop cleanly.

@@ -34,16 +34,7 @@ const BY_DESIGN: &[(&str, &str)] = &[
 
 /// Specs husk does not pass yet and will: each names the work that makes it pass. A spec
 /// here that passes fails the test, so the list only shrinks.
-const NOT_YET: &[(&str, &str)] = &[
-    (
-        "Container Mount Propagation runtime should support mount propagation mount with 'rprivate' should not support propagation",
-        "volumes are copied into the guest, not shared: the live volumes issue",
-    ),
-    (
-        "Container Mount Propagation runtime should support mount propagation mount with 'rslave' should support propagation from host to container",
-        "volumes are copied into the guest, not shared: the live volumes issue",
-    ),
-];
+const NOT_YET: &[(&str, &str)] = &[];
 
 /// One handler's results: spec name -> state (passed, failed, skipped, ...), and the lines
 /// saying why failed specs failed.
