@@ -3,6 +3,8 @@
 #   virtio_mmio_driver  a hostile driver programming a block or vsock device over virtio-mmio
 #   vsock_packets       raw vsock packets into the device's packet handler
 #   net_frames          guest virtio-net TX and RX chains (headers, offloads, lengths) into the device
+#   virtiofs_requests   FUSE requests on virtio-fs chains into virtiofsd's server (the backend
+#                       husk runs; root: the target jails itself in a mount namespace and chroot)
 # SECS seconds each (default 60). A crash fails the run and leaves its input under
 # runtime/vmm/fuzz/artifacts/. cargo-fuzz and the build are cached under $HUSK_CACHE.
 #
@@ -17,7 +19,7 @@ if ! command -v cargo-fuzz >/dev/null; then
     cargo install --locked --root "$cache/tools" cargo-fuzz@0.13.1
 fi
 export CARGO_TARGET_DIR=$cache/fuzz-target
-for t in virtio_mmio_driver vsock_packets net_frames; do
+for t in virtio_mmio_driver vsock_packets net_frames virtiofs_requests; do
     echo "== fuzz $t for ${secs}s"
     mkdir -p "corpus/$t" "seeds/$t"
     log=$(mktemp)

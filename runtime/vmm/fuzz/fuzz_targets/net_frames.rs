@@ -18,7 +18,7 @@ use husk_vmm::devices::virtio::{
         Net, SocketBackend, F_CSUM, F_GUEST_CSUM, F_GUEST_ECN, F_GUEST_TSO4, F_GUEST_TSO6,
         F_HOST_ECN, F_HOST_TSO4, F_MRG_RXBUF,
     },
-    IrqLine, VirtioDevice,
+    IrqLine,
 };
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -82,7 +82,8 @@ fuzz_target!(|data: &[u8]| {
             1 => {
                 // The network sends a frame: a header made of `v`, then `len` bytes.
                 let len = usize::from(u16::from_le_bytes([op[1], op[2]])) % (frame.len() - 12);
-                frame[..12].copy_from_slice(&[v[0], v[1], v[2], v[3], v[0], v[1], v[2], v[3], 0, 0, 0, 0]);
+                frame[..12]
+                    .copy_from_slice(&[v[0], v[1], v[2], v[3], v[0], v[1], v[2], v[3], 0, 0, 0, 0]);
                 let _ = peer.send(&frame[..12 + len]);
             }
             2 => t.device_mut().process_backend(),

@@ -2,7 +2,9 @@
 """Writes seed inputs for the fuzz targets, so the fuzzer starts from inputs that reach the
 devices' request paths. virtio_mmio_driver: a well-behaved driver that initializes a block
 (file-backed or layered) or vsock device, sets up its queues and submits one request. vsock_packets: well-formed packet
-sequences (a connection's whole life, credit traffic). Run from this directory."""
+sequences (a connection's whole life, credit traffic). net_frames: RX and TX chains.
+virtiofs_requests: FUSE request sequences (lookup and read, create and write, `..` and a
+symlink out, readdir). Run from this directory."""
 import os
 import struct
 
@@ -110,4 +112,26 @@ def net_seed(features, frame_len):
 os.makedirs("net_frames", exist_ok=True)
 for name, data in [("plain", net_seed(0, 100)), ("offloads-mrg", net_seed(0xff, 1000))]:
     with open(os.path.join("net_frames", name), "wb") as f:
+        f.write(data)
+
+
+def fuse(opcode, nodeid, body, unique=2, split=0):
+    """One FUSE request: the 40-byte header (len, opcode, unique, nodeid, uid, gid, pid,
+    total_extlen, padding: its last byte is where the target splits the chain), then body."""
+    return struct.pack("<IIQQIIIHBB", 40 + len(body), opcode, unique, nodeid, 0, 0, 1, 0, 0, split) + body
+
+
+LOOKUP, GETATTR, OPEN, READ, WRITE, RELEASE, CREATE, MKDIR, SYMLINK, READDIR, OPENDIR = 1, 3, 14, 15, 16, 18, 35, 9, 6, 28, 27
+os.makedirs("virtiofs_requests", exist_ok=True)
+for name, data in [
+    ("lookup-read", fuse(LOOKUP, 1, b"file\0") + fuse(OPEN, 2, struct.pack("<II", 0, 0))
+     + fuse(READ, 2, struct.pack("<QQIIIII", 0, 0, 4096, 0, 0, 0, 0))),
+    ("create-write", fuse(CREATE, 1, struct.pack("<IIII", 0o102, 0o644, 0o22, 0) + b"new\0")
+     + fuse(WRITE, 3, struct.pack("<QQIIIII", 0, 0, 5, 0, 0, 0, 0) + b"hello", split=50)),
+    ("dotdot-symlink", fuse(LOOKUP, 1, b"..\0") + fuse(SYMLINK, 1, b"link\0/etc\0")
+     + fuse(LOOKUP, 1, b"link\0") + fuse(MKDIR, 1, struct.pack("<II", 0o755, 0o22) + b"d\0")),
+    ("readdir", fuse(OPENDIR, 1, struct.pack("<II", 0, 0))
+     + fuse(READDIR, 1, struct.pack("<QQIIIII", 0, 0, 4096, 0, 0, 0, 0)) + fuse(GETATTR, 1, struct.pack("<IIQ", 0, 0, 0))),
+]:
+    with open(os.path.join("virtiofs_requests", name), "wb") as f:
         f.write(data)
