@@ -15,11 +15,7 @@ set -uo pipefail
 repo=$1 size=${2:-32} rounds=${3:-20} passes=${4:-2}
 # shellcheck source-path=SCRIPTDIR source=../scripts/cri-env.sh
 . "$repo/tests/scripts/cri-env.sh"
-husk=$repo/target/release/husk
-[[ -x $husk ]] || husk=$repo/target/debug/husk
-cri_config && "$husk" install --config "$CRI_ROOT/config.toml" --bin-dir /usr/local/bin >/dev/null &&
-    cri_launch || exit 1
-trap cri_stop EXIT
+cri_config && bench_cri_up "$repo" || exit 1
 d=$(mktemp -d)
 serve="[\"sh\",\"-c\",\"mkdir -p /www && echo pong > /www/index.html && dd if=/dev/zero of=/www/big bs=65536 count=$((size * 16)) 2>/dev/null && httpd -f -p 8080 -h /www\"]"
 now() { date +%s%N; }

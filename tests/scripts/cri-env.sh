@@ -162,6 +162,15 @@ cri_stop() {
     return 0
 }
 
+# bench_cri_up REPO: for the benchmarks, containerd (configured by cri_config before) with husk
+# installed from REPO's release build (else its debug one), stopped when the script exits.
+bench_cri_up() {
+    local husk=$1/target/release/husk
+    [[ -x $husk ]] || husk=$1/target/debug/husk
+    "$husk" install --config "$CRI_ROOT/config.toml" --bin-dir /usr/local/bin >/dev/null && cri_launch || return 1
+    trap cri_stop EXIT
+}
+
 # pod_json FILE NAME RUNTIME_ANNOTATION(true|false) [DNS_CONFIG_JSON]: a pod sandbox config for
 # crictl runp; $POD_LINUX is the inside of its "linux" object if set.
 pod_json() {
