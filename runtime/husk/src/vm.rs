@@ -96,10 +96,8 @@ pub struct Vm {
     cgroup: Option<VmCgroup>,
     /// The user the VMM runs as, leased until it is reaped.
     uid: Option<UidLease>,
-    /// The virtiofsd serving the shared directory, if the VM has one.
-    virtiofsd: Option<VmmProcess>,
-    /// That directory.
-    shared: Option<PathBuf>,
+    /// The virtiofsd serving the shared directory, and that directory, if the VM has one.
+    virtiofsd: Option<(VmmProcess, PathBuf)>,
 }
 
 /// The guest image and VMM to use: what husk's configuration file says (see
@@ -260,7 +258,7 @@ impl Vm {
                     tag: husk_proto::SHARED_FS_TAG.into(),
                     socket,
                 });
-                Some(p)
+                Some((p, share.to_path_buf()))
             }
             None => None,
         };
@@ -297,7 +295,6 @@ impl Vm {
             cgroup,
             uid,
             virtiofsd,
-            shared: shared.map(Path::to_path_buf),
         })
     }
 
@@ -355,14 +352,11 @@ impl Vm {
 
     /// The shared directory, served by this VM's virtiofsd, if it has one.
     pub fn shared_dir(&self) -> Result<Option<crate::share::SharedDir>> {
-        let Some(p) = &self.virtiofsd else {
+        let Some((p, share)) = &self.virtiofsd else {
             return Ok(None);
         };
         let pidfd = p.pidfd().context("virtiofsd's pidfd")?;
-        Ok(Some(crate::share::SharedDir::new(
-            self.shared.clone().unwrap_or_default(),
-            pidfd,
-        )))
+        Ok(Some(crate::share::SharedDir::new(share.clone(), pidfd)))
     }
 
     /// A handle that kills the VMM, and never another process (see [`VmmKiller`]).
@@ -444,7 +438,8 @@ fn start_virtiofsd(program: &Path, share: &Path, socket: &Path, dir: &Path) -> R
         );
     }
     fs::create_dir_all(share).with_context(|| format!("creating {}", share.display()))?;
-    let log = fs::File::create(dir.join("virtiofsd.log")).context("creating virtiofsd.log")?;
+    let log_path = dir.join("virtiofsd.log");
+    let log = fs::File::create(&log_path).context("creating virtiofsd.log")?;
     let args: Vec<std::ffi::OsString> = vec![
         "--socket-path".into(),
         socket.into(),
@@ -467,7 +462,7 @@ fn start_virtiofsd(program: &Path, share: &Path, socket: &Path, dir: &Path) -> R
     let t0 = std::time::Instant::now();
     while !socket.exists() {
         if let Some(status) = p.try_wait()? {
-            let log = fs::read_to_string(dir.join("virtiofsd.log")).unwrap_or_default();
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
             bail!(
                 "virtiofsd {} {}: {}",
                 program.display(),
