@@ -34,10 +34,7 @@ const BY_DESIGN: &[(&str, &str)] = &[
 
 /// Specs husk does not pass yet and will: each names the work that makes it pass. A spec
 /// here that passes fails the test, so the list only shrinks.
-const NOT_YET: &[(&str, &str)] = &[(
-    "Container Mount Readonly runtime should support readonly mounts should support non-recursive readonly mounts",
-    "the guest sees a volume's submounts inside its one virtio-fs mount, so the read-only bind makes them read-only too: needs virtiofsd's --announce-submounts and guest submounts that keep their own flags (the live volumes issue)",
-)];
+const NOT_YET: &[(&str, &str)] = &[];
 
 /// One handler's results: spec name -> state (passed, failed, skipped, ...), and the lines
 /// saying why failed specs failed.

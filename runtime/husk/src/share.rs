@@ -19,7 +19,10 @@ use std::{
     fs, io,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-        unix::{ffi::OsStrExt, fs::MetadataExt},
+        unix::{
+            ffi::{OsStrExt, OsStringExt},
+            fs::MetadataExt,
+        },
     },
     path::{Component, Path, PathBuf},
     time::{Duration, Instant},
@@ -45,8 +48,76 @@ pub struct Volume {
     pub name: String,
     /// With the mounts under the source (rbind).
     pub recursive: bool,
-    pub read_only: bool,
+    pub read_only: ReadOnly,
     pub propagation: Propagation,
+}
+
+/// How much of a volume is read-only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOnly {
+    /// Nothing: writable wherever the host's mounts are.
+    No,
+    /// The volume's own mount; the mounts under it keep their own flags (CRI's `readonly`,
+    /// OCI's `ro`, as runc does it).
+    Top,
+    /// The volume and every mount under it (CRI's `recursive_read_only`, OCI's `rro`).
+    Recursive,
+}
+
+/// The read-write mount points strictly below `dir` in this process's mount namespace, as
+/// paths relative to `dir`, parents before children: what a [`ReadOnly::Top`] volume leaves
+/// writable. (A mount point shadowed by a later mount on the same path counts as the later.)
+pub fn writable_submounts(dir: &Path) -> Result<Vec<PathBuf>> {
+    let dir = fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
+    let table = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    Ok(submounts_in(&table, &dir))
+}
+
+fn submounts_in(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
+    let mut found = std::collections::BTreeMap::new();
+    for line in mountinfo.lines() {
+        // ID PARENT MAJ:MIN ROOT MOUNT-POINT OPTIONS ...
+        let mut f = line.split(' ');
+        let (Some(point), Some(options)) = (f.nth(4), f.next()) else {
+            continue;
+        };
+        let point = PathBuf::from(std::ffi::OsString::from_vec(unescape(point)));
+        let Ok(rel) = point.strip_prefix(dir) else {
+            continue;
+        };
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        found.insert(rel.to_path_buf(), options.split(',').any(|o| o == "rw"));
+    }
+    // BTreeMap order puts a parent before the paths under it.
+    found
+        .into_iter()
+        .filter_map(|(p, rw)| rw.then_some(p))
+        .collect()
+}
+
+/// A mountinfo field with its octal escapes (`\040` for a space, ...) undone.
+fn unescape(field: &str) -> Vec<u8> {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], oct) {
+            (b'\\', Some(d)) => {
+                out.push(d.iter().fold(0u8, |a, c| a.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// A pod's shared directory, `host`, served by the virtiofsd of `pidfd`.
@@ -252,7 +323,7 @@ fn cvt(r: libc::c_long) -> io::Result<libc::c_long> {
 }
 
 /// The volume's source as a detached mount (a clone, with its submounts when recursive),
-/// nosuid, nodev, read-only if asked, with its propagation.
+/// nosuid and nodev throughout, read-only as asked, with its propagation.
 fn clone_volume(v: &Volume) -> Result<OwnedFd> {
     let src = CString::new(v.source.as_os_str().as_bytes())?;
     let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as u32;
@@ -266,7 +337,7 @@ fn clone_volume(v: &Volume) -> Result<OwnedFd> {
     // SAFETY: just opened.
     let tree = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
     let mut set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
-    if v.read_only {
+    if v.read_only == ReadOnly::Recursive {
         set |= MOUNT_ATTR_RDONLY;
     }
     let propagation = match v.propagation {
@@ -278,6 +349,16 @@ fn clone_volume(v: &Volume) -> Result<OwnedFd> {
         at |= AT_RECURSIVE;
     }
     mount_setattr(tree.as_raw_fd(), c"", at, set, propagation).context("setting its options")?;
+    if v.read_only == ReadOnly::Top {
+        mount_setattr(
+            tree.as_raw_fd(),
+            c"",
+            libc::AT_EMPTY_PATH as u32,
+            MOUNT_ATTR_RDONLY,
+            0,
+        )
+        .context("making it read-only")?;
+    }
     Ok(tree)
 }
 
@@ -406,6 +487,27 @@ mod tests {
     }
 
     /// The mount points in virtiofsd's namespace (as its root sees them).
+    #[test]
+    fn submounts_from_mountinfo() {
+        let table = "\
+22 1 0:21 / / rw,relatime - ext4 /dev/vda rw
+30 22 0:30 / /v rw - tmpfs none rw
+31 30 0:31 / /v/a rw,nosuid - tmpfs none rw
+32 31 0:32 / /v/a/b ro - tmpfs none rw
+33 30 0:33 / /v/with\\040space rw - tmpfs none rw
+34 30 0:34 / /v/c ro - tmpfs none rw
+35 34 0:35 / /v/c rw - tmpfs none rw
+36 22 0:36 / /vv rw - tmpfs none rw
+";
+        assert_eq!(
+            submounts_in(table, Path::new("/v")),
+            ["a", "c", "with space"].map(PathBuf::from),
+            "read-write ones below /v, a shadowed mount point as its top mount"
+        );
+        assert!(submounts_in(table, Path::new("/vv")).is_empty());
+        assert_eq!(unescape(r"a\134b\011\9"), b"a\\b\t\\9");
+    }
+
     fn mounts_of(pid: u32) -> Vec<String> {
         fs::read_to_string(format!("/proc/{pid}/mountinfo"))
             .unwrap()
@@ -431,6 +533,26 @@ mod tests {
         }
         fs::write(vol.join("a"), "from the host\n").unwrap();
         fs::write(ro.join("b"), "read-only\n").unwrap();
+        // A writable mount under the read-only volumes: read-only in a ReadOnly::Recursive
+        // one, writable in a ReadOnly::Top one.
+        let sub = ro.join("sub");
+        fs::create_dir(&sub).unwrap();
+        nix::mount::mount(
+            Some("none"),
+            &sub,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _unmount = Unmount(&sub);
+        assert_eq!(writable_submounts(&ro).unwrap(), [PathBuf::from("sub")]);
         fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
         let (mut child, pidfd) = virtiofsd(d.path(), &share);
         let sd = SharedDir::new(share.clone(), pidfd);
@@ -445,14 +567,15 @@ mod tests {
         sd.add(
             "c1",
             &[
-                volume(&vol, "0", false),
-                volume(&ro, "1", true),
-                volume(&hosts, "2", false),
+                volume(&vol, "0", ReadOnly::No),
+                volume(&ro, "1", ReadOnly::Recursive),
+                volume(&hosts, "2", ReadOnly::No),
+                volume(&ro, "3", ReadOnly::Top),
             ],
         )
         .unwrap();
         let inside = mounts_of(child.id());
-        for p in ["/c1/0", "/c1/1", "/c1/2"] {
+        for p in ["/c1/0", "/c1/1", "/c1/2", "/c1/3", "/c1/1/sub", "/c1/3/sub"] {
             assert!(inside.iter().any(|m| m == p), "{p} in {inside:?}");
         }
         let host_table = fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -467,7 +590,10 @@ mod tests {
                 let hosts = fs::read_to_string("/c1/2")?;
                 let ro = fs::write("/c1/1/x", "no").unwrap_err().raw_os_error();
                 let root = fs::write("/x", "no").unwrap_err().raw_os_error();
-                Ok((a, hosts, ro, root))
+                let rro_sub = fs::write("/c1/1/sub/x", "no").unwrap_err().raw_os_error();
+                let top = fs::write("/c1/3/x", "no").unwrap_err().raw_os_error();
+                fs::write("/c1/3/sub/x", "under a read-only top\n")?;
+                Ok((a, hosts, ro, root, rro_sub, top))
             })
             .unwrap();
         assert_eq!(seen.0, "from the host\n");
@@ -475,19 +601,32 @@ mod tests {
         assert_eq!(seen.2, Some(libc::EROFS), "a read-only volume");
         assert_eq!(seen.3, Some(libc::EROFS), "the sealed root");
         assert_eq!(
+            seen.4,
+            Some(libc::EROFS),
+            "a submount of a recursive read-only volume"
+        );
+        assert_eq!(seen.5, Some(libc::EROFS), "the top of a read-only volume");
+        assert_eq!(
+            fs::read_to_string(sub.join("x")).unwrap(),
+            "under a read-only top\n",
+            "a writable submount of a read-only (not recursive) volume"
+        );
+        assert_eq!(
             fs::read_to_string(vol.join("new")).unwrap(),
             "from the guest's side\n"
         );
 
         for bad in ["", "..", "../c1", "/c1", "a/../b"] {
-            let e = sd.add(bad, &[volume(&vol, "0", false)]).unwrap_err();
+            let e = sd.add(bad, &[volume(&vol, "0", ReadOnly::No)]).unwrap_err();
             assert!(e.to_string().contains("not a plain relative name"), "{e}");
         }
         // A name in the share that is a symlink is never followed.
         let elsewhere = d.path().join("elsewhere");
         fs::create_dir(&elsewhere).unwrap();
         std::os::unix::fs::symlink(&elsewhere, share.join("c2")).unwrap();
-        let e = sd.add("c2", &[volume(&vol, "0", false)]).unwrap_err();
+        let e = sd
+            .add("c2", &[volume(&vol, "0", ReadOnly::No)])
+            .unwrap_err();
         assert!(format!("{e:#}").contains("is not a directory"), "{e:#}");
         assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
         assert!(!mounts_of(child.id()).iter().any(|m| m.starts_with("/c2")));
@@ -503,7 +642,9 @@ mod tests {
         // Once virtiofsd is gone, so is its namespace: a clear error.
         child.kill().unwrap();
         child.wait().unwrap();
-        let e = sd.add("c3", &[volume(&vol, "0", false)]).unwrap_err();
+        let e = sd
+            .add("c3", &[volume(&vol, "0", ReadOnly::No)])
+            .unwrap_err();
         assert!(
             format!("{e:#}").contains("virtiofsd's mount namespace"),
             "{e:#}"

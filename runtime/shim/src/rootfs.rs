@@ -25,7 +25,7 @@ use containerd_shim::protos::types::mount::Mount;
 use husk::{
     layers::{make_layer_image, LayerCache},
     pod::PodLayer,
-    share::{Propagation, Volume},
+    share::{writable_submounts, Propagation, ReadOnly, Volume},
 };
 use nix::mount::{umount2, MntFlags, MsFlags};
 use oci_spec::runtime::{LinuxNamespaceType, Mount as OciMount, MountBuilder, Spec};
@@ -38,7 +38,10 @@ use oci_spec::runtime::{LinuxNamespaceType, Mount as OciMount, MountBuilder, Spe
 ///   namespace is always the VM's;
 /// - bind mounts of host files and directories become volumes of container `id` (returned,
 ///   for the pod's shared directory), each bound from its place in the guest's share with
-///   the options the spec gives; a bind of the pod's /dev/shm becomes a tmpfs.
+///   the options the spec gives; a bind of the pod's /dev/shm becomes a tmpfs. A read-only
+///   (not `rro`) rbind leaves the host's writable mounts under its source writable, as runc
+///   does: the guest sees the whole volume as one virtio-fs mount, so each of them gets a
+///   read-write bind of its own in the guest, after the volume's.
 pub fn guest_spec(spec: &mut Spec, id: &str) -> Result<Vec<Volume>> {
     if let Some(linux) = spec.linux_mut() {
         if let Some(ns) = linux.namespaces().clone() {
@@ -93,12 +96,18 @@ pub fn guest_spec(spec: &mut Spec, id: &str) -> Result<Vec<Volume>> {
             );
         }
         let name = volumes.len().to_string();
-        volumes.push(Volume {
+        let volume = Volume {
             source: src,
             name: name.clone(),
             // containerd gives rbind; a bare "bind" type without it is not recursive.
             recursive: has("rbind"),
-            read_only: has("ro"),
+            read_only: if has("rro") {
+                ReadOnly::Recursive
+            } else if has("ro") {
+                ReadOnly::Top
+            } else {
+                ReadOnly::No
+            },
             propagation: if ["rslave", "slave", "rshared", "shared"]
                 .iter()
                 .any(|o| has(o))
@@ -107,10 +116,29 @@ pub fn guest_spec(spec: &mut Spec, id: &str) -> Result<Vec<Volume>> {
             } else {
                 Propagation::Private
             },
-        });
+        };
+        let guest_src = Path::new(husk_proto::SHARED_DIR).join(id).join(&name);
         m.set_typ(Some("bind".into()));
-        m.set_source(Some(Path::new(husk_proto::SHARED_DIR).join(id).join(&name)));
-        mounts.push(m);
+        m.set_source(Some(guest_src.clone()));
+        mounts.push(m.clone());
+        if volume.recursive && volume.read_only == ReadOnly::Top {
+            let sub_options: Vec<String> = options
+                .iter()
+                .filter(|o| *o != "ro")
+                .cloned()
+                .chain(["rw".to_string()])
+                .collect();
+            let submounts = writable_submounts(&volume.source)
+                .with_context(|| format!("the bind mount at {dest}"))?;
+            for rel in submounts {
+                let mut sub = m.clone();
+                sub.set_destination(m.destination().join(&rel));
+                sub.set_source(Some(guest_src.join(&rel)));
+                sub.set_options(Some(sub_options.clone()));
+                mounts.push(sub);
+            }
+        }
+        volumes.push(volume);
     }
     spec.set_mounts(Some(mounts));
     Ok(volumes)
@@ -341,6 +369,72 @@ mod tests {
     }
 
     #[test]
+    fn a_read_only_rbind_keeps_the_hosts_writable_submounts_writable() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (it mounts a tmpfs)"
+        );
+        let d = tempfile::tempdir().unwrap();
+        let (rw, ro) = (d.path().join("rw"), d.path().join("ro"));
+        for (p, flags) in [(&rw, MsFlags::empty()), (&ro, MsFlags::MS_RDONLY)] {
+            std::fs::create_dir(p).unwrap();
+            nix::mount::mount(Some("none"), p, Some("tmpfs"), flags, None::<&str>).unwrap();
+        }
+        let _unmount = scopeguard(|| {
+            for p in [&rw, &ro] {
+                let _ = umount2(p, MntFlags::MNT_DETACH);
+            }
+        });
+        let bind = |o: &[&str]| serde_json::json!({"destination": "/data", "type": "bind", "source": d.path(), "options": o});
+        let mut s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "mounts": [bind(&["rbind", "rprivate", "ro"]), bind(&["rbind", "rprivate", "ro", "rro"]), bind(&["bind", "ro"])]
+        }));
+        let volumes = guest_spec(&mut s, "c1").unwrap();
+        assert_eq!(
+            volumes.iter().map(|v| v.read_only).collect::<Vec<_>>(),
+            [ReadOnly::Top, ReadOnly::Recursive, ReadOnly::Top]
+        );
+        let m: Vec<_> = s
+            .mounts()
+            .clone()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                format!(
+                    "{} {} {}",
+                    m.destination().display(),
+                    m.source().clone().unwrap().display(),
+                    m.options().clone().unwrap_or_default().join(",")
+                )
+            })
+            .collect();
+        assert_eq!(
+            m,
+            [
+                "/data /run/husk/shared/c1/0 rbind,rprivate,ro",
+                // The host's read-only submount needs nothing: the top's flag covers it.
+                "/data/rw /run/husk/shared/c1/0/rw rbind,rprivate,rw",
+                "/data /run/husk/shared/c1/1 rbind,rprivate,ro,rro",
+                "/data /run/husk/shared/c1/2 bind,ro",
+            ]
+        );
+    }
+
+    /// Runs `f` when dropped.
+    fn scopeguard(f: impl FnOnce()) -> impl Drop {
+        struct Guard<F: FnOnce()>(Option<F>);
+        impl<F: FnOnce()> Drop for Guard<F> {
+            fn drop(&mut self) {
+                if let Some(f) = self.0.take() {
+                    f()
+                }
+            }
+        }
+        Guard(Some(f))
+    }
+
+    #[test]
     fn host_binds_become_shared_volumes_and_shm_a_tmpfs() {
         let d = tempfile::tempdir().unwrap();
         let hosts = d.path().join("hosts");
@@ -362,14 +456,14 @@ mod tests {
                     source: hosts.clone(),
                     name: "0".into(),
                     recursive: true,
-                    read_only: false,
+                    read_only: ReadOnly::No,
                     propagation: Propagation::Private,
                 },
                 Volume {
                     source: d.path().to_path_buf(),
                     name: "1".into(),
                     recursive: true,
-                    read_only: true,
+                    read_only: ReadOnly::Top,
                     propagation: Propagation::Slave,
                 }
             ]
