@@ -11,7 +11,7 @@
 
 mod addr;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 pub use addr::{AgentAddr, Conn, Service};
 pub use husk_proto::{agent as pb, ConnHeader, StdioStream, StreamHeader};
@@ -104,6 +104,8 @@ pub struct AgentClient {
     agent: agent_ttrpc::AgentClient,
     health: health_ttrpc::HealthClient,
     timeout: Duration,
+    /// Called when the agent lets an RPC pass its [`RPC_DEADLINE`] without an answer.
+    unresponsive: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -114,19 +116,50 @@ impl std::fmt::Debug for AgentClient {
     }
 }
 
-/// Generates one typed method per unary RPC of the agent service.
+/// How long an agent has to answer an RPC that does not wait for something by design (all
+/// but `wait_process` and `get_oom_event`): a guest that stops answering (its vCPUs stopped,
+/// its kernel hung) fails the call with [`ClientError::Timeout`] instead of hanging it. Far
+/// above what any of them takes (a `CreateContainer` under the nested testbed: seconds).
+pub const RPC_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Generates one typed method per unary RPC of the agent service: `bounded` ones fail after
+/// [`RPC_DEADLINE`], `blocking` ones wait as long as it takes.
 macro_rules! rpcs {
-    ($($(#[$doc:meta])* $name:ident($req:ty) -> $resp:ty;)*) => {$(
+    ($($(#[$doc:meta])* $kind:ident $name:ident($req:ty) -> $resp:ty;)*) => {$(
         $(#[$doc])*
         pub async fn $name(&self, req: $req) -> Result<$resp, ClientError> {
-            Ok(self.agent.$name(self.ctx(), &req).await?)
+            rpcs!(@call self, $kind, $name, req)
         }
     )*};
+    (@call $self:ident, bounded, $name:ident, $req:ident) => {
+        match $self
+            .agent
+            .$name(ttrpc::context::with_duration(RPC_DEADLINE), &$req)
+            .await
+        {
+            Ok(r) => Ok(r),
+            // ttrpc's own client-side deadline: no answer at all.
+            Err(ttrpc::Error::Others(m)) if m.contains("timeout") => {
+                if let Some(f) = &$self.unresponsive {
+                    f();
+                }
+                Err(ClientError::Timeout(format!(
+                    "waiting {}s for the agent to answer {} (is the guest stopped or hung?)",
+                    RPC_DEADLINE.as_secs(),
+                    stringify!($name)
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    };
+    (@call $self:ident, blocking, $name:ident, $req:ident) => {
+        Ok($self.agent.$name(ttrpc::context::Context::default(), &$req).await?)
+    };
 }
 
 impl AgentClient {
     /// Connects to the agent's ttrpc API, waiting at most `timeout` for the connection. Calls
-    /// made later have no deadline of their own unless the method says so.
+    /// made later have [`RPC_DEADLINE`] unless they block by design.
     pub async fn connect(addr: &AgentAddr, timeout: Duration) -> Result<Self, ClientError> {
         let conn = addr.connect(Service::Api, timeout).await?;
         let client =
@@ -136,6 +169,7 @@ impl AgentClient {
             agent: agent_ttrpc::AgentClient::new(client.clone()),
             health: health_ttrpc::HealthClient::new(client),
             timeout,
+            unresponsive: None,
         })
     }
 
@@ -185,8 +219,12 @@ impl AgentClient {
         &self.addr
     }
 
-    fn ctx(&self) -> ttrpc::context::Context {
-        ttrpc::context::Context::default()
+    /// This client with `f` called whenever the agent lets an RPC pass [`RPC_DEADLINE`]
+    /// without an answer (the call itself still fails with [`ClientError::Timeout`]): for a
+    /// pod, a guest that stopped answering is a lost guest.
+    pub fn on_unresponsive(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.unresponsive = Some(Arc::new(f));
+        self
     }
 
     /// Asks whether the agent is serving.
@@ -205,27 +243,27 @@ impl AgentClient {
     }
 
     rpcs! {
-        create_sandbox(pb::CreateSandboxRequest) -> pb::Empty;
-        destroy_sandbox(pb::DestroySandboxRequest) -> pb::Empty;
-        create_container(pb::CreateContainerRequest) -> pb::CreateContainerResponse;
-        start_container(pb::StartContainerRequest) -> pb::StartContainerResponse;
-        remove_container(pb::RemoveContainerRequest) -> pb::Empty;
-        update_container(pb::UpdateContainerRequest) -> pb::Empty;
-        pause_container(pb::PauseContainerRequest) -> pb::Empty;
-        resume_container(pb::ResumeContainerRequest) -> pb::Empty;
-        list_processes(pb::ListProcessesRequest) -> pb::ListProcessesResponse;
-        container_stats(pb::ContainerStatsRequest) -> pb::ContainerStatsResponse;
-        exec_process(pb::ExecProcessRequest) -> pb::ExecProcessResponse;
-        signal_process(pb::SignalProcessRequest) -> pb::Empty;
+        bounded create_sandbox(pb::CreateSandboxRequest) -> pb::Empty;
+        bounded destroy_sandbox(pb::DestroySandboxRequest) -> pb::Empty;
+        bounded create_container(pb::CreateContainerRequest) -> pb::CreateContainerResponse;
+        bounded start_container(pb::StartContainerRequest) -> pb::StartContainerResponse;
+        bounded remove_container(pb::RemoveContainerRequest) -> pb::Empty;
+        bounded update_container(pb::UpdateContainerRequest) -> pb::Empty;
+        bounded pause_container(pb::PauseContainerRequest) -> pb::Empty;
+        bounded resume_container(pb::ResumeContainerRequest) -> pb::Empty;
+        bounded list_processes(pb::ListProcessesRequest) -> pb::ListProcessesResponse;
+        bounded container_stats(pb::ContainerStatsRequest) -> pb::ContainerStatsResponse;
+        bounded exec_process(pb::ExecProcessRequest) -> pb::ExecProcessResponse;
+        bounded signal_process(pb::SignalProcessRequest) -> pb::Empty;
         /// Blocks until the process exited and its output was drained to its streams.
-        wait_process(pb::WaitProcessRequest) -> pb::WaitProcessResponse;
-        resize_terminal(pb::ResizeTerminalRequest) -> pb::Empty;
-        close_stdin(pb::CloseStdinRequest) -> pb::Empty;
-        remove_process(pb::RemoveProcessRequest) -> pb::Empty;
+        blocking wait_process(pb::WaitProcessRequest) -> pb::WaitProcessResponse;
+        bounded resize_terminal(pb::ResizeTerminalRequest) -> pb::Empty;
+        bounded close_stdin(pb::CloseStdinRequest) -> pb::Empty;
+        bounded remove_process(pb::RemoveProcessRequest) -> pb::Empty;
         /// Blocks until a container is OOM-killed.
-        get_oom_event(pb::GetOomEventRequest) -> pb::OomEvent;
+        blocking get_oom_event(pb::GetOomEventRequest) -> pb::OomEvent;
         /// Configures the guest's interface, addresses and routes.
-        configure_network(pb::ConfigureNetworkRequest) -> pb::Empty;
+        bounded configure_network(pb::ConfigureNetworkRequest) -> pb::Empty;
     }
 
     /// Opens one stdio stream of a process (see `agent.proto` for the protocol). For stdin,
