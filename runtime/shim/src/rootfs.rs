@@ -43,6 +43,24 @@ use oci_spec::runtime::{LinuxNamespaceType, Mount as OciMount, MountBuilder, Spe
 ///   does: the guest sees the whole volume as one virtio-fs mount, so each of them gets a
 ///   read-write bind of its own in the guest, after the volume's.
 pub fn guest_spec(spec: &mut Spec, id: &str) -> Result<Vec<Volume>> {
+    // CRI's device requests name the host's devices (husk install sets
+    // privileged_without_host_devices, so only requests come here): none of them exists in
+    // the VM, so a request is refused rather than left to make a dead node.
+    if let Some(devices) = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.devices().as_ref())
+        .filter(|d| !d.is_empty())
+    {
+        let paths: Vec<_> = devices
+            .iter()
+            .map(|d| d.path().display().to_string())
+            .collect();
+        bail!(
+            "host devices cannot be passed into the pod's VM (the guest has its own devices): {}",
+            paths.join(", ")
+        );
+    }
     if let Some(linux) = spec.linux_mut() {
         if let Some(ns) = linux.namespaces().clone() {
             let kept = ns
@@ -499,6 +517,16 @@ mod tests {
                 ),
                 kind("/data", "bind", "/run/husk/shared/c1/1", "rbind,rslave,ro"),
             ]
+        );
+
+        let mut s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "linux": {"devices": [{"path": "/dev/kvm", "type": "c", "major": 10, "minor": 232}]}
+        }));
+        let e = guest_spec(&mut s, "c1").unwrap_err().to_string();
+        assert!(
+            e.contains("host devices cannot be passed") && e.contains("/dev/kvm"),
+            "{e}"
         );
 
         let mut s = spec(serde_json::json!({
