@@ -121,9 +121,16 @@ cri_launch() {
 
 # cri_restart: containerd stops and starts again (its state and the shims stay).
 cri_restart() {
-    local pid i
+    local pid
     pid=$(cat "$CRI_ROOT/containerd.pid")
     kill "$pid" && wait "$pid" 2>/dev/null
+    cri_again
+}
+
+# cri_again: containerd started again after it ended (its state and the shims stay),
+# answering within 60 s.
+cri_again() {
+    local i
     containerd --config "$CRI_ROOT/config.toml" >>"$CRI_ROOT/containerd.log" 2>&1 &
     echo $! >"$CRI_ROOT/containerd.pid"
     for ((i = 0; i < 300; i++)); do
@@ -189,4 +196,118 @@ container_json() {
 {"metadata": {"name": "$2"}, "image": {"image": "${IMAGE:-docker.io/husk/busybox:1}"},
  "command": $3, "log_path": "$2.log", "linux": {${4:-}}}
 EOF
+}
+
+# husk_inventory: NAME=VALUE pairs of everything a husk pod could leave behind on the node
+# (processes, mounts, files, network namespaces, links, tc filters, cgroups, loop devices, CRI's
+# pods and containers), to compare with a baseline.
+husk_inventory() {
+    local filters=0 dev
+    for dev in /sys/class/net/*; do
+        filters=$((filters + $(tc filter show dev "${dev##*/}" ingress 2>/dev/null | grep -c filter)))
+    done
+    echo "vmm=$(pgrep -c husk-vmm) shim=$(pgrep -c -f containerd-shim-husk) virtiofsd=$(pgrep -c -x virtiofsd)" \
+        "mounts=$(wc -l </proc/self/mountinfo) run_files=$(find /run/husk 2>/dev/null | wc -l)" \
+        "state_files=$(find /var/lib/husk 2>/dev/null | wc -l) netns=$(find /run/netns -mindepth 1 2>/dev/null | wc -l)" \
+        "links=$(ip -o link show | wc -l) tc_filters=$filters cgroups=$(find /sys/fs/cgroup -type d | wc -l)" \
+        "loops=$(losetup -a | wc -l) pods=$("${CRICTL[@]}" pods -q | wc -l) containers=$("${CRICTL[@]}" ps -aq | wc -l)"
+}
+
+# pod_life NAME DIR: one husk pod's whole life (runp, create, start, logs, exec, stop, rm,
+# stopp, rmp) with its network (it pings the CNI gateway), its image's layers and a live volume
+# (DIR/vol: the container writes a file, the host reads it); prints "ok FDS" (the most fds its
+# shim held) or "failed at STEP: WHY", and leaves nothing of the pod behind either way.
+pod_life() {
+    local name=$1 d=$2 pod='' ctr='' shim fds=0 i
+    # The result goes to fd 3, this function's stdout, also from inside $(...).
+    exec 3>&1
+    mkdir -p "$d/vol"
+    pod_json "$d/pod.json" "$name" true
+    cat >"$d/c.json" <<EOF
+{"metadata": {"name": "$name"}, "image": {"image": "docker.io/husk/busybox:1"},
+ "command": ["sh", "-c", "echo $name > /vol/out && echo started && exec sleep 1000"],
+ "mounts": [{"container_path": "/vol", "host_path": "$d/vol"}],
+ "log_path": "$name.log", "linux": {}}
+EOF
+    fail() {
+        echo "failed at $1" >&3
+        [[ -n $ctr ]] && "${CRICTL[@]}" rm -f "$ctr" >/dev/null 2>&1
+        if [[ -n $pod ]]; then
+            "${CRICTL[@]}" stopp "$pod" >/dev/null 2>&1
+            "${CRICTL[@]}" rmp -f "$pod" >/dev/null 2>&1
+        fi
+        rm -rf "$d"
+    }
+    # cri STEP ARGS...: crictl ARGS, its output echoed; on failure the pod is cleaned up, the
+    # step and crictl's last error line printed, and 1 returned.
+    cri() {
+        local step=$1
+        shift
+        "${CRICTL[@]}" "$@" 2>"$d/err" || { fail "$step: $(tail -n 1 "$d/err")"; return 1; }
+    }
+    pod=$(cri runp runp "$d/pod.json") || return
+    ctr=$(cri create create "$pod" "$d/c.json" "$d/pod.json") || return
+    cri start start "$ctr" >/dev/null || return
+    for ((i = 0; i < 300; i++)); do
+        "${CRICTL[@]}" logs "$ctr" 2>/dev/null | grep -q started && break
+        sleep 0.1
+    done
+    if ! "${CRICTL[@]}" logs "$ctr" 2>/dev/null | grep -q started; then
+        fail "logs: no 'started' line"
+        return
+    fi
+    if [[ $("${CRICTL[@]}" exec -s "$ctr" cat /vol/out 2>&1) != "$name" ]]; then
+        fail "exec: the volume's file is not what the container wrote"
+        return
+    fi
+    if ! "${CRICTL[@]}" exec -s "$ctr" ping -c 1 -W 5 10.88.77.1 >/dev/null 2>&1; then
+        fail "network: no answer from the gateway"
+        return
+    fi
+    shim=$(pgrep -f "containerd-shim-husk-v2 .*-id $pod" | head -1)
+    [[ -n $shim ]] && fds=$(find "/proc/$shim/fd" -mindepth 1 2>/dev/null | wc -l)
+    if [[ $(cat "$d/vol/out" 2>/dev/null) != "$name" ]]; then
+        fail "volume: the container's write is not on the host"
+        return
+    fi
+    cri stop stop -t 2 "$ctr" >/dev/null || return
+    cri rm rm "$ctr" >/dev/null || return
+    ctr=''
+    cri stopp stopp "$pod" >/dev/null || return
+    cri rmp rmp "$pod" >/dev/null || return
+    rm -rf "$d"
+    echo "ok $fds" >&3
+}
+
+# inventory_diff BASE INVENTORY: one line "NAME BASE->NOW" per counter that differs.
+inventory_diff() {
+    local kv b
+    for kv in $2; do
+        b=$(tr ' ' '\n' <<<"$1" | grep "^${kv%%=*}=")
+        [[ $kv != "$b" ]] && echo "${kv%%=*} ${b#*=}->${kv#*=}"
+    done
+    return 0
+}
+
+# husk_cri_up HUSK: containerd (cri_config, cri_launch) with the husk of binary HUSK installed
+# as its untrusted-workload runtime, stopped when the script exits.
+husk_cri_up() {
+    if ! { cri_config && "$1" install --config "$CRI_ROOT/config.toml" --bin-dir /usr/local/bin >/dev/null &&
+        cri_launch; }; then
+        echo "containerd did not come up"
+        tail -n 30 "$CRI_ROOT/containerd.log"
+        return 1
+    fi
+    trap cri_stop EXIT
+}
+
+# husk_baseline HUSK: husk_cri_up, then a warm-up pod (it fills the layer cache), then the
+# inventory every later check compares with, in $base; prints both.
+husk_baseline() {
+    husk_cri_up "$1" || return 1
+    work=$(mktemp -d)
+    echo "warm-up pod: $(pod_life warm "$work/warm")"
+    sleep 1
+    base=$(husk_inventory)
+    echo "baseline: $base"
 }

@@ -208,3 +208,35 @@ pub fn require_tools(tools: &[&str]) {
         assert!(on_path(tool), "{tool} is missing: run scripts/setup.sh");
     }
 }
+
+/// Runs one of the CRI scripts of `tests/scripts` in the testbed against containerd with
+/// this build's husk (`SCRIPT REPO HUSK ARGS...`, the interface of soak.sh, faults.sh and
+/// bad-input.sh), prints its output, and checks that it exited 0. Needs root and the tools
+/// containerd's tests need.
+pub fn run_cri_script(script: &str, args: &[String], timeout: Duration, mem_mib: u32) -> Output {
+    crate::agent::require_root();
+    require_tools(&["containerd", "ctr", "runc", "crictl"]);
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace");
+    let husk = crate::agent::workspace_bin("husk");
+    let cmd = format!(
+        "bash {}/tests/scripts/{script} {} {} {}",
+        repo.display(),
+        repo.display(),
+        husk.display(),
+        args.join(" ")
+    );
+    let out = run_with(
+        &cmd,
+        &Options {
+            timeout,
+            mem_mib,
+            ..Options::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{script} in the testbed: {e}"));
+    println!("{}", out.stdout);
+    assert_eq!(out.status, 0, "{script} failed");
+    out
+}
