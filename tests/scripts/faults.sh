@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Faults, run INSIDE the nested-KVM testbed by tests/tests/faults.rs: containerd with husk, a
+# baseline inventory (tests/scripts/cri-env.sh's husk_inventory) after a warm-up pod, then
+#   - SIGKILL of the shim, of the VMM and of containerd at points inside runp, create and start
+#     (a delay after the step began), containerd started again after its own kill;
+#   - a guest kernel panic (a privileged container writes 'c' to /proc/sysrq-trigger);
+#   - a guest that stops answering (its VMM SIGSTOPped): an exec into it, then its stopp;
+# after each, every pod is removed (`rmp -f`, as a kubelet would) and the node must come back
+# to its baseline within 30 s ("after: clean", or what differs), and at the end a pod must
+# still go through its whole life. One line per fault:
+#   fault NAME: WHAT HAPPENED; after: clean|LEAKS
+# Usage: faults.sh REPO HUSK_BINARY [GROUP...]   (groups: shim vmm containerd panic stopped; all
+# by default)
+set -uo pipefail
+repo=$1 husk=$2
+# shellcheck source-path=SCRIPTDIR source=cri-env.sh
+. "$repo/tests/scripts/cri-env.sh"
+now() { date +%s%N; }
+ms_since() { echo $((($(now) - $1) / 1000000)); }
+
+husk_baseline "$husk" || exit 1
+
+# after: every container and pod removed as a kubelet would (rm -f, stopp, rmp -f), then the
+# inventory back at its baseline within 30 s: "after: clean" or "after: LEAKS".
+after() {
+    local c p i inv
+    for c in $("${CRICTL[@]}" ps -aq 2>/dev/null); do
+        "${CRICTL[@]}" rm -f "$c" >/dev/null 2>&1
+    done
+    for p in $("${CRICTL[@]}" pods -q 2>/dev/null); do
+        "${CRICTL[@]}" stopp "$p" >/dev/null 2>&1
+        "${CRICTL[@]}" rmp -f "$p" >/dev/null 2>&1
+    done
+    for ((i = 0; i < 30; i++)); do
+        inv=$(husk_inventory)
+        [[ $inv == "$base" ]] && { echo "after: clean"; return 0; }
+        sleep 1
+    done
+    echo "after: $(inventory_diff "$base" "$inv" | paste -sd ',')"
+}
+
+# kill_during TARGET STEP DELAY_MS: STEP (runp, create, start) of a new husk pod begins, and
+# DELAY_MS later TARGET (shim, vmm, containerd) gets SIGKILL.
+kill_during() {
+    local target=$1 step=$2 delay=$3 d p='' c='' bg rc pid
+    d=$work/kill-$target-$step-$delay
+    mkdir -p "$d"
+    pod_json "$d/p.json" "k-$target-$step-$delay" true
+    container_json "$d/c.json" "k-$target-$step-$delay" '["sleep","1000"]'
+    if [[ $step != runp ]]; then
+        p=$("${CRICTL[@]}" runp "$d/p.json") || { echo "fault $target in $step: the pod did not start"; return 1; }
+    fi
+    if [[ $step == start ]]; then
+        c=$("${CRICTL[@]}" create "$p" "$d/c.json" "$d/p.json") || { echo "fault $target in $step: no container"; return 1; }
+    fi
+    case $step in
+    runp) "${CRICTL[@]}" runp "$d/p.json" >"$d/out" 2>&1 & ;;
+    create) "${CRICTL[@]}" create "$p" "$d/c.json" "$d/p.json" >"$d/out" 2>&1 & ;;
+    start) "${CRICTL[@]}" start "$c" >"$d/out" 2>&1 & ;;
+    esac
+    bg=$!
+    sleep "$(awk -v ms="$delay" 'BEGIN {print ms / 1000}')"
+    case $target in
+    shim) pid=$(pgrep -f containerd-shim-husk-v2 | head -1) ;;
+    vmm) pid=$(pgrep husk-vmm | head -1) ;;
+    containerd) pid=$(cat "$CRI_ROOT/containerd.pid") ;;
+    esac
+    local killed="nothing to kill yet"
+    if [[ -n $pid ]] && kill -KILL "$pid" 2>/dev/null; then
+        killed="killed after the step ended"
+        if kill -0 "$bg" 2>/dev/null; then
+            killed="killed inside the step"
+        fi
+    fi
+    wait "$bg"
+    rc=$?
+    [[ $target == containerd ]] && { cri_again || { echo "containerd did not come back"; return 1; }; }
+    echo "fault $target ${delay} ms into $step: $killed; $step rc=$rc ($(tail -n 1 "$d/out" | rev | cut -c1-200 | rev)); $(after)"
+    rm -rf "$d"
+}
+
+# running_pod DIR: the pod of DIR/p.json with the container of DIR/c.json started; sets p, c.
+running_pod() {
+    p=$("${CRICTL[@]}" runp "$1/p.json") || return 1
+    c=$("${CRICTL[@]}" create "$p" "$1/c.json" "$1/p.json") || return 1
+    "${CRICTL[@]}" start "$c" >/dev/null
+}
+
+# guest_panic: the guest kernel panics (panic=-1 resets it; the VMM exits): the pod is
+# reported not ready and its container exited, within a bound.
+guest_panic() {
+    local d p c t
+    d=$work/panic
+    mkdir -p "$d"
+    POD_LINUX='"security_context": {"privileged": true}' pod_json "$d/p.json" panic true
+    container_json "$d/c.json" panic '["sleep","1000"]' '"security_context": {"privileged": true}'
+    running_pod "$d" || { echo "fault guest panic: the pod or its container did not start"; return 1; }
+    t=$(now)
+    "${CRICTL[@]}" exec -s "$c" sh -c 'echo c > /proc/sysrq-trigger' >/dev/null 2>&1
+    local i state=''
+    for ((i = 0; i < 300; i++)); do
+        state="$("${CRICTL[@]}" pods --id "$p" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1) $("${CRICTL[@]}" inspect "$c" | grep -o 'CONTAINER_[A-Z]*' | head -1)"
+        [[ $state == "SANDBOX_NOTREADY CONTAINER_EXITED" ]] && break
+        sleep 0.2
+    done
+    echo "fault guest panic: $state after $(ms_since "$t") ms, vmm $(pgrep -c husk-vmm); $(after)"
+    rm -rf "$d"
+}
+
+# guest_stopped: the pod's VMM is SIGSTOPped (a guest that stops answering): an exec fails
+# within the agent client's RPC deadline, naming it, and stopp ends the pod.
+guest_stopped() {
+    local d p c t vmm out rc
+    d=$work/stopped
+    mkdir -p "$d"
+    pod_json "$d/p.json" stopped true
+    container_json "$d/c.json" stopped '["sleep","1000"]'
+    running_pod "$d" || { echo "fault guest stopped: the pod or its container did not start"; return 1; }
+    vmm=$(pgrep -f "husk-vmm.*/$p/" | head -1)
+    kill -STOP "$vmm"
+    t=$(now)
+    out=$(crictl --config "$CRI_ROOT/crictl.yaml" --timeout 300s exec -s "$c" echo hi 2>&1)
+    rc=$?
+    echo "fault guest stopped, exec: rc=$rc after $(ms_since "$t") ms ($(tail -n 1 <<<"$out" | cut -c1-200))"
+    t=$(now)
+    out=$(crictl --config "$CRI_ROOT/crictl.yaml" --timeout 300s stopp "$p" 2>&1)
+    rc=$?
+    echo "fault guest stopped, stopp: rc=$rc after $(ms_since "$t") ms ($(tail -n 1 <<<"$out" | cut -c1-200)); vmm $(pgrep -c husk-vmm); $(after)"
+    # Never leave a stopped process behind for the next fault.
+    pkill -KILL husk-vmm
+    rm -rf "$d"
+}
+
+groups=("${@:3}")
+((${#groups[@]})) || groups=(shim vmm containerd panic stopped)
+for g in "${groups[@]}"; do
+    case $g in
+    shim | vmm | containerd)
+        for fault in runp:400 runp:1500 runp:3500 create:200 create:800 start:100 start:400; do
+            kill_during "$g" "${fault%%:*}" "${fault#*:}"
+        done
+        ;;
+    panic) guest_panic ;;
+    stopped) guest_stopped ;;
+    *) echo "faults.sh: unknown group $g" && exit 2 ;;
+    esac
+done
+echo "the node afterwards, a pod's whole life: $(pod_life final "$work/final")"
