@@ -486,7 +486,6 @@ mod tests {
         (child, unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
     }
 
-    /// The mount points in virtiofsd's namespace (as its root sees them).
     #[test]
     fn submounts_from_mountinfo() {
         let table = "\
@@ -508,6 +507,7 @@ mod tests {
         assert_eq!(unescape(r"a\134b\011\9"), b"a\\b\t\\9");
     }
 
+    /// The mount points in virtiofsd's namespace (as its root sees them).
     fn mounts_of(pid: u32) -> Vec<String> {
         fs::read_to_string(format!("/proc/{pid}/mountinfo"))
             .unwrap()
