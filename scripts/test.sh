@@ -27,7 +27,16 @@ bash scripts/fuzz.sh "${HUSK_FUZZ_SECS:-45}"
 
 echo "== tests"
 # --show-output: the numbers passing tests print (boot breakdown, memory, ratios to runc).
-cargo test --workspace --locked --no-fail-fast -- --test-threads="${HUSK_TEST_THREADS:-2}" --show-output
+# A failure's panic messages are printed again at the end, where CI's tail shows them.
+test_log=$(mktemp)
+trap 'rm -f "$test_log"' EXIT
+if ! cargo test --workspace --locked --no-fail-fast -- --test-threads="${HUSK_TEST_THREADS:-2}" \
+    --show-output 2>&1 | tee "$test_log"; then
+    echo "== what failed (each panic's first 40 lines; the whole output is above)"
+    awk '/^thread .* panicked at / {n = 40} n > 0 {print; n--}' "$test_log"
+    grep -A 20 '^error: .* target.* failed' "$test_log"
+    exit 1
+fi
 
 echo "== the README's main job (scripts/demo.sh)"
 demo_out=$(bash scripts/demo.sh 2>&1) || { echo "$demo_out"; echo "demo.sh failed" >&2; exit 1; }

@@ -68,7 +68,7 @@ oci_image() {
 cri_config() {
     mkdir -p "$CRI_ROOT"
     mount -t tmpfs -o "size=${CRI_TMPFS_SIZE:-1g}" tmpfs "$CRI_ROOT"
-    mkdir -p "$CRI_ROOT"/{root,state,images,cni-conf} /etc/cni/net.d /var/lib/cni /run/netns
+    mkdir -p "$CRI_ROOT"/{root,state,images,cni-conf,failures} /etc/cni/net.d /var/lib/cni /run/netns
     printf 'runtime-endpoint: unix://%s\nimage-endpoint: unix://%s\ntimeout: 120\n' \
         "$CRI_SOCK" "$CRI_SOCK" >"$CRI_ROOT/crictl.yaml"
     cat >"$CRI_ROOT/cni-conf/10-husk.conflist" <<'JSON'
@@ -217,11 +217,24 @@ husk_inventory() {
 # stopp, rmp) with its network (it pings the CNI gateway), its image's layers and a live volume
 # (DIR/vol: the container writes a file, the host reads it); prints "ok FDS" (the most fds its
 # shim held) or "failed at STEP: WHY", and leaves nothing of the pod behind either way.
+# pod_diagnosis FROM_LINE ID...: containerd's log (with the shims' lines) from line FROM_LINE
+# on, the lines that name one of the non-empty IDs or are warnings and errors, at most 60.
+pod_diagnosis() {
+    local from=$1 pattern='level=(warning|error|fatal)' id
+    shift
+    for id in "$@"; do
+        [[ -n $id ]] && pattern+="|$id"
+    done
+    tail -n "+$from" "$CRI_ROOT/containerd.log" | grep -E "$pattern" | tail -n 60
+}
+
 pod_life() {
-    local name=$1 d=$2 pod='' ctr='' shim fds=0 i
+    local name=$1 d=$2 pod='' ctr='' shim fds=0 i from
     # The result goes to fd 3, this function's stdout, also from inside $(...).
     exec 3>&1
     mkdir -p "$d/vol"
+    # Where containerd's log stood when this pod began (for a failure's diagnosis).
+    from=$(($(wc -l <"$CRI_ROOT/containerd.log") + 1))
     pod_json "$d/pod.json" "$name" true
     cat >"$d/c.json" <<EOF
 {"metadata": {"name": "$name"}, "image": {"image": "docker.io/husk/busybox:1"},
@@ -231,6 +244,7 @@ pod_life() {
 EOF
     fail() {
         echo "failed at $1" >&3
+        pod_diagnosis "$from" "$name" "$pod" "$ctr" >"$CRI_ROOT/failures/$name.log"
         [[ -n $ctr ]] && "${CRICTL[@]}" rm -f "$ctr" >/dev/null 2>&1
         if [[ -n $pod ]]; then
             "${CRICTL[@]}" stopp "$pod" >/dev/null 2>&1

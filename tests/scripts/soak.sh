@@ -8,6 +8,8 @@
 # after a warm-up pod (which fills the layer cache): processes, mounts, files under /run/husk
 # and /var/lib/husk, network namespaces, links, tc filters, cgroups, loop devices, CRI's pods
 # and containers, containerd's fds and RSS; and the most fds a pod's shim held.
+# A pod that fails is named with the step and crictl's error, then containerd's log lines about
+# it (and its warnings and errors) while it lived, indented with "    | ".
 # Numbers only, never pass/fail on time; the last line sums it up:
 #   soak: C cycles, P pods (F failed) in S s: X pods/s; leaks at the end: L (...)
 # Before the cycles, with BURST, a burst of BURST pods created at the same moment.
@@ -31,6 +33,7 @@ containerd_mem() {
 # The warm-up pod: the layer cache and containerd's caches filled, the baseline taken after.
 warm=$(pod_life soak-warm "$work/soak-warm")
 echo "warm-up pod: $warm"
+sed 's/^/    | /' "$CRI_ROOT/failures/soak-warm.log" 2>/dev/null
 sleep 1
 base=$(husk_inventory)
 echo "baseline: $base"
@@ -58,6 +61,7 @@ cycle() {
             ((fds > maxfds)) && maxfds=$fds
         else
             echo "$label pod $k: $r"
+            sed 's/^/    | /' "$CRI_ROOT/failures/soak-$label-$k.log" 2>/dev/null
         fi
     done
     for ((i = 0; i < 10; i++)); do

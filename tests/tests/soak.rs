@@ -27,6 +27,20 @@ fn env_or(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+/// What went wrong, from the script's output: the failed pods (with their diagnosis lines)
+/// and the cycles that left something behind.
+fn trouble(stdout: &str) -> String {
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| {
+            l.contains(": failed at ")
+                || l.starts_with("    | ")
+                || (l.contains(" pods ok in ") && !l.contains("; leaks: 0;"))
+        })
+        .collect();
+    lines.join("\n")
+}
+
 #[test]
 fn a_burst_of_pods_then_a_short_soak_leave_nothing_behind() {
     let (cycles, inflight) = (
@@ -49,28 +63,30 @@ fn a_burst_of_pods_then_a_short_soak_leave_nothing_behind() {
     let pods = cycles * inflight;
     assert!(
         summary.contains(&format!("{cycles} cycles, {pods} pods (0 failed)")),
-        "every pod goes through: {summary}"
+        "every pod goes through: {summary}\n{}",
+        trouble(&out.stdout)
     );
     assert!(
         summary.contains("leaks at the end: 0"),
-        "nothing left at the end: {summary}"
+        "nothing left at the end: {summary}\n{}",
+        trouble(&out.stdout)
     );
     assert!(
         out.stdout
             .contains("counters that differed from the baseline after some cycle: 0"),
         "nothing left after any cycle: {}",
-        out.stdout
+        trouble(&out.stdout)
     );
     assert!(
         out.stdout.contains(&format!(
             "burst: {burst} of {burst} pods created at once went through"
         )),
         "{burst} pods created at the same moment: {}",
-        out.stdout
+        trouble(&out.stdout)
     );
     assert!(
         out.stdout.contains("warm-up pod: ok"),
         "the warm-up pod: {}",
-        out.stdout
+        trouble(&out.stdout)
     );
 }

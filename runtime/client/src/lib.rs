@@ -104,7 +104,9 @@ pub struct AgentClient {
     agent: agent_ttrpc::AgentClient,
     health: health_ttrpc::HealthClient,
     timeout: Duration,
-    /// Called when the agent lets an RPC pass its [`RPC_DEADLINE`] without an answer.
+    /// How long a bounded RPC waits for its answer ([`RPC_DEADLINE`] unless changed).
+    deadline: Duration,
+    /// Called when the agent lets an RPC pass its deadline without an answer.
     unresponsive: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
@@ -134,7 +136,7 @@ macro_rules! rpcs {
     (@call $self:ident, bounded, $name:ident, $req:ident) => {
         match $self
             .agent
-            .$name(ttrpc::context::with_duration(RPC_DEADLINE), &$req)
+            .$name(ttrpc::context::with_duration($self.deadline), &$req)
             .await
         {
             Ok(r) => Ok(r),
@@ -144,8 +146,8 @@ macro_rules! rpcs {
                     f();
                 }
                 Err(ClientError::Timeout(format!(
-                    "waiting {}s for the agent to answer {} (is the guest stopped or hung?)",
-                    RPC_DEADLINE.as_secs(),
+                    "waiting {:.1}s for the agent to answer {} (is the guest stopped or hung?)",
+                    $self.deadline.as_secs_f64(),
                     stringify!($name)
                 )))
             }
@@ -169,6 +171,7 @@ impl AgentClient {
             agent: agent_ttrpc::AgentClient::new(client.clone()),
             health: health_ttrpc::HealthClient::new(client),
             timeout,
+            deadline: RPC_DEADLINE,
             unresponsive: None,
         })
     }
@@ -219,7 +222,13 @@ impl AgentClient {
         &self.addr
     }
 
-    /// This client with `f` called whenever the agent lets an RPC pass [`RPC_DEADLINE`]
+    /// This client with bounded RPCs failing after `deadline` instead of [`RPC_DEADLINE`].
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// This client with `f` called whenever the agent lets a bounded RPC pass its deadline
     /// without an answer (the call itself still fails with [`ClientError::Timeout`]): for a
     /// pod, a guest that stopped answering is a lost guest.
     pub fn on_unresponsive(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
@@ -308,5 +317,94 @@ impl AgentClient {
         // The agent sends nothing after OK before the stream's own bytes, so the BufReader
         // holds no buffered data worth keeping beyond what it returns on reads.
         Ok(Box::new(conn))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{
+        io::Read,
+        os::unix::net::UnixListener,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+
+    /// An agent socket whose peer accepts connections and then does `serve` with each (in a
+    /// thread of its own).
+    fn agent_socket(dir: &std::path::Path, serve: fn(std::os::unix::net::UnixStream)) -> AgentAddr {
+        let path = dir.join("agent.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                std::thread::spawn(move || serve(s));
+            }
+        });
+        AgentAddr::Unix(path)
+    }
+
+    fn signal() -> pb::SignalProcessRequest {
+        let mut r = pb::SignalProcessRequest::new();
+        r.container_id = "c".into();
+        r.signal = 9;
+        r
+    }
+
+    /// A guest that stopped answering (its vCPUs stopped): the connection stays open, the
+    /// request is read, no answer comes. The call fails with a timeout naming the RPC and
+    /// the likely cause, and the hook is told, once.
+    #[tokio::test]
+    async fn a_silent_agent_fails_a_bounded_call_at_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = agent_socket(dir.path(), |mut s| {
+            let mut sink = [0u8; 4096];
+            while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        let told = Arc::new(AtomicUsize::new(0));
+        let t = told.clone();
+        let agent = AgentClient::connect(&addr, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .with_deadline(Duration::from_millis(300))
+            .on_unresponsive(move || {
+                t.fetch_add(1, Ordering::SeqCst);
+            });
+        let e = tokio::time::timeout(Duration::from_secs(10), agent.signal_process(signal()))
+            .await
+            .expect("the deadline ends the call")
+            .unwrap_err();
+        match &e {
+            ClientError::Timeout(m) => assert!(
+                m.contains("signal_process") && m.contains("is the guest stopped or hung?"),
+                "{m}"
+            ),
+            e => panic!("not a timeout: {e:?}"),
+        }
+        assert_eq!(e.code(), Code::DEADLINE_EXCEEDED);
+        assert_eq!(told.load(Ordering::SeqCst), 1);
+    }
+
+    /// An agent whose connection breaks (the VM died) is a lost connection, not a timeout,
+    /// and does not call the hook.
+    #[tokio::test]
+    async fn a_broken_connection_is_a_transport_error_not_a_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = agent_socket(dir.path(), |mut s| {
+            let mut first = [0u8; 1];
+            let _ = s.read(&mut first);
+        });
+        let told = Arc::new(AtomicUsize::new(0));
+        let t = told.clone();
+        let agent = AgentClient::connect(&addr, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .on_unresponsive(move || {
+                t.fetch_add(1, Ordering::SeqCst);
+            });
+        let e = tokio::time::timeout(Duration::from_secs(10), agent.signal_process(signal()))
+            .await
+            .expect("a broken connection ends the call")
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Transport(_)), "{e:?}");
+        assert_eq!(told.load(Ordering::SeqCst), 0);
     }
 }
