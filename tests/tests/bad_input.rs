@@ -15,6 +15,8 @@ const REFUSED: &[(&str, &str)] = &[
     ("command-empty", "args"),
     ("device-host", "host devices cannot be passed"),
     ("id-reused", "reserved"),
+    // The OOM killer ends the container's setup; the agent names the limit.
+    ("memory-tiny", "OOM killer"),
     ("exec-stopped", "CONTAINER_EXITED"),
     // containerd looks the name up in the image's /etc/passwd, which busybox's lacks.
     ("user-unknown", "passwd"),
@@ -22,11 +24,9 @@ const REFUSED: &[(&str, &str)] = &[
 
 /// Cases that may run as CRI (and runc) define the value, or be refused with the kernel's or
 /// the agent's error: a negative CPU quota is no quota (as runc has it), a period of 0 is
-/// unset, an absurd limit is no limit in effect; a 4 KiB memory limit cannot start a
-/// process; 100,000 environment entries pass execve's limit (E2BIG).
+/// unset, an absurd limit is no limit in effect; 100,000 environment entries pass execve's limit (E2BIG).
 const EITHER: &[&str] = &[
     "memory-absurd",
-    "memory-tiny",
     "cpu-quota-negative",
     "cpu-period-zero",
     "cpu-period-absurd",

@@ -58,6 +58,10 @@ pub enum CreateError {
         who: &'static str,
         status: Option<String>,
     },
+    /// The OOM killer ended the helper or the init while it set the container up: the
+    /// container's memory limit (`memory.max`, as the cgroup has it) is too small for that.
+    #[error("the container's {who} was killed by the OOM killer during setup: its memory limit ({limit}) is too small to start it")]
+    OomAtSetup { who: &'static str, limit: String },
     #[error("watching the init process {pid}")]
     Pidfd {
         pid: Pid,
@@ -70,7 +74,9 @@ impl CreateError {
     /// The request was at fault (INVALID_ARGUMENT), not the system.
     pub fn is_invalid_spec(&self) -> bool {
         match self {
-            CreateError::InvalidSpec(_) | CreateError::InvalidRootfs { .. } => true,
+            CreateError::InvalidSpec(_)
+            | CreateError::InvalidRootfs { .. }
+            | CreateError::OomAtSetup { .. } => true,
             CreateError::Cgroup(e) => e.is_invalid_spec(),
             _ => false,
         }

@@ -313,6 +313,17 @@ impl Container {
                         (None, p) if p != 0 => ("init", None),
                         (None, _) => ("init helper", helper.exit_status()),
                     };
+                    if self.oom_kills().unwrap_or(0) > 0 {
+                        let limit = self
+                            .cgroup_path()
+                            .and_then(|p| fs::read_to_string(p.join("memory.max")).ok())
+                            .map(|m| match m.trim() {
+                                "max" => "none".to_string(),
+                                bytes => format!("{bytes} bytes"),
+                            })
+                            .unwrap_or_else(|| "unknown".into());
+                        return Err(CreateError::OomAtSetup { who, limit });
+                    }
                     return Err(CreateError::Exited { who, status });
                 }
             }

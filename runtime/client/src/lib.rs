@@ -35,6 +35,10 @@ pub enum ClientError {
     },
     #[error("timed out {0}")]
     Timeout(String),
+    /// The agent let a bounded RPC pass its deadline without an answer: the guest stopped
+    /// answering (its vCPUs stopped, its kernel hung), which a caller treats as a lost guest.
+    #[error("the agent did not answer {0}")]
+    Unresponsive(String),
     #[error("not found: {0}")]
     NotFound(String),
     #[error("already exists: {0}")]
@@ -90,7 +94,9 @@ impl ClientError {
             ClientError::Unimplemented(_) => Code::UNIMPLEMENTED,
             ClientError::Timeout(_) => Code::DEADLINE_EXCEEDED,
             ClientError::Agent { code, .. } => *code,
-            ClientError::Unavailable { .. } | ClientError::Transport(_) => Code::UNAVAILABLE,
+            ClientError::Unavailable { .. }
+            | ClientError::Transport(_)
+            | ClientError::Unresponsive(_) => Code::UNAVAILABLE,
             ClientError::StreamRefused(_) | ClientError::StreamIo(_) => Code::INTERNAL,
             ClientError::ApiMismatch { .. } => Code::FAILED_PRECONDITION,
         }
@@ -145,10 +151,10 @@ macro_rules! rpcs {
                 if let Some(f) = &$self.unresponsive {
                     f();
                 }
-                Err(ClientError::Timeout(format!(
-                    "waiting {:.1}s for the agent to answer {} (is the guest stopped or hung?)",
+                Err(ClientError::Unresponsive(format!(
+                    "{} within {:.1}s (is the guest stopped or hung?)",
+                    stringify!($name),
                     $self.deadline.as_secs_f64(),
-                    stringify!($name)
                 )))
             }
             Err(e) => Err(e.into()),
@@ -229,7 +235,7 @@ impl AgentClient {
     }
 
     /// This client with `f` called whenever the agent lets a bounded RPC pass its deadline
-    /// without an answer (the call itself still fails with [`ClientError::Timeout`]): for a
+    /// without an answer (the call itself fails with [`ClientError::Unresponsive`]): for a
     /// pod, a guest that stopped answering is a lost guest.
     pub fn on_unresponsive(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
         self.unresponsive = Some(Arc::new(f));
@@ -350,8 +356,8 @@ mod tests {
     }
 
     /// A guest that stopped answering (its vCPUs stopped): the connection stays open, the
-    /// request is read, no answer comes. The call fails with a timeout naming the RPC and
-    /// the likely cause, and the hook is told, once.
+    /// request is read, no answer comes. The call fails at its deadline, naming the RPC and
+    /// the likely cause, as a lost guest (UNAVAILABLE), and the hook is told, once.
     #[tokio::test]
     async fn a_silent_agent_fails_a_bounded_call_at_its_deadline() {
         let dir = tempfile::tempdir().unwrap();
@@ -373,20 +379,20 @@ mod tests {
             .expect("the deadline ends the call")
             .unwrap_err();
         match &e {
-            ClientError::Timeout(m) => assert!(
+            ClientError::Unresponsive(m) => assert!(
                 m.contains("signal_process") && m.contains("is the guest stopped or hung?"),
                 "{m}"
             ),
-            e => panic!("not a timeout: {e:?}"),
+            e => panic!("not its deadline: {e:?}"),
         }
-        assert_eq!(e.code(), Code::DEADLINE_EXCEEDED);
+        assert_eq!(e.code(), Code::UNAVAILABLE);
         assert_eq!(told.load(Ordering::SeqCst), 1);
     }
 
-    /// An agent whose connection breaks (the VM died) is a lost connection, not a timeout,
-    /// and does not call the hook.
+    /// An agent whose connection breaks (the VM died) is a lost connection, not a deadline
+    /// passed, and does not call the hook.
     #[tokio::test]
-    async fn a_broken_connection_is_a_transport_error_not_a_timeout() {
+    async fn a_broken_connection_is_a_transport_error_not_a_deadline() {
         let dir = tempfile::tempdir().unwrap();
         let addr = agent_socket(dir.path(), |mut s| {
             let mut first = [0u8; 1];

@@ -133,6 +133,13 @@ mod tests {
                 Code::UNAVAILABLE,
                 "waiting: ",
             ),
+            (
+                ShimError::agent("execing")(ClientError::Unresponsive(
+                    "exec_process within 60.0s (is the guest stopped or hung?)".into(),
+                )),
+                Code::UNAVAILABLE,
+                "execing: the agent did not answer exec_process within 60.0s (is the guest stopped or hung?)",
+            ),
         ];
         for (e, code, msg) in cases {
             assert_eq!(e.code(), code, "{e}");
