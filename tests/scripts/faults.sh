@@ -131,17 +131,38 @@ guest_stopped() {
     rm -rf "$d"
 }
 
+# bounded SECS NAME FUNCTION ARGS...: FUNCTION ARGS in the background; one that takes more than
+# SECS is a hang: named, with what runs and containerd's last log lines, and then killed.
+bounded() {
+    local secs=$1 name=$2 pid i
+    shift 2
+    "$@" &
+    pid=$!
+    for ((i = 0; i < secs; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "fault $name: hung for more than $secs s; after: not checked"
+        pgrep -a -f 'crictl|containerd|husk|virtiofsd' | cut -c1-200 | sed 's/^/    | /'
+        tail -n 40 "$CRI_ROOT/containerd.log" | cut -c1-300 | sed 's/^/    | /'
+        pkill -KILL -P "$pid"
+        kill -KILL "$pid"
+    fi
+    wait "$pid" 2>/dev/null
+}
+
 groups=("${@:3}")
 ((${#groups[@]})) || groups=(shim vmm containerd panic stopped)
 for g in "${groups[@]}"; do
     case $g in
     shim | vmm | containerd)
         for fault in runp:400 runp:1500 runp:3500 create:200 create:800 start:100 start:400; do
-            kill_during "$g" "${fault%%:*}" "${fault#*:}"
+            bounded 600 "$g in ${fault%%:*} at ${fault#*:} ms" kill_during "$g" "${fault%%:*}" "${fault#*:}"
         done
         ;;
-    panic) guest_panic ;;
-    stopped) guest_stopped ;;
+    panic) bounded 600 "guest panic" guest_panic ;;
+    stopped) bounded 600 "guest stopped" guest_stopped ;;
     *) echo "faults.sh: unknown group $g" && exit 2 ;;
     esac
 done
