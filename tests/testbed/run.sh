@@ -68,13 +68,14 @@ result() { # result STATUS-LINE
     reported=1
     [[ -z $status_file ]] || printf '%s\n' "$1" >"$status_file"
 }
-job='' timeout_pid='' awk_pid=''
+job='' timeout_pid='' awk_pid='' watch_pid=''
 # shellcheck disable=SC2317 # called by the EXIT trap
 on_exit() {
     local status=$? pid
     # Never leave a QEMU behind (timeout, Ctrl-C, errors of this script).
     [[ -n $timeout_pid ]] && kill -TERM "$timeout_pid" 2>/dev/null
     [[ -n $awk_pid ]] && kill -TERM "$awk_pid" 2>/dev/null
+    [[ -n $watch_pid ]] && kill -TERM "$watch_pid" 2>/dev/null
     if [[ -n $job && -f $job/qemu.pid ]]; then
         pid=$(cat "$job/qemu.pid" 2>/dev/null || true)
         if [[ -n $pid ]] && grep -qaF "$job" "/proc/$pid/cmdline" 2>/dev/null; then
@@ -183,28 +184,56 @@ qemu=(
     -device virtio-9p-device,fsdev=hostroot,mount_tag=hostroot
     -pidfile "$job/qemu.pid"
 )
+# L1 now and then hangs in its own boot, before the command begins (under TCG; seen stuck in
+# the kernel's initcalls, QEMU busy, nothing more on the console): nothing of the command has
+# run, so a boot that has not begun it within $boot_secs is killed and L1 booted again, at
+# most $boot_tries times in all.
+boot_secs=${HUSK_TESTBED_BOOT_SECS:-120} boot_tries=3
 start=$(husk_now)
-mkfifo "$job/console"
-# QEMU in the background (so this shell can kill it), its console through a
-# filter: lines before BEGIN are L1 boot noise (shown with --verbose), lines
-# between BEGIN and EXIT are the command's output. Both in the background:
-# bash runs the INT/TERM traps during `wait`, not during a foreground job.
-timeout -k 5 "$timeout" "${qemu[@]}" </dev/null >"$job/console" 2>"$job/qemu.err" &
-timeout_pid=$!
-set +e
-awk -v verbose="$verbose" -v logfile="$job/console.log" '
-    { sub(/\r$/, ""); print > logfile }
-    /^HUSK-TESTBED-BEGIN/ { inside = 1; if (verbose) print > "/dev/stderr"; next }
-    /^HUSK-TESTBED-(EXIT|ERROR)=/ { inside = 0; if (verbose) print > "/dev/stderr"; next }
-    inside { print; fflush(); next }
-    verbose { print > "/dev/stderr"; fflush("/dev/stderr") }
-' <"$job/console" &
-awk_pid=$!
-wait "$timeout_pid"
-qemu_status=$?
-wait "$awk_pid"
-set -e
-timeout_pid='' awk_pid=''
+for ((try = 1; ; try++)); do
+    rm -f "$job/console" "$job/console.log" "$job/qemu.pid" "$job/boot-hang"
+    mkfifo "$job/console"
+    touch "$job/console.log"
+    left=$((timeout - $(date +%s) + ${start%.*}))
+    ((left > 0)) || left=1
+    # QEMU in the background (so this shell can kill it), its console through a
+    # filter: lines before BEGIN are L1 boot noise (shown with --verbose), lines
+    # between BEGIN and EXIT are the command's output. Both in the background:
+    # bash runs the INT/TERM traps during `wait`, not during a foreground job.
+    timeout -k 5 "$left" "${qemu[@]}" </dev/null >"$job/console" 2>"$job/qemu.err" &
+    timeout_pid=$!
+    set +e
+    awk -v verbose="$verbose" -v logfile="$job/console.log" '
+        { sub(/\r$/, ""); print > logfile }
+        /^HUSK-TESTBED-BEGIN/ { inside = 1; if (verbose) print > "/dev/stderr"; next }
+        /^HUSK-TESTBED-(EXIT|ERROR)=/ { inside = 0; if (verbose) print > "/dev/stderr"; next }
+        inside { print; fflush(); next }
+        verbose { print > "/dev/stderr"; fflush("/dev/stderr") }
+    ' <"$job/console" &
+    awk_pid=$!
+    # The boot's watchdog.
+    (
+        for ((i = 0; i < boot_secs; i++)); do
+            sleep 1
+            kill -0 "$timeout_pid" 2>/dev/null || exit 0
+            grep -aq '^HUSK-TESTBED-BEGIN' "$job/console.log" 2>/dev/null && exit 0
+        done
+        touch "$job/boot-hang"
+        kill -KILL "$(cat "$job/qemu.pid")" 2>/dev/null
+    ) &
+    watch_pid=$!
+    wait "$timeout_pid" 2>/dev/null
+    qemu_status=$?
+    wait "$awk_pid"
+    kill "$watch_pid" 2>/dev/null
+    wait "$watch_pid" 2>/dev/null
+    set -e
+    timeout_pid='' awk_pid='' watch_pid=''
+    if [[ ! -f $job/boot-hang ]] || ((try == boot_tries)); then
+        break
+    fi
+    husk_log "L1 did not begin the command within ${boot_secs}s of its boot (console's last line: $(tail -n 1 "$job/console.log" 2>/dev/null)); booting it again ($((try + 1)) of $boot_tries)"
+done
 elapsed=$(husk_elapsed "$start")
 
 show_log() {
@@ -215,7 +244,12 @@ show_log() {
 }
 exit_line=$(grep -a -m1 '^HUSK-TESTBED-EXIT=' "$job/console.log" || true)
 error_line=$(grep -a -m1 '^HUSK-TESTBED-ERROR=' "$job/console.log" || true)
-if [[ -n $exit_line ]]; then
+if [[ -f $job/boot-hang ]]; then
+    husk_log "testbed failed: L1 hung in its boot $boot_tries times (each killed after ${boot_secs}s)"
+    show_log
+    result "error L1 hung in its boot $boot_tries times"
+    exit 125
+elif [[ -n $exit_line ]]; then
     status=${exit_line#HUSK-TESTBED-EXIT=}
     status=${status%% *}
     begin=$(grep -a -m1 '^HUSK-TESTBED-BEGIN' "$job/console.log" | sed 's/.*uptime=//')
