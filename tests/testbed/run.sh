@@ -189,6 +189,10 @@ qemu=(
 # run, so a boot that has not begun it within $boot_secs is killed and L1 booted again, at
 # most $boot_tries times in all.
 boot_secs=${HUSK_TESTBED_BOOT_SECS:-120} boot_tries=3
+# mawk (Debian's awk) reads a pipe in blocks: without -W interactive the console's lines reach
+# the log and the caller late, and the watchdog would not see BEGIN.
+awk_line=(awk)
+awk -W version 2>&1 | grep -q mawk && awk_line=(awk -W interactive)
 start=$(husk_now)
 for ((try = 1; ; try++)); do
     rm -f "$job/console" "$job/console.log" "$job/qemu.pid" "$job/boot-hang"
@@ -203,15 +207,15 @@ for ((try = 1; ; try++)); do
     timeout -k 5 "$left" "${qemu[@]}" </dev/null >"$job/console" 2>"$job/qemu.err" &
     timeout_pid=$!
     set +e
-    awk -v verbose="$verbose" -v logfile="$job/console.log" '
+    "${awk_line[@]}" -v verbose="$verbose" -v logfile="$job/console.log" '
         { sub(/\r$/, ""); print > logfile }
-        /^HUSK-TESTBED-BEGIN/ { inside = 1; if (verbose) print > "/dev/stderr"; next }
+        /^HUSK-TESTBED-BEGIN/ { inside = 1; fflush(logfile); if (verbose) print > "/dev/stderr"; next }
         /^HUSK-TESTBED-(EXIT|ERROR)=/ { inside = 0; if (verbose) print > "/dev/stderr"; next }
         inside { print; fflush(); next }
         verbose { print > "/dev/stderr"; fflush("/dev/stderr") }
     ' <"$job/console" &
     awk_pid=$!
-    # The boot's watchdog.
+    # The boot's watchdog (awk flushes the log at BEGIN).
     (
         for ((i = 0; i < boot_secs; i++)); do
             sleep 1
