@@ -213,10 +213,6 @@ husk_inventory() {
         "loops=$(losetup -a | wc -l) pods=$("${CRICTL[@]}" pods -q | wc -l) containers=$("${CRICTL[@]}" ps -aq | wc -l)"
 }
 
-# pod_life NAME DIR: one husk pod's whole life (runp, create, start, logs, exec, stop, rm,
-# stopp, rmp) with its network (it pings the CNI gateway), its image's layers and a live volume
-# (DIR/vol: the container writes a file, the host reads it); prints "ok FDS" (the most fds its
-# shim held) or "failed at STEP: WHY", and leaves nothing of the pod behind either way.
 # pod_diagnosis FROM_LINE ID...: containerd's log (with the shims' lines) from line FROM_LINE
 # on, the lines that name one of the non-empty IDs or are warnings and errors, at most 60.
 pod_diagnosis() {
@@ -228,6 +224,10 @@ pod_diagnosis() {
     tail -n "+$from" "$CRI_ROOT/containerd.log" | grep -E "$pattern" | tail -n 60
 }
 
+# pod_life NAME DIR: one husk pod's whole life (runp, create, start, logs, exec, stop, rm,
+# stopp, rmp) with its network (it pings the CNI gateway), its image's layers and a live volume
+# (DIR/vol: the container writes a file, the host reads it); prints "ok FDS" (the most fds its
+# shim held) or "failed at STEP: WHY", and leaves nothing of the pod behind either way.
 pod_life() {
     local name=$1 d=$2 pod='' ctr='' shim fds=0 i from
     # The result goes to fd 3, this function's stdout, also from inside $(...).

@@ -6,7 +6,7 @@
 #   - a guest kernel panic (a privileged container writes 'c' to /proc/sysrq-trigger);
 #   - a guest that stops answering (its VMM SIGSTOPped): an exec into it, then its stopp;
 # after each, every pod is removed (`rmp -f`, as a kubelet would) and the node must come back
-# to its baseline within 30 s ("after: clean", or what differs), and at the end a pod must
+# to its baseline within 60 s ("after: clean", or what differs), and at the end a pod must
 # still go through its whole life. One line per fault:
 #   fault NAME: WHAT HAPPENED; after: clean|LEAKS
 # Usage: faults.sh REPO HUSK_BINARY [GROUP...]   (groups: shim vmm containerd panic stopped; all
@@ -21,7 +21,7 @@ ms_since() { echo $((($(now) - $1) / 1000000)); }
 husk_baseline "$husk" || exit 1
 
 # after: every container and pod removed as a kubelet would (rm -f, stopp, rmp -f), then the
-# inventory back at its baseline within 30 s: "after: clean" or "after: LEAKS".
+# inventory back at its baseline within 60 s: "after: clean" or "after: LEAKS".
 after() {
     local c p i inv
     for c in $("${CRICTL[@]}" ps -aq 2>/dev/null); do
@@ -31,7 +31,7 @@ after() {
         "${CRICTL[@]}" stopp "$p" >/dev/null 2>&1
         "${CRICTL[@]}" rmp -f "$p" >/dev/null 2>&1
     done
-    for ((i = 0; i < 30; i++)); do
+    for ((i = 0; i < 60; i++)); do
         inv=$(husk_inventory)
         [[ $inv == "$base" ]] && { echo "after: clean"; return 0; }
         sleep 1
