@@ -10,7 +10,7 @@
 # still go through its whole life. One line per fault:
 #   fault NAME: WHAT HAPPENED; after: clean|LEAKS
 # Usage: faults.sh REPO HUSK_BINARY [GROUP...]   (groups: shim vmm containerd panic stopped; all
-# by default)
+# by default; and peer: containerd killed inside a runc pod's runp, the runc shims left)
 set -uo pipefail
 repo=$1 husk=$2
 # shellcheck source-path=SCRIPTDIR source=cri-env.sh
@@ -131,6 +131,28 @@ guest_stopped() {
     rm -rf "$d"
 }
 
+# peer_containerd_kill DELAY_MS: the peer under the same fault: a runc pod's runp, containerd
+# SIGKILLed DELAY_MS into it and started again, every pod removed; the runc shims left after 45 s
+# (containerd 1.6 leaves one behind, as it does husk's).
+peer_containerd_kill() {
+    local d=$work/peer-$1 bg p
+    mkdir -p "$d"
+    pod_json "$d/p.json" "peer-$1" false
+    "${CRICTL[@]}" runp "$d/p.json" >"$d/out" 2>&1 &
+    bg=$!
+    sleep "$(awk -v ms="$1" 'BEGIN {print ms / 1000}')"
+    kill -KILL "$(cat "$CRI_ROOT/containerd.pid")"
+    wait "$bg"
+    cri_again || { echo "containerd did not come back"; return 1; }
+    for p in $("${CRICTL[@]}" pods -q 2>/dev/null); do
+        "${CRICTL[@]}" stopp "$p" >/dev/null 2>&1
+        "${CRICTL[@]}" rmp -f "$p" >/dev/null 2>&1
+    done
+    sleep 45
+    echo "peer runc, containerd killed $1 ms into runp: runc shims left $(pgrep -c -f containerd-shim-runc-v2), pods $("${CRICTL[@]}" pods -q | wc -l)"
+    rm -rf "$d"
+}
+
 # bounded SECS NAME FUNCTION ARGS...: FUNCTION ARGS in the background; one that takes more than
 # SECS is a hang: named, with what runs and containerd's last log lines, and then killed.
 bounded() {
@@ -161,6 +183,7 @@ for g in "${groups[@]}"; do
             bounded 600 "$g in ${fault%%:*} at ${fault#*:} ms" kill_during "$g" "${fault%%:*}" "${fault#*:}"
         done
         ;;
+    peer) for ms in 400 1500; do bounded 600 "peer at $ms ms" peer_containerd_kill "$ms"; done ;;
     panic) bounded 600 "guest panic" guest_panic ;;
     stopped) bounded 600 "guest stopped" guest_stopped ;;
     *) echo "faults.sh: unknown group $g" && exit 2 ;;
