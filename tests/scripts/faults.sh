@@ -20,10 +20,9 @@ ms_since() { echo $((($(now) - $1) / 1000000)); }
 
 husk_baseline "$husk" || exit 1
 
-# after: every container and pod removed as a kubelet would (rm -f, stopp, rmp -f), then the
-# inventory back at its baseline within 60 s: "after: clean" or "after: LEAKS".
-after() {
-    local c p i inv
+# remove_all: every container and pod removed as a kubelet would (rm -f, stopp, rmp -f).
+remove_all() {
+    local c p
     for c in $("${CRICTL[@]}" ps -aq 2>/dev/null); do
         "${CRICTL[@]}" rm -f "$c" >/dev/null 2>&1
     done
@@ -31,6 +30,13 @@ after() {
         "${CRICTL[@]}" stopp "$p" >/dev/null 2>&1
         "${CRICTL[@]}" rmp -f "$p" >/dev/null 2>&1
     done
+}
+
+# after: every container and pod removed as a kubelet would (rm -f, stopp, rmp -f), then the
+# inventory back at its baseline within 60 s: "after: clean" or "after: LEAKS".
+after() {
+    local i inv
+    remove_all
     for ((i = 0; i < 60; i++)); do
         inv=$(husk_inventory)
         [[ $inv == "$base" ]] && { echo "after: clean"; return 0; }
@@ -135,7 +141,7 @@ guest_stopped() {
 # SIGKILLed DELAY_MS into it and started again, every pod removed; the runc shims left after 45 s
 # (containerd 1.6 leaves one behind, as it does husk's).
 peer_containerd_kill() {
-    local d=$work/peer-$1 bg p
+    local d=$work/peer-$1 bg
     mkdir -p "$d"
     pod_json "$d/p.json" "peer-$1" false
     "${CRICTL[@]}" runp "$d/p.json" >"$d/out" 2>&1 &
@@ -144,10 +150,7 @@ peer_containerd_kill() {
     kill -KILL "$(cat "$CRI_ROOT/containerd.pid")"
     wait "$bg"
     cri_again || { echo "containerd did not come back"; return 1; }
-    for p in $("${CRICTL[@]}" pods -q 2>/dev/null); do
-        "${CRICTL[@]}" stopp "$p" >/dev/null 2>&1
-        "${CRICTL[@]}" rmp -f "$p" >/dev/null 2>&1
-    done
+    remove_all
     sleep 45
     echo "peer runc, containerd killed $1 ms into runp: runc shims left $(pgrep -c -f containerd-shim-runc-v2), pods $("${CRICTL[@]}" pods -q | wc -l)"
     rm -rf "$d"

@@ -348,6 +348,24 @@ mod tests {
         AgentAddr::Unix(path)
     }
 
+    /// A client of `addr` with bounded calls failing after `deadline`, and how many times its
+    /// unresponsive hook ran.
+    async fn counting_client(
+        addr: &AgentAddr,
+        deadline: Duration,
+    ) -> (AgentClient, Arc<AtomicUsize>) {
+        let told = Arc::new(AtomicUsize::new(0));
+        let t = told.clone();
+        let agent = AgentClient::connect(addr, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .with_deadline(deadline)
+            .on_unresponsive(move || {
+                t.fetch_add(1, Ordering::SeqCst);
+            });
+        (agent, told)
+    }
+
     fn signal() -> pb::SignalProcessRequest {
         let mut r = pb::SignalProcessRequest::new();
         r.container_id = "c".into();
@@ -365,15 +383,7 @@ mod tests {
             let mut sink = [0u8; 4096];
             while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
         });
-        let told = Arc::new(AtomicUsize::new(0));
-        let t = told.clone();
-        let agent = AgentClient::connect(&addr, Duration::from_secs(5))
-            .await
-            .unwrap()
-            .with_deadline(Duration::from_millis(300))
-            .on_unresponsive(move || {
-                t.fetch_add(1, Ordering::SeqCst);
-            });
+        let (agent, told) = counting_client(&addr, Duration::from_millis(300)).await;
         let e = tokio::time::timeout(Duration::from_secs(10), agent.signal_process(signal()))
             .await
             .expect("the deadline ends the call")
@@ -398,14 +408,7 @@ mod tests {
             let mut first = [0u8; 1];
             let _ = s.read(&mut first);
         });
-        let told = Arc::new(AtomicUsize::new(0));
-        let t = told.clone();
-        let agent = AgentClient::connect(&addr, Duration::from_secs(5))
-            .await
-            .unwrap()
-            .on_unresponsive(move || {
-                t.fetch_add(1, Ordering::SeqCst);
-            });
+        let (agent, told) = counting_client(&addr, RPC_DEADLINE).await;
         let e = tokio::time::timeout(Duration::from_secs(10), agent.signal_process(signal()))
             .await
             .expect("a broken connection ends the call")
