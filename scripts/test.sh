@@ -25,6 +25,39 @@ bash guest-image/build.sh
 echo "== fuzz husk-vmm's guest-facing parsers (cargo-fuzz, nightly)"
 bash scripts/fuzz.sh "${HUSK_FUZZ_SECS:-45}"
 
+# The failed tests of a `cargo test` log, for CI, which keeps only the last 2 KB or so of the
+# output: each failed test's panic message (its first 20 and last 10 lines, each cut at 300
+# characters), then the same in short (the first 4 lines, cut at 160), the testbed's own
+# complaints (its stderr lines, but for the routine ones) and cargo's list of failed targets.
+# Only the blocks under cargo's "failures:" count: should_panic tests that passed are left out.
+failure_summary() {
+    local panics
+    panics=$(awk '
+        /^(failures|successes):$/ { failing = ($0 == "failures:"); grab = 0; next }
+        /^---- .* stdout ----$/ { grab = 0; if (failing) print; next }
+        /^test result: / { failing = 0; grab = 0; next }
+        failing && /^thread .* panicked at / { grab = 1; next }
+        grab && /^(note: run with|stack backtrace:)/ { grab = 0; next }
+        grab { print "  " $0 }
+    ' "$1")
+    awk '
+        function cut(l) { return length(l) > 300 ? substr(l, 1, 300) "[...]" : l }
+        function flush(  i) {
+            for (i = 1; i <= n; i++)
+                if (i <= 20 || i > n - 10) print cut(msg[i]); else if (i == 21) print "  [...]"
+            n = 0
+        }
+        /^---- / { flush(); print; next }
+        { msg[++n] = $0 }
+        END { flush() }
+    ' <<<"$panics"
+    echo "== in short"
+    awk '/^---- / { n = 0; print; next } ++n <= 4 { print (length($0) > 160 ? substr($0, 1, 160) "[...]" : $0) }' \
+        <<<"$panics"
+    grep -a '^testbed: ' "$1" | grep -av -e 'testbed: kernel l1: cached' -e 'L1 booted in' || true
+    grep -a -A 20 '^error: .* target.* failed' "$1" || true
+}
+
 echo "== tests"
 # --show-output: the numbers passing tests print (boot breakdown, memory, ratios to runc).
 # A failure's panic messages are printed again at the end, where CI's tail shows them.
@@ -32,9 +65,8 @@ test_log=$(mktemp)
 trap 'rm -f "$test_log"' EXIT
 if ! cargo test --workspace --locked --no-fail-fast -- --test-threads="${HUSK_TEST_THREADS:-2}" \
     --show-output 2>&1 | tee "$test_log"; then
-    echo "== what failed (each panic's first 40 lines; the whole output is above)"
-    awk '/^thread .* panicked at / {n = 40} n > 0 {print; n--}' "$test_log"
-    grep -A 20 '^error: .* target.* failed' "$test_log"
+    echo "== what failed (the whole output is above; CI keeps only the end of it)"
+    failure_summary "$test_log"
     exit 1
 fi
 

@@ -34,6 +34,19 @@ pub fn sections(out: &str) -> HashMap<String, (String, Option<i32>)> {
     map
 }
 
+/// The last `n` lines of `text`, after a line saying how many were left out: what an
+/// assertion message quotes of a long output (CI keeps only the end of a log).
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let skip = lines.len().saturating_sub(n);
+    let mut out = String::new();
+    if skip > 0 {
+        out.push_str(&format!("[{skip} lines before these]\n"));
+    }
+    out.push_str(&lines[skip..].join("\n"));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -44,5 +57,12 @@ mod tests {
         assert_eq!(s["a"], ("x\ny\n".to_string(), Some(3)));
         assert_eq!(s["b"], ("z\n".to_string(), Some(0)));
         assert_eq!(s["c"], ("w\n".to_string(), None));
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        assert_eq!(tail("a\nb\nc\n", 2), "[1 lines before these]\nb\nc");
+        assert_eq!(tail("a\nb", 5), "a\nb");
+        assert_eq!(tail("", 3), "");
     }
 }

@@ -235,8 +235,19 @@ pub fn run_cri_script(script: &str, args: &[String], timeout: Duration, mem_mib:
             ..Options::default()
         },
     )
-    .unwrap_or_else(|e| panic!("{script} in the testbed: {e}"));
+    .unwrap_or_else(|e| match e {
+        Error::Timeout { ref stdout, .. } => panic!(
+            "{script} in the testbed: {e}; its last lines:\n{}",
+            crate::sections::tail(stdout, 40)
+        ),
+        e => panic!("{script} in the testbed: {e}"),
+    });
     println!("{}", out.stdout);
-    assert_eq!(out.status, 0, "{script} failed");
+    assert_eq!(
+        out.status,
+        0,
+        "{script} failed; its last lines:\n{}",
+        crate::sections::tail(&out.stdout, 40)
+    );
     out
 }

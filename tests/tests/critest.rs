@@ -9,7 +9,10 @@
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
-use husk_tests::{sections::sections, testbed};
+use husk_tests::{
+    sections::{sections, tail},
+    testbed,
+};
 
 /// Specs that ask a pod to share something of the host that a pod in its own VM does not
 /// have: its network or IPC namespace, or its mounts. Each with the reason, as in the README.
@@ -79,24 +82,35 @@ fn critest_husk_passes_what_runc_passes() {
         mem_mib: 4096,
         ..Default::default()
     };
-    let out = testbed::run_with(&cmd, &opts).expect("the testbed ran");
+    let out = testbed::run_with(&cmd, &opts).unwrap_or_else(|e| panic!("the testbed: {e}"));
     let s = sections(&out.stdout);
     let get = |n: &str| {
         s.get(n)
             .cloned()
-            .unwrap_or_else(|| panic!("no section {n}: {}", out.stdout))
+            .unwrap_or_else(|| panic!("no section {n}: {}", tail(&out.stdout, 60)))
     };
     let (text, rc) = get("setup");
     assert_eq!(
         rc,
         Some(0),
-        "containerd or the registry did not come up: {text}"
+        "containerd or the registry did not come up: {}",
+        tail(&text, 60)
     );
 
     let (runc_text, rc) = get("critest runc");
-    assert_eq!(rc, Some(0), "critest did not run with runc: {runc_text}");
+    assert_eq!(
+        rc,
+        Some(0),
+        "critest did not run with runc: {}",
+        tail(&runc_text, 60)
+    );
     let (husk_text, rc) = get("critest husk");
-    assert_eq!(rc, Some(0), "critest did not run with husk: {husk_text}");
+    assert_eq!(
+        rc,
+        Some(0),
+        "critest did not run with husk: {}",
+        tail(&husk_text, 60)
+    );
     let (runc, runc_why) = results(&runc_text, "runc");
     let (husk, husk_why) = results(&husk_text, "husk");
     for line in runc_text.lines().chain(husk_text.lines()) {
@@ -116,7 +130,8 @@ fn critest_husk_passes_what_runc_passes() {
     }
     assert!(
         runc.len() > 100,
-        "the whole suite ran for runc: {runc_text}"
+        "the whole suite ran for runc: {}",
+        tail(&runc_text, 60)
     );
     assert_eq!(
         runc.keys().collect::<Vec<_>>(),
@@ -186,6 +201,7 @@ fn critest_husk_passes_what_runc_passes() {
     );
     assert!(
         husk_text.contains("leftovers: pods 0 containers 0 vmm 0 shim 0"),
-        "critest left pods or VMs behind: {husk_text}"
+        "critest left pods or VMs behind: {}",
+        tail(&husk_text, 60)
     );
 }

@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use husk_tests::testbed;
+use husk_tests::{sections::tail, testbed};
 
 fn env_or(name: &str, default: u32) -> u32 {
     std::env::var(name)
@@ -59,7 +59,7 @@ fn a_burst_of_pods_then_a_short_soak_leave_nothing_behind() {
         .stdout
         .lines()
         .find(|l| l.starts_with("soak: "))
-        .unwrap_or_else(|| panic!("no summary line: {}", out.stdout));
+        .unwrap_or_else(|| panic!("no summary line: {}", tail(&out.stdout, 60)));
     let pods = cycles * inflight;
     assert!(
         summary.contains(&format!("{cycles} cycles, {pods} pods (0 failed)")),

@@ -35,8 +35,9 @@ pub enum ClientError {
     },
     #[error("timed out {0}")]
     Timeout(String),
-    /// The agent let a bounded RPC pass its deadline without an answer: the guest stopped
-    /// answering (its vCPUs stopped, its kernel hung), which a caller treats as a lost guest.
+    /// The agent answered neither a bounded RPC nor the health check its deadline brought:
+    /// the guest stopped answering (its vCPUs stopped, its kernel hung), which a caller
+    /// treats as a lost guest.
     #[error("the agent did not answer {0}")]
     Unresponsive(String),
     #[error("not found: {0}")]
@@ -110,9 +111,10 @@ pub struct AgentClient {
     agent: agent_ttrpc::AgentClient,
     health: health_ttrpc::HealthClient,
     timeout: Duration,
-    /// How long a bounded RPC waits for its answer ([`RPC_DEADLINE`] unless changed).
+    /// How long a bounded RPC waits before a health check, and the check for its answer
+    /// ([`RPC_DEADLINE`] unless changed).
     deadline: Duration,
-    /// Called when the agent lets an RPC pass its deadline without an answer.
+    /// Called when the agent answers neither an RPC nor its health check in time.
     unresponsive: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
@@ -124,14 +126,18 @@ impl std::fmt::Debug for AgentClient {
     }
 }
 
-/// How long an agent has to answer an RPC that does not wait for something by design (all
-/// but `wait_process` and `get_oom_event`): a guest that stops answering (its vCPUs stopped,
-/// its kernel hung) fails the call with [`ClientError::Timeout`] instead of hanging it. Far
-/// above what any of them takes (a `CreateContainer` under the nested testbed: seconds).
-pub const RPC_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a bounded RPC (all but `wait_process` and `get_oom_event`) runs before the client
+/// asks whether the guest is still alive, and how long the guest then has to answer that
+/// health check. A guest that answers is only slow (a loaded host: a `CreateContainer` of
+/// 8 pods booting at once under the nested testbed takes tens of seconds) and the call goes
+/// on waiting; one that does not (its vCPUs stopped, its kernel hung) fails the call with
+/// [`ClientError::Unresponsive`] after twice this. The agent itself never gets a deadline:
+/// ttrpc's server would drop a handler halfway through at it.
+pub const RPC_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Generates one typed method per unary RPC of the agent service: `bounded` ones fail after
-/// [`RPC_DEADLINE`], `blocking` ones wait as long as it takes.
+/// Generates one typed method per unary RPC of the agent service: `bounded` ones are watched
+/// for a guest that stopped answering ([`RPC_DEADLINE`]), `blocking` ones wait as long as it
+/// takes.
 macro_rules! rpcs {
     ($($(#[$doc:meta])* $kind:ident $name:ident($req:ty) -> $resp:ty;)*) => {$(
         $(#[$doc])*
@@ -140,25 +146,12 @@ macro_rules! rpcs {
         }
     )*};
     (@call $self:ident, bounded, $name:ident, $req:ident) => {
-        match $self
-            .agent
-            .$name(ttrpc::context::with_duration($self.deadline), &$req)
+        $self
+            .watched(
+                stringify!($name),
+                $self.agent.$name(ttrpc::context::Context::default(), &$req),
+            )
             .await
-        {
-            Ok(r) => Ok(r),
-            // ttrpc's own client-side deadline: no answer at all.
-            Err(ttrpc::Error::Others(m)) if m.contains("timeout") => {
-                if let Some(f) = &$self.unresponsive {
-                    f();
-                }
-                Err(ClientError::Unresponsive(format!(
-                    "{} within {:.1}s (is the guest stopped or hung?)",
-                    stringify!($name),
-                    $self.deadline.as_secs_f64(),
-                )))
-            }
-            Err(e) => Err(e.into()),
-        }
     };
     (@call $self:ident, blocking, $name:ident, $req:ident) => {
         Ok($self.agent.$name(ttrpc::context::Context::default(), &$req).await?)
@@ -228,18 +221,60 @@ impl AgentClient {
         &self.addr
     }
 
-    /// This client with bounded RPCs failing after `deadline` instead of [`RPC_DEADLINE`].
+    /// This client with `deadline` instead of [`RPC_DEADLINE`] for its bounded RPCs.
     pub fn with_deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self
     }
 
-    /// This client with `f` called whenever the agent lets a bounded RPC pass its deadline
-    /// without an answer (the call itself fails with [`ClientError::Unresponsive`]): for a
-    /// pod, a guest that stopped answering is a lost guest.
+    /// This client with `f` called whenever the agent answers neither a bounded RPC nor the
+    /// health check its deadline brings (the call itself fails with
+    /// [`ClientError::Unresponsive`]): for a pod, a guest that stopped answering is lost.
     pub fn on_unresponsive(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
         self.unresponsive = Some(Arc::new(f));
         self
+    }
+
+    /// Waits for `call` (the RPC `name`) while the guest is alive: each time it has run
+    /// [`RPC_DEADLINE`] (or [`Self::with_deadline`]'s) without an answer, a health check on the
+    /// same connection must answer within as long again; if none does, the unresponsive hook
+    /// runs and the call fails. The call's own answer ends the wait at any point.
+    async fn watched<T>(
+        &self,
+        name: &str,
+        call: impl std::future::Future<Output = Result<T, ttrpc::Error>>,
+    ) -> Result<T, ClientError> {
+        tokio::pin!(call);
+        loop {
+            if let Ok(r) = tokio::time::timeout(self.deadline, &mut call).await {
+                return Ok(r?);
+            }
+            let check = health::CheckRequest::new();
+            let probe = tokio::time::timeout(
+                self.deadline,
+                self.health
+                    .check(ttrpc::context::Context::default(), &check),
+            );
+            tokio::select! {
+                r = &mut call => return Ok(r?),
+                alive = probe => match alive {
+                    Ok(Ok(_)) => {
+                        tracing::debug!(rpc = name, "still waiting: the guest is alive, only slow");
+                    }
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(_) => {
+                        if let Some(f) = &self.unresponsive {
+                            f();
+                        }
+                        return Err(ClientError::Unresponsive(format!(
+                            "{name}, nor a health check {:.1}s into it, within {:.1}s (is the guest stopped or hung?)",
+                            self.deadline.as_secs_f64(),
+                            2.0 * self.deadline.as_secs_f64(),
+                        )));
+                    }
+                },
+            }
+        }
     }
 
     /// Asks whether the agent is serving.
@@ -348,7 +383,7 @@ mod tests {
         AgentAddr::Unix(path)
     }
 
-    /// A client of `addr` with bounded calls failing after `deadline`, and how many times its
+    /// A client of `addr` with `deadline` for its bounded calls, and how many times its
     /// unresponsive hook ran.
     async fn counting_client(
         addr: &AgentAddr,
@@ -374,10 +409,11 @@ mod tests {
     }
 
     /// A guest that stopped answering (its vCPUs stopped): the connection stays open, the
-    /// request is read, no answer comes. The call fails at its deadline, naming the RPC and
-    /// the likely cause, as a lost guest (UNAVAILABLE), and the hook is told, once.
+    /// request is read, no answer comes, to the health check either. The call fails at twice
+    /// its deadline, naming the RPC and the likely cause, as a lost guest (UNAVAILABLE), and
+    /// the hook is told, once.
     #[tokio::test]
-    async fn a_silent_agent_fails_a_bounded_call_at_its_deadline() {
+    async fn a_silent_agent_fails_a_bounded_call_at_twice_its_deadline() {
         let dir = tempfile::tempdir().unwrap();
         let addr = agent_socket(dir.path(), |mut s| {
             let mut sink = [0u8; 4096];
@@ -415,5 +451,62 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, ClientError::Transport(_)), "{e:?}");
         assert_eq!(told.load(Ordering::SeqCst), 0);
+    }
+
+    /// A real ttrpc agent that answers health checks at once and `signal_process` after
+    /// `slow`, as a live guest on a loaded host does.
+    struct SlowAgent {
+        slow: Duration,
+    }
+
+    #[async_trait::async_trait]
+    impl health_ttrpc::Health for SlowAgent {
+        async fn check(
+            &self,
+            _ctx: &ttrpc::asynchronous::TtrpcContext,
+            _req: health::CheckRequest,
+        ) -> ttrpc::Result<health::CheckResponse> {
+            Ok(health::CheckResponse::new())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl agent_ttrpc::Agent for SlowAgent {
+        async fn signal_process(
+            &self,
+            _ctx: &ttrpc::asynchronous::TtrpcContext,
+            _req: pb::SignalProcessRequest,
+        ) -> ttrpc::Result<pb::Empty> {
+            tokio::time::sleep(self.slow).await;
+            Ok(pb::Empty::new())
+        }
+    }
+
+    /// A call that takes several deadlines on a guest that answers its health checks is
+    /// waited for to the end: a slow guest is not a lost one, and the hook is not told.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_but_live_agent_is_waited_for_past_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let agent = Arc::new(SlowAgent {
+            slow: Duration::from_millis(1500),
+        });
+        let mut services = agent_ttrpc::create_agent(agent.clone());
+        services.extend(health_ttrpc::create_health(agent));
+        let mut server = ttrpc::asynchronous::Server::new()
+            .bind(&format!("unix://{}", path.display()))
+            .unwrap()
+            .register_service(services);
+        server.start().await.unwrap();
+        let (client, told) =
+            counting_client(&AgentAddr::Unix(path), Duration::from_millis(200)).await;
+        let started = std::time::Instant::now();
+        client
+            .signal_process(signal())
+            .await
+            .expect("the slow call's own answer");
+        assert!(started.elapsed() >= Duration::from_millis(1500));
+        assert_eq!(told.load(Ordering::SeqCst), 0);
+        server.shutdown().await.unwrap();
     }
 }

@@ -302,7 +302,8 @@ impl Pod {
             .shared_dir()
             .and_then(|s| s.map(|s| s.seal().map(|()| Arc::new(s))).transpose())
             .map_err(|e| PodError::Share(format!("{e:#}")))?;
-        // A guest that lets a request pass its deadline unanswered is lost: its VMM is
+        // A guest that answers neither a request nor the health check its deadline brings is
+        // lost: its VMM is
         // killed, and the pod ends as with any VMM's end (its containers exited, the sandbox
         // not ready) instead of hanging every later request.
         let agent = match vm.killer() {
@@ -311,8 +312,8 @@ impl Pod {
                 agent.on_unresponsive(move || {
                     tracing::error!(
                         pod = %id,
-                        "the guest's agent did not answer within {}s: killing its VMM",
-                        husk_client::RPC_DEADLINE.as_secs()
+                        "the guest's agent answered neither a request nor a health check within {}s: killing its VMM",
+                        2 * husk_client::RPC_DEADLINE.as_secs()
                     );
                     let _ = k.kill();
                 })

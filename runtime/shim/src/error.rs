@@ -135,10 +135,10 @@ mod tests {
             ),
             (
                 ShimError::agent("execing")(ClientError::Unresponsive(
-                    "exec_process within 60.0s (is the guest stopped or hung?)".into(),
+                    "exec_process, nor a health check 30.0s into it, within 60.0s (is the guest stopped or hung?)".into(),
                 )),
                 Code::UNAVAILABLE,
-                "execing: the agent did not answer exec_process within 60.0s (is the guest stopped or hung?)",
+                "execing: the agent did not answer exec_process, nor a health check 30.0s into it, within 60.0s (is the guest stopped or hung?)",
             ),
         ];
         for (e, code, msg) in cases {
