@@ -10,7 +10,9 @@ CRI_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CRI_ROOT=/run/husk-cri
 CRI_SOCK=$CRI_ROOT/containerd.sock
 export CONTAINER_RUNTIME_ENDPOINT=unix://$CRI_SOCK IMAGE_SERVICE_ENDPOINT=unix://$CRI_SOCK
-CRICTL=(crictl --config "$CRI_ROOT/crictl.yaml" --timeout 120s)
+# crictl gives up on a call after this (a kubelet's default runtime request timeout).
+CRI_TIMEOUT=${CRI_TIMEOUT:-120s}
+CRICTL=(crictl --config "$CRI_ROOT/crictl.yaml" --timeout "$CRI_TIMEOUT")
 
 # oci_blobs BLOBS CONFIG_JSON LAYER_DIR...: the layers (the given directories as tars, bottom
 # first; files named .wh.NAME and .wh..wh..opq in them are OCI whiteouts), an image config whose
@@ -252,12 +254,16 @@ EOF
         fi
         rm -rf "$d"
     }
-    # cri STEP ARGS...: crictl ARGS, its output echoed; on failure the pod is cleaned up, the
-    # step and crictl's last error line printed, and 1 returned.
+    # cri STEP ARGS...: crictl ARGS, its output echoed, how long it took appended to
+    # $CRI_ROOT/steps.log ("STEP MS"); on failure the pod is cleaned up, the step and crictl's
+    # last error line printed, and 1 returned.
     cri() {
-        local step=$1
+        local step=$1 t rc=0
         shift
-        "${CRICTL[@]}" "$@" 2>"$d/err" || { fail "$step: $(tail -n 1 "$d/err")"; return 1; }
+        t=$(date +%s%N)
+        "${CRICTL[@]}" "$@" 2>"$d/err" || rc=$?
+        echo "$step $((($(date +%s%N) - t) / 1000000))" >>"$CRI_ROOT/steps.log"
+        ((rc == 0)) || { fail "$step: $(tail -n 1 "$d/err")"; return 1; }
     }
     pod=$(cri runp runp "$d/pod.json") || return
     ctr=$(cri create create "$pod" "$d/c.json" "$d/pod.json") || return

@@ -4,7 +4,9 @@
     spec HANDLER STATE SECONDS :: FULL SPEC TEXT
       why: FIRST LINES OF THE FAILURE (failed specs only)
 
-and a closing "critest HANDLER: N passed, N failed, N skipped in S s" line.
+a "critest HANDLER flaky (passed on attempt N): SPEC" line per spec that failed and then
+passed (--ginkgo.flake-attempts), and a closing "critest HANDLER: N passed, N failed,
+N skipped in S s of spec time; N flaky" line.
 
     critest-report.py REPORT.json HANDLER
 """
@@ -17,6 +19,7 @@ report, handler = sys.argv[1], sys.argv[2]
 with open(report) as f:
     suites = json.load(f)
 counts = Counter()
+flaky = 0
 total = 0.0
 for suite in suites:
     for spec in suite.get("SpecReports") or []:
@@ -28,6 +31,9 @@ for suite in suites:
         total += secs
         counts[state] += 1
         print(f"spec {handler} {state} {secs:.1f} :: {name}")
+        if state == "passed" and (spec.get("NumAttempts") or 1) > 1:
+            flaky += 1
+            print(f"critest {handler} flaky (passed on attempt {spec['NumAttempts']}): {name}")
         if state not in ("passed", "skipped", "pending"):
             failure = spec.get("Failure") or {}
             loc = failure.get("Location") or {}
@@ -42,5 +48,6 @@ for suite in suites:
 print(
     f"critest {handler}: {counts['passed']} passed, "
     f"{sum(n for s, n in counts.items() if s not in ('passed', 'skipped', 'pending'))} failed, "
-    f"{counts['skipped'] + counts['pending']} skipped in {total:.0f} s of spec time"
+    f"{counts['skipped'] + counts['pending']} skipped in {total:.0f} s of spec time; "
+    f"{flaky} flaky (failed, then passed when run again)"
 )

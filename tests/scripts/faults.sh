@@ -5,11 +5,12 @@
 #     (a delay after the step began), containerd started again after its own kill;
 #   - a guest kernel panic (a privileged container writes 'c' to /proc/sysrq-trigger);
 #   - a guest that stops answering (its VMM SIGSTOPped): an exec into it, then its stopp;
+#   - a guest stuck in its boot (its first VMM SIGSTOPped inside runp): booted again;
 # after each, every pod is removed (`rmp -f`, as a kubelet would) and the node must come back
 # to its baseline within 60 s ("after: clean", or what differs), and at the end a pod must
 # still go through its whole life. One line per fault:
 #   fault NAME: WHAT HAPPENED; after: clean|LEAKS
-# Usage: faults.sh REPO HUSK_BINARY [GROUP...]   (groups: shim vmm containerd panic stopped; all
+# Usage: faults.sh REPO HUSK_BINARY [GROUP...]   (groups: shim vmm containerd panic stopped hang; all
 # by default; and peer: containerd killed inside a runc pod's runp, the runc shims left)
 set -uo pipefail
 repo=$1 husk=$2
@@ -137,6 +138,35 @@ guest_stopped() {
     rm -rf "$d"
 }
 
+# boot_hang: a guest stuck in its boot: the pod's first VMM is SIGSTOPped as soon as it runs,
+# inside runp. The shim finds the agent not ready within its boot timeout, logs it, takes that
+# VM apart and boots a new one: runp goes through, slower, with nothing of the first VM left.
+boot_hang() {
+    local d p='' c='' bg t i vmm='' out
+    d=$work/hang
+    mkdir -p "$d"
+    pod_json "$d/p.json" hang true
+    container_json "$d/c.json" hang '["sleep","1000"]'
+    t=$(now)
+    crictl --config "$CRI_ROOT/crictl.yaml" --timeout 300s runp "$d/p.json" >"$d/out" 2>&1 &
+    bg=$!
+    for ((i = 0; i < 600; i++)); do
+        vmm=$(pgrep -n husk-vmm)
+        [[ -n $vmm ]] && break
+        sleep 0.05
+    done
+    [[ -n $vmm ]] && kill -STOP "$vmm"
+    wait "$bg" && p=$(tail -n 1 "$d/out")
+    if [[ -n $p ]]; then out="runp ok"; else out="runp failed ($(tail -n 1 "$d/out" | cut -c1-200))"; fi
+    out+=" after $(ms_since "$t") ms"
+    [[ -n $p ]] && c=$("${CRICTL[@]}" create "$p" "$d/c.json" "$d/p.json") &&
+        "${CRICTL[@]}" start "$c" >/dev/null &&
+        out+=", container $("${CRICTL[@]}" exec -s "$c" echo alive 2>&1)"
+    echo "fault boot hang (first VMM $([[ -n $vmm ]] && echo stopped || echo 'never seen')): $out; the first VMM $(kill -0 "$vmm" 2>/dev/null && echo left || echo gone); hung boots logged $(grep -c 'boot attempt 1 hung' "$CRI_ROOT/containerd.log"); $(after)"
+    pkill -KILL husk-vmm
+    rm -rf "$d"
+}
+
 # peer_containerd_kill DELAY_MS: the peer under the same fault: a runc pod's runp, containerd
 # SIGKILLed DELAY_MS into it and started again, every pod removed; the runc shims left after 45 s
 # (containerd 1.6 leaves one behind, as it does husk's).
@@ -178,7 +208,7 @@ bounded() {
 }
 
 groups=("${@:3}")
-((${#groups[@]})) || groups=(shim vmm containerd panic stopped)
+((${#groups[@]})) || groups=(shim vmm containerd panic stopped hang)
 for g in "${groups[@]}"; do
     case $g in
     shim | vmm | containerd)
@@ -189,6 +219,7 @@ for g in "${groups[@]}"; do
     peer) for ms in 400 1500; do bounded 600 "peer at $ms ms" peer_containerd_kill "$ms"; done ;;
     panic) bounded 600 "guest panic" guest_panic ;;
     stopped) bounded 600 "guest stopped" guest_stopped ;;
+    hang) bounded 600 "boot hang" boot_hang ;;
     *) echo "faults.sh: unknown group $g" && exit 2 ;;
     esac
 done

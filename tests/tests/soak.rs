@@ -27,8 +27,8 @@ fn env_or(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// What went wrong, from the script's output: the failed pods (with their diagnosis lines)
-/// and the cycles that left something behind.
+/// What went wrong, from the script's output: the failed pods (with their diagnosis lines),
+/// the cycles that left something behind, and how slow the slowest steps and agent RPCs were.
 fn trouble(stdout: &str) -> String {
     let lines: Vec<&str> = stdout
         .lines()
@@ -36,6 +36,9 @@ fn trouble(stdout: &str) -> String {
             l.contains(": failed at ")
                 || l.starts_with("    | ")
                 || (l.contains(" pods ok in ") && !l.contains("; leaks: 0;"))
+                || l.starts_with("slowest steps")
+                || l.starts_with("agent RPCs answered only after")
+                || l.starts_with("boots that hung")
         })
         .collect();
     lines.join("\n")

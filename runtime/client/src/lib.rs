@@ -245,10 +245,19 @@ impl AgentClient {
         call: impl std::future::Future<Output = Result<T, ttrpc::Error>>,
     ) -> Result<T, ClientError> {
         tokio::pin!(call);
+        let started = tokio::time::Instant::now();
+        let mut probes = 0;
         loop {
             if let Ok(r) = tokio::time::timeout(self.deadline, &mut call).await {
+                if probes > 0 {
+                    tracing::info!(
+                        "slow agent RPC: {name} answered after {:.1}s (the guest answered {probes} health checks meanwhile)",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
                 return Ok(r?);
             }
+            probes += 1;
             let check = health::CheckRequest::new();
             let probe = tokio::time::timeout(
                 self.deadline,
@@ -258,9 +267,7 @@ impl AgentClient {
             tokio::select! {
                 r = &mut call => return Ok(r?),
                 alive = probe => match alive {
-                    Ok(Ok(_)) => {
-                        tracing::debug!(rpc = name, "still waiting: the guest is alive, only slow");
-                    }
+                    Ok(Ok(_)) => {}
                     Ok(Err(e)) => return Err(e.into()),
                     Err(_) => {
                         if let Some(f) = &self.unresponsive {

@@ -27,7 +27,7 @@ use oci_spec::runtime::Spec;
 use crate::{
     net::{IpPrefix, NetInfo, RouteScope},
     share::{SharedDir, Volume},
-    vm::{error_chain, Drive, NetDevice, Vm, VmImage, VmSize},
+    vm::{error_chain, BootError, Drive, NetDevice, Vm, VmImage, VmSize},
 };
 
 /// How long the VMM may take to answer a control request.
@@ -64,9 +64,12 @@ pub enum PodError {
     /// The VMM did not start (a missing kernel, a VMM binary that does not run).
     #[error("starting the pod's microVM: {0}")]
     Start(String),
-    /// The VM started but its agent never answered (or the VM died first).
+    /// The VM started and runs, but its agent never answered: the guest is stuck in its boot.
     #[error("the pod's microVM: {0}")]
     Boot(String),
+    /// The VMM ended before its agent answered (killed, or the guest panicked or crashed).
+    #[error("the pod's microVM: {0}")]
+    Ended(String),
     /// The agent refused or failed a request; what was being done.
     #[error("{what}: {source}")]
     Agent {
@@ -279,7 +282,10 @@ impl Pod {
         let agent = vm
             .connect_agent(cfg.boot_timeout)
             .await
-            .map_err(|e| PodError::Boot(format!("{e:#}")))?;
+            .map_err(|e| match e {
+                BootError::Hung(m) => PodError::Boot(m),
+                BootError::Ended(m) => PodError::Ended(m),
+            })?;
         let mut r = pb::CreateSandboxRequest::new();
         r.sandbox_id = cfg.id.clone();
         r.hostname = cfg.hostname.clone();

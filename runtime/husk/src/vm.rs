@@ -299,27 +299,31 @@ impl Vm {
     }
 
     /// Waits until the agent answers, or fails with what the VMM and the guest said.
-    pub async fn connect_agent(&mut self, timeout: Duration) -> Result<AgentClient> {
+    pub async fn connect_agent(&mut self, timeout: Duration) -> Result<AgentClient, BootError> {
         let addr = AgentAddr::HybridVsock(Self::vsock_path(&self.dir));
-        let child = self.child.as_mut().context("the VMM is gone")?;
+        let Some(child) = self.child.as_mut() else {
+            return Err(BootError::Ended("the VMM is gone".into()));
+        };
         tokio::select! {
             r = AgentClient::connect_when_ready(&addr, timeout) => match r {
                 Ok(c) => Ok(c),
-                Err(e) => bail!(
+                Err(e) => Err(BootError::Hung(format!(
                     "the guest agent did not become ready within {:.0} s: {e}\n--- VMM status\n{}\n{}",
                     timeout.as_secs_f64(),
                     self.vmm_status(),
                     self.logs_tail()
-                ),
+                ))),
             },
             status = child.wait() => {
-                let status = status.context("waiting for the VMM")?;
                 self.child = None;
-                bail!(
-                    "the VMM {} before the agent was ready\n{}",
-                    describe_exit(&status),
-                    self.logs_tail()
-                )
+                Err(BootError::Ended(match status {
+                    Ok(status) => format!(
+                        "the VMM {} before the agent was ready\n{}",
+                        describe_exit(&status),
+                        self.logs_tail()
+                    ),
+                    Err(e) => format!("waiting for the VMM: {e}"),
+                }))
             }
         }
     }
@@ -406,6 +410,17 @@ impl Vm {
             }
         }
     }
+}
+
+/// Why a VM's agent never became ready.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The VMM runs, but the agent did not answer in time: the guest is stuck in its boot.
+    #[error("{0}")]
+    Hung(String),
+    /// The VMM ended (killed, or the guest panicked or crashed) before the agent answered.
+    #[error("{0}")]
+    Ended(String),
 }
 
 impl Drop for Vm {

@@ -71,6 +71,8 @@ impl ShimError {
             ShimError::Pod(e) => match e {
                 PodError::Start(_) => Code::FAILED_PRECONDITION,
                 PodError::Boot(_) => Code::DEADLINE_EXCEEDED,
+                // Its VMM is gone: the VM was lost, not slow.
+                PodError::Ended(_) => Code::UNAVAILABLE,
                 PodError::Agent { source, .. } => source.code(),
                 PodError::Scratch { .. } => Code::RESOURCE_EXHAUSTED,
                 PodError::LayerRefused { .. } | PodError::Spec(_) => Code::INTERNAL,
@@ -124,6 +126,12 @@ mod tests {
                 PodError::Boot("did not become ready".into()).into(),
                 Code::DEADLINE_EXCEEDED,
                 "the pod's microVM: did not become ready",
+            ),
+            (
+                PodError::Ended("the VMM was killed by signal 9 before the agent was ready".into())
+                    .into(),
+                Code::UNAVAILABLE,
+                "the pod's microVM: the VMM was killed by signal 9 before the agent was ready",
             ),
             (
                 ShimError::Agent {

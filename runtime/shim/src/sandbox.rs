@@ -11,7 +11,7 @@ use containerd_shim::{
 use husk::{
     config::{Config, PodDefaults},
     net::{PodNetwork, PortForward},
-    pod::{GuestNetwork, Pod, PodConfig},
+    pod::{GuestNetwork, Pod, PodConfig, PodError},
     vm::{describe_exit, error_chain, image_from, NetDevice, Vm, VmSize},
 };
 use husk_client::pb;
@@ -95,6 +95,56 @@ async fn wire_network(netns: PathBuf) -> Result<(PodNetwork, GuestNetwork)> {
     ))
 }
 
+/// How many times a pod's VM is booted before a boot that hangs fails the pod.
+const BOOT_ATTEMPTS: u32 = 2;
+
+/// Wires the pod's network (if it has a network namespace) and boots its VM. A boot that
+/// hangs (the VMM runs, the agent never answers: seen now and then in the nested testbed,
+/// cause not yet known) is logged with what the VMM and the guest console said, taken apart
+/// and tried once more from the start, as a kubelet would retry the pod; any other failure
+/// fails the pod at once. Nothing of a failed attempt is left.
+async fn boot_pod(
+    cfg: &PodConfig,
+    netns: Option<PathBuf>,
+) -> Result<(Pod, Vm, Option<PodNetwork>)> {
+    let t0 = std::time::Instant::now();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (network, guest) = match netns.clone() {
+            Some(netns) => {
+                let (n, g) = wire_network(netns).await?;
+                log::info!(
+                    "pod {}: network wired in {} ms: {}",
+                    cfg.id,
+                    t0.elapsed().as_millis(),
+                    g.config
+                        .as_ref()
+                        .map(|i| serde_json::to_string(i).unwrap_or_default())
+                        .unwrap_or_default()
+                );
+                (Some(n), Some(g))
+            }
+            None => (None, None),
+        };
+        match Pod::boot(cfg, guest).await {
+            Ok((pod, vm)) => return Ok((pod, vm, network)),
+            Err(e) => {
+                if let Some(n) = network {
+                    unwire_network(n).await;
+                }
+                match e {
+                    PodError::Boot(why) if attempt < BOOT_ATTEMPTS => log::warn!(
+                        "pod {}: boot attempt {attempt} hung, booting the VM again: {why}",
+                        cfg.id
+                    ),
+                    e => return Err(e.into()),
+                }
+            }
+        }
+    }
+}
+
 /// Listens for port forwarding in the pod's network namespace (see `husk::net::PortForward`).
 /// A pod whose forwarding cannot be set up (no iptables) runs without it, with a warning.
 async fn listen_for_forwards(netns: Option<PathBuf>) -> Option<PortForward> {
@@ -173,35 +223,11 @@ impl Sandbox {
             // Its volumes, shared live with the guest (virtio-fs).
             shared_dir: Some(pod_dir(events.namespace(), &req.id).join("shared")),
         };
-        let t0 = std::time::Instant::now();
         let netns = pod_netns(spec)?;
-        let (network, guest) = match netns.clone() {
-            Some(netns) => {
-                let (n, g) = wire_network(netns).await?;
-                log::info!(
-                    "pod {}: network wired in {} ms: {}",
-                    req.id,
-                    t0.elapsed().as_millis(),
-                    g.config
-                        .as_ref()
-                        .map(|i| serde_json::to_string(i).unwrap_or_default())
-                        .unwrap_or_default()
-                );
-                (Some(n), Some(g))
-            }
-            None => (None, None),
-        };
         // Port forwarding's listener is made while the VM boots.
-        let (booted, forward) = tokio::join!(Pod::boot(&cfg, guest), listen_for_forwards(netns));
-        let (pod, vm) = match booted {
-            Ok(b) => b,
-            Err(e) => {
-                if let Some(n) = network {
-                    unwire_network(n).await;
-                }
-                return Err(e.into());
-            }
-        };
+        let (booted, forward) =
+            tokio::join!(boot_pod(&cfg, netns.clone()), listen_for_forwards(netns));
+        let (pod, vm, network) = booted?;
         let forwarding = forward.map(|f| {
             let agent = pod.clone();
             tokio::spawn(f.serve(move |port| {
