@@ -37,7 +37,7 @@ measure() {
     local X=("${CRICTL[@]}" exec -s "$cc")
     local i
     for ((i = 0; i < 100; i++)); do
-        "${X[@]}" sh -c "printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 5 $sip 8080" 2>/dev/null | grep -q pong && break
+        grep -q pong <<<"$("${X[@]}" sh -c "printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 5 $sip 8080" 2>/dev/null)" && break
         sleep 0.2
     done
     out=$("${X[@]}" sh -c "read a _ < /proc/uptime; printf 'GET /big HTTP/1.0\r\n\r\n' | nc -w 30 $sip 8080 | wc -c; read b _ < /proc/uptime; echo \$a \$b" | xargs)

@@ -106,7 +106,7 @@ fi
 container_json "$work/exited.json" exited '["true"]'
 c=$("${CRICTL[@]}" create "$p" "$work/exited.json" "$work/p.json") && "${CRICTL[@]}" start "$c" >/dev/null
 for ((i = 0; i < 100; i++)); do
-    "${CRICTL[@]}" inspect "$c" | grep -q CONTAINER_EXITED && break
+    grep -q CONTAINER_EXITED <<<"$("${CRICTL[@]}" inspect "$c")" && break
     sleep 0.2
 done
 if out=$("${CRICTL[@]}" exec -s "$c" echo hi 2>&1); then

@@ -14,7 +14,7 @@ ms() { echo $((($2 - $1) / 1000000)); }
 wait_log() {
     local i
     for ((i = 0; i < 600; i++)); do
-        "${CRICTL[@]}" logs "$1" 2>/dev/null | grep -q "$2" && return 0
+        grep -q "$2" <<<"$("${CRICTL[@]}" logs "$1" 2>/dev/null)" && return 0
         sleep 0.05
     done
     return 1
@@ -25,8 +25,8 @@ wait_log() {
 wait_stopped() {
     local i
     for ((i = 0; i < $1 * 5; i++)); do
-        { [[ -z ${3:-} ]] || "${CRICTL[@]}" pods --id "$3" -o json | grep -q SANDBOX_NOTREADY; } &&
-            "${CRICTL[@]}" inspect "$2" | grep -q CONTAINER_EXITED && return 0
+        { [[ -z ${3:-} ]] || grep -q SANDBOX_NOTREADY <<<"$("${CRICTL[@]}" pods --id "$3" -o json)"; } &&
+            grep -q CONTAINER_EXITED <<<"$("${CRICTL[@]}" inspect "$2")" && return 0
         sleep 0.2
     done
     return 1
@@ -203,7 +203,7 @@ husk_network() {
     }
     local i
     for ((i = 0; i < 50; i++)); do
-        http_get "$hc" "$rip" | grep -q from-runc && break
+        grep -q from-runc <<<"$(http_get "$hc" "$rip")" && break
         sleep 0.2
     done
     echo "husk -> runc: $(http_get "$hc" "$rip")"

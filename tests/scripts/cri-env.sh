@@ -269,10 +269,10 @@ EOF
     ctr=$(cri create create "$pod" "$d/c.json" "$d/pod.json") || return
     cri start start "$ctr" >/dev/null || return
     for ((i = 0; i < 300; i++)); do
-        "${CRICTL[@]}" logs "$ctr" 2>/dev/null | grep -q started && break
+        grep -q started <<<"$("${CRICTL[@]}" logs "$ctr" 2>/dev/null)" && break
         sleep 0.1
     done
-    if ! "${CRICTL[@]}" logs "$ctr" 2>/dev/null | grep -q started; then
+    if ! grep -q started <<<"$("${CRICTL[@]}" logs "$ctr" 2>/dev/null)"; then
         fail "logs: no 'started' line"
         return
     fi

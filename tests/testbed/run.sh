@@ -178,7 +178,7 @@ qemu=(
     -M microvm,x-option-roms=off,rtc=off,acpi=off
     -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$mem"
     -name "$name" -nodefaults -no-user-config -display none -no-reboot
-    -chardev stdio,id=console,signal=off -serial chardev:console
+    -chardev "stdio,id=console,signal=off,logfile=$job/raw-console.log" -serial chardev:console
     -kernel "$vmlinux" -initrd "$initrd" -append "$cmdline"
     -fsdev local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap
     -device virtio-9p-device,fsdev=hostroot,mount_tag=hostroot
@@ -191,11 +191,17 @@ qemu=(
 boot_secs=${HUSK_TESTBED_BOOT_SECS:-120} boot_tries=3
 # mawk (Debian's awk) reads a pipe in blocks: without -W interactive the console's lines reach
 # the log and the caller late, and the watchdog would not see BEGIN.
+# (Not `awk -W version | grep -q mawk` under pipefail: grep quits at the first line, mawk's
+# later writes then fail with EPIPE, and the pipeline failed 1 time in 300 on an idle host,
+# leaving a buffered filter for the whole run: the watchdog then missed BEGIN and killed three
+# boots of a running command, as CI saw.)
 awk_line=(awk)
-awk -W version 2>&1 | grep -q mawk && awk_line=(awk -W interactive)
+awk_version=$(awk -W version 2>&1 || true)
+[[ $awk_version == *mawk* ]] && awk_line=(awk -W interactive)
 start=$(husk_now)
 for ((try = 1; ; try++)); do
-    rm -f "$job/console" "$job/console.log" "$job/qemu.pid" "$job/boot-hang"
+    rm -f "$job/console" "$job/console.log" "$job/raw-console.log" "$job/begun" "$job/qemu.pid" \
+        "$job/boot-hang"
     mkfifo "$job/console"
     touch "$job/console.log"
     left=$((timeout - $(date +%s) + ${start%.*}))
@@ -207,20 +213,27 @@ for ((try = 1; ; try++)); do
     timeout -k 5 "$left" "${qemu[@]}" </dev/null >"$job/console" 2>"$job/qemu.err" &
     timeout_pid=$!
     set +e
-    "${awk_line[@]}" -v verbose="$verbose" -v logfile="$job/console.log" '
+    "${awk_line[@]}" -v verbose="$verbose" -v logfile="$job/console.log" -v begun="$job/begun" '
         { sub(/\r$/, ""); print > logfile }
-        /^HUSK-TESTBED-BEGIN/ { inside = 1; fflush(logfile); if (verbose) print > "/dev/stderr"; next }
+        /^HUSK-TESTBED-BEGIN/ {
+            inside = 1; fflush(logfile); printf "" > begun; close(begun)
+            if (verbose) print > "/dev/stderr"
+            next
+        }
         /^HUSK-TESTBED-(EXIT|ERROR)=/ { inside = 0; if (verbose) print > "/dev/stderr"; next }
         inside { print; fflush(); next }
         verbose { print > "/dev/stderr"; fflush("/dev/stderr") }
     ' <"$job/console" &
     awk_pid=$!
-    # The boot's watchdog (awk flushes the log at BEGIN).
+    # The boot's watchdog: the command has begun once the filter saw BEGIN (it makes
+    # $job/begun) or QEMU's own copy of the console, written as the guest writes it, holds it.
+    # Not the filter's log alone, which depends on the filter reading line by line.
     (
         for ((i = 0; i < boot_secs; i++)); do
             sleep 1
             kill -0 "$timeout_pid" 2>/dev/null || exit 0
-            grep -aq '^HUSK-TESTBED-BEGIN' "$job/console.log" 2>/dev/null && exit 0
+            [[ -e $job/begun ]] && exit 0
+            grep -aq 'HUSK-TESTBED-BEGIN' "$job/raw-console.log" 2>/dev/null && exit 0
         done
         touch "$job/boot-hang"
         kill -KILL "$(cat "$job/qemu.pid")" 2>/dev/null
