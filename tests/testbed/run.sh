@@ -198,6 +198,8 @@ boot_secs=${HUSK_TESTBED_BOOT_SECS:-120} boot_tries=3
 awk_line=(awk)
 awk_version=$(awk -W version 2>&1 || true)
 [[ $awk_version == *mawk* ]] && awk_line=(awk -W interactive)
+# For tests/tests/testbed.rs: the filter that race gave, buffered.
+[[ ${HUSK_TESTBED_BUFFERED_FILTER:-} == 1 ]] && awk_line=(awk)
 start=$(husk_now)
 for ((try = 1; ; try++)); do
     rm -f "$job/console" "$job/console.log" "$job/raw-console.log" "$job/begun" "$job/qemu.pid" \

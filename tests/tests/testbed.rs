@@ -57,6 +57,34 @@ fn kvm_works_inside_l1() {
     assert!(out.stdout.contains("KVM_API_VERSION=12"), "{}", out.stdout);
 }
 
+/// The boot watchdog (an L1 that has not begun the command within HUSK_TESTBED_BOOT_SECS is
+/// booted again) must not take a command that runs for a boot that hangs, even when the
+/// console's filter holds its lines in a buffer: an `awk -W version | grep -q mawk` that lost
+/// a pipefail race once left it so, and the watchdog killed three boots of a running command.
+#[test]
+fn a_running_command_is_never_taken_for_a_hung_boot() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    husk_tests::agent::require_root();
+    let status = tempfile::NamedTempFile::new().unwrap();
+    let out = std::process::Command::new(testbed::script())
+        .env("HUSK_TESTBED_BOOT_SECS", "5")
+        .env("HUSK_TESTBED_BUFFERED_FILTER", "1")
+        .arg("--timeout")
+        .arg("300")
+        .arg("--status-file")
+        .arg(status.path())
+        .args(["--", "bash", "-c", "echo begun; sleep 15; echo done"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run.sh runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let result = std::fs::read_to_string(status.path()).unwrap_or_default();
+    assert_eq!(result.trim(), "exit 0", "{stderr}");
+    assert_eq!(stdout, "begun\ndone\n");
+    assert!(!stderr.contains("booting it again"), "{stderr}");
+}
+
 /// Run inside L1 by `kvm_works_inside_l1`: prints the KVM API version.
 #[test]
 #[ignore = "run inside the testbed by kvm_works_inside_l1"]
