@@ -17,10 +17,19 @@ mod task;
 
 use containerd_shim::{
     asynchronous::{publisher::RemotePublisher, run, spawn, ExitSignal, Shim},
+    logger::FifoLogger,
     protos::shim::shim::DeleteResponse,
     Config, Flags, StartOpts,
 };
-use std::sync::Arc;
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
+    path::Path,
+    str::FromStr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 pub const RUNTIME_ID: &str = "io.containerd.husk.v2";
 
@@ -44,11 +53,86 @@ fn grouping(id: &str) -> String {
         .unwrap_or_else(|| id.to_string())
 }
 
+/// How long the shim's daemon waits for a reader on its log FIFO (containerd's).
+const LOG_READER_WAIT: Duration = Duration::from_secs(10);
+
+/// The bundle's `log` FIFO opened for writing, waiting at most `wait` for its reader.
+///
+/// containerd opens it for reading before it runs `shim start`, and the daemon's log goes there.
+/// The crate opens it blocking, and an open for writing blocks until there is a reader: after
+/// containerd was killed inside runp, before the daemon got there, that is forever. The daemon
+/// then never serves, `shim start` waits on it, and the restarted containerd finds a shim it
+/// cannot reach, deletes its bundle and forgets it: a shim left on the node for good.
+/// Opened without blocking, a FIFO that nobody reads within `wait` means containerd is gone.
+fn open_log(path: &Path, wait: Duration) -> io::Result<File> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let r = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path);
+        match r {
+            Ok(f) => {
+                // Writes block as they would have (the reader is containerd's copy loop).
+                let fd = f.as_raw_fd();
+                // SAFETY: fcntl on a descriptor this function owns.
+                let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+                if flags < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: as above.
+                if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                return Ok(f);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                if Instant::now() >= deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        format!(
+                            "nobody opened the shim's log FIFO {} for reading within {:.0?}: \
+                             containerd, which starts the shim, is gone",
+                            path.display(),
+                            wait
+                        ),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The daemon's logger on the bundle's log FIFO ([`open_log`]), at the level the crate would
+/// set: `RUST_LOG`, else the config's default, raised to debug by `-debug`.
+fn setup_logger(debug: bool, default_level: &str) -> io::Result<()> {
+    let file = open_log(Path::new("log"), LOG_READER_WAIT)?;
+    log::set_boxed_logger(Box::new(FifoLogger::with_file(file))).map_err(io::Error::other)?;
+    let level = std::env::var("RUST_LOG").unwrap_or_else(|_| default_level.to_string());
+    let level = log::LevelFilter::from_str(&level).unwrap_or(log::LevelFilter::Info);
+    log::set_max_level(if debug {
+        level.max(log::LevelFilter::Debug)
+    } else {
+        level
+    });
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl Shim for HuskShim {
     type T = service::TaskService;
 
-    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+    async fn new(_runtime_id: &str, args: &Flags, config: &mut Config) -> Self {
+        // The daemon (no action; `start` and `delete` log nothing of their own).
+        if args.action.is_empty() && !args.socket.is_empty() && !config.no_setup_logger {
+            if let Err(e) = setup_logger(args.debug, &config.default_log_level) {
+                eprintln!("{RUNTIME_ID}: the shim's log: {e}");
+                std::process::exit(1);
+            }
+            config.no_setup_logger = true;
+        }
         HuskShim {
             exit: Arc::new(ExitSignal::default()),
             id: args.id.clone(),
