@@ -50,6 +50,70 @@ use crate::{
 pub struct State {
     pub sandbox: Option<Sandbox>,
     pub containers: HashMap<String, Container>,
+    /// Sandbox Creates in flight (the VM booting): 0 or 1.
+    pub creating: usize,
+}
+
+impl State {
+    /// Nothing to serve: no pod, no container, no pod being created.
+    fn idle(&self) -> bool {
+        self.sandbox.is_none() && self.containers.is_empty() && self.creating == 0
+    }
+}
+
+/// How long a shim with nothing to serve waits for containerd before it exits on its own.
+///
+/// containerd creates the sandbox task right after it starts the shim, and shuts the shim down
+/// right after it deleted the last task, or after a Create failed. Only a containerd that died
+/// in between leaves a shim idle for long: killed while the sandbox's VM booted, the containerd
+/// that comes back finds no task in the shim yet (CRI then takes the pod for not ready and
+/// removes it without deleting the task), and the boot, its network gone, fails with nobody
+/// to tell. Such a shim would stay for good.
+pub const IDLE_EXIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Counts a sandbox Create in flight for as long as it lives (the Create's future may be
+/// dropped halfway).
+struct Creating(Shared);
+
+impl Creating {
+    /// The pod's Create begins, unless the shim already runs or creates one.
+    fn begin(state: &Shared) -> Result<Self> {
+        let mut st = lock(state);
+        if st.sandbox.is_some() || st.creating > 0 {
+            return Err(ShimError::AlreadyExists(
+                "this shim already runs a pod".into(),
+            ));
+        }
+        st.creating += 1;
+        Ok(Creating(state.clone()))
+    }
+}
+
+impl Drop for Creating {
+    fn drop(&mut self) {
+        lock(&self.0).creating -= 1;
+    }
+}
+
+/// Signals `exit` once the shim has had nothing to serve for `idle` (checked every `idle` / 12).
+pub async fn exit_when_idle(state: Shared, exit: Arc<ExitSignal>, idle: std::time::Duration) {
+    let mut since: Option<std::time::Instant> = None;
+    loop {
+        tokio::time::sleep(idle / 12).await;
+        if !lock(&state).idle() {
+            since = None;
+            continue;
+        }
+        let start = *since.get_or_insert_with(std::time::Instant::now);
+        if start.elapsed() >= idle {
+            log::warn!(
+                "this shim has had no pod, no container and no Create for {idle:?}: \
+                 containerd died while it started the pod and forgot it; exiting"
+            );
+            exit.signal();
+            return;
+        }
+    }
 }
 
 pub type Shared = Arc<Mutex<State>>;
@@ -125,11 +189,7 @@ impl Shim {
         if !sandbox::is_sandbox(&spec) {
             return self.create_container(req, &spec_path).await;
         }
-        if lock(&self.state).sandbox.is_some() {
-            return Err(ShimError::AlreadyExists(
-                "this shim already runs a pod".into(),
-            ));
-        }
+        let _creating = Creating::begin(&self.state)?;
         let sandbox = Sandbox::create(req, &spec, &self.events, &self.state).await?;
         let pid = sandbox.pod.vmm_pid();
         lock(&self.state).sandbox = Some(sandbox);
@@ -418,9 +478,15 @@ impl TaskService {
         exit_signal: Arc<ExitSignal>,
         publisher: RemotePublisher,
     ) -> Self {
+        let state = Shared::default();
+        tokio::spawn(exit_when_idle(
+            state.clone(),
+            exit_signal.clone(),
+            IDLE_EXIT,
+        ));
         TaskService {
             shim: Shim {
-                state: Arc::default(),
+                state,
                 events: Events::new(publisher, namespace),
             },
             exit_signal,
@@ -575,10 +641,48 @@ impl Task for TaskService {
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
         // Ends the shim once it has nothing left to serve.
-        let st = lock(&self.shim.state);
-        if st.sandbox.is_none() && st.containers.is_empty() {
+        if lock(&self.shim.state).idle() {
             self.exit_signal.signal();
         }
         Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Whether `exit` is signalled within `limit`.
+    async fn signalled(exit: &ExitSignal, limit: Duration) -> bool {
+        tokio::time::timeout(limit, exit.wait()).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_shim_exits_only_after_it_had_nothing_to_serve_for_the_idle_time() {
+        let idle = Duration::from_millis(600);
+        let state = Shared::default();
+        let exit = Arc::new(ExitSignal::default());
+
+        // A pod being created (a VM booting for longer than the idle time) keeps it.
+        let creating = Creating::begin(&state).unwrap();
+        assert!(
+            Creating::begin(&state).is_err(),
+            "a second Create while one is in flight"
+        );
+        let watcher = tokio::spawn(exit_when_idle(state.clone(), exit.clone(), idle));
+        assert!(
+            !signalled(&exit, idle * 3).await,
+            "exited while a Create was in flight"
+        );
+
+        // The Create ended with nothing (it failed) and nobody shut the shim down.
+        drop(creating);
+        assert!(
+            signalled(&exit, idle * 3).await,
+            "still there {:?} after its Create ended with nothing",
+            idle * 3
+        );
+        watcher.await.unwrap();
     }
 }
