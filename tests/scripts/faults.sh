@@ -11,7 +11,9 @@
 # still go through its whole life. One line per fault:
 #   fault NAME: WHAT HAPPENED; after: clean|LEAKS
 # Usage: faults.sh REPO HUSK_BINARY [GROUP...]   (groups: shim vmm containerd panic stopped hang; all
-# by default; and peer: containerd killed inside a runc pod's runp, the runc shims left)
+# by default; and peer: containerd killed inside a runc pod's runp, the runc shims left). A kill
+# group runs at 8 points (runp at 400, 1500 and 3500 ms, create at 60, 200 and 800, start at 100
+# and 400), or at those it names: TARGET@STEP:MS,STEP:MS (e.g. vmm@runp:1500,start:100).
 set -uo pipefail
 repo=$1 husk=$2
 # shellcheck source-path=SCRIPTDIR source=cri-env.sh
@@ -34,16 +36,37 @@ remove_all() {
 }
 
 # after: every container and pod removed as a kubelet would (rm -f, stopp, rmp -f), then the
-# inventory back at its baseline within 60 s: "after: clean" or "after: LEAKS".
+# inventory back at its baseline within 120 s (a shim that containerd forgot exits after 60 s
+# with nothing to serve): "after: clean" or "after: LEAKS", and then what was left.
 after() {
     local i inv
     remove_all
-    for ((i = 0; i < 60; i++)); do
+    for ((i = 0; i < 120; i++)); do
         inv=$(husk_inventory)
         [[ $inv == "$base" ]] && { echo "after: clean"; return 0; }
         sleep 1
     done
     echo "after: $(inventory_diff "$base" "$inv" | paste -sd ',')"
+    leftovers
+}
+
+# leftovers: the shims left, each with its age, its pod, whether containerd still has its
+# bundle and where its threads wait; and what containerd logged of that pod.
+leftovers() {
+    local pid id ns
+    for pid in $(pgrep -f 'containerd-shim-husk-v2 .*-id'); do
+        echo "    | shim $pid: $(tr '\0' ' ' </proc/"$pid"/cmdline | cut -c1-300); waits in $(
+            cat /proc/"$pid"/task/*/wchan 2>/dev/null | sort | uniq -c | paste -sd ' ')"
+        id=$(tr '\0' '\n' </proc/"$pid"/cmdline | grep -A1 -x -- -id | tail -n 1)
+        ns=$(tr '\0' '\n' </proc/"$pid"/cmdline | grep -A1 -x -- -namespace | tail -n 1)
+        echo "    | shim $pid ($(ps -o etimes= -p "$pid") s, parent $(ps -o ppid= -p "$pid")) pod $id: bundle $(
+            [[ -d $CRI_ROOT/state/io.containerd.runtime.v2.task/$ns/$id ]] && echo kept || echo gone)," \
+            "children $(pgrep -c -P "$pid")"
+        grep -F "$id" "$CRI_ROOT/containerd.log" | tail -n 12 | cut -c1-400 | sed 's/^/    |   /'
+    done
+    echo "    | containerd's warnings and errors since the fault began:"
+    tail -n "+${fault_from:-1}" "$CRI_ROOT/containerd.log" | grep -E 'level=(warning|error|fatal)' |
+        tail -n 30 | cut -c1-400 | sed 's/^/    |   /'
 }
 
 # kill_during TARGET STEP DELAY_MS: STEP (runp, create, start) of a new husk pod begins, and
@@ -52,6 +75,7 @@ kill_during() {
     local target=$1 step=$2 delay=$3 d p='' c='' bg rc pid
     d=$work/kill-$target-$step-$delay
     mkdir -p "$d"
+    fault_from=$(($(wc -l <"$CRI_ROOT/containerd.log") + 1))
     pod_json "$d/p.json" "k-$target-$step-$delay" true
     container_json "$d/c.json" "k-$target-$step-$delay" '["sleep","1000"]'
     if [[ $step != runp ]]; then
@@ -82,7 +106,10 @@ kill_during() {
     wait "$bg"
     rc=$?
     [[ $target == containerd ]] && { cri_again || { echo "containerd did not come back"; return 1; }; }
-    echo "fault $target ${delay} ms into $step: $killed; $step rc=$rc ($(tail -n 1 "$d/out" | rev | cut -c1-200 | rev)); $(after)"
+    local end
+    end=$(after)
+    echo "fault $target ${delay} ms into $step: $killed; $step rc=$rc ($(tail -n 1 "$d/out" | rev | cut -c1-200 | rev));" \
+        "shims ended idle $(tail -n "+$fault_from" "$CRI_ROOT/containerd.log" | grep -c 'containerd died while it started the pod'); $end"
     rm -rf "$d"
 }
 
@@ -210,10 +237,12 @@ bounded() {
 groups=("${@:3}")
 ((${#groups[@]})) || groups=(shim vmm containerd panic stopped hang)
 for g in "${groups[@]}"; do
-    case $g in
+    case ${g%%@*} in
     shim | vmm | containerd)
-        for fault in runp:400 runp:1500 runp:3500 create:200 create:800 start:100 start:400; do
-            bounded 600 "$g in ${fault%%:*} at ${fault#*:} ms" kill_during "$g" "${fault%%:*}" "${fault#*:}"
+        points="runp:400 runp:1500 runp:3500 create:60 create:200 create:800 start:100 start:400"
+        [[ $g == *@* ]] && points=${g#*@} && points=${points//,/ }
+        for fault in $points; do
+            bounded 600 "${g%%@*} in ${fault%%:*} at ${fault#*:} ms" kill_during "${g%%@*}" "${fault%%:*}" "${fault#*:}"
         done
         ;;
     peer) for ms in 400 1500; do bounded 600 "peer at $ms ms" peer_containerd_kill "$ms"; done ;;
