@@ -35,19 +35,75 @@ remove_all() {
     done
 }
 
-# after: every container and pod removed as a kubelet would (rm -f, stopp, rmp -f), then the
-# inventory back at its baseline within 120 s (a shim that containerd forgot exits after 60 s
-# with nothing to serve): "after: clean" or "after: LEAKS", and then what was left.
+# after [containerd]: every container and pod removed as a kubelet would (rm -f, stopp, rmp -f),
+# then the inventory back at its baseline within 120 s (a shim that containerd forgot exits after
+# 60 s with nothing to serve): "after: clean" or "after: LEAKS", and then what was left. With
+# "containerd" (containerd itself was killed), network namespaces of containerd's own are named
+# and removed, not counted: see containerd_own_netns.
 after() {
-    local i inv
+    local i inv diff own netns_only='^netns [0-9]+->[0-9]+$'
     remove_all
     for ((i = 0; i < 120; i++)); do
         inv=$(husk_inventory)
         [[ $inv == "$base" ]] && { echo "after: clean"; return 0; }
+        diff=$(inventory_diff "$base" "$inv" | paste -sd ',')
+        # No pod is left to remove a namespace later: containerd's own is known at once.
+        if [[ ${1:-} == containerd && $diff =~ $netns_only ]] && own=$(containerd_own_netns); then
+            echo "after: clean; containerd's own left: $own"
+            return 0
+        fi
         sleep 1
     done
-    echo "after: $(inventory_diff "$base" "$inv" | paste -sd ',')"
+    echo "after: $diff"
     leftovers
+    netns_leftovers
+}
+
+# containerd_own_netns: CRI makes a pod's network namespace (cni-UUID: a file under /run/netns
+# with the namespace bind-mounted on it) before it records the pod, and removes it when the
+# pod's setup fails, unless containerd dies in between: then no pod has it and nothing removes
+# it, for runc's pods as for husk's. With every pod removed, each one left must be such a one:
+# named cni-*, and either holding nothing but its loopback (no CNI veth, nothing of husk's: no
+# tap, no filter) or never mounted (containerd died between the file and the mount). Each is
+# named and removed (the next fault starts from the baseline); fails, removing nothing, when
+# one is not.
+containerd_own_netns() {
+    local f name links found=() mounted=()
+    for f in /run/netns/*; do
+        [[ -e $f ]] || continue
+        name=${f##*/}
+        [[ $name == cni-* ]] || return 1
+        if mountpoint -q "$f"; then
+            links=$(ip -n "$name" -o link show | awk -F': ' '{print $2}' | paste -sd ' ')
+            [[ $links == lo ]] || return 1
+            found+=("$name (lo only)")
+            mounted+=("$name")
+        elif [[ ! -s $f ]]; then
+            found+=("$name (never mounted)")
+        else
+            return 1
+        fi
+    done
+    ((${#found[@]})) || return 1
+    for f in /run/netns/cni-*; do
+        name=${f##*/}
+        if [[ " ${mounted[*]} " == *" $name "* ]]; then
+            ip netns delete "$name" || return 1
+        else
+            rm -f "$f" || return 1
+        fi
+    done
+    echo "netns ${found[*]}"
+}
+
+# netns_leftovers: each network namespace file left, what it is and what it holds.
+netns_leftovers() {
+    local f
+    for f in /run/netns/*; do
+        [[ -e $f ]] || continue
+        echo "    | netns ${f##*/}: $(mountpoint -q "$f" && echo mounted || echo "not mounted, $(stat -c %s "$f") bytes"); links: $(
+            ip -n "${f##*/}" -o link show 2>&1 | awk -F': ' '{print $2}' | paste -sd ' ')"
+    done
 }
 
 # leftovers: the shims left, each with its age, its pod, whether containerd still has its
@@ -107,7 +163,7 @@ kill_during() {
     rc=$?
     [[ $target == containerd ]] && { cri_again || { echo "containerd did not come back"; return 1; }; }
     local end
-    end=$(after)
+    end=$(after "$target")
     echo "fault $target ${delay} ms into $step: $killed; $step rc=$rc ($(tail -n 1 "$d/out" | rev | cut -c1-200 | rev));" \
         "shims ended idle $(tail -n "+$fault_from" "$CRI_ROOT/containerd.log" | grep -c 'containerd died while it started the pod'); $end"
     rm -rf "$d"
@@ -209,7 +265,7 @@ peer_containerd_kill() {
     cri_again || { echo "containerd did not come back"; return 1; }
     remove_all
     sleep 45
-    echo "peer runc, containerd killed $1 ms into runp: runc shims left $(pgrep -c -f containerd-shim-runc-v2), pods $("${CRICTL[@]}" pods -q | wc -l)"
+    echo "peer runc, containerd killed $1 ms into runp: runc shims left $(pgrep -c -f containerd-shim-runc-v2), pods $("${CRICTL[@]}" pods -q | wc -l), netns $(ip netns list | wc -l)"
     rm -rf "$d"
 }
 

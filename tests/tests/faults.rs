@@ -45,8 +45,15 @@ fn faults_leave_the_node_working_and_nothing_behind() {
     let ends: Vec<&&str> = faults.iter().filter(|l| l.contains("; after: ")).collect();
     assert_eq!(ends.len(), 13, "{faults:#?}");
     for l in &ends {
+        // containerd killed inside runp may leave the network namespace CRI made for the pod
+        // before it recorded it (nothing of husk's in it: only its loopback, or not even
+        // mounted yet). faults.sh names and removes it; anything else left is a leak.
+        let containerds_own = l.starts_with("fault containerd ")
+            && l.contains(" ms into runp: ")
+            && l.contains("; after: clean; containerd's own left: netns cni-")
+            && (l.ends_with(" (lo only)") || l.ends_with(" (never mounted)"));
         assert!(
-            l.ends_with("after: clean"),
+            l.ends_with("after: clean") || containerds_own,
             "left behind: {l}\n{}",
             husk_tests::sections::tail(text, 60)
         );
