@@ -6,9 +6,9 @@
 //!
 //! CI runs 10 of the script's 24 kill points, spread so that every point (runp at 400, 1500
 //! and 3500 ms, create at 60, 200 and 800, start at 100 and 400) is hit by one target or more,
-//! and containerd's kill at four (the one with the most ways to leave something behind; at
-//! 60 ms into create it dies while it serves the create, and is started again). The whole
-//! set: `faults.sh REPO HUSK shim vmm containerd panic stopped hang`.
+//! and containerd's kill at four (the one with the most ways to leave something behind; 60 ms
+//! into create lands inside containerd's create in some runs, just after it in others). The
+//! whole set: `faults.sh REPO HUSK shim vmm containerd panic stopped hang`.
 //!
 //! Needs root, the testbed's prerequisites, containerd, runc, the CNI plugins and crictl
 //! (scripts/setup.sh).
