@@ -21,6 +21,7 @@ use containerd_shim::{
     protos::shim::shim::DeleteResponse,
     Config, Flags, StartOpts,
 };
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use std::{
     fs::{File, OpenOptions},
     io,
@@ -74,16 +75,8 @@ fn open_log(path: &Path, wait: Duration) -> io::Result<File> {
         match r {
             Ok(f) => {
                 // Writes block as they would have (the reader is containerd's copy loop).
-                let fd = f.as_raw_fd();
-                // SAFETY: fcntl on a descriptor this function owns.
-                let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-                if flags < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // SAFETY: as above.
-                if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                let flags = OFlag::from_bits_retain(fcntl(f.as_raw_fd(), FcntlArg::F_GETFL)?);
+                fcntl(f.as_raw_fd(), FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
                 return Ok(f);
             }
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
