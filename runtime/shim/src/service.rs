@@ -50,14 +50,14 @@ use crate::{
 pub struct State {
     pub sandbox: Option<Sandbox>,
     pub containers: HashMap<String, Container>,
-    /// Sandbox Creates in flight (the VM booting): 0 or 1.
-    pub creating: usize,
+    /// A sandbox Create in flight (the VM booting).
+    pub creating: bool,
 }
 
 impl State {
     /// Nothing to serve: no pod, no container, no pod being created.
     fn idle(&self) -> bool {
-        self.sandbox.is_none() && self.containers.is_empty() && self.creating == 0
+        self.sandbox.is_none() && self.containers.is_empty() && !self.creating
     }
 }
 
@@ -71,7 +71,7 @@ impl State {
 /// to tell. Such a shim would stay for good.
 pub const IDLE_EXIT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Counts a sandbox Create in flight for as long as it lives (the Create's future may be
+/// Marks a sandbox Create in flight for as long as it lives (the Create's future may be
 /// dropped halfway).
 struct Creating(Shared);
 
@@ -79,19 +79,19 @@ impl Creating {
     /// The pod's Create begins, unless the shim already runs or creates one.
     fn begin(state: &Shared) -> Result<Self> {
         let mut st = lock(state);
-        if st.sandbox.is_some() || st.creating > 0 {
+        if st.sandbox.is_some() || st.creating {
             return Err(ShimError::AlreadyExists(
                 "this shim already runs a pod".into(),
             ));
         }
-        st.creating += 1;
+        st.creating = true;
         Ok(Creating(state.clone()))
     }
 }
 
 impl Drop for Creating {
     fn drop(&mut self) {
-        lock(&self.0).creating -= 1;
+        lock(&self.0).creating = false;
     }
 }
 
