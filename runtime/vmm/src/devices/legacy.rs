@@ -1,4 +1,5 @@
-//! Port-I/O devices: the 8250 serial console, the i8042 reset line and the boot timer.
+//! Port-I/O devices: the 8250 serial console, the i8042 controller (its reset line, and just
+//! enough of the rest that the guest's driver probes it at once) and the boot timer.
 
 use std::{io::Write, sync::mpsc::Sender, time::Instant};
 
@@ -20,6 +21,98 @@ const SERIAL_BASE: u16 = 0x3f8;
 const I8042_DATA: u16 = 0x60;
 const I8042_CMD: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
+
+/// The i8042 keyboard controller, as far as a guest kernel's probe goes: the status register,
+/// a one-byte output buffer, the controller configuration byte (CTR) and the commands that
+/// read and write it, the self-tests, and the keyboard port's enable bit. No keyboard sits
+/// behind it (bytes written to the keyboard are dropped) and it raises no interrupt.
+///
+/// A controller that answers nothing costs a Linux guest its i8042 driver's command timeout
+/// (500 ms of polling the status port, one VM exit per poll) before "Can't read CTR while
+/// initializing i8042", on every boot; `reboot=k` needs the controller there, so it stays.
+#[derive(Debug)]
+struct I8042 {
+    ctr: u8,
+    /// The byte the guest reads next from the data port.
+    output: Option<u8>,
+    /// The command whose parameter the next data-port write is.
+    pending: Option<u8>,
+}
+
+/// Status register: output buffer full (a byte waits in the data port).
+const I8042_STR_OBF: u8 = 0x01;
+/// Status register: the system flag, set once the controller passed its self-test.
+const I8042_STR_SYS: u8 = 0x04;
+/// Status register: the keyboard is not locked (the bit is active low).
+const I8042_STR_KEYLOCK: u8 = 0x10;
+/// Status register: the last write was a command (to 0x64), not data.
+const I8042_STR_CMDDAT: u8 = 0x08;
+/// CTR: keyboard interrupt enabled, system flag, scancode translation (a PC's default).
+const I8042_CTR_DEFAULT: u8 = 0x01 | 0x04 | 0x40;
+const I8042_CTR_KBDDIS: u8 = 0x10;
+const I8042_CTR_AUXDIS: u8 = 0x20;
+
+impl I8042 {
+    fn new() -> Self {
+        I8042 {
+            ctr: I8042_CTR_DEFAULT,
+            output: None,
+            pending: None,
+        }
+    }
+
+    fn status(&self) -> u8 {
+        let obf = if self.output.is_some() {
+            I8042_STR_OBF
+        } else {
+            0
+        };
+        let cmd = if self.pending.is_some() {
+            I8042_STR_CMDDAT
+        } else {
+            0
+        };
+        obf | cmd | (self.ctr & I8042_STR_SYS) | I8042_STR_KEYLOCK
+    }
+
+    fn read_data(&mut self) -> u8 {
+        self.output.take().unwrap_or(0)
+    }
+
+    /// A command written to port 0x64 (but the reset, which the bus handles).
+    fn command(&mut self, cmd: u8) {
+        self.pending = None;
+        match cmd {
+            0x20 => self.output = Some(self.ctr),
+            // Write the CTR, or the output port: the parameter follows on the data port.
+            0x60 | 0xd1 => self.pending = Some(cmd),
+            0xa7 => self.ctr |= I8042_CTR_AUXDIS,
+            0xa8 => self.ctr &= !I8042_CTR_AUXDIS,
+            // The controller's self-test passes; the keyboard and aux interface tests find no
+            // fault (0) on their lines.
+            0xaa => self.output = Some(0x55),
+            0xa9 | 0xab => self.output = Some(0x00),
+            0xad => self.ctr |= I8042_CTR_KBDDIS,
+            0xae => self.ctr &= !I8042_CTR_KBDDIS,
+            // Read the output port: the reset line is high (not in reset), A20 enabled.
+            0xd0 => self.output = Some(0x03),
+            _ => {}
+        }
+    }
+
+    /// A byte written to port 0x60: a command's parameter, or a byte for the (absent)
+    /// keyboard, dropped. Returns true when the byte asks for a reset (output port bit 0 low).
+    fn write_data(&mut self, v: u8) -> bool {
+        match self.pending.take() {
+            Some(0x60) => {
+                self.ctr = v;
+                false
+            }
+            Some(0xd1) => v & 1 == 0,
+            _ => false,
+        }
+    }
+}
 
 /// Raises the serial IRQ through an irqfd.
 #[derive(Debug)]
@@ -90,6 +183,7 @@ impl<W: Write> Write for CappedWriter<W> {
 /// Everything on the port-I/O bus.
 pub struct LegacyBus {
     serial: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    i8042: I8042,
     /// The last few bytes of serial output (up to the length of [`PANIC_LINE`]), to
     /// recognise the panic line however the guest's writes split it.
     recent: Vec<u8>,
@@ -119,6 +213,7 @@ impl LegacyBus {
     ) -> Self {
         LegacyBus {
             serial: Serial::new(IrqTrigger(serial_irq), out),
+            i8042: I8042::new(),
             recent: Vec::with_capacity(PANIC_LINE.len()),
             panicked: false,
             exit,
@@ -170,6 +265,16 @@ impl LegacyBus {
                 let _ = self.exit.send(GuestExit::Reset);
                 true
             }
+            I8042_CMD => {
+                self.i8042.command(v);
+                true
+            }
+            I8042_DATA => {
+                if self.i8042.write_data(v) {
+                    let _ = self.exit.send(GuestExit::Reset);
+                }
+                true
+            }
             BOOT_TIMER_PORT if v == BOOT_TIMER_READY => {
                 if self.ready.is_none() {
                     let t = self.started.elapsed();
@@ -191,8 +296,9 @@ impl LegacyBus {
             p if (SERIAL_BASE..SERIAL_BASE + 8).contains(&p) => {
                 self.serial.read((p - SERIAL_BASE) as u8)
             }
-            // i8042: no data, input buffer empty (so a guest reset write goes through).
-            I8042_DATA | I8042_CMD => 0,
+            // The input buffer always reads empty, so a guest's reset write goes through.
+            I8042_CMD => self.i8042.status(),
+            I8042_DATA => self.i8042.read_data(),
             _ => 0xff,
         };
         data.fill(v);
@@ -277,6 +383,49 @@ mod tests {
             );
         }
         assert!(bus.saw_panic());
+    }
+
+    /// The i8042 answers a Linux probe the way the driver asks: nothing to flush, the CTR read
+    /// twice the same, written back and read again, the self-test passed; a reset through the
+    /// output port works as one through 0xfe; bytes for the absent keyboard are dropped.
+    #[test]
+    fn the_i8042_answers_a_probe() {
+        let (mut bus, rx) = bus(Box::new(std::io::sink()));
+        let inb = |bus: &mut LegacyBus, port| {
+            let mut d = [0u8; 1];
+            bus.read(port, &mut d);
+            d[0]
+        };
+        assert_eq!(inb(&mut bus, 0x64) & I8042_STR_OBF, 0, "nothing to flush");
+        for _ in 0..2 {
+            assert!(bus.write(0x64, &[0x20]));
+            assert_eq!(inb(&mut bus, 0x64) & I8042_STR_OBF, I8042_STR_OBF);
+            assert_eq!(inb(&mut bus, 0x60), I8042_CTR_DEFAULT);
+            assert_eq!(inb(&mut bus, 0x64) & I8042_STR_OBF, 0);
+        }
+        assert!(bus.write(0x64, &[0x60]));
+        assert_eq!(inb(&mut bus, 0x64) & I8042_STR_CMDDAT, I8042_STR_CMDDAT);
+        assert!(bus.write(0x60, &[0x65]));
+        bus.write(0x64, &[0x20]);
+        assert_eq!(inb(&mut bus, 0x60), 0x65);
+        bus.write(0x64, &[0xad]);
+        bus.write(0x64, &[0x20]);
+        assert_eq!(inb(&mut bus, 0x60), 0x65 | I8042_CTR_KBDDIS);
+        bus.write(0x64, &[0xaa]);
+        assert_eq!(inb(&mut bus, 0x60), 0x55);
+        // A byte for the keyboard changes nothing.
+        assert!(bus.write(0x60, &[0xf2]));
+        assert_eq!(inb(&mut bus, 0x64) & I8042_STR_OBF, 0);
+        bus.write(0x64, &[0x20]);
+        assert_eq!(inb(&mut bus, 0x60), 0x65 | I8042_CTR_KBDDIS);
+        assert!(rx.try_recv().is_err());
+        // The output port written with its reset line (bit 0) high is no reset; low is one.
+        bus.write(0x64, &[0xd1]);
+        bus.write(0x60, &[0x03]);
+        assert!(rx.try_recv().is_err());
+        bus.write(0x64, &[0xd1]);
+        bus.write(0x60, &[0x02]);
+        assert_eq!(rx.try_recv().unwrap(), GuestExit::Reset);
     }
 
     /// The serial log stops at its cap, with one line that says so, and the guest's serial
