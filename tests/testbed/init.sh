@@ -39,7 +39,11 @@ done
 [ -n "$time" ] && date -s "@$time" >/dev/null
 hostname husk-l1
 
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /lower ||
+# cache=loose: L1 keeps what it read in its page cache. The host's files do not change during
+# a run (the job is written before L1 boots), and without a cache every read goes to QEMU:
+# each microVM boot read its kernel (18 MB) again, 1.1 s (0.29 s cold, less warm, with it),
+# and the first exec of the debug shim read 200 MB in 11.7 s (1.9 s with it).
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /lower ||
     fail "cannot mount the host root (9p tag hostroot)"
 mount -t tmpfs -o mode=0755 tmpfs /rw || fail "mount tmpfs"
 mkdir -p /rw/upper /rw/work
