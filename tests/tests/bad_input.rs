@@ -40,7 +40,7 @@ const EITHER: &[&str] = &[
 
 #[test]
 fn bad_input_is_refused_and_leaves_the_pod_healthy() {
-    let out = testbed::run_cri_script("bad-input.sh", &[], Duration::from_secs(1800), 3072);
+    let out = testbed::run_cri_script("bad-input.sh", &[], Duration::from_secs(900), 3072);
     let text = &out.stdout;
     assert!(text.contains("warm-up pod: ok"), "{text}");
     let case = |name: &str| -> String {

@@ -78,7 +78,7 @@ fn critest_husk_passes_what_runc_passes() {
         repo.display()
     );
     let opts = testbed::Options {
-        timeout: Duration::from_secs(3600),
+        timeout: Duration::from_secs(2400),
         mem_mib: 4096,
         ..Default::default()
     };

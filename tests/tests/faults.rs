@@ -29,7 +29,7 @@ const GROUPS: [&str; 6] = [
 #[test]
 fn faults_leave_the_node_working_and_nothing_behind() {
     let groups: Vec<String> = GROUPS.iter().map(|g| g.to_string()).collect();
-    let out = testbed::run_cri_script("faults.sh", &groups, Duration::from_secs(2400), 3072);
+    let out = testbed::run_cri_script("faults.sh", &groups, Duration::from_secs(1500), 3072);
     let text = &out.stdout;
     assert!(text.contains("warm-up pod: ok"), "the warm-up pod");
     let faults: Vec<&str> = text.lines().filter(|l| l.starts_with("fault ")).collect();

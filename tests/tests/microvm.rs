@@ -93,7 +93,7 @@ fn husk_run_in_microvms() {
         tarball.display()
     );
     let t0 = std::time::Instant::now();
-    let out = testbed::run(&cmd, Duration::from_secs(1500)).expect("the testbed ran");
+    let out = testbed::run(&cmd, Duration::from_secs(600)).expect("the testbed ran");
     println!(
         "testbed run took {:.1} s\n{}",
         t0.elapsed().as_secs_f64(),
