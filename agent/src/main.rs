@@ -19,7 +19,7 @@ use husk_agent::{
 use husk_proto::{agent_ttrpc, health_ttrpc};
 
 #[derive(Debug, Parser)]
-#[command(name = "husk-agent", version, about = "The husk in-guest agent")]
+#[command(name = "husk-agent", version = agent_version(), about = "The husk in-guest agent")]
 struct Args {
     /// Where to serve: `vsock` (ports 1024 and 1025) or `unix:PATH` (stdio on PATH.stdio).
     /// Default: vsock as PID 1, required otherwise.
@@ -35,6 +35,12 @@ struct Args {
     /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `husk_agent=debug`.
     #[arg(long, env = "HUSK_AGENT_LOG", default_value = "info")]
     log: String,
+}
+
+/// `--version`: the workspace version and [`husk_proto::AGENT_MARK`], which `husk doctor`
+/// looks for in a guest image (printing it keeps it in the binary).
+fn agent_version() -> &'static str {
+    husk_proto::AGENT_MARK.trim_end_matches('\0')
 }
 
 fn main() {

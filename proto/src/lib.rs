@@ -4,6 +4,11 @@
 /// The version of the API in `protos/`. Bump it on any incompatible change.
 pub const API_VERSION: u32 = 1;
 
+/// The agent binary carries this string (it prints it for `--version`), so that `husk doctor`
+/// finds which agent a guest image holds without booting it: the workspace's version (every
+/// husk component has the same) and [`API_VERSION`], ended by a NUL.
+pub const AGENT_MARK: &str = concat!("husk-agent-version=", env!("CARGO_PKG_VERSION"), ";api=1\0");
+
 /// The AF_VSOCK port of the agent's ttrpc server.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
@@ -201,6 +206,16 @@ impl ConnHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agent_mark_names_this_api_version() {
+        let api = AGENT_MARK
+            .split(";api=")
+            .nth(1)
+            .and_then(|s| s.strip_suffix('\0'))
+            .expect("api= in the mark");
+        assert_eq!(api, API_VERSION.to_string());
+    }
 
     #[test]
     fn header_round_trips() {

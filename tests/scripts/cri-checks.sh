@@ -92,6 +92,11 @@ cri_config &&
     "$husk" install --config "$CRI_ROOT/config.toml" --bin-dir /usr/local/bin &&
     cri_launch
 ended containerd $?
+# husk doctor on a host that can run husk pods (L1: nested SVM, containerd with husk
+# registered): every check passes (warnings allowed: L1's tmpfs is small).
+echo "=== doctor"
+"$husk" doctor --containerd-config "$CRI_ROOT/config.toml"
+ended doctor $?
 echo "=== runc"
 steps runc false
 ended runc $?
@@ -685,6 +690,9 @@ mv "$cache/vmlinux" "$cache/vmlinux.away"
 d=$(mktemp -d)
 pod_json "$d/pod.json" pod-nokernel true
 "${CRICTL[@]}" runp "$d/pod.json" 2>&1 | grep -o "the guest kernel [^ ]* does not exist"
+# husk doctor names the missing kernel, and exits 1.
+"$husk" doctor --containerd-config "$CRI_ROOT/config.toml" | grep -E "^FAIL  guest kernel|^husk doctor:"
+echo "doctor without the kernel: rc ${PIPESTATUS[0]}"
 mv "$cache/vmlinux.away" "$cache/vmlinux"
 leftovers
 echo "=== husk_no_kernel rc=0"

@@ -64,6 +64,21 @@ fn crictl_pod_lifecycle() {
     let (text, rc) = get("containerd");
     assert_eq!(rc, Some(0), "containerd did not come up: {text}");
 
+    // husk doctor: on this host (L1, nested SVM, containerd with husk registered) a pod can
+    // start, and it says so, with KVM and the guest image found good.
+    let (text, rc) = get("doctor");
+    assert_eq!(rc, Some(0), "husk doctor failed where pods run: {text}");
+    assert!(text.contains("husk doctor: a pod can start here"), "{text}");
+    for line in [
+        "ok    kvm: /dev/kvm usable, API 12, AMD-V (svm)",
+        "ok    runtime class:",
+        "ok    shim:",
+        "ok    guest image:",
+    ] {
+        assert!(text.contains(line), "no '{line}': {text}");
+    }
+    assert!(!text.contains("\nFAIL"), "{text}");
+
     // The peer: runc through the same CRI steps.
     let (text, rc) = get("runc");
     assert_eq!(rc, Some(0), "{text}");
@@ -585,4 +600,7 @@ fn crictl_pod_lifecycle() {
     assert_eq!(rc, Some(0), "{text}");
     assert!(text.contains("vmlinux does not exist"), "{text}");
     assert!(text.contains(CLEAN), "{text}");
+    // husk doctor names it too, and says a pod cannot start.
+    assert!(text.contains("FAIL  guest kernel:"), "{text}");
+    assert!(text.contains("doctor without the kernel: rc 1"), "{text}");
 }

@@ -238,6 +238,19 @@ pub fn remove_runtimes(text: &str) -> Result<String> {
     Ok(doc.to_string())
 }
 
+/// The runtimes of `text` (a containerd config) whose runtime_type is husk's, by name.
+pub fn registered(text: &str) -> Result<Vec<String>> {
+    let mut doc = parse(text)?;
+    let Some(runtimes) = runtimes_table(&mut doc, false)? else {
+        return Ok(Vec::new());
+    };
+    Ok(runtimes
+        .iter()
+        .filter(|(_, t)| is_ours(t))
+        .map(|(n, _)| n.to_string())
+        .collect())
+}
+
 /// Removes the tables along `path` that are empty and were only implied by their children.
 fn prune_empty(t: &mut Table, path: &[&str]) {
     let Some((first, rest)) = path.split_first() else {

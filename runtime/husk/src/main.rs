@@ -1,6 +1,7 @@
 //! `husk`: the command-line tool of the husk runtime.
 
 mod agent_cmd;
+mod doctor;
 mod install;
 mod run;
 mod vmm_cmd;
@@ -22,6 +23,9 @@ enum Cmd {
     Run(run::RunArgs),
     /// Talk to a running husk-vmm through its control socket (debugging).
     Vmm(vmm_cmd::VmmArgs),
+    /// Check whether this host can run husk pods: one line per check, each problem with its
+    /// fix; exits 0 only when a pod can start.
+    Doctor(doctor::DoctorArgs),
     /// Install the containerd shim and register the runtimes `husk` and `untrusted`.
     Install(install::InstallArgs),
     /// Undo `husk install`.
@@ -63,6 +67,7 @@ fn main() {
             Cmd::Agent(a) => agent_cmd::run(a).await,
             Cmd::Run(a) => run::run(a).await,
             Cmd::Vmm(a) => vmm_cmd::run(a),
+            Cmd::Doctor(a) => doctor::doctor(a),
             Cmd::Install(a) => install::install(a),
             Cmd::Uninstall(a) => install::uninstall(a),
             Cmd::Gc { all } => gc(all),

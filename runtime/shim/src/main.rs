@@ -197,6 +197,19 @@ impl Shim for HuskShim {
 
 #[tokio::main]
 async fn main() {
+    // containerd's shims answer -v/--version (as `containerd-shim-runc-v2 -v` does); the
+    // crate's parser knows the flag but prints nothing. `husk doctor` reads this.
+    if std::env::args()
+        .skip(1)
+        .any(|a| matches!(a.as_str(), "-v" | "--v" | "-version" | "--version"))
+    {
+        println!(
+            "containerd-shim-husk-v2:\n  Version: {}\n  Agent API: {}",
+            env!("CARGO_PKG_VERSION"),
+            husk_proto::API_VERSION
+        );
+        return;
+    }
     // Every child of the shim (the VMM, mkfs.ext4, debugfs) is waited for by whoever started
     // it: the crate's reaper (waitpid(-1) on SIGCHLD) would take their exit statuses away
     // (ECHILD). It has to be off from the start: the crate installs it before Shim::new. No
