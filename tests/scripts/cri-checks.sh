@@ -636,13 +636,14 @@ husk_confined() {
     "${CRICTL[@]}" exec -s "$c" echo exec-under-seccomp
     "${CRICTL[@]}" stop -t 1 "$c" >/dev/null && "${CRICTL[@]}" rm "$c" >/dev/null &&
         "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null || return 1
-    mkdir -p /etc/husk
-    printf '[vmm]\npath = "%s"\n' "$repo/target/seccomp-trigger/debug/husk-vmm" >/etc/husk/config.toml
+    # husk install's config (the installed guest image) with the trigger's VMM added.
+    cp /etc/husk/config.toml "$d/husk-config"
+    printf '\n[vmm]\npath = "%s"\n' "$repo/target/seccomp-trigger/debug/husk-vmm" >>/etc/husk/config.toml
     local rc=0
     for kind in io vcpu; do
         seccomp_trigger "$d" "$kind" || rc=1
     done
-    rm -f /etc/husk/config.toml
+    cp "$d/husk-config" /etc/husk/config.toml
     leftovers
     rm -rf "$d"
     return $rc
@@ -683,9 +684,45 @@ leftovers
 rm -rf "$d"
 echo "=== husk_host_network rc=0"
 
-# A pod whose VM cannot start fails runp with why, and leaves nothing.
+# husk as installed, alone: husk install put husk, the shim, husk-vmm, the guest image and
+# husk's config in system paths (the containerd section); with the build tree and the build
+# cache hidden under empty tmpfs mounts, a pod still runs a container and an exec.
+husk_standalone() {
+    local d p c rc=0 cache=${HUSK_CACHE:-/var/cache/husk}
+    d=$(mktemp -d)
+    mount -t tmpfs -o size=1m tmpfs "$repo/target" || return 1
+    if ! mount -t tmpfs -o size=1m tmpfs "$cache"; then
+        umount "$repo/target"
+        return 1
+    fi
+    echo "hidden: build tree $(find "$repo/target" -mindepth 1 | wc -l) entries, cache $(find "$cache" -mindepth 1 | wc -l) entries"
+    echo "installed config: $(grep -E '^(kernel|initramfs)' /etc/husk/config.toml | paste -sd ' ')"
+    /usr/local/bin/husk doctor --containerd-config "$CRI_ROOT/config.toml" | grep -E "^(ok|FAIL) +(shim|vmm|guest kernel|guest image|runtime class):"
+    pod_json "$d/pod.json" standalone true
+    container_json "$d/c.json" standalone '["sh","-c","echo standalone-ok; sleep 1000"]'
+    if p=$("${CRICTL[@]}" runp "$d/pod.json") && c=$("${CRICTL[@]}" create "$p" "$d/c.json" "$d/pod.json") &&
+        "${CRICTL[@]}" start "$c" >/dev/null && wait_log "$c" standalone-ok; then
+        "${CRICTL[@]}" logs "$c"
+        "${CRICTL[@]}" exec -s "$c" echo exec-standalone
+        echo "vmm: $(pgrep -a husk-vmm | awk '{print $2}' | sort -u)"
+    else
+        rc=1
+    fi
+    "${CRICTL[@]}" pods -q | xargs -r "${CRICTL[@]}" stopp >/dev/null
+    "${CRICTL[@]}" pods -q | xargs -r "${CRICTL[@]}" rmp -f >/dev/null
+    umount "$cache" "$repo/target" || rc=1
+    leftovers
+    rm -rf "$d"
+    return $rc
+}
+echo "=== husk_standalone"
+husk_standalone
+ended husk_standalone $?
+
+# A pod whose VM cannot start fails runp with why, and leaves nothing. The kernel is the
+# one husk install put in place, which husk's config names.
 echo "=== husk_no_kernel"
-cache=${HUSK_CACHE:-/var/cache/husk}/current
+cache=/usr/local/share/husk
 mv "$cache/vmlinux" "$cache/vmlinux.away"
 d=$(mktemp -d)
 pod_json "$d/pod.json" pod-nokernel true

@@ -595,6 +595,31 @@ fn crictl_pod_lifecycle() {
     }
     assert!(text.contains(CLEAN), "{text}");
 
+    // husk as installed runs a pod with the build tree and the build cache hidden: the shim,
+    // husk-vmm and the guest image are the installed ones.
+    let (text, rc) = get("husk_standalone");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(
+        text.contains("hidden: build tree 0 entries, cache 0 entries"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kernel = \"/usr/local/share/husk/vmlinux\""),
+        "{text}"
+    );
+    for line in [
+        "ok    shim: /usr/local/bin/containerd-shim-husk-v2",
+        "ok    vmm: /usr/local/bin/husk-vmm",
+        "ok    guest kernel: /usr/local/share/husk/vmlinux",
+        "ok    guest image: /usr/local/share/husk/initramfs.cpio.gz",
+        "standalone-ok",
+        "exec-standalone",
+        "vmm: /usr/local/bin/husk-vmm",
+    ] {
+        assert!(text.contains(line), "no '{line}': {text}");
+    }
+    assert!(text.contains(CLEAN), "{text}");
+
     // A pod whose VM cannot start: runp fails saying why, nothing is left.
     let (text, rc) = get("husk_no_kernel");
     assert_eq!(rc, Some(0), "{text}");

@@ -278,6 +278,9 @@ fn doctor_finds_husk_unregistered_then_registered_by_install() {
         .arg(&s.containerd)
         .arg("--bin-dir")
         .arg(&s.bin)
+        .arg("--share-dir")
+        .arg(s.bin.with_file_name("share"))
+        .env("HUSK_CONFIG", &s.config)
         .output()
         .unwrap();
     assert!(installed.status.success(), "{installed:?}");
