@@ -4,7 +4,7 @@
 # (or directly where /dev/kvm has vmx/svm): vsock stdio throughput beside a Unix-socket copy;
 # in the testbed also container create+start against image size and pod-to-pod TCP throughput
 # and request/response latency, volumes' throughput and small-file costs, husk beside runc,
-# and what confining the VMM costs.
+# what confining the VMM costs, and what an idle pod costs the node beside a runc pod.
 # First, on this host: what converting a layer into the layer cache costs, beside cp -a.
 # Where the testbed is used: its boot and a `husk run` in it with 1 and with 2 L1 vCPUs.
 #
@@ -53,5 +53,7 @@ tests/testbed/run.sh --mem 8192 --timeout 1800 -- \
     bash "$repo/tests/bench/layers.sh" "$repo" "$repo/target/bench-layers" 16 256 1024
 echo "== pod-to-pod networking (containerd, CNI bridge): husk beside runc"
 tests/testbed/run.sh --timeout 1500 -- bash "$repo/tests/bench/net-pods.sh" "$repo" 32 20 2
+echo "== what a pod costs the node beyond its container (the RuntimeClass's overhead): husk beside runc"
+tests/testbed/run.sh --mem 4096 --timeout 900 -- bash "$repo/tests/bench/overhead.sh" "$repo" 3 20
 echo "== volumes (containerd): husk's virtio-fs beside runc's bind mount"
 exec tests/testbed/run.sh --mem 4096 --timeout 1500 -- bash "$repo/tests/bench/volumes.sh" "$repo" 256 10000 2
