@@ -52,7 +52,17 @@ fn crictl_pod_lifecycle() {
         repo.display(),
         repo.display()
     );
-    let out = testbed::run(&cmd, Duration::from_secs(1200)).expect("the testbed ran");
+    // husk install copies husk, the shim and husk-vmm (debug builds, 380 MB) into L1's
+    // tmpfs-backed root, beside the pods' memory.
+    let out = testbed::run_with(
+        &cmd,
+        &testbed::Options {
+            timeout: Duration::from_secs(1200),
+            mem_mib: 3072,
+            ..Default::default()
+        },
+    )
+    .expect("the testbed ran");
     println!("{}", out.stdout);
     let s = sections(&out.stdout);
     let get = |n: &str| {
