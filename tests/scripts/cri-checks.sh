@@ -149,6 +149,12 @@ husk_containers() {
     echo "container hosts file: $("${CRICTL[@]}" exec -s "$ctr" cat /etc/hosts | grep -c localhost) localhost lines"
     "${CRICTL[@]}" inspect "$ctr" | grep -o '"state": *"[A-Z_]*"' | head -1
     echo "stats: $("${CRICTL[@]}" stats -o json --id "$ctr" | grep -A1 '"workingSetBytes"' | grep -o '"value": *"[0-9]*"')"
+    # The shim's log lines carry the pod (and a container's, the container) as fields, and
+    # name the pod's guest console, kept in its run directory while the pod runs.
+    local mine console
+    mine=$(grep -F "pod=\"$pod\"" "$CRI_ROOT/containerd.log")
+    console=$(grep -o 'console="[^"]*"' <<<"$mine" | head -1 | cut -d'"' -f2)
+    echo "shim log: $(grep -c . <<<"$mine") lines with the pod's field, $(grep -cF "container=\"$ctr\"" <<<"$mine") with the container's; the guest console $([[ -s $console ]] && echo "is $console, $(grep -cF "$ctr" "$console") lines of the agent's naming the container" || echo "missing: '$console'")"
     "${CRICTL[@]}" stop -t 2 "$ctr" >/dev/null || return 1
     "${CRICTL[@]}" inspect "$ctr" | grep -o '"state": *"[A-Z_]*"' | head -1
     "${CRICTL[@]}" rm "$ctr" >/dev/null && "${CRICTL[@]}" stopp "$pod" >/dev/null &&

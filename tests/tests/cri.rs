@@ -106,6 +106,30 @@ fn crictl_pod_lifecycle() {
     let (text, rc) = get("husk");
     assert_eq!(rc, Some(0), "{text}");
     assert!(text.contains("SANDBOX_READY"), "{text}");
+    // The shim's log: the pod's field on its lines, the container's on the container's, and
+    // the guest console named, there and holding the agent's log of the container.
+    let shim_log = text
+        .lines()
+        .find_map(|l| l.strip_prefix("shim log: "))
+        .unwrap_or_else(|| panic!("no shim log line: {text}"));
+    let counts: Vec<u32> = shim_log
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .take(2)
+        .collect();
+    assert!(
+        counts.len() == 2 && counts[0] >= 2 && counts[1] >= 1,
+        "{shim_log}"
+    );
+    let agent_lines: u32 = shim_log
+        .rsplit_once(", ")
+        .and_then(|(_, l)| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        shim_log.contains("the guest console is /run/husk/shim/") && agent_lines >= 1,
+        "{shim_log}"
+    );
     assert!(
         text.contains("vmm processes: 1\n"),
         "no microVM for the pod: {text}"

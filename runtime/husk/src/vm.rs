@@ -368,6 +368,11 @@ impl Vm {
         self.child.as_ref().and_then(|c| c.killer().ok())
     }
 
+    /// The file the guest's serial console goes to (the agent's log is there too).
+    pub fn console(&self) -> &Path {
+        &self.console
+    }
+
     /// The VMM's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(VmmProcess::id)

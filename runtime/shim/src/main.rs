@@ -98,11 +98,64 @@ fn open_log(path: &Path, wait: Duration) -> io::Result<File> {
     }
 }
 
-/// The daemon's logger on the bundle's log FIFO ([`open_log`]), at the level the crate would
-/// set: `RUST_LOG`, else the config's default, raised to debug by `-debug`.
-fn setup_logger(debug: bool, default_level: &str) -> io::Result<()> {
+/// The shim's logger: the crate's (logfmt lines, `time=… level=… KEY="VALUE"… msg="…"`, on
+/// the FIFO containerd copies into its own log), with the pod's sandbox id and containerd
+/// namespace as fields of every line (`pod="…" namespace="…"`), before the line's own
+/// (`container="…"`, `exec="…"`): one pod's lines are found with one grep, whatever they say.
+struct PodLogger {
+    inner: FifoLogger,
+    fields: [(&'static str, String); 2],
+}
+
+/// The pod's fields, then a record's own.
+struct WithFields<'a> {
+    fields: &'a [(&'static str, String)],
+    rest: &'a dyn log::kv::Source,
+}
+
+impl log::kv::Source for WithFields<'_> {
+    fn visit<'kvs>(
+        &'kvs self,
+        visitor: &mut dyn log::kv::VisitSource<'kvs>,
+    ) -> Result<(), log::kv::Error> {
+        for (k, v) in self.fields {
+            visitor.visit_pair(log::kv::Key::from_str(k), log::kv::Value::from(v.as_str()))?;
+        }
+        self.rest.visit(visitor)
+    }
+}
+
+impl log::Log for PodLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.inner.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        let kvs = WithFields {
+            fields: &self.fields,
+            rest: record.key_values(),
+        };
+        self.inner
+            .log(&record.to_builder().key_values(&kvs).build());
+    }
+
+    fn flush(&self) {
+        self.inner.flush()
+    }
+}
+
+/// The daemon's logger ([`PodLogger`]) on the bundle's log FIFO ([`open_log`]), at the level
+/// the crate would set: `RUST_LOG`, else the config's default, raised to debug by `-debug`.
+fn setup_logger(debug: bool, default_level: &str, pod: &str, namespace: &str) -> io::Result<()> {
     let file = open_log(Path::new("log"), LOG_READER_WAIT)?;
-    log::set_boxed_logger(Box::new(FifoLogger::with_file(file))).map_err(io::Error::other)?;
+    let logger = PodLogger {
+        inner: FifoLogger::with_file(file),
+        fields: [
+            ("pod", pod.to_string()),
+            ("namespace", namespace.to_string()),
+        ],
+    };
+    log::set_boxed_logger(Box::new(logger)).map_err(io::Error::other)?;
     let level = std::env::var("RUST_LOG").unwrap_or_else(|_| default_level.to_string());
     let level = log::LevelFilter::from_str(&level).unwrap_or(log::LevelFilter::Info);
     log::set_max_level(if debug {
@@ -120,7 +173,12 @@ impl Shim for HuskShim {
     async fn new(_runtime_id: &str, args: &Flags, config: &mut Config) -> Self {
         // The daemon (no action; `start` and `delete` log nothing of their own).
         if args.action.is_empty() && !args.socket.is_empty() && !config.no_setup_logger {
-            if let Err(e) = setup_logger(args.debug, &config.default_log_level) {
+            if let Err(e) = setup_logger(
+                args.debug,
+                &config.default_log_level,
+                &args.id,
+                &args.namespace,
+            ) {
                 eprintln!("{RUNTIME_ID}: the shim's log: {e}");
                 std::process::exit(1);
             }
@@ -220,4 +278,50 @@ async fn main() {
         ..Default::default()
     };
     run::<HuskShim>(RUNTIME_ID, Some(config)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use log::Log;
+
+    /// Every line carries the pod's fields, then its own, then the message.
+    #[test]
+    fn log_lines_carry_the_pod_and_their_own_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let logger = PodLogger {
+            inner: FifoLogger::with_file(File::create(&path).unwrap()),
+            fields: [("pod", "p1".into()), ("namespace", "k8s.io".into())],
+        };
+        // The crate's logger writes what the global level lets through.
+        log::set_max_level(log::LevelFilter::Info);
+        let kv = [("container", "c1")];
+        logger.log(
+            &log::Record::builder()
+                .level(log::Level::Warn)
+                .args(format_args!("it went wrong"))
+                .key_values(&kv)
+                .build(),
+        );
+        logger.log(
+            &log::Record::builder()
+                .level(log::Level::Info)
+                .args(format_args!("plain"))
+                .build(),
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].contains(
+                r#"level=warn pod="p1" namespace="k8s.io" container="c1" msg="it went wrong""#
+            ),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains(r#"level=info pod="p1" namespace="k8s.io" msg="plain""#),
+            "{text}"
+        );
+    }
 }

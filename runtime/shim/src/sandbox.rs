@@ -228,6 +228,13 @@ impl Sandbox {
         let (booted, forward) =
             tokio::join!(boot_pod(&cfg, netns.clone()), listen_for_forwards(netns));
         let (pod, vm, network) = booted?;
+        log::info!(
+            vmm_pid = vm.pid().unwrap_or(0),
+            console:% = vm.console().display();
+            "pod {}: the VM is up; its guest console (kernel and agent log) is {}",
+            cfg.id,
+            vm.console().display()
+        );
         let forwarding = forward.map(|f| {
             let agent = pod.clone();
             tokio::spawn(f.serve(move |port| {

@@ -165,6 +165,7 @@ impl Shim {
             }
             let pid = pid?;
             log::info!(
+                container = req.id.as_str();
                 "container {}: {} image layers ({} from the cache, {} converted) and {} of its own in {} ms, created in the guest after {} ms",
                 req.id,
                 made.cached + made.converted,
@@ -307,7 +308,7 @@ impl Shim {
                     w.oom_killed,
                 ),
                 Err(e) => {
-                    log::warn!("waiting for {id}/{exec_id}: {e} (the VM is gone?)");
+                    log::warn!(container = id.as_str(), exec = exec_id.as_str(); "waiting for {id}/{exec_id}: {e} (the VM is gone?)");
                     (Exit::now(255), false)
                 }
             };
@@ -374,7 +375,7 @@ impl Shim {
                 r.container_id = id.to_string();
                 r.exec_id = exec_id.to_string();
                 if let Err(e) = pod.agent().remove_process(r).await {
-                    log::warn!("removing exec {id}/{exec_id} in the guest: {e}");
+                    log::warn!(container = id, exec = exec_id; "removing exec {id}/{exec_id} in the guest: {e}");
                 }
             }
         }
