@@ -214,6 +214,14 @@ pub struct VcpuRegs {
 pub struct DeviceStatus {
     pub id: String,
     pub driver_status: u32,
+    /// Payload bytes the device moved to the guest (block: read; net: received; vsock:
+    /// packets in), since the VM started; none where data does not pass through the VMM
+    /// (virtio-fs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_guest_bytes: Option<u64>,
+    /// Payload bytes from the guest (block: written; net: sent; vsock: packets out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_guest_bytes: Option<u64>,
 }
 
 #[cfg(test)]
@@ -342,10 +350,20 @@ mod tests {
                     tsc_deadline_in: Some(-5),
                 }),
             }],
-            devices: vec![DeviceStatus {
-                id: "vsock".into(),
-                driver_status: 15,
-            }],
+            devices: vec![
+                DeviceStatus {
+                    id: "vsock".into(),
+                    driver_status: 15,
+                    to_guest_bytes: Some(1024),
+                    from_guest_bytes: Some(0),
+                },
+                DeviceStatus {
+                    id: "fs-husk-shared".into(),
+                    driver_status: 15,
+                    to_guest_bytes: None,
+                    from_guest_bytes: None,
+                },
+            ],
         });
         let layer = Answer::Layer(Layer {
             start: 1 << 20,

@@ -125,9 +125,15 @@ fn answer(line: &str, mut files: Vec<File>, ctx: &ApiContext) -> Answer {
             devices: ctx
                 .transports
                 .iter()
-                .map(|(id, t)| DeviceStatus {
-                    id: id.clone(),
-                    driver_status: lock(t).driver_status(),
+                .map(|(id, t)| {
+                    let t = lock(t);
+                    let io = t.io_counters();
+                    DeviceStatus {
+                        id: id.clone(),
+                        driver_status: t.driver_status(),
+                        to_guest_bytes: io.map(|c| c.to_guest),
+                        from_guest_bytes: io.map(|c| c.from_guest),
+                    }
                 })
                 .collect(),
         }),

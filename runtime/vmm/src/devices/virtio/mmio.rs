@@ -70,6 +70,11 @@ impl MmioTransport {
         self.status
     }
 
+    /// What the device moved (see [`super::VirtioDevice::io_counters`]).
+    pub fn io_counters(&self) -> Option<super::IoCounters> {
+        self.device.io_counters()
+    }
+
     /// The device, e.g. for backend events and drive updates.
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
         self.device.as_mut()

@@ -56,6 +56,14 @@ impl IrqLine {
     }
 }
 
+/// The payload bytes a device moved each way since it was made (block: read and written;
+/// net: frames received and sent; vsock: packets to and from the guest).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IoCounters {
+    pub to_guest: u64,
+    pub from_guest: u64,
+}
+
 /// A virtio device behind the mmio transport.
 pub trait VirtioDevice: Send {
     /// The virtio device id (1 net, 2 block, 19 vsock).
@@ -92,6 +100,11 @@ pub trait VirtioDevice: Send {
     /// Takes the layer that starts at byte `start` off a layered drive.
     fn remove_layer(&mut self, _start: u64) -> Result<(), String> {
         Err("not a block device".into())
+    }
+    /// What the device moved; none for a device whose data does not pass through the VMM
+    /// (virtio-fs: virtiofsd serves the queues).
+    fn io_counters(&self) -> Option<IoCounters> {
+        None
     }
 }
 

@@ -12,7 +12,7 @@ use super::{
     copy::{file_to_guest, guest_to_file},
     layers::{LayerError, Layers},
 };
-use crate::devices::virtio::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{IoCounters, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const VIRTIO_ID_BLOCK: u32 = 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
@@ -88,6 +88,7 @@ pub struct Block {
     mem: Option<GuestMemoryMmap>,
     queue: Option<Queue>,
     irq: Option<Arc<IrqLine>>,
+    counters: IoCounters,
 }
 
 impl Block {
@@ -100,6 +101,7 @@ impl Block {
             mem: None,
             queue: None,
             irq: None,
+            counters: IoCounters::default(),
         };
         if let Some(p) = path {
             b.set_backing(Some(FileArg::Path(p.to_path_buf())))?;
@@ -116,6 +118,7 @@ impl Block {
             mem: None,
             queue: None,
             irq: None,
+            counters: IoCounters::default(),
         }
     }
 
@@ -177,7 +180,14 @@ impl Block {
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let descs: Vec<Descriptor> = chain.take(MAX_DESCRIPTORS).collect();
-            let len = handle_request(mem, &descs, &self.backing, self.read_only, &self.id);
+            let len = serve(
+                mem,
+                &descs,
+                &self.backing,
+                self.read_only,
+                &self.id,
+                &mut self.counters,
+            );
             if queue.add_used(mem, head, len).is_err() {
                 break;
             }
@@ -205,12 +215,33 @@ fn within_file_size_limit(name: &str, len: u64, limit: u64) -> Result<(), BlockE
 }
 
 /// Serves one request; returns the bytes written into the guest's buffers.
+#[cfg(test)]
 fn handle_request(
     mem: &GuestMemoryMmap,
     descs: &[Descriptor],
     backing: &Backing,
     read_only: bool,
     id: &str,
+) -> u32 {
+    serve(
+        mem,
+        descs,
+        backing,
+        read_only,
+        id,
+        &mut IoCounters::default(),
+    )
+}
+
+/// Serves one request, counting the bytes read and written into `counters`; returns the
+/// bytes written into the guest's buffers.
+fn serve(
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+    backing: &Backing,
+    read_only: bool,
+    id: &str,
+    counters: &mut IoCounters,
 ) -> u32 {
     let (Some(first), Some(last)) = (descs.first(), descs.last()) else {
         return 0;
@@ -252,6 +283,9 @@ fn handle_request(
                 }
                 if typ == T_IN {
                     written = written.saturating_add(d.len());
+                    counters.to_guest += len;
+                } else {
+                    counters.from_guest += len;
                 }
                 offset += len;
             }
@@ -304,6 +338,10 @@ fn chain(e: &dyn std::error::Error) -> String {
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
+    }
+
+    fn io_counters(&self) -> Option<IoCounters> {
+        Some(self.counters)
     }
 
     fn features(&self) -> u64 {
@@ -610,6 +648,44 @@ mod tests {
         assert_eq!((a.start, a.end - a.start), (1 << 20, 8192));
         assert_eq!((bb.start, bb.end - bb.start), (2 << 20, 4096));
         (mem, dir, b, a, bb)
+    }
+
+    /// Bytes read and written are counted; a refused request is not.
+    #[test]
+    fn reads_and_writes_are_counted() {
+        let (mem, f) = setup();
+        let b = Block::new("vda", Some(f.path()), false).unwrap();
+        let mut c = IoCounters::default();
+        header(&mem, T_IN, 1);
+        let d = [
+            desc(0x1000, 16, 0),
+            desc(0x2000, 512, WRITE),
+            desc(0x3000, 1, WRITE),
+        ];
+        assert_eq!(serve(&mem, &d, &b.backing, false, "vda", &mut c), 513);
+        header(&mem, T_OUT, 2);
+        let d = [
+            desc(0x1000, 16, 0),
+            desc(0x2000, 1024, 0),
+            desc(0x3000, 1, WRITE),
+        ];
+        serve(&mem, &d, &b.backing, false, "vda", &mut c);
+        // Past the end of the 16-sector disk.
+        header(&mem, T_IN, 100);
+        let d = [
+            desc(0x1000, 16, 0),
+            desc(0x2000, 512, WRITE),
+            desc(0x3000, 1, WRITE),
+        ];
+        serve(&mem, &d, &b.backing, false, "vda", &mut c);
+        assert_eq!(
+            c,
+            IoCounters {
+                to_guest: 512,
+                from_guest: 1024
+            }
+        );
+        assert_eq!(b.io_counters(), Some(IoCounters::default()));
     }
 
     #[test]

@@ -421,6 +421,13 @@ impl VirtioDevice for Net {
         VIRTIO_ID_NET
     }
 
+    fn io_counters(&self) -> Option<crate::devices::virtio::IoCounters> {
+        Some(crate::devices::virtio::IoCounters {
+            to_guest: self.stats.rx_bytes,
+            from_guest: self.stats.tx_bytes,
+        })
+    }
+
     fn features(&self) -> u64 {
         VIRTIO_F_VERSION_1
             | F_MAC

@@ -24,6 +24,7 @@ pub struct Vsock {
     mem: Option<GuestMemoryMmap>,
     queues: Vec<Queue>,
     irq: Option<Arc<IrqLine>>,
+    counters: crate::devices::virtio::IoCounters,
 }
 
 impl Vsock {
@@ -34,6 +35,7 @@ impl Vsock {
             mem: None,
             queues: Vec::new(),
             irq: None,
+            counters: Default::default(),
         })
     }
 
@@ -65,6 +67,7 @@ impl Vsock {
             // The payload is read from the chain's buffers while the packet is handled:
             // the chain goes back to the guest only after that.
             if let Some((h, payload)) = read_tx_chain(&mem, chain.take(QUEUE_SIZES[1] as usize)) {
+                self.counters.from_guest += payload.len() as u64;
                 self.muxer.handle_guest_packet(h, payload);
             }
             if let Some(q) = self.queues.get_mut(1) {
@@ -104,6 +107,7 @@ impl Vsock {
                 None => 0,
             };
             let _ = q.add_used(&mem, head, written as u32);
+            self.counters.to_guest += written as u64;
             used = true;
         }
         used
@@ -133,6 +137,10 @@ impl Vsock {
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_VSOCK
+    }
+
+    fn io_counters(&self) -> Option<crate::devices::virtio::IoCounters> {
+        Some(self.counters)
     }
 
     fn features(&self) -> u64 {
@@ -389,6 +397,9 @@ mod tests {
         // A chain shorter than a header is dropped.
         g.send(&mut v, &[&h[..20]]);
         assert!(v.muxer.ctrl.is_empty());
+        // The payload the guest sent is counted, as its headers say (the connection's
+        // packets carry none).
+        assert_eq!(v.io_counters().unwrap().from_guest, want.len() as u64);
     }
 
     /// A host packet goes into the guest's RX chain across several small buffers (the
