@@ -19,6 +19,8 @@ pub struct VmmArgs {
 enum VmmCmd {
     /// State, guest readiness, vCPU exits and registers, device driver status (JSON).
     Status,
+    /// The same counters without the register samples (the vCPUs are not kicked).
+    Metrics,
     /// Give the pre-declared drive ID a new backing file (the guest sees a media change):
     /// opened here, read-only unless --writable (as the drive is), and passed to the VMM,
     /// which, jailed, could not open it.
@@ -39,6 +41,7 @@ pub fn run(a: VmmArgs) -> Result<i32> {
     let mut file = None;
     let req = match &a.cmd {
         VmmCmd::Status => Request::Status {},
+        VmmCmd::Metrics => Request::Metrics {},
         VmmCmd::Stop => Request::Stop {},
         VmmCmd::Eject { id } => Request::eject(id),
         VmmCmd::UpdateDrive { id, path, writable } => {

@@ -32,6 +32,9 @@ use serde::{Deserialize, Serialize};
 pub enum Request {
     /// State, guest readiness, vCPU exits and registers, each device's driver status.
     Status {},
+    /// The same without the register sample, which kicks each vCPU out of the guest: what a
+    /// metrics scrape asks for.
+    Metrics {},
     /// Stop the VM (the VMM exits 0).
     Stop {},
     /// Give drive `id` a new backing file: `path`, or the file passed with the request when
@@ -59,7 +62,7 @@ pub enum Request {
 pub enum RequestError {
     #[error("not JSON: {0}")]
     NotJson(String),
-    #[error("unknown request (status, stop, update_drive, add_layer, remove_layer)")]
+    #[error("unknown request (status, metrics, stop, update_drive, add_layer, remove_layer)")]
     Unknown,
     #[error("update_drive needs id, and path or a file passed with the request")]
     UpdateDriveArgs,
@@ -88,6 +91,8 @@ impl Request {
         };
         if map.contains_key("status") {
             Ok(Request::Status {})
+        } else if map.contains_key("metrics") {
+            Ok(Request::Metrics {})
         } else if map.contains_key("stop") {
             Ok(Request::Stop {})
         } else if let Some(args) = map.get("update_drive") {
@@ -232,6 +237,7 @@ mod tests {
     fn requests_have_their_wire_form() {
         let cases = [
             (Request::Status {}, r#"{"status":{}}"#),
+            (Request::Metrics {}, r#"{"metrics":{}}"#),
             (Request::Stop {}, r#"{"stop":{}}"#),
             (
                 Request::UpdateDrive {

@@ -95,6 +95,14 @@ impl Client {
         }
     }
 
+    /// The VM's counters (its status without register samples: the vCPUs are not kicked).
+    pub fn metrics(&self) -> Result<VmStatus, ClientError> {
+        match self.call(&Request::Metrics {})? {
+            Answer::Status(s) => Ok(s),
+            other => Err(ClientError::Unexpected(format!("{other:?}"), "metrics")),
+        }
+    }
+
     /// Stops the VM.
     pub fn stop(&self) -> Result<(), ClientError> {
         self.expect_ok(&Request::Stop {}, None, "stop")

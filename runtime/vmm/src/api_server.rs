@@ -116,27 +116,8 @@ fn answer(line: &str, mut files: Vec<File>, ctx: &ApiContext) -> Answer {
         Some(p) => Some(FileArg::Path(p)),
     };
     match req {
-        Request::Status {} => Answer::Status(VmStatus {
-            state: "running".into(),
-            ready_ms: lock(&ctx.legacy)
-                .ready_after()
-                .map(|d| d.as_millis() as u64),
-            vcpus: ctx.stats.iter().map(VcpuStats::status).collect(),
-            devices: ctx
-                .transports
-                .iter()
-                .map(|(id, t)| {
-                    let t = lock(t);
-                    let io = t.io_counters();
-                    DeviceStatus {
-                        id: id.clone(),
-                        driver_status: t.driver_status(),
-                        to_guest_bytes: io.map(|c| c.to_guest),
-                        from_guest_bytes: io.map(|c| c.from_guest),
-                    }
-                })
-                .collect(),
-        }),
+        Request::Status {} => Answer::Status(status(ctx, VcpuStats::status)),
+        Request::Metrics {} => Answer::Status(status(ctx, VcpuStats::counts)),
         Request::Stop {} => {
             let _ = ctx.events.send(Event::Stop);
             Answer::ok()
@@ -191,6 +172,31 @@ fn answer(line: &str, mut files: Vec<File>, ctx: &ApiContext) -> Answer {
                 Err(e) => Answer::error(e),
             }
         }
+    }
+}
+
+/// The VM's status, each vCPU's from `vcpu`.
+fn status(ctx: &ApiContext, vcpu: fn(&VcpuStats) -> husk_vmm_api::api::VcpuStatus) -> VmStatus {
+    VmStatus {
+        state: "running".into(),
+        ready_ms: lock(&ctx.legacy)
+            .ready_after()
+            .map(|d| d.as_millis() as u64),
+        vcpus: ctx.stats.iter().map(vcpu).collect(),
+        devices: ctx
+            .transports
+            .iter()
+            .map(|(id, t)| {
+                let t = lock(t);
+                let io = t.io_counters();
+                DeviceStatus {
+                    id: id.clone(),
+                    driver_status: t.driver_status(),
+                    to_guest_bytes: io.map(|c| c.to_guest),
+                    from_guest_bytes: io.map(|c| c.from_guest),
+                }
+            })
+            .collect(),
     }
 }
 

@@ -154,6 +154,15 @@ impl VcpuStats {
     /// The status of this vCPU, with a fresh register sample if its thread gives one soon.
     pub(crate) fn status(&self) -> VcpuStatus {
         let sampled = self.sample(Duration::from_millis(300));
+        self.status_with(sampled)
+    }
+
+    /// Its counts alone: the vCPU is not disturbed (no kick, no register sample).
+    pub(crate) fn counts(&self) -> VcpuStatus {
+        self.status_with(false)
+    }
+
+    fn status_with(&self, sampled: bool) -> VcpuStatus {
         let regs = sampled.then(|| {
             let [cr0, cr3, cr4] = [0, 1, 2].map(|i| self.cr[i].load(Ordering::Relaxed));
             let mp_state = match self.mp_state.load(Ordering::Relaxed) {
