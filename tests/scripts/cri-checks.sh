@@ -690,6 +690,59 @@ leftovers
 rm -rf "$d"
 echo "=== husk_host_network rc=0"
 
+# husk monitor's endpoint while two husk pods run: both pods' series, with plausible values
+# (the VMM's resident memory at least what the guest uses, vCPU time growing while a container
+# works, exits and vsock bytes counted, the agent answering, each container's stats).
+husk_metrics() {
+    local d i p c mon rc=0 ids=() ctrs=()
+    d=$(mktemp -d)
+    "$husk" monitor --listen 127.0.0.1:9449 2>"$d/monitor.log" &
+    mon=$!
+    for i in 1 2; do
+        pod_json "$d/p$i.json" "metrics-$i" true
+        container_json "$d/c$i.json" "metrics-$i" '["sleep","1000"]'
+        p=$("${CRICTL[@]}" runp "$d/p$i.json") && c=$("${CRICTL[@]}" create "$p" "$d/c$i.json" "$d/p$i.json") &&
+            "${CRICTL[@]}" start "$c" >/dev/null || rc=1
+        ids+=("$p")
+        ctrs+=("$c")
+    done
+    curl -sf http://127.0.0.1:9449/metrics >"$d/one" || { echo "no scrape: $(cat "$d/monitor.log")"; rc=1; }
+    for i in 0 1; do
+        # Work in the container, so its vCPU has something to do between the scrapes.
+        # shellcheck disable=SC2016 # the container's shell expands it
+        "${CRICTL[@]}" exec -s "${ctrs[$i]}" sh -c 'i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done'
+    done
+    curl -sf http://127.0.0.1:9449/metrics >"$d/two" || rc=1
+    echo "pods in the scrape: $(awk '$1 == "husk_pods" {print $2}' "$d/two")"
+    for i in 0 1; do
+        p=${ids[$i]} c=${ctrs[$i]}
+        local used rss v1 v2 sel="sandbox_id=\"$p\""
+        # The guest's memory in use (its meminfo, which the container sees).
+        used=$("${CRICTL[@]}" exec -s "$c" cat /proc/meminfo | awk '/^MemTotal/ {t = $2} /^MemFree/ {f = $2} END {print (t - f) * 1024}')
+        rss=$(grep -F "$sel" "$d/two" | grep '^husk_pod_process_memory_rss_bytes' | grep -F 'process="vmm"' | awk '{print $2}')
+        v1=$(grep -F "$sel" "$d/one" | grep '^husk_pod_vcpu_seconds_total' | awk '{s += $2} END {print s}')
+        v2=$(grep -F "$sel" "$d/two" | grep '^husk_pod_vcpu_seconds_total' | awk '{s += $2} END {print s}')
+        echo "pod $i: series $(grep -cF "$sel" "$d/two"), info $(grep -F "$sel" "$d/two" | grep -c '^husk_pod_info{')," \
+            "vmm rss $rss guest used $used: $(awk -v r="$rss" -v u="$used" 'BEGIN {print (r + 0 >= u + 0 && u > 0) ? "rss covers the guest" : "RSS BELOW THE GUEST"}')," \
+            "vcpu seconds $v1 -> $v2: $(awk -v a="$v1" -v b="$v2" 'BEGIN {print (b > a) ? "grew" : "DID NOT GROW"}')," \
+            "io exits $(grep -F "$sel" "$d/two" | grep '^husk_pod_vm_exits_total' | grep -F 'kind="io"' | awk '{s += $2} END {print s + 0}')," \
+            "vsock bytes to the guest $(grep -F "$sel" "$d/two" | grep '^husk_pod_device_bytes_total' | grep -F 'device="vsock"' | grep -F 'to_guest' | awk '{print $2 + 0}')," \
+            "agent up $(grep -F "$sel" "$d/two" | grep '^husk_pod_agent_up' | awk '{print $2}')," \
+            "container memory $(grep -F "$sel" "$d/two" | grep '^husk_container_memory_usage_bytes' | grep -cF "container=\"$c\"") series"
+    done
+    grep -F "sandbox_id=\"${ids[0]}\"" "$d/two" | grep -v '^#' | cut -c1-200 | sed 's/^/    | /' | head -40
+    kill "$mon"
+    wait "$mon" 2>/dev/null
+    "${CRICTL[@]}" pods -q | xargs -r "${CRICTL[@]}" stopp >/dev/null
+    "${CRICTL[@]}" pods -q | xargs -r "${CRICTL[@]}" rmp -f >/dev/null
+    leftovers
+    rm -rf "$d"
+    return $rc
+}
+echo "=== husk_metrics"
+husk_metrics
+ended husk_metrics $?
+
 # husk as installed, alone: husk install put husk, the shim, husk-vmm, the guest image and
 # husk's config in system paths (the containerd section); with the build tree and the build
 # cache hidden under empty tmpfs mounts, a pod still runs a container and an exec.

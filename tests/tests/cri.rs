@@ -629,6 +629,37 @@ fn crictl_pod_lifecycle() {
     }
     assert!(text.contains(CLEAN), "{text}");
 
+    // husk monitor, scraped twice while two pods run: both pods' series, plausible values.
+    let (text, rc) = get("husk_metrics");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(text.contains("pods in the scrape: 2\n"), "{text}");
+    for i in 0..2 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("pod {i}: ")))
+            .unwrap_or_else(|| panic!("no pod {i}: {text}"));
+        for want in [
+            "info 1,",
+            "rss covers the guest",
+            "grew",
+            "agent up 1,",
+            "container memory 1 series",
+        ] {
+            assert!(line.contains(want), "pod {i}: no '{want}': {line}");
+        }
+        let number = |after: &str| -> f64 {
+            line.split(after)
+                .nth(1)
+                .and_then(|r| r.split([',', ' ']).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no number after '{after}': {line}"))
+        };
+        assert!(number("series ") >= 20.0, "{line}");
+        assert!(number("io exits ") > 0.0, "{line}");
+        assert!(number("vsock bytes to the guest ") > 0.0, "{line}");
+    }
+    assert!(text.contains(CLEAN), "{text}");
+
     // husk as installed runs a pod with the build tree and the build cache hidden: the shim,
     // husk-vmm and the guest image are the installed ones.
     let (text, rc) = get("husk_standalone");

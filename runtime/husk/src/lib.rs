@@ -8,6 +8,7 @@ pub mod image;
 pub mod layers;
 pub mod net;
 pub mod pod;
+pub mod podinfo;
 pub mod share;
 pub mod stdio;
 pub mod uid_lease;

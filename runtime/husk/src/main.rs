@@ -3,6 +3,7 @@
 mod agent_cmd;
 mod doctor;
 mod install;
+mod monitor;
 mod run;
 mod vmm_cmd;
 
@@ -26,6 +27,9 @@ enum Cmd {
     /// Check whether this host can run husk pods: one line per check, each problem with its
     /// fix; exits 0 only when a pod can start.
     Doctor(doctor::DoctorArgs),
+    /// Serve per-pod metrics in Prometheus's text format (GET /metrics), gathered from the
+    /// pods' shims, VMMs and agents at each scrape.
+    Monitor(monitor::MonitorArgs),
     /// Install the containerd shim and register the runtimes `husk` and `untrusted`.
     Install(install::InstallArgs),
     /// Undo `husk install`.
@@ -69,6 +73,7 @@ fn main() {
             Cmd::Vmm(a) => vmm_cmd::run(a),
             Cmd::Doctor(a) => doctor::doctor(a),
             Cmd::Install(a) => install::install(a),
+            Cmd::Monitor(a) => monitor::monitor(a).await,
             Cmd::Uninstall(a) => install::uninstall(a),
             Cmd::Gc { all } => gc(all),
         }

@@ -162,6 +162,11 @@ impl Vm {
         VmDir::new(dir).vsock_sock()
     }
 
+    /// The VMM's control socket of the VM in `dir`.
+    pub fn api_path(dir: &Path) -> PathBuf {
+        VmDir::new(dir).api_sock()
+    }
+
     /// The VMM's control socket, waiting at most `timeout` for each answer.
     pub fn control(&self, timeout: Duration) -> husk_vmm_api::Client {
         husk_vmm_api::Client::new(VmDir::new(&self.dir).api_sock(), timeout)

@@ -12,6 +12,7 @@ use husk::{
     config::{Config, PodDefaults},
     net::{PodNetwork, PortForward},
     pod::{GuestNetwork, Pod, PodConfig, PodError},
+    podinfo::PodInfo,
     vm::{describe_exit, error_chain, image_from, NetDevice, Vm, VmSize},
 };
 use husk_client::pb;
@@ -196,6 +197,9 @@ pub struct Sandbox {
     pub pod: Pod,
     pub started: bool,
     pub exit: ExitRx,
+    /// What `pod.json` in `dir` says of the pod (see [`PodInfo`]).
+    pub info: PodInfo,
+    pub dir: PathBuf,
 }
 
 impl Sandbox {
@@ -224,6 +228,7 @@ impl Sandbox {
             shared_dir: Some(pod_dir(events.namespace(), &req.id).join("shared")),
         };
         let netns = pod_netns(spec)?;
+        let t0 = std::time::Instant::now();
         // Port forwarding's listener is made while the VM boots.
         let (booted, forward) =
             tokio::join!(boot_pod(&cfg, netns.clone()), listen_for_forwards(netns));
@@ -243,6 +248,29 @@ impl Sandbox {
             }))
             .abort_handle()
         });
+        let annotation = |k: &str| {
+            spec["annotations"][k]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        };
+        let info = PodInfo {
+            sandbox_id: req.id.clone(),
+            containerd_namespace: events.namespace().to_string(),
+            name: annotation("io.kubernetes.cri.sandbox-name"),
+            namespace: annotation("io.kubernetes.cri.sandbox-namespace"),
+            shim_pid: std::process::id(),
+            vmm_pid: pod.vmm_pid(),
+            api_socket: Vm::api_path(pod.dir()),
+            vsock_socket: Vm::vsock_path(pod.dir()),
+            vcpus: cfg.size.vcpus,
+            memory_mib: cfg.size.mem_mib,
+            boot_ms: t0.elapsed().as_millis() as u64,
+            containers: Vec::new(),
+        };
+        if let Err(e) = info.write(&cfg.dir) {
+            log::warn!("writing the pod's {}: {e}", husk::podinfo::FILE);
+        }
         let (tx, exit) = watch::channel(None);
         let watch = watch_vm(
             vm,
@@ -261,7 +289,19 @@ impl Sandbox {
             pod,
             started: false,
             exit,
+            info,
+            dir: cfg.dir.clone(),
         })
+    }
+
+    /// `pod.json` again, with the pod's containers now `containers`.
+    pub fn containers_changed<'a>(&mut self, containers: impl Iterator<Item = &'a String>) {
+        let mut ids: Vec<String> = containers.cloned().collect();
+        ids.sort();
+        self.info.containers = ids;
+        if let Err(e) = self.info.write(&self.dir) {
+            log::warn!("writing the pod's {}: {e}", husk::podinfo::FILE);
+        }
     }
 
     /// The pod, while its VM runs.

@@ -188,16 +188,23 @@ impl Shim {
         let mut init = Proc::new(fifos, Vec::new());
         init.pid = pid;
         init.attached(copies);
-        lock(&self.state).containers.insert(
-            req.id.clone(),
-            Container {
-                bundle: req.bundle.clone(),
-                paused: false,
-                ooms_reported: 0,
-                init,
-                execs: HashMap::new(),
-            },
-        );
+        {
+            let mut st = lock(&self.state);
+            st.containers.insert(
+                req.id.clone(),
+                Container {
+                    bundle: req.bundle.clone(),
+                    paused: false,
+                    ooms_reported: 0,
+                    init,
+                    execs: HashMap::new(),
+                },
+            );
+            let st = &mut *st;
+            if let Some(s) = st.sandbox.as_mut() {
+                s.containers_changed(st.containers.keys());
+            }
+        }
         Ok(pid)
     }
 
@@ -340,6 +347,10 @@ impl Shim {
                 )));
             }
             let c = st.containers.remove(id).expect("just seen");
+            let st = &mut *st;
+            if let Some(s) = st.sandbox.as_mut() {
+                s.containers_changed(st.containers.keys());
+            }
             (c, exit)
         };
         // A VM that is gone has nothing to remove.
