@@ -666,6 +666,13 @@ seccomp_trigger() {
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
 s.sendall(("{\"seccomp_trigger\":\"%s\"}\n" % sys.argv[2]).encode()); s.recv(100)' "$sock" "$2" 2>/dev/null
     wait_stopped 30 "$c" "$p"
+    # The shim logs why before the sandbox exits, but containerd copies the shim's log into
+    # its own a moment later.
+    local i
+    for ((i = 0; i < 50; i++)); do
+        grep -q "pod $p: the VMM was killed by its seccomp filter" "$CRI_ROOT/containerd.log" && break
+        sleep 0.1
+    done
     echo "trigger $2: pod $("${CRICTL[@]}" pods --id "$p" -o json | grep -o 'SANDBOX_[A-Z]*' | head -1), container $("${CRICTL[@]}" inspect "$c" | grep -o 'CONTAINER_[A-Z]*' | head -1), shim log:$(grep -o "pod $p: the VMM was killed by its seccomp filter (SIGSYS)" "$CRI_ROOT/containerd.log" | head -1 | cut -d: -f2-)"
     "${CRICTL[@]}" rm "$c" >/dev/null && "${CRICTL[@]}" stopp "$p" >/dev/null && "${CRICTL[@]}" rmp "$p" >/dev/null
 }
