@@ -751,17 +751,23 @@ husk_metrics
 ended husk_metrics $?
 
 # husk as installed, alone: husk install put husk, the shim, husk-vmm, the guest image and
-# husk's config in system paths (the containerd section); with the build tree and the build
-# cache hidden under empty tmpfs mounts, a pod still runs a container and an exec.
+# husk's config in system paths (the containerd section); with the build tree and what the
+# build cache holds of husk (the guest image, kernels, the agent's build) hidden under empty
+# tmpfs mounts, a pod still runs a container and an exec. (The cache's tools stay: crictl.)
 husk_standalone() {
-    local d p c rc=0 cache=${HUSK_CACHE:-/var/cache/husk}
+    local d p c rc=0 cache=${HUSK_CACHE:-/var/cache/husk} hidden=() m n=0
     d=$(mktemp -d)
-    mount -t tmpfs -o size=1m tmpfs "$repo/target" || return 1
-    if ! mount -t tmpfs -o size=1m tmpfs "$cache"; then
-        umount "$repo/target"
+    for m in "$repo/target" "$cache"/{current,kernel,initramfs,cargo-target,build}; do
+        [[ -d $m ]] || continue
+        mount -t tmpfs -o size=1m tmpfs "$m" || { rc=1; break; }
+        hidden+=("$m")
+        n=$((n + $(find "$m" -mindepth 1 | wc -l)))
+    done
+    if ((rc)); then
+        umount "${hidden[@]}"
         return 1
     fi
-    echo "hidden: build tree $(find "$repo/target" -mindepth 1 | wc -l) entries, cache $(find "$cache" -mindepth 1 | wc -l) entries"
+    echo "hidden: $(for m in "${hidden[@]}"; do printf '%s ' "${m##*/}"; done)(entries left in them: $n)"
     echo "installed config: $(grep -E '^(kernel|initramfs)' /etc/husk/config.toml | paste -sd ' ')"
     /usr/local/bin/husk doctor --containerd-config "$CRI_ROOT/config.toml" | grep -E "^(ok|FAIL) +(shim|vmm|guest kernel|guest image|runtime class):"
     pod_json "$d/pod.json" standalone true
@@ -776,7 +782,7 @@ husk_standalone() {
     fi
     "${CRICTL[@]}" pods -q | xargs -r "${CRICTL[@]}" stopp >/dev/null
     "${CRICTL[@]}" pods -q | xargs -r "${CRICTL[@]}" rmp -f >/dev/null
-    umount "$cache" "$repo/target" || rc=1
+    umount "${hidden[@]}" || rc=1
     leftovers
     rm -rf "$d"
     return $rc

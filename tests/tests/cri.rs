@@ -665,7 +665,8 @@ fn crictl_pod_lifecycle() {
     let (text, rc) = get("husk_standalone");
     assert_eq!(rc, Some(0), "{text}");
     assert!(
-        text.contains("hidden: build tree 0 entries, cache 0 entries"),
+        text.contains("hidden: target current kernel initramfs ")
+            && text.contains("(entries left in them: 0)"),
         "{text}"
     );
     assert!(

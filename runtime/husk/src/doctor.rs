@@ -113,11 +113,14 @@ pub fn doctor(a: DoctorArgs) -> Result<i32> {
     let cache = std::env::var_os("HUSK_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| "/var/cache/husk".into());
-    checks.extend(
-        [&cfg.storage_dir, &cache, Path::new("/run")]
-            .into_iter()
-            .map(space),
-    );
+    checks.extend([
+        space(
+            &cfg.storage_dir,
+            "the layer cache and pods' scratch drives grow there",
+        ),
+        space(&cache, "the guest image and build caches"),
+        space(Path::new("/run"), "pods' run directories, sockets and logs"),
+    ]);
 
     println!("husk doctor {VERSION}: can this host run husk pods?");
     for c in &checks {
@@ -216,9 +219,17 @@ fn kvm() -> Vec<Check> {
     } else {
         None
     };
-    let module = ["kvm_intel", "kvm_amd", "kvm_pvm"]
-        .into_iter()
-        .find(|m| module_loaded(m));
+    // The module of this CPU's kind (a kernel may have both built in), or PVM's.
+    let module = if module_loaded("kvm_pvm") {
+        Some("kvm_pvm")
+    } else {
+        match hw {
+            Some(h) if h.contains("vmx") => Some("kvm_intel"),
+            Some(_) => Some("kvm_amd"),
+            None => None,
+        }
+        .filter(|m| module_loaded(m))
+    };
     match (hw, module) {
         (_, Some("kvm_pvm")) => vec![fail(
             "kvm",
@@ -245,12 +256,20 @@ fn kvm() -> Vec<Check> {
 
 /// Informational: whether the host is itself a VM, and whether KVM lets guests nest.
 fn nested() -> Check {
-    let host = if cpu_flags().iter().any(|f| f == "hypervisor") {
+    let flags = cpu_flags();
+    let host = if flags.iter().any(|f| f == "hypervisor") {
         "this host is itself a VM: husk's microVMs run nested (they work; boots are slower)"
     } else {
         "this host is not a VM"
     };
-    let nest = ["kvm_intel", "kvm_amd"].into_iter().find_map(|m| {
+    let module = if flags.iter().any(|f| f == "vmx") {
+        Some("kvm_intel")
+    } else if flags.iter().any(|f| f == "svm") {
+        Some("kvm_amd")
+    } else {
+        None
+    };
+    let nest = module.and_then(|m| {
         fs::read_to_string(format!("/sys/module/{m}/parameters/nested"))
             .ok()
             .map(|v| matches!(v.trim(), "Y" | "y" | "1"))
@@ -793,7 +812,7 @@ fn agent_mark(bin: &[u8]) -> Option<String> {
 }
 
 /// Free space on the filesystem of `dir` (or of its nearest existing ancestor).
-fn space(dir: &Path) -> Check {
+fn space(dir: &Path, why: &str) -> Check {
     let mut at = dir;
     while !at.exists() {
         match at.parent() {
@@ -809,18 +828,11 @@ fn space(dir: &Path) -> Check {
         ),
         Ok(s) => {
             let free = s.blocks_available() * s.fragment_size();
-            let what = format!("{} free for {}", human(free), dir.display());
+            let what = format!("{} free for {} ({why})", human(free), dir.display());
             if free < SPACE_FAIL {
                 fail("space", what, format!("free space under {}", at.display()))
             } else if free < SPACE_WARN {
-                warn(
-                    "space",
-                    what,
-                    format!(
-                        "free space under {} (a pod's layers and scratch drive grow there)",
-                        at.display()
-                    ),
-                )
+                warn("space", what, format!("free space under {}", at.display()))
             } else {
                 ok("space", what)
             }
