@@ -75,13 +75,20 @@ for runtime in runc husk; do
         t0[$p]=$(ticks "${procs[@]}")
     done
     sleep "$idle"
+    # What each guest uses of its memory (its meminfo, which the container sees).
+    if [[ $runtime == husk ]]; then
+        for ((i = 0; i < pods; i++)); do
+            c=$("${CRICTL[@]}" ps -q --name "ovh-husk-$i" | head -1)
+            echo "husk guest $i uses $("${CRICTL[@]}" exec -s "$c" cat /proc/meminfo | awk '/^MemTotal/ {t = $2} /^MemFree/ {f = $2} END {printf "%.1f MiB of %.1f", (t - f) / 1024, t / 1024}')"
+        done
+    fi
     total_mem=0 total_cpu=0
     for p in "${ids[@]}"; do
         mapfile -t procs < <(pod_procs "$p")
         m=$(pss_kib "${procs[@]}")
         t=$(($(ticks "${procs[@]}") - t0[$p]))
         millicores=$((t * 1000000 / hz / idle / 1000))
-        echo "$runtime pod ${p:0:12}: ${#procs[@]} processes ($(for q in "${procs[@]}"; do cat "/proc/$q/comm"; done | sort | uniq -c | awk '{printf "%s%s x%d", (NR > 1 ? ", " : ""), $2, $1}')), memory $((m / 1024)) MiB (PSS), cpu ${millicores}m idle"
+        echo "$runtime pod ${p:0:12}: ${#procs[@]} processes, memory $((m / 1024)) MiB (PSS: $(for q in "${procs[@]}"; do echo "$(cat "/proc/$q/comm") $(pss_kib "$q")"; done | awk '{s[$1] += $2} END {for (k in s) printf "%s %.1f, ", k, s[k] / 1024}' | sed 's/, $//')), cpu ${millicores}m idle"
         total_mem=$((total_mem + m))
         total_cpu=$((total_cpu + millicores))
     done
