@@ -174,6 +174,17 @@ fn cpu_flags() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The CPU's hardware virtualization, by its flag: its name and KVM's module for it.
+fn hardware_virtualization(flags: &[String]) -> Option<(&'static str, &'static str)> {
+    if flags.iter().any(|f| f == "vmx") {
+        Some(("Intel VT-x (vmx)", "kvm_intel"))
+    } else if flags.iter().any(|f| f == "svm") {
+        Some(("AMD-V (svm)", "kvm_amd"))
+    } else {
+        None
+    }
+}
+
 fn module_loaded(name: &str) -> bool {
     Path::new("/sys/module").join(name).exists()
 }
@@ -211,24 +222,13 @@ fn kvm() -> Vec<Check> {
             "use a Linux host with the upstream KVM modules",
         )];
     }
-    let flags = cpu_flags();
-    let hw = if flags.iter().any(|f| f == "vmx") {
-        Some("Intel VT-x (vmx)")
-    } else if flags.iter().any(|f| f == "svm") {
-        Some("AMD-V (svm)")
-    } else {
-        None
-    };
+    let virt = hardware_virtualization(&cpu_flags());
+    let hw = virt.map(|(name, _)| name);
     // The module of this CPU's kind (a kernel may have both built in), or PVM's.
     let module = if module_loaded("kvm_pvm") {
         Some("kvm_pvm")
     } else {
-        match hw {
-            Some(h) if h.contains("vmx") => Some("kvm_intel"),
-            Some(_) => Some("kvm_amd"),
-            None => None,
-        }
-        .filter(|m| module_loaded(m))
+        virt.map(|(_, m)| m).filter(|m| module_loaded(m))
     };
     match (hw, module) {
         (_, Some("kvm_pvm")) => vec![fail(
@@ -262,14 +262,7 @@ fn nested() -> Check {
     } else {
         "this host is not a VM"
     };
-    let module = if flags.iter().any(|f| f == "vmx") {
-        Some("kvm_intel")
-    } else if flags.iter().any(|f| f == "svm") {
-        Some("kvm_amd")
-    } else {
-        None
-    };
-    let nest = module.and_then(|m| {
+    let nest = hardware_virtualization(&flags).and_then(|(_, m)| {
         fs::read_to_string(format!("/sys/module/{m}/parameters/nested"))
             .ok()
             .map(|v| matches!(v.trim(), "Y" | "y" | "1"))
@@ -285,18 +278,18 @@ fn nested() -> Check {
 /// Where a kernel feature is: loaded (or built in, with parameters), built in, a module
 /// (loaded on first use), set in the kernel's config; None when the sources that could tell
 /// say it is absent; Err when there is nothing to tell by.
-fn kernel_feature(module: &str, config: &str) -> Result<Option<&'static str>, ()> {
+fn kernel_feature(
+    kernel: &KernelLists,
+    module: &str,
+    config: &str,
+) -> Result<Option<&'static str>, ()> {
     if module_loaded(module) {
         return Ok(Some("loaded"));
     }
-    let release = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
     let mut known = false;
-    let modules = Path::new("/lib/modules").join(&release);
     let ko = format!("/{module}.ko");
-    for (file, what) in [("modules.builtin", "built in"), ("modules.dep", "a module")] {
-        if let Ok(text) = fs::read_to_string(modules.join(file)) {
+    for (list, what) in [(&kernel.builtin, "built in"), (&kernel.dep, "a module")] {
+        if let Some(text) = list {
             known = true;
             let has = text.lines().any(|l| {
                 let name = l.split(':').next().unwrap_or("");
@@ -307,7 +300,7 @@ fn kernel_feature(module: &str, config: &str) -> Result<Option<&'static str>, ()
             }
         }
     }
-    if let Ok(text) = fs::read_to_string(format!("/boot/config-{release}")) {
+    if let Some(text) = &kernel.config {
         known = true;
         for l in text.lines() {
             if l == format!("{config}=y") {
@@ -325,7 +318,29 @@ fn kernel_feature(module: &str, config: &str) -> Result<Option<&'static str>, ()
     }
 }
 
+/// The running kernel's module lists and config, each read once for every feature looked up.
+struct KernelLists {
+    builtin: Option<String>,
+    dep: Option<String>,
+    config: Option<String>,
+}
+
+impl KernelLists {
+    fn read() -> Self {
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let modules = Path::new("/lib/modules").join(&release);
+        KernelLists {
+            builtin: fs::read_to_string(modules.join("modules.builtin")).ok(),
+            dep: fs::read_to_string(modules.join("modules.dep")).ok(),
+            config: fs::read_to_string(format!("/boot/config-{release}")).ok(),
+        }
+    }
+}
+
 fn kernel_features() -> Vec<Check> {
+    let kernel = KernelLists::read();
     let mut out = Vec::new();
     for (name, module, config, why) in [
         ("tun", "tun", "CONFIG_TUN", "a pod's tap device"),
@@ -348,7 +363,7 @@ fn kernel_features() -> Vec<Check> {
             "the action that moves frames between veth and tap",
         ),
     ] {
-        out.push(match kernel_feature(module, config) {
+        out.push(match kernel_feature(&kernel, module, config) {
             Ok(Some(where_)) => ok(name, format!("{module}: {where_} ({why})")),
             Ok(None) => fail(
                 name,
