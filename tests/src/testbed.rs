@@ -41,6 +41,9 @@ pub enum Error {
     Timeout {
         /// The time limit that was hit.
         after: Duration,
+        /// Whether that limit was the test run's deadline (`HUSK_TEST_DEADLINE`), shorter
+        /// than the one asked for.
+        deadline: bool,
         /// What the command printed until then.
         stdout: String,
     },
@@ -53,10 +56,17 @@ impl fmt::Display for Error {
         match self {
             Error::Missing(what) => write!(f, "the testbed needs {what}"),
             Error::Spawn(_) => write!(f, "cannot start tests/testbed/run.sh"),
-            Error::Timeout { after, .. } => {
+            Error::Timeout {
+                after, deadline, ..
+            } => {
                 write!(
                     f,
-                    "the command did not finish within {after:?} in the testbed"
+                    "the command did not finish within {after:?} in the testbed{}",
+                    if *deadline {
+                        " (all that was left before the test run's deadline, HUSK_TEST_DEADLINE)"
+                    } else {
+                        ""
+                    }
                 )
             }
             Error::Testbed(msg) => write!(f, "the testbed failed: {msg}"),
@@ -180,9 +190,16 @@ pub fn run_with(cmd: &str, opts: &Options) -> Result<Output, Error> {
             .parse()
             .map_err(|_| Error::Testbed(format!("bad status line {result:?}")))?;
         Ok(Output { status, stdout })
-    } else if result == "timeout" {
+    } else if let Some(rest) = result.strip_prefix("timeout") {
+        // "timeout SECS [deadline]": run.sh cuts the timeout to the test run's deadline.
+        let mut words = rest.split_whitespace();
+        let after = words
+            .next()
+            .and_then(|secs| secs.parse().ok())
+            .map_or(opts.timeout, Duration::from_secs);
         Err(Error::Timeout {
-            after: opts.timeout,
+            after,
+            deadline: words.next() == Some("deadline"),
             stdout,
         })
     } else if let Some(msg) = result.strip_prefix("error ") {

@@ -16,7 +16,7 @@
 #   --name NAME        QEMU's -name (default husk-testbed), to find the process
 #   --l1-args ARGS     more L1 kernel command line, also from $HUSK_TESTBED_L1_ARGS
 #                      (L1's KVM uses shadow paging unless HUSK_TESTBED_NPT=1: see below)
-#   --status-file F    also write "exit N", "timeout" or "error MSG" to F
+#   --status-file F    also write "exit N", "timeout SECS [deadline]" or "error MSG" to F
 #   --verbose          show L1's boot messages and timings
 #   --build-only       only build (or find in the cache) the L1 kernel and initramfs
 #
@@ -24,6 +24,14 @@
 # writes go to RAM and are lost), stdin /dev/null, stdout+stderr on the VM's
 # serial console, which this script streams to its stdout. Exit status:
 # COMMAND's, 124 on timeout (QEMU killed), 125 if the testbed itself failed.
+#
+# HUSK_TEST_DEADLINE (seconds since the epoch; scripts/test.sh sets it for CI) caps the
+# timeout: a run never outlives the test run's deadline, so a hang fails its test with its
+# last lines while there is time to say so. The command's progress lines (the lines of
+# $HUSK_TESTBED_PROGRESS, an extended regular expression: by default the test scripts'
+# section, case, fault, cycle and summary lines) are also copied to stderr as they come,
+# "testbed| +SECS LINE", so a caller that holds stdout until the end (cargo test) still
+# shows where a long run stands.
 # Needs: root (or access to QEMU and the cache), qemu-system-x86,
 # linux-source-6.12, busybox-static (installed with apt-get when missing).
 set -euo pipefail
@@ -62,6 +70,20 @@ while (($#)); do
     shift
 done
 ((build_only || $# > 0)) || { usage >&2 && exit 2; }
+deadline_note=''
+if [[ -n ${HUSK_TEST_DEADLINE:-} ]] && ((!build_only)); then
+    left=$((HUSK_TEST_DEADLINE - $(date +%s)))
+    if ((left < 30)); then
+        husk_log "the test run's deadline (HUSK_TEST_DEADLINE) has passed: not starting"
+        [[ -z $status_file ]] || echo "error the test run's deadline (HUSK_TEST_DEADLINE) had passed" >"$status_file"
+        exit 125
+    fi
+    if ((left < timeout)); then
+        timeout=$left
+        deadline_note=" (cut to what was left before the test run's deadline, HUSK_TEST_DEADLINE)"
+    fi
+fi
+progress=${HUSK_TESTBED_PROGRESS:-'^(=== |case |fault |warm-up pod: |burst: |cycle-[0-9]+: |soak: |critest |.* pod [0-9]+: failed at )'}
 
 reported=0
 result() { # result STATUS-LINE
@@ -188,7 +210,7 @@ qemu=(
 # the kernel's initcalls, QEMU busy, nothing more on the console): nothing of the command has
 # run, so a boot that has not begun it within $boot_secs is killed and L1 booted again, at
 # most $boot_tries times in all.
-boot_secs=${HUSK_TESTBED_BOOT_SECS:-120} boot_tries=3
+boot_secs=${HUSK_TESTBED_BOOT_SECS:-120} boot_tries=3 end_secs=30
 # mawk (Debian's awk) reads a pipe in blocks: without -W interactive the console's lines reach
 # the log and the caller late, and the watchdog would not see BEGIN.
 # (Not `awk -W version | grep -q mawk` under pipefail: grep quits at the first line, mawk's
@@ -202,8 +224,8 @@ awk_version=$(awk -W version 2>&1 || true)
 [[ ${HUSK_TESTBED_BUFFERED_FILTER:-} == 1 ]] && awk_line=(awk)
 start=$(husk_now)
 for ((try = 1; ; try++)); do
-    rm -f "$job/console" "$job/console.log" "$job/raw-console.log" "$job/begun" "$job/qemu.pid" \
-        "$job/boot-hang"
+    rm -f "$job/console" "$job/console.log" "$job/raw-console.log" "$job/begun" "$job/ended" \
+        "$job/qemu.pid" "$job/boot-hang" "$job/end-hang"
     mkfifo "$job/console"
     touch "$job/console.log"
     left=$((timeout - $(date +%s) + ${start%.*}))
@@ -215,14 +237,26 @@ for ((try = 1; ; try++)); do
     timeout -k 5 "$left" "${qemu[@]}" </dev/null >"$job/console" 2>"$job/qemu.err" &
     timeout_pid=$!
     set +e
-    "${awk_line[@]}" -v verbose="$verbose" -v logfile="$job/console.log" -v begun="$job/begun" '
+    # (srand() returns the seed before, the time of day of the last call: mawk has no systime.)
+    # shellcheck disable=SC2016 # the $ are awk's
+    "${awk_line[@]}" -v verbose="$verbose" -v logfile="$job/console.log" -v begun="$job/begun" \
+        -v ended="$job/ended" -v progress="$progress" '
+        function now() { srand(); return srand() }
         { sub(/\r$/, ""); print > logfile }
         /^HUSK-TESTBED-BEGIN/ {
-            inside = 1; fflush(logfile); printf "" > begun; close(begun)
+            inside = 1; t0 = now(); fflush(logfile); printf "" > begun; close(begun)
             if (verbose) print > "/dev/stderr"
             next
         }
-        /^HUSK-TESTBED-(EXIT|ERROR)=/ { inside = 0; if (verbose) print > "/dev/stderr"; next }
+        /^HUSK-TESTBED-(EXIT|ERROR)=/ {
+            inside = 0; fflush(logfile); printf "" > ended; close(ended)
+            if (verbose) print > "/dev/stderr"
+            next
+        }
+        inside && $0 ~ progress {
+            printf "testbed| +%ds %s\n", now() - t0, substr($0, 1, 240) > "/dev/stderr"
+            fflush("/dev/stderr")
+        }
         inside { print; fflush(); next }
         verbose { print > "/dev/stderr"; fflush("/dev/stderr") }
     ' <"$job/console" &
@@ -230,14 +264,32 @@ for ((try = 1; ; try++)); do
     # The boot's watchdog: the command has begun once the filter saw BEGIN (it makes
     # $job/begun) or QEMU's own copy of the console, written as the guest writes it, holds it.
     # Not the filter's log alone, which depends on the filter reading line by line.
+    # Then the end's: once the command has ended (EXIT or ERROR on the console), L1 reboots
+    # at once (reboot -f); a QEMU still there after $end_secs is killed, the command's status
+    # already known, instead of waiting out the whole timeout.
     (
-        for ((i = 0; i < boot_secs; i++)); do
+        for ((i = 0; ; i++)); do
             sleep 1
             kill -0 "$timeout_pid" 2>/dev/null || exit 0
-            [[ -e $job/begun ]] && exit 0
-            grep -aq 'HUSK-TESTBED-BEGIN' "$job/raw-console.log" 2>/dev/null && exit 0
+            [[ -e $job/begun ]] && break
+            grep -aq 'HUSK-TESTBED-BEGIN' "$job/raw-console.log" 2>/dev/null && break
+            if ((i >= boot_secs)); then
+                touch "$job/boot-hang"
+                kill -KILL "$(cat "$job/qemu.pid")" 2>/dev/null
+                exit 0
+            fi
         done
-        touch "$job/boot-hang"
+        for ((i = 0; ; i++)); do
+            sleep 1
+            kill -0 "$timeout_pid" 2>/dev/null || exit 0
+            [[ -e $job/ended ]] && break
+            ((i % 10 == 9)) && grep -aqE '^HUSK-TESTBED-(EXIT|ERROR)=' "$job/raw-console.log" 2>/dev/null && break
+        done
+        for ((i = 0; i < end_secs; i++)); do
+            sleep 1
+            kill -0 "$timeout_pid" 2>/dev/null || exit 0
+        done
+        touch "$job/end-hang"
         kill -KILL "$(cat "$job/qemu.pid")" 2>/dev/null
     ) &
     watch_pid=$!
@@ -272,13 +324,14 @@ elif [[ -n $exit_line ]]; then
     status=${exit_line#HUSK-TESTBED-EXIT=}
     status=${status%% *}
     begin=$(grep -a -m1 '^HUSK-TESTBED-BEGIN' "$job/console.log" | sed 's/.*uptime=//')
-    husk_log "L1 booted in ${begin}s (its uptime when the command began); whole run ${elapsed}s, status $status"
+    husk_log "L1 booted in ${begin}s (its uptime when the command began); whole run ${elapsed}s, status $status; ended $(date +%T)"
+    [[ -f $job/end-hang ]] && husk_log "L1 did not end within ${end_secs}s of its command's end: QEMU killed"
     result "exit $status"
     exit "$status"
 elif ((qemu_status == 124 || qemu_status == 137)); then
-    husk_log "timeout after ${timeout}s: QEMU killed"
+    husk_log "timeout after ${timeout}s${deadline_note}: QEMU killed at $(date +%T)"
     ((verbose)) && show_log
-    result "timeout"
+    result "timeout $timeout${deadline_note:+ deadline}"
     exit 124
 elif [[ -n $error_line ]]; then
     husk_log "testbed failed: ${error_line#HUSK-TESTBED-ERROR=}"

@@ -1,5 +1,7 @@
 //! The nested-KVM testbed works: /dev/kvm inside, host files visible,
-//! exit status and output come back, a timeout kills QEMU.
+//! exit status and output come back, a timeout kills QEMU, the test run's
+//! deadline cuts a run short, progress lines reach stderr as they come, and an
+//! L1 that does not end after its command is killed.
 //!
 //! Needs root, qemu-system-x86_64 and /usr/src/linux-source-6.12.tar.xz.
 //! Slow: the first run builds the L1 kernel (about 5 minutes), every test
@@ -174,4 +176,95 @@ fn timeout_kills_qemu() {
         })
         .collect();
     assert!(strays.is_empty(), "QEMU left running after the timeout");
+}
+
+/// run.sh itself (not through [`testbed::run_with`], so that its environment and stderr are
+/// this test's alone): (status file line, stderr, how long it took).
+fn run_script(env: &[(&str, String)], args: &[&str]) -> (String, String, Duration) {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let status = tempfile::NamedTempFile::new().unwrap();
+    let start = Instant::now();
+    let out = std::process::Command::new(testbed::script())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .arg("--status-file")
+        .arg(status.path())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run.sh");
+    let line = std::fs::read_to_string(status.path()).unwrap();
+    (
+        line.trim_end().to_string(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        start.elapsed(),
+    )
+}
+
+#[test]
+fn the_test_runs_deadline_cuts_a_run_short_and_progress_comes_as_it_goes() {
+    // Build (or find) the kernel first, so that the deadline only covers QEMU.
+    run("true");
+    let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap();
+    let deadline = secs(std::time::SystemTime::now()) + Duration::from_secs(60);
+    let (status, stderr, took) = run_script(
+        &[("HUSK_TEST_DEADLINE", deadline.as_secs().to_string())],
+        &[
+            "--timeout",
+            "900",
+            "--",
+            "bash",
+            "-c",
+            "echo '=== a section'; echo 'not progress'; sleep 3600",
+        ],
+    );
+    let cut: u64 = status
+        .strip_prefix("timeout ")
+        .and_then(|rest| rest.strip_suffix(" deadline"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a timeout at the deadline: {status:?}\n{stderr}"));
+    assert!((30..=60).contains(&cut), "cut to {cut} s: {status:?}");
+    assert!(took < Duration::from_secs(120), "took {took:?}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("testbed| +") && l.ends_with(" === a section")),
+        "the section line came to stderr: {stderr}"
+    );
+    assert!(!stderr.contains("not progress"), "{stderr}");
+
+    // Past the deadline, nothing starts.
+    let (status, stderr, _) = run_script(
+        &[(
+            "HUSK_TEST_DEADLINE",
+            (deadline.as_secs() - 3600).to_string(),
+        )],
+        &["--", "true"],
+    );
+    assert!(
+        status.starts_with("error ") && status.contains("HUSK_TEST_DEADLINE"),
+        "{status:?}\n{stderr}"
+    );
+}
+
+#[test]
+fn an_l1_still_there_after_its_command_ended_is_killed() {
+    // The command's end is its status line on the console, as init.sh prints it before it
+    // reboots L1; a command that prints it and goes on stands for an L1 whose reboot hangs.
+    let (status, stderr, took) = run_script(
+        &[],
+        &[
+            "--timeout",
+            "600",
+            "--",
+            "bash",
+            "-c",
+            "echo HUSK-TESTBED-EXIT=3 uptime=1; sleep 3600",
+        ],
+    );
+    assert_eq!(status, "exit 3", "{stderr}");
+    assert!(took < Duration::from_secs(200), "took {took:?}: {stderr}");
+    assert!(
+        stderr.contains("did not end within 30s of its command's end: QEMU killed"),
+        "{stderr}"
+    );
 }
