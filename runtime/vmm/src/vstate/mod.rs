@@ -1,7 +1,9 @@
 //! Everything that calls KVM: the VM (memory, irqchip, irqfds), its vCPUs and their run
-//! loop, what the vCPUs tell the status, and what a crashed vCPU's state says.
+//! loop, what the vCPUs tell the status, what a crashed vCPU's state says, and the KVM state
+//! a snapshot saves and a restore puts back.
 
 mod crash;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vcpu_stats;
 pub mod vm;

@@ -2,7 +2,10 @@
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    mmap::MmapRegionBuilder, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Errors creating or configuring the VM.
@@ -22,9 +25,18 @@ pub enum VmError {
     TooMuchMemory(u64),
     #[error("registering guest memory with KVM")]
     MemoryRegion(#[source] kvm_ioctls::Error),
+    #[error("reading the guest memory file")]
+    MemoryFile(#[source] std::io::Error),
+    #[error("the guest memory file is {0} bytes: not a whole number of MiB from 1 to 3072")]
+    MemoryFileSize(u64),
+    #[error("mapping {0} MiB of guest memory from its file")]
+    MemoryMap(u64, #[source] vm_memory::mmap::MmapRegionError),
     #[error("registering an irqfd for GSI {0}")]
     Irqfd(u32, #[source] kvm_ioctls::Error),
 }
+
+/// The most guest memory: it must end below the MMIO hole at 3 GiB.
+const MAX_MEMORY_MIB: u64 = 3072;
 
 /// A memfd of `size` bytes, sealed so that it can neither shrink nor grow (a backend that
 /// maps it can trust its size).
@@ -65,9 +77,46 @@ impl Vm {
     /// touches: anonymous, or, if `shared`, of a memfd (sealed at its size) that a vhost-user
     /// backend can map too.
     pub fn new(mem_mib: u64, shared: bool) -> Result<Vm, VmError> {
-        if mem_mib > 3072 {
+        if mem_mib > MAX_MEMORY_MIB {
             return Err(VmError::TooMuchMemory(mem_mib));
         }
+        let size = (mem_mib << 20) as usize;
+        let mem = match shared {
+            false => GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
+                .map_err(|e| VmError::Memory(mem_mib, e))?,
+            true => {
+                let file = memfd(size as u64).map_err(|e| VmError::SharedMemory(mem_mib, e))?;
+                let fo = FileOffset::new(file, 0);
+                GuestMemoryMmap::<()>::from_ranges_with_files(&[(GuestAddress(0), size, Some(fo))])
+                    .map_err(|e| VmError::Memory(mem_mib, e))?
+            }
+        };
+        Vm::with_memory(mem)
+    }
+
+    /// Creates a VM whose memory is `file` (a template's, from [`Vm::dump_memory`]) mapped
+    /// privately: the guest reads the file's pages through the host's page cache, shared
+    /// with every other VM mapped from it, and its writes go to pages of its own. The file
+    /// must not change while any such VM lives.
+    pub fn from_memory_file(file: std::fs::File) -> Result<Vm, VmError> {
+        let len = file.metadata().map_err(VmError::MemoryFile)?.len();
+        let mem_mib = len >> 20;
+        if len == 0 || len % (1 << 20) != 0 || mem_mib > MAX_MEMORY_MIB {
+            return Err(VmError::MemoryFileSize(len));
+        }
+        let region = MmapRegionBuilder::new(len as usize)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(FileOffset::new(file, 0))
+            .build()
+            .map_err(|e| VmError::MemoryMap(mem_mib, e))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("at 0, no overflow");
+        let mem = GuestMemoryMmap::from_regions(vec![region]).expect("one region");
+        Vm::with_memory(mem)
+    }
+
+    /// The VM around `mem`: KVM's VM, its irqchip and PIT, the memory registered.
+    fn with_memory(mem: GuestMemoryMmap) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         fd.set_tss_address(0xfffb_d000)
@@ -80,17 +129,6 @@ impl Vm {
         };
         fd.create_pit2(pit)
             .map_err(|e| VmError::Setup("creating the in-kernel PIT", e))?;
-        let size = (mem_mib << 20) as usize;
-        let mem = match shared {
-            false => GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
-                .map_err(|e| VmError::Memory(mem_mib, e))?,
-            true => {
-                let file = memfd(size as u64).map_err(|e| VmError::SharedMemory(mem_mib, e))?;
-                let fo = FileOffset::new(file, 0);
-                GuestMemoryMmap::<()>::from_ranges_with_files(&[(GuestAddress(0), size, Some(fo))])
-                    .map_err(|e| VmError::Memory(mem_mib, e))?
-            }
-        };
         for (slot, region) in mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -104,6 +142,35 @@ impl Vm {
             unsafe { fd.set_user_memory_region(r) }.map_err(VmError::MemoryRegion)?;
         }
         Ok(Vm { kvm, fd, mem })
+    }
+
+    /// Writes guest memory to `out`, from its start: what [`Vm::from_memory_file`] maps.
+    /// Pages that are all zeros are left as holes (a sparse file that reads back as zeros).
+    /// No vCPU may run meanwhile.
+    pub fn dump_memory(&self, out: &mut std::fs::File) -> std::io::Result<()> {
+        use std::io::{Seek, SeekFrom, Write};
+        const CHUNK: usize = 64 << 10;
+        let mut buf = vec![0u8; CHUNK];
+        let mut len = 0;
+        out.set_len(0)?;
+        for region in self.mem.iter() {
+            let start = region.start_addr().0;
+            let mut off = 0;
+            while off < region.len() {
+                let n = CHUNK.min((region.len() - off) as usize);
+                self.mem
+                    .read_slice(&mut buf[..n], GuestAddress(start + off))
+                    .map_err(std::io::Error::other)?;
+                if buf[..n].iter().any(|&b| b != 0) {
+                    out.seek(SeekFrom::Start(start + off))?;
+                    out.write_all(&buf[..n])?;
+                }
+                off += n as u64;
+            }
+            len = len.max(start + region.len());
+        }
+        out.set_len(len)?;
+        out.sync_all()
     }
 
     /// Makes writes to `evt` raise the guest interrupt `gsi`.
