@@ -4,7 +4,7 @@
 use std::{os::fd::RawFd, path::Path, sync::Arc};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::{
     muxer::Muxer,
@@ -16,6 +16,9 @@ use crate::devices::virtio::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 const VIRTIO_ID_VSOCK: u32 = 19;
 /// RX, TX, event.
 const QUEUE_SIZES: &[u16] = &[256, 256, 256];
+/// The one event of the event queue (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET): every connection
+/// is gone.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// The vsock device.
 #[derive(Debug)]
@@ -111,6 +114,36 @@ impl Vsock {
             used = true;
         }
         used
+    }
+
+    /// Tells the guest that every connection it had is gone, after dropping the host's side
+    /// of them: the transport reset event, in a buffer the guest offered on the event queue.
+    /// Its driver then closes its sockets (listening ones stay) and reads its CID again. A VM
+    /// restored from a template needs it: its connections belonged to another VMM's
+    /// process. Returns whether the guest got the event (false if it offered no buffer, or
+    /// not a writable one of 4 bytes or more, which goes back to it empty).
+    pub fn transport_reset(&mut self) -> bool {
+        self.muxer.reset_all();
+        let (Some(mem), Some(q)) = (self.mem.clone(), self.queues.get_mut(2)) else {
+            return false;
+        };
+        let Some(chain) = q.pop_descriptor_chain(&mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let told = chain
+            .writable()
+            .next()
+            .filter(|d| d.len() >= 4)
+            .is_some_and(|d| {
+                mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr())
+                    .is_ok()
+            });
+        let _ = q.add_used(&mem, head, if told { 4 } else { 0 });
+        if let Some(irq) = &self.irq {
+            irq.signal_used();
+        }
+        told
     }
 
     /// One pass over everything: guest packets, host sockets, guest RX buffers.
@@ -216,6 +249,7 @@ mod tests {
         mem: GuestMemoryMmap,
         rx: DriverQueue,
         tx: DriverQueue,
+        ev: DriverQueue,
         next_buf: u64,
     }
 
@@ -232,6 +266,7 @@ mod tests {
                 mem,
                 rx,
                 tx,
+                ev,
                 next_buf: BUFS,
             }
         }
@@ -363,6 +398,32 @@ mod tests {
             (OP_RESPONSE, HOST_CID, 3, port, guest_port)
         );
         l.accept().unwrap().0
+    }
+
+    /// The transport reset event (for a VM restored from a template): the guest's event
+    /// buffer gets it, and the host's ends of the old connections are closed.
+    #[test]
+    fn a_transport_reset_tells_the_guest_and_closes_the_host_ends() {
+        let (_dir, mut v, l) = device_with_listener(5000);
+        let mut g = Guest::start(&mut v);
+        let mut s = connect(&mut g, &mut v, &l, 1234, 5000, 65536);
+        let buf = g.alloc(8);
+        g.mem.write_obj(0xffff_ffffu32, GuestAddress(buf)).unwrap();
+        let head = g.ev.add_chain(&g.mem, &[(buf, 8, true)]);
+        assert!(v.transport_reset());
+        assert_eq!(g.ev.take_used(&g.mem), [(head, 4)]);
+        assert_eq!(
+            g.mem.read_obj::<u32>(GuestAddress(buf)).unwrap(),
+            EVENT_TRANSPORT_RESET
+        );
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 0, "the host's end is closed");
+        // No event buffer left, and a read-only one: the guest cannot be told.
+        assert!(!v.transport_reset());
+        let head = g.ev.add_chain(&g.mem, &[(buf, 8, false)]);
+        assert!(!v.transport_reset());
+        assert_eq!(g.ev.take_used(&g.mem), [(head, 0)]);
     }
 
     /// Packets read from the TX ring: header and payload in one descriptor, or split over
