@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{IrqLine, VirtioDevice};
 
@@ -27,6 +28,49 @@ pub struct MmioTransport {
     status: u32,
     activated: bool,
     config_generation: u32,
+    /// The queues as the driver set them up, kept at activation (the device owns them then).
+    set_up: Vec<QueueSetup>,
+}
+
+/// One queue as the driver set it up through the transport's registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSetup {
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+/// What a snapshot keeps of a transport: its registers and its queues' setup. Where each
+/// queue stood is not kept: a device at rest has given back every chain it took, so the
+/// used ring's index in guest memory is both where the device goes on reading the available
+/// ring and where it goes on writing the used one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    pub device_type: u32,
+    pub queue_sel: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub status: u32,
+    pub activated: bool,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueSetup>,
+}
+
+/// Why a transport's state cannot be put back onto a device.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the state is of a device of type {saved}, not {device}")]
+    DeviceType { saved: u32, device: u32 },
+    #[error("the state has {saved} queues, the device {device}")]
+    QueueCount { saved: usize, device: usize },
+    #[error("the state acks features {acked:#x} the device does not offer ({offered:#x})")]
+    Features { acked: u64, offered: u64 },
+    #[error("queue {0}: {1}")]
+    Queue(usize, String),
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -53,7 +97,113 @@ impl MmioTransport {
             status: 0,
             activated: false,
             config_generation: 0,
+            set_up: Vec::new(),
         }
+    }
+
+    /// The transport's state, for a snapshot of a VM at rest (see [`MmioState`]).
+    pub fn state(&self) -> MmioState {
+        let queues = if self.activated {
+            self.set_up.clone()
+        } else {
+            self.queues.iter().map(QueueSetup::of).collect()
+        };
+        MmioState {
+            device_type: self.device.device_type(),
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            activated: self.activated,
+            config_generation: self.config_generation,
+            interrupt_status: self.irq.status(),
+            queues,
+        }
+    }
+
+    /// A transport for `device` as `state` left one: its registers back, and, if it was
+    /// activated, the device activated on queues that go on from the used rings' indexes
+    /// in `mem` (restored guest memory), with the features the driver had acked.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irq: Arc<IrqLine>,
+        state: &MmioState,
+    ) -> Result<Self, RestoreError> {
+        let (saved, type_) = (state.device_type, device.device_type());
+        if saved != type_ {
+            return Err(RestoreError::DeviceType {
+                saved,
+                device: type_,
+            });
+        }
+        let max_sizes = device.queue_max_sizes().to_vec();
+        if state.queues.len() != max_sizes.len() {
+            return Err(RestoreError::QueueCount {
+                saved: state.queues.len(),
+                device: max_sizes.len(),
+            });
+        }
+        let offered = device.features();
+        if state.driver_features & !offered != 0 {
+            return Err(RestoreError::Features {
+                acked: state.driver_features,
+                offered,
+            });
+        }
+        let mut queues = Vec::with_capacity(max_sizes.len());
+        for (i, (setup, &max)) in state.queues.iter().zip(&max_sizes).enumerate() {
+            let mut q = Queue::new(max).expect("queue sizes are powers of two");
+            q.set_size(setup.size);
+            q.set_desc_table_address(
+                Some(setup.desc_table as u32),
+                Some((setup.desc_table >> 32) as u32),
+            );
+            q.set_avail_ring_address(
+                Some(setup.avail_ring as u32),
+                Some((setup.avail_ring >> 32) as u32),
+            );
+            q.set_used_ring_address(
+                Some(setup.used_ring as u32),
+                Some((setup.used_ring >> 32) as u32),
+            );
+            q.set_ready(setup.ready);
+            if state.activated && setup.ready {
+                if !q.is_valid(&mem) {
+                    return Err(RestoreError::Queue(i, "not valid in guest memory".into()));
+                }
+                let idx: u16 = mem
+                    .read_obj(GuestAddress(setup.used_ring + 2))
+                    .map(u16::from_le)
+                    .map_err(|e| RestoreError::Queue(i, format!("reading its used index: {e}")))?;
+                q.set_next_avail(idx);
+                q.set_next_used(idx);
+            }
+            queues.push(q);
+        }
+        let mut t = MmioTransport::new(device, mem, irq);
+        t.queue_sel = state.queue_sel;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.driver_features = state.driver_features;
+        t.status = state.status;
+        t.config_generation = state.config_generation;
+        if state.interrupt_status & 1 != 0 {
+            t.irq.signal_used();
+        }
+        if state.interrupt_status & 2 != 0 {
+            t.irq.signal_config();
+        }
+        if state.activated {
+            t.activated = true;
+            t.set_up = state.queues.clone();
+            t.device.ack_features(t.driver_features);
+            t.device.activate(t.mem.clone(), queues, t.irq.clone());
+        } else {
+            t.queues = queues;
+        }
+        Ok(t)
     }
 
     fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
@@ -201,11 +351,24 @@ impl MmioTransport {
                 return;
             }
             self.activated = true;
+            self.set_up = self.queues.iter().map(QueueSetup::of).collect();
             let queues = std::mem::take(&mut self.queues);
             self.queues = Self::fresh_queues(self.device.as_ref());
             self.device.ack_features(self.driver_features);
             self.device
                 .activate(self.mem.clone(), queues, self.irq.clone());
+        }
+    }
+}
+
+impl QueueSetup {
+    fn of(q: &Queue) -> QueueSetup {
+        QueueSetup {
+            size: q.size(),
+            ready: q.ready(),
+            desc_table: q.desc_table(),
+            avail_ring: q.avail_ring(),
+            used_ring: q.used_ring(),
         }
     }
 }
@@ -293,5 +456,102 @@ mod tests {
         t.write(0x70, &(1 | 2 | 8 | 4u32).to_le_bytes());
         assert_eq!(activated.load(std::sync::atomic::Ordering::SeqCst), 0);
         assert_ne!(r(&mut t, 0x70) & STATUS_FAILED, 0);
+    }
+
+    /// A device that records the queues it is activated on: (size, next avail, next used,
+    /// descriptor table), and the features acked.
+    type Seen = std::sync::Arc<std::sync::Mutex<(Vec<(u16, u16, u16, u64)>, u64)>>;
+    struct Recorder(Seen);
+    impl VirtioDevice for Recorder {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn features(&self) -> u64 {
+            super::super::VIRTIO_F_VERSION_1 | 1
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn ack_features(&mut self, acked: u64) {
+            self.0.lock().unwrap().1 = acked;
+        }
+        fn activate(&mut self, _: GuestMemoryMmap, queues: Vec<Queue>, _: Arc<IrqLine>) {
+            self.0.lock().unwrap().0 = queues
+                .iter()
+                .map(|q| (q.size(), q.next_avail(), q.next_used(), q.desc_table()))
+                .collect();
+        }
+        fn queue_notify(&mut self, _: u16) {}
+    }
+
+    #[test]
+    fn a_transport_saved_at_rest_goes_on_where_its_queues_stood() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = || IrqLine::new(EventFd::new(0).unwrap());
+        let seen = Seen::default();
+        let mut t = MmioTransport::new(Box::new(Recorder(seen.clone())), mem.clone(), irq());
+        for (sel, v) in [(0u32, 1u32), (1, 1)] {
+            t.write(0x24, &sel.to_le_bytes());
+            t.write(0x20, &v.to_le_bytes());
+        }
+        for q in 0..2u32 {
+            t.write(0x30, &q.to_le_bytes());
+            t.write(0x38, &8u32.to_le_bytes());
+            t.write(0x80, &(0x1000 * (q + 1)).to_le_bytes());
+            t.write(0x90, &(0x4000 + 0x1000 * q).to_le_bytes());
+            t.write(0xa0, &(0x8000 + 0x1000 * q).to_le_bytes());
+            t.write(0x44, &1u32.to_le_bytes());
+        }
+        t.write(0x70, &(1 | 2 | 8 | 4u32).to_le_bytes());
+        assert_eq!(
+            seen.lock().unwrap().0,
+            [(8, 0, 0, 0x1000), (8, 0, 0, 0x2000)]
+        );
+        // The device used 5 chains of queue 0 and 2 of queue 1 (the used rings' indexes).
+        mem.write_obj(5u16.to_le(), GuestAddress(0x8000 + 2))
+            .unwrap();
+        mem.write_obj(2u16.to_le(), GuestAddress(0x9000 + 2))
+            .unwrap();
+        t.config_changed();
+
+        let json = serde_json::to_string(&t.state()).unwrap();
+        let state: MmioState = serde_json::from_str(&json).unwrap();
+        let seen = Seen::default();
+        let mut back =
+            MmioTransport::restore(Box::new(Recorder(seen.clone())), mem.clone(), irq(), &state)
+                .unwrap();
+        assert_eq!(back.state(), state);
+        let features = super::super::VIRTIO_F_VERSION_1 | 1;
+        assert_eq!(
+            *seen.lock().unwrap(),
+            (vec![(8, 5, 5, 0x1000), (8, 2, 2, 0x2000)], features)
+        );
+        assert_eq!(r(&mut back, 0x70), 15);
+        assert_eq!(r(&mut back, 0xfc), 1);
+        assert_eq!(
+            r(&mut back, 0x60) & 2,
+            2,
+            "the config change is still pending"
+        );
+
+        // A state that does not fit the device is refused.
+        let refused = |f: &dyn Fn(&mut MmioState)| {
+            let mut s = state.clone();
+            f(&mut s);
+            MmioTransport::restore(Box::new(Recorder(Seen::default())), mem.clone(), irq(), &s)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(refused(&|s| s.device_type = 2).contains("type 2"));
+        assert!(refused(&|s| s.driver_features |= 1 << 40).contains("does not offer"));
+        assert!(refused(&|s| {
+            s.queues.pop();
+        })
+        .contains("1 queues"));
+        assert!(refused(&|s| s.queues[1].used_ring = 0xffff_0000).contains("queue 1"));
     }
 }
