@@ -13,5 +13,5 @@ cycles=${1:-300} inflight=${2:-4} burst=${3:-8}
 cargo build --release --locked -p husk -p husk-vmm -p containerd-shim-husk-v2
 bash guest-image/build.sh
 # A cycle of 4 pods takes about a minute in the testbed (TCG); a generous bound on the whole.
-exec tests/testbed/run.sh --mem $((2048 + (inflight > burst ? inflight : burst) * 512)) --timeout $((900 + (cycles * inflight + burst) * 60)) -- \
+exec tests/testbed/run.sh --mem $((2048 + (inflight > burst ? inflight : burst) * 256)) --timeout $((900 + (cycles * inflight + burst) * 60)) -- \
     bash "$repo/tests/scripts/soak.sh" "$repo" "$repo/target/release/husk" "$cycles" "$inflight" "$burst"

@@ -78,7 +78,7 @@ cycle() {
     for kv in "${leaks[@]}"; do
         leaked[${kv%% *}]=1
     done
-    echo "$label: $cycle_ok of $n pods ok in $((($(now) - t) / 1000000)) ms; leaks: ${#leaks[@]}${leaks[*]:+ (${leaks[*]})}; $(containerd_mem)"
+    echo "$label: $cycle_ok of $n pods ok in $((($(now) - t) / 1000000)) ms; leaks: ${#leaks[@]}${leaks[*]:+ (${leaks[*]})}; $(containerd_mem); L1 available $(awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo) MiB"
 }
 
 # Concurrency: BURST pods created at the same moment (slots, cache keys, sockets, drive
