@@ -406,6 +406,21 @@ mod tests {
         u32::from_le_bytes(d)
     }
 
+    /// Sets up queues 0 and 1 (each offered at 16, driven at 8) as a driver does, at their
+    /// own ring addresses, then DRIVER_OK.
+    fn set_up_two_queues(t: &mut MmioTransport) {
+        for q in 0..2u32 {
+            t.write(0x30, &q.to_le_bytes());
+            assert_eq!(r(t, 0x34), 16);
+            t.write(0x38, &8u32.to_le_bytes());
+            t.write(0x80, &(0x1000 * (q + 1)).to_le_bytes());
+            t.write(0x90, &(0x4000 + 0x1000 * q).to_le_bytes());
+            t.write(0xa0, &(0x8000 + 0x1000 * q).to_le_bytes());
+            t.write(0x44, &1u32.to_le_bytes());
+        }
+        t.write(0x70, &(1 | 2 | 8 | 4u32).to_le_bytes());
+    }
+
     #[test]
     fn negotiation_and_activation() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -424,16 +439,7 @@ mod tests {
         t.write(0x24, &0u32.to_le_bytes());
         t.write(0x20, &0xffu32.to_le_bytes());
         assert_eq!(t.driver_features, 1);
-        for q in 0..2u32 {
-            t.write(0x30, &q.to_le_bytes());
-            assert_eq!(r(&mut t, 0x34), 16);
-            t.write(0x38, &8u32.to_le_bytes());
-            t.write(0x80, &(0x1000 * (q + 1)).to_le_bytes());
-            t.write(0x90, &(0x4000 + 0x1000 * q).to_le_bytes());
-            t.write(0xa0, &(0x8000 + 0x1000 * q).to_le_bytes());
-            t.write(0x44, &1u32.to_le_bytes());
-        }
-        t.write(0x70, &(1 | 2 | 8 | 4u32).to_le_bytes());
+        set_up_two_queues(&mut t);
         assert_eq!(activated.load(std::sync::atomic::Ordering::SeqCst), 2);
         let mut c = [0u8; 2];
         t.read(0x100, &mut c);
@@ -497,15 +503,7 @@ mod tests {
             t.write(0x24, &sel.to_le_bytes());
             t.write(0x20, &v.to_le_bytes());
         }
-        for q in 0..2u32 {
-            t.write(0x30, &q.to_le_bytes());
-            t.write(0x38, &8u32.to_le_bytes());
-            t.write(0x80, &(0x1000 * (q + 1)).to_le_bytes());
-            t.write(0x90, &(0x4000 + 0x1000 * q).to_le_bytes());
-            t.write(0xa0, &(0x8000 + 0x1000 * q).to_le_bytes());
-            t.write(0x44, &1u32.to_le_bytes());
-        }
-        t.write(0x70, &(1 | 2 | 8 | 4u32).to_le_bytes());
+        set_up_two_queues(&mut t);
         assert_eq!(
             seen.lock().unwrap().0,
             [(8, 0, 0, 0x1000), (8, 0, 0, 0x2000)]
