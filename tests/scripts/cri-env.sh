@@ -226,6 +226,70 @@ pod_diagnosis() {
     tail -n "+$from" "$CRI_ROOT/containerd.log" | grep -E "$pattern" | tail -n 60
 }
 
+# stall_watch SECS: in the background, a report on every crictl call that has run SECS or
+# more (once per call): what it waits for, seen from every side, while it still waits. Its
+# lines start with "stall: "; every 5 minutes a "watch: " line says L1 is alive. $STALL_HUSK is the husk binary (for the VMM's state); the
+# watcher's pid is in $STALL_PID.
+stall_watch() {
+    local limit=$1
+    (
+        declare -A told=()
+        local beat=0
+        while sleep 10; do
+            local pid
+            # A sign of life every 5 minutes: a stall with no report after it is L1 itself.
+            if ((++beat % 30 == 0)); then
+                echo "watch: L1 alive, load $(cut -d' ' -f1-3 /proc/loadavg), crictl calls running: $(pgrep -c -x crictl)"
+            fi
+            for pid in $(pgrep -x crictl); do
+                [[ -n ${told[$pid]:-} ]] && continue
+                local age
+                age=$(ps -o etimes= -p "$pid" 2>/dev/null | tr -d ' ')
+                if [[ -z $age ]] || ((age < limit)); then
+                    continue
+                fi
+                told[$pid]=1
+                stall_report "$pid" "$age" 2>&1 | sed 's/^/stall: /'
+            done
+        done
+    ) &
+    export STALL_PID=$!
+}
+
+# stall_report PID AGE: what crictl PID (running AGE s) waits for: the call, the processes
+# of husk's pods, each shim thread's kernel wait, containerd's goroutines in CRI calls, the
+# pod's shim and VMM log lines in containerd's log, its VMM's state and its guest console.
+stall_report() {
+    local pid=$1 age=$2 shim t dir sock n
+    echo "crictl $pid has waited ${age}s: $(tr '\0' ' ' <"/proc/$pid/cmdline")"
+    ps -eo pid,ppid,etimes,stat,wchan:24,args | awk '/crictl|containerd|husk|virtiofsd/ && !/awk/'
+    for shim in $(pgrep -f containerd-shim-husk-v2); do
+        for t in /proc/"$shim"/task/*; do
+            echo "shim $shim thread ${t##*/} $(cat "$t/comm") $(cat "$t/wchan" 2>/dev/null) $(tr '\n' ' ' <"$t/stack" 2>/dev/null | cut -c1-200)"
+        done
+    done
+    n=$(wc -l <"$CRI_ROOT/containerd.log")
+    kill -USR1 "$(cat "$CRI_ROOT/containerd.pid")"
+    sleep 2
+    # The goroutines of CRI calls and of the task service, each whole (they are separated by
+    # blank lines), from the dump just asked for.
+    tail -n "+$((n + 1))" "$CRI_ROOT/containerd.log" |
+        awk 'BEGIN {RS = ""} /cri\/server|services\/tasks|runtime\/v2|shim/ && !/ttrpc\.\(\*Client\)\.run|Server\)\.Serve/ {print; print ""}' | head -n 200
+    echo "containerd's last log lines:"
+    head -n "$n" "$CRI_ROOT/containerd.log" | tail -n 60
+    for dir in /run/husk/shim/*/*; do
+        [[ -f $dir/pod.json ]] || continue
+        echo "pod run dir $dir: $(tr -d '\n' <"$dir/pod.json" | cut -c1-600)"
+        sock=$(grep -o '"api_socket": *"[^"]*"' "$dir/pod.json" | sed 's/.*: *"//; s/"$//')
+        [[ -S $sock ]] && timeout 10 "$STALL_HUSK" vmm --api "$sock" metrics 2>&1 | head -c 3000
+        echo
+        find "$dir" -name serial.log | while read -r t; do
+            echo "console $t:"
+            tail -n 40 "$t"
+        done
+    done
+}
+
 # pod_life NAME DIR: one husk pod's whole life (runp, create, start, logs, exec, stop, rm,
 # stopp, rmp) with its network (it pings the CNI gateway), its image's layers and a live volume
 # (DIR/vol: the container writes a file, the host reads it); prints "ok FDS" (the most fds its

@@ -27,6 +27,8 @@ now() { date +%s%N; }
 
 CRI_TMPFS_SIZE=2g husk_cri_up "$husk" || exit 1
 work=$(mktemp -d)
+# A crictl call still waiting after 150 s is reported while it waits (stall: lines).
+STALL_HUSK=$husk stall_watch 150
 
 containerd_pid() { cat "$CRI_ROOT/containerd.pid"; }
 containerd_mem() {

@@ -83,7 +83,7 @@ if [[ -n ${HUSK_TEST_DEADLINE:-} ]] && ((!build_only)); then
         deadline_note=" (cut to what was left before the test run's deadline, HUSK_TEST_DEADLINE)"
     fi
 fi
-progress=${HUSK_TESTBED_PROGRESS:-'^(=== |case |fault |warm-up pod: |burst: |cycle-[0-9]+: |soak: |critest |.* pod [0-9]+: failed at )'}
+progress=${HUSK_TESTBED_PROGRESS:-'^(=== |case |fault |warm-up pod: |burst: |cycle-[0-9]+: |soak: |stall: |critest |.* pod [0-9]+: failed at )'}
 
 reported=0
 result() { # result STATUS-LINE
@@ -340,6 +340,14 @@ elif [[ -n $error_line ]]; then
     exit 125
 else
     husk_log "testbed failed: L1 ended (QEMU status $qemu_status) without reporting an exit status"
+    # L1's kernel crashing (nested SVM under TCG now and then corrupts L1: seen as an oops in
+    # a husk-vmm vCPU thread's page fault, then a double fault on the other CPU) ends L1 this
+    # way, its oops the last thing on the console: said plainly, as the testbed's failure.
+    oops=$(tail -n 200 "$job/console.log" | grep -a -m1 -E '^(BUG: |Oops: |general protection fault|kernel BUG|Kernel panic - not syncing)' || true)
+    if [[ -n $oops ]]; then
+        comm=$(tail -n 200 "$job/console.log" | grep -a -m1 -oE 'Comm: [^ ]+' || true)
+        husk_log "L1's own kernel crashed (the console's last lines: \"$oops\"${comm:+, in $comm}): a failure of the testbed, not of a husk guest"
+    fi
     show_log
     result "error L1 ended without an exit status (QEMU status $qemu_status)"
     exit 125

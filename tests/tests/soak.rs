@@ -28,13 +28,14 @@ fn env_or(name: &str, default: u32) -> u32 {
 }
 
 /// What went wrong, from the script's output: the failed pods (with their diagnosis lines),
-/// the cycles that left something behind, and how slow the slowest steps and agent RPCs were.
+/// the reports on crictl calls that waited long (`stall: `), the cycles that left something behind, and how slow the slowest steps and agent RPCs were.
 fn trouble(stdout: &str) -> String {
     let lines: Vec<&str> = stdout
         .lines()
         .filter(|l| {
             l.contains(": failed at ")
                 || l.starts_with("    | ")
+                || l.starts_with("stall: ")
                 || (l.contains(" pods ok in ") && !l.contains("; leaks: 0;"))
                 || l.starts_with("slowest steps")
                 || l.starts_with("agent RPCs answered only after")
