@@ -735,6 +735,9 @@ husk_metrics() {
             "io exits $(grep -F "$sel" "$d/two" | grep '^husk_pod_vm_exits_total' | grep -F 'kind="io"' | awk '{s += $2} END {print s + 0}')," \
             "vsock bytes to the guest $(grep -F "$sel" "$d/two" | grep '^husk_pod_device_bytes_total' | grep -F 'device="vsock"' | grep -F 'to_guest' | awk '{print $2 + 0}')," \
             "agent up $(grep -F "$sel" "$d/two" | grep '^husk_pod_agent_up' | awk '{print $2}')," \
+            "boot seconds $(grep -F "$sel" "$d/two" | grep '^husk_pod_boot_seconds' | awk '{print $2 + 0}')," \
+            "rpc latency seconds $(grep -F "$sel" "$d/two" | grep '^husk_pod_agent_rpc_latency_seconds' | awk '{print $2 + 0}')," \
+            "labels $(grep -F "$sel" "$d/two" | grep '^husk_pod_info{' | grep -o 'pod="[^"]*",namespace="[^"]*"')," \ \
             "container memory $(grep -F "$sel" "$d/two" | grep '^husk_container_memory_usage_bytes' | grep -cF "container=\"$c\"") series"
     done
     grep -F "sandbox_id=\"${ids[0]}\"" "$d/two" | grep -v '^#' | cut -c1-200 | sed 's/^/    | /' | head -40

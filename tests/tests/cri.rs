@@ -638,12 +638,15 @@ fn crictl_pod_lifecycle() {
             .lines()
             .find(|l| l.starts_with(&format!("pod {i}: ")))
             .unwrap_or_else(|| panic!("no pod {i}: {text}"));
+        // The Kubernetes name and namespace from the pod's CRI metadata.
+        let labels = format!("labels pod=\"metrics-{}\",namespace=\"default\",", i + 1);
         for want in [
             "info 1,",
             "rss covers the guest",
             "grew",
             "agent up 1,",
             "container memory 1 series",
+            labels.as_str(),
         ] {
             assert!(line.contains(want), "pod {i}: no '{want}': {line}");
         }
@@ -657,6 +660,11 @@ fn crictl_pod_lifecycle() {
         assert!(number("series ") >= 20.0, "{line}");
         assert!(number("io exits ") > 0.0, "{line}");
         assert!(number("vsock bytes to the guest ") > 0.0, "{line}");
+        // A boot takes seconds in the testbed; a health check well under the RPC deadline.
+        let boot = number("boot seconds ");
+        assert!(boot > 0.0 && boot < 300.0, "{line}");
+        let rpc = number("rpc latency seconds ");
+        assert!(rpc > 0.0 && rpc < 10.0, "{line}");
     }
     assert!(text.contains(CLEAN), "{text}");
 

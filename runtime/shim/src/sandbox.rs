@@ -410,6 +410,7 @@ async fn watch_ooms(pod: Pod, events: Events, state: Shared) {
         if !crate::task::oom_to_report(&state, &o.container_id, false) {
             continue;
         }
+        log::info!(container = o.container_id.as_str(); "an OOM kill in container {}", o.container_id);
         let mut e = TaskOOM::new();
         e.container_id = o.container_id;
         events.publish(TASK_OOM_EVENT_TOPIC, Box::new(e)).await;

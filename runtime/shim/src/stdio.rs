@@ -76,11 +76,12 @@ pub async fn attach(
             .map_err(|e| format!("attaching stdin: {e}"))?;
         let (tx, rx) = oneshot::channel();
         copies.close_stdin = Some(tx);
+        let (id, exec_id) = (id.to_string(), exec_id.to_string());
         tokio::spawn(async move {
             tokio::select! {
                 r = tokio::io::copy(&mut fifo, &mut stream) => {
                     if let Err(e) = r {
-                        log::debug!("stdin copy ended: {e}");
+                        log::debug!(container = id.as_str(), exec = exec_id.as_str(); "stdin copy ended: {e}");
                     }
                 }
                 _ = rx => {

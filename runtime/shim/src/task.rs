@@ -356,7 +356,7 @@ impl Shim {
         // A VM that is gone has nothing to remove.
         if let Ok(pod) = self.pod() {
             if let Err(e) = pod.remove_container(id).await {
-                log::warn!("{e}");
+                log::warn!(container = id; "removing {id} from the guest: {e}");
             }
         }
         let exit = exit.unwrap_or(Exit::now(128 + libc::SIGKILL as u32));
