@@ -27,8 +27,12 @@ fn run(cmd: &str) -> testbed::Output {
 
 #[test]
 fn kvm_works_inside_l1() {
+    // The kernel starts on tsc-early and moves to tsc once its refined calibration is done,
+    // about a second after boot (later on a busy host): up to 20 s are given for that.
     let out = run("test -c /dev/kvm && dmesg | grep -i 'nested paging' && \
-         echo clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource) && \
+         cs=/sys/devices/system/clocksource/clocksource0/current_clocksource && \
+         for i in $(seq 100); do [ \"$(cat $cs)\" = tsc ] && break; sleep 0.2; done && \
+         echo clocksource=$(cat $cs) && \
          dmesg | grep 'tsc:'");
     assert_eq!(
         out.status, 0,
