@@ -356,7 +356,8 @@ const IOC_READ_WRITE: u64 = 3;
 const KVMIO: u64 = 0xAE;
 
 /// The ioctls of a vCPU thread: KVM_RUN; the register, run state, MSR and event reads of
-/// status requests and crash reports; the tap's offloads, set when the guest's driver
+/// status requests and crash reports, and the rest of its state when the VM pauses; the
+/// tap's offloads, set when the guest's driver
 /// accepts features; FIONBIO.
 fn vcpu_ioctls() -> Vec<u64> {
     use std::mem::size_of;
@@ -391,7 +392,38 @@ fn vcpu_ioctls() -> Vec<u64> {
             KVMIO,
             0x88,
             size_of::<kvm_bindings::kvm_msrs>() as u64,
-        ), // KVM_GET_MSRS (the TSC and its deadline, for a status request)
+        ), // KVM_GET_MSRS (the TSC and its deadline, for a status request; all, to pause)
+        // The rest of a vCPU's state, which its own thread saves when the VM is paused.
+        ioc(
+            IOC_READ,
+            KVMIO,
+            0xa4,
+            size_of::<kvm_bindings::kvm_xsave>() as u64,
+        ), // KVM_GET_XSAVE
+        ioc(
+            IOC_READ,
+            KVMIO,
+            0xa6,
+            size_of::<kvm_bindings::kvm_xcrs>() as u64,
+        ), // KVM_GET_XCRS
+        ioc(
+            IOC_READ,
+            KVMIO,
+            0xa1,
+            size_of::<kvm_bindings::kvm_debugregs>() as u64,
+        ), // KVM_GET_DEBUGREGS
+        ioc(
+            IOC_READ,
+            KVMIO,
+            0x8e,
+            size_of::<kvm_bindings::kvm_lapic_state>() as u64,
+        ), // KVM_GET_LAPIC
+        ioc(
+            IOC_READ_WRITE,
+            KVMIO,
+            0x91,
+            size_of::<kvm_bindings::kvm_cpuid2>() as u64,
+        ), // KVM_GET_CPUID2
         libc::TUNSETOFFLOAD,
         // std's set_nonblocking, on a host connection the vsock device accepts.
         libc::FIONBIO,
@@ -414,6 +446,11 @@ mod tests {
                 0x8040_AE9F,
                 0x8004_AE98,
                 0xC008_AE88,
+                0x9000_AEA4,
+                0x8188_AEA6,
+                0x8080_AEA1,
+                0x8400_AE8E,
+                0xC008_AE91,
                 0x4004_54D0,
                 0x5421
             ]

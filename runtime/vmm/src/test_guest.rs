@@ -99,6 +99,19 @@ pub fn run_raw_with(
     guest: RawGuest<'_>,
     serial: Box<dyn Write + Send>,
 ) -> Result<(Outcome, Option<Duration>), TestGuestError> {
+    let timeout = guest.timeout.unwrap_or(Duration::from_secs(60));
+    let running = start_raw(guest, serial)?;
+    let outcome = running
+        .wait_for(timeout)
+        .ok_or(TestGuestError::Timeout(timeout))??;
+    Ok((outcome, running.ready_after()))
+}
+
+/// Starts a tiny guest as [`run_raw_with`] does, and returns it running.
+pub(crate) fn start_raw(
+    guest: RawGuest<'_>,
+    serial: Box<dyn Write + Send>,
+) -> Result<vmm::Running, TestGuestError> {
     let started = Instant::now();
     let vm = Vm::new(16, false).map_err(VmmError::from)?;
     let mode = guest.mode;
@@ -122,7 +135,7 @@ pub fn run_raw_with(
         RawMode::Real => Entry::Real(CODE),
         RawMode::Long => Entry::Long(CODE),
     };
-    let running = vmm::start(
+    Ok(vmm::start(
         Machine {
             vm,
             devices,
@@ -137,12 +150,7 @@ pub fn run_raw_with(
         // The real filters: the raw guests exercise the vCPU and device paths under them.
         &crate::seccomp::Filters::new(seccompiler::SeccompAction::KillProcess)
             .map_err(VmmError::from)?,
-    )?;
-    let timeout = guest.timeout.unwrap_or(Duration::from_secs(60));
-    let outcome = running
-        .wait_for(timeout)
-        .ok_or(TestGuestError::Timeout(timeout))??;
-    Ok((outcome, running.ready_after()))
+    )?)
 }
 
 #[cfg(test)]
@@ -170,6 +178,81 @@ mod tests {
             std::path::Path::new("/dev/kvm").exists(),
             "this test needs /dev/kvm (CI machines have it)"
         );
+    }
+
+    /// A guest that counts in memory with no exit at all, so only a kick gets its vCPU out
+    /// of KVM_RUN, is paused twice: while paused the count stands still, the saved registers
+    /// are the counting loop's, and after each resume it counts on; then told through memory
+    /// to stop, it resets.
+    #[test]
+    fn a_running_guest_pauses_with_its_state_saved_and_resumes() {
+        need_kvm();
+        const COUNT: u64 = 0x3000;
+        const STOP: u64 = 0x3008;
+        #[rustfmt::skip]
+        let code: &[u8] = &[
+            0x48, 0xff, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00,       // l: inc qword [0x3000]
+            0x80, 0x3c, 0x25, 0x08, 0x30, 0x00, 0x00, 0x00,       // cmp byte [0x3008], 0
+            0x74, 0xee,                                           // je l
+            0xb0, 0xfe,                                           // mov al, 0xfe
+            0xe6, 0x64,                                           // out 0x64, al (reset)
+            0xf4,                                                 // hlt
+        ];
+        let running = start_raw(
+            RawGuest {
+                code,
+                mode: RawMode::Long,
+                ..Default::default()
+            },
+            Box::new(Capture::default()),
+        )
+        .expect("the guest started");
+        let count = || {
+            running
+                .memory()
+                .read_obj::<u64>(GuestAddress(COUNT))
+                .unwrap()
+        };
+        let wait_for_count = |above: u64| {
+            let until = Instant::now() + Duration::from_secs(20);
+            while count() <= above {
+                assert!(
+                    Instant::now() < until,
+                    "the guest does not count past {above}"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        wait_for_count(0);
+        for round in 0..2 {
+            let states = running.pause(Duration::from_secs(5)).expect("paused");
+            assert_eq!(states.len(), 1);
+            let rip = states[0].regs.rip;
+            assert!(
+                (CODE..CODE + code.len() as u64).contains(&rip),
+                "round {round}: rip {rip:#x} is not in the loop"
+            );
+            assert!(!states[0].msrs.is_empty() && !states[0].cpuid.is_empty());
+            let at = count();
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(count(), at, "round {round}: the guest ran while paused");
+            // A second pause of a paused VM is refused, and the VM stays paused.
+            assert!(matches!(
+                running.pause(Duration::from_millis(100)),
+                Err(VmmError::Pause(
+                    crate::vstate::pause::PauseError::AlreadyPaused
+                ))
+            ));
+            assert_eq!(count(), at);
+            running.resume();
+            wait_for_count(at);
+        }
+        running.memory().write_obj(1u8, GuestAddress(STOP)).unwrap();
+        let outcome = running
+            .wait_for(Duration::from_secs(20))
+            .expect("the guest ended after its stop flag")
+            .expect("a clean end");
+        assert_eq!(outcome, Outcome::GuestExit);
     }
 
     #[test]

@@ -24,7 +24,9 @@ use crate::{
     seccomp::{self, Filters, SeccompError, SpawnError, ThreadKind},
     signals::{self, SignalError, StopSignals},
     vstate::{
-        vcpu::{Entry, Vcpu, VcpuEnd, VcpuError},
+        pause::{Pause, PauseError},
+        snapshot::SnapshotError,
+        vcpu::{Entry, Shared, Vcpu, VcpuEnd, VcpuError},
         vcpu_stats::VcpuStats,
         vm::{Vm, VmError},
     },
@@ -67,6 +69,10 @@ pub enum VmmError {
     /// A vCPU stopped on an error of its own.
     #[error("vCPU {0} failed: {1}")]
     VcpuRun(u8, String),
+    #[error(transparent)]
+    Pause(#[from] PauseError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// How the VM ended.
@@ -197,8 +203,15 @@ pub(crate) struct Machine {
 pub(crate) struct Running {
     legacy: Arc<Mutex<LegacyBus>>,
     events: mpsc::Receiver<Event>,
+    /// The vCPUs' threads (to kick) and their pause (for now only tests pause a VM; the
+    /// snapshot request will).
+    #[cfg_attr(not(test), allow(dead_code))]
+    stats: Arc<Vec<VcpuStats>>,
+    #[cfg_attr(not(test), allow(dead_code))]
+    pause: Arc<Pause>,
     /// The VM, kept as long as its vCPUs may run.
-    _vm: Vm,
+    #[cfg_attr(not(test), allow(dead_code))]
+    vm: Vm,
 }
 
 /// Starts `m`: the serial console and the other port-I/O devices, the guest-exit
@@ -220,6 +233,7 @@ pub(crate) fn start(m: Machine, filters: &Filters) -> Result<Running, VmmError> 
     }
     let legacy = Arc::new(Mutex::new(legacy));
     let stats: Arc<Vec<VcpuStats>> = Arc::new((0..m.vcpus).map(|_| VcpuStats::default()).collect());
+    let pause = Arc::new(Pause::new(m.vcpus.into()));
     let transports = m.devices.transports;
     if !m.devices.backend_fds.is_empty() || m.api.is_some() {
         let ctx = ApiContext {
@@ -239,7 +253,10 @@ pub(crate) fn start(m: Machine, filters: &Filters) -> Result<Running, VmmError> 
             m.entry,
             bus.clone(),
             m.started,
-            stats.clone(),
+            Shared {
+                stats: stats.clone(),
+                pause: pause.clone(),
+            },
         )?;
         let event_tx = event_tx.clone();
         seccomp::spawn(format!("vcpu{id}"), ThreadKind::Vcpu, filters, move || {
@@ -250,7 +267,9 @@ pub(crate) fn start(m: Machine, filters: &Filters) -> Result<Running, VmmError> 
     Ok(Running {
         legacy,
         events: event_rx,
-        _vm: m.vm,
+        stats,
+        pause,
+        vm: m.vm,
     })
 }
 
@@ -272,6 +291,29 @@ impl Running {
             Err(mpsc::RecvTimeoutError::Disconnected) => None,
         };
         Some(outcome_of(event, &self.legacy))
+    }
+
+    /// Pauses every vCPU within `wait`: each has completed its last exit and saved its
+    /// state, returned in vCPU order, and stays out of the guest until [`Running::resume`].
+    #[cfg(test)]
+    pub(crate) fn pause(
+        &self,
+        wait: std::time::Duration,
+    ) -> Result<Vec<crate::vstate::snapshot::VcpuState>, VmmError> {
+        let msrs = crate::vstate::snapshot::msr_indices(&self.vm.kvm)?;
+        Ok(self.pause.pause(&self.stats, msrs, wait)?)
+    }
+
+    /// Lets the paused vCPUs run on.
+    #[cfg(test)]
+    pub(crate) fn resume(&self) {
+        self.pause.resume();
+    }
+
+    /// The VM's guest memory.
+    #[cfg(test)]
+    pub(crate) fn memory(&self) -> &vm_memory::GuestMemoryMmap {
+        &self.vm.mem
     }
 
     /// How long after the VMM's start the guest wrote the boot timer, if it did.

@@ -1,5 +1,6 @@
 //! vCPUs: their setup for the 64-bit Linux boot protocol (or flat real mode, for tiny test
-//! guests), and the loop that runs one and sends its I/O exits to the devices.
+//! guests), and the loop that runs one, sends its I/O exits to the devices and holds it while
+//! the VM is paused.
 
 use std::{
     io::Write,
@@ -13,6 +14,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 
 use super::{
     crash::crash_state,
+    pause::Pause,
     vcpu_stats::{ExitKind, VcpuStats},
     vm::Vm,
 };
@@ -215,6 +217,13 @@ pub enum VcpuEnd {
     Failed(String),
 }
 
+/// What the vCPUs of a VM share: every vCPU's stats (each at its id) and the VM's pause.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub stats: Arc<Vec<VcpuStats>>,
+    pub pause: Arc<Pause>,
+}
+
 /// A vCPU ready to run: its KVM fd, the devices its exits reach and its stats.
 #[derive(Debug)]
 pub struct Vcpu {
@@ -225,6 +234,8 @@ pub struct Vcpu {
     started: Instant,
     /// Every vCPU's stats, this one's at index `id`.
     stats: Arc<Vec<VcpuStats>>,
+    /// The VM's pause, checked before each entry.
+    pause: Arc<Pause>,
 }
 
 impl Vcpu {
@@ -236,7 +247,7 @@ impl Vcpu {
         entry: Entry,
         bus: DeviceBus,
         started: Instant,
-        stats: Arc<Vec<VcpuStats>>,
+        shared: Shared,
     ) -> Result<Vcpu, VcpuError> {
         let fd = match entry {
             Entry::Long(addr) if id == 0 => create(&vm.kvm, &vm.fd, id, count, Some(addr))?,
@@ -252,7 +263,8 @@ impl Vcpu {
             fd,
             bus,
             started,
-            stats,
+            stats: shared.stats,
+            pause: shared.pause,
         })
     }
 
@@ -273,6 +285,7 @@ impl Vcpu {
                 crate::seccomp::trigger::forbidden_syscall();
             }
             stats.maybe_sample(&self.fd);
+            self.pause.check(id.into(), &mut self.fd);
             if first && id == 0 {
                 crate::log_line!(
                     "first vCPU entry after {} ms",

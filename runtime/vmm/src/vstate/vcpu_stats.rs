@@ -121,8 +121,8 @@ impl VcpuStats {
         }
     }
 
-    /// Kicks the vCPU thread out of KVM_RUN once (a test's seccomp trigger).
-    #[cfg(feature = "seccomp-trigger")]
+    /// Kicks the vCPU thread out of KVM_RUN once (a pause, a test's seccomp trigger); no-op
+    /// before the thread runs.
     pub(crate) fn kick(&self) {
         let thread = self.thread.load(Ordering::Acquire);
         if thread != 0 {
