@@ -165,6 +165,7 @@ cri_registry() {
 
 cri_stop() {
     local pid
+    [[ -n ${STALL_PID:-} ]] && kill "$STALL_PID" 2>/dev/null
     pid=$(cat "$CRI_ROOT/registry.pid" 2>/dev/null) && kill "$pid" 2>/dev/null
     pid=$(cat "$CRI_ROOT/containerd.pid" 2>/dev/null) && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
     umount -l "$CRI_ROOT" 2>/dev/null
@@ -235,7 +236,7 @@ stall_watch() {
     (
         declare -A told=()
         local beat=0
-        while sleep 10; do
+        while sleep 10 >/dev/null; do
             local pid
             # A sign of life every 5 minutes: a stall with no report after it is L1 itself.
             if ((++beat % 30 == 0)); then

@@ -77,5 +77,4 @@ for ((p = 0; p < npods; p++)); do
     "${CRICTL[@]}" stopp "${pods[$p]}" >/dev/null 2>&1
     "${CRICTL[@]}" rmp -f "${pods[$p]}" >/dev/null 2>&1
 done
-kill "$STALL_PID" 2>/dev/null
 ((hung == 0 && failed == 0))
