@@ -203,12 +203,10 @@ pub(crate) struct Machine {
 pub(crate) struct Running {
     legacy: Arc<Mutex<LegacyBus>>,
     events: mpsc::Receiver<Event>,
-    /// The vCPUs' threads (to kick) and their pause (for now only tests pause a VM; the
-    /// snapshot request will).
+    /// The vCPUs' stats (their threads, to kick) and their pause (for now only tests pause
+    /// a VM; the snapshot request will).
     #[cfg_attr(not(test), allow(dead_code))]
-    stats: Arc<Vec<VcpuStats>>,
-    #[cfg_attr(not(test), allow(dead_code))]
-    pause: Arc<Pause>,
+    vcpus: Shared,
     /// The VM, kept as long as its vCPUs may run.
     #[cfg_attr(not(test), allow(dead_code))]
     vm: Vm,
@@ -232,15 +230,17 @@ pub(crate) fn start(m: Machine, filters: &Filters) -> Result<Running, VmmError> 
         legacy.on_ready(f);
     }
     let legacy = Arc::new(Mutex::new(legacy));
-    let stats: Arc<Vec<VcpuStats>> = Arc::new((0..m.vcpus).map(|_| VcpuStats::default()).collect());
-    let pause = Arc::new(Pause::new(m.vcpus.into()));
+    let vcpus = Shared {
+        stats: Arc::new((0..m.vcpus).map(|_| VcpuStats::default()).collect()),
+        pause: Arc::new(Pause::new(m.vcpus.into())),
+    };
     let transports = m.devices.transports;
     if !m.devices.backend_fds.is_empty() || m.api.is_some() {
         let ctx = ApiContext {
             transports: transports.clone(),
             legacy: legacy.clone(),
             events: event_tx.clone(),
-            stats: stats.clone(),
+            stats: vcpus.stats.clone(),
         };
         event_loop::spawn(&m.devices.backend_fds, m.api, ctx, filters)?;
     }
@@ -253,10 +253,7 @@ pub(crate) fn start(m: Machine, filters: &Filters) -> Result<Running, VmmError> 
             m.entry,
             bus.clone(),
             m.started,
-            Shared {
-                stats: stats.clone(),
-                pause: pause.clone(),
-            },
+            vcpus.clone(),
         )?;
         let event_tx = event_tx.clone();
         seccomp::spawn(format!("vcpu{id}"), ThreadKind::Vcpu, filters, move || {
@@ -267,8 +264,7 @@ pub(crate) fn start(m: Machine, filters: &Filters) -> Result<Running, VmmError> 
     Ok(Running {
         legacy,
         events: event_rx,
-        stats,
-        pause,
+        vcpus,
         vm: m.vm,
     })
 }
@@ -301,13 +297,13 @@ impl Running {
         wait: std::time::Duration,
     ) -> Result<Vec<crate::vstate::snapshot::VcpuState>, VmmError> {
         let msrs = crate::vstate::snapshot::msr_indices(&self.vm.kvm)?;
-        Ok(self.pause.pause(&self.stats, msrs, wait)?)
+        Ok(self.vcpus.pause.pause(&self.vcpus.stats, msrs, wait)?)
     }
 
     /// Lets the paused vCPUs run on.
     #[cfg(test)]
     pub(crate) fn resume(&self) {
-        self.pause.resume();
+        self.vcpus.pause.resume();
     }
 
     /// The VM's guest memory.
