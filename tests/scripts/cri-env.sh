@@ -227,6 +227,29 @@ pod_diagnosis() {
     tail -n "+$from" "$CRI_ROOT/containerd.log" | grep -E "$pattern" | tail -n 60
 }
 
+# short_reason TEXT: crictl's error made short enough to read in one line: its log prefix
+# (time=... level=fatal msg=) gone, every 64-hex id cut to its first 12 digits.
+short_reason() {
+    sed -E 's/time="[^"]*" level=[a-z]+ msg=//; s/([0-9a-f]{12})[0-9a-f]{52}/\1/g' <<<"$1"
+}
+
+# vm_evidence POD: what pod POD's microVM itself shows, taken before the pod is cleaned up:
+# the VMM's status (each vCPU's exits and a register sample, each device's state) and the
+# guest console's last lines. The shim keeps a VM's last words in its log only when the VM
+# ends by itself; a VM that hangs is ended by the cleanup, and this is all there is of it.
+vm_evidence() {
+    local dir sock
+    for dir in /run/husk/shim/*/"$1"*; do
+        [[ -f $dir/pod.json ]] || continue
+        sock=$(grep -o '"api_socket": *"[^"]*"' "$dir/pod.json" | sed 's/.*: *"//; s/"$//')
+        echo "the VMM's status: $([[ -S $sock ]] && timeout 10 "${STALL_HUSK:-husk}" vmm --api "$sock" status 2>&1 | tr -d '\n' | cut -c1-1500)"
+        find "$dir" -name serial.log | while read -r t; do
+            echo "the guest console's last lines ($t):"
+            tail -n 15 "$t" | sed 's/^/console| /'
+        done
+    done
+}
+
 # stall_watch SECS: in the background, a report on every crictl call that has run SECS or
 # more (once per call): what it waits for, seen from every side, while it still waits. Its
 # lines start with "stall: "; every 5 minutes a "watch: " line says L1 is alive. $STALL_HUSK is the husk binary (for the VMM's state); the
@@ -310,8 +333,11 @@ pod_life() {
  "log_path": "$name.log", "linux": {}}
 EOF
     fail() {
-        echo "failed at $1" >&3
-        pod_diagnosis "$from" "$name" "$pod" "$ctr" >"$CRI_ROOT/failures/$name.log"
+        echo "failed at $(short_reason "$1")" >&3
+        {
+            pod_diagnosis "$from" "$name" "$pod" "$ctr"
+            [[ -n $pod ]] && vm_evidence "$pod"
+        } >"$CRI_ROOT/failures/$name.log"
         [[ -n $ctr ]] && "${CRICTL[@]}" rm -f "$ctr" >/dev/null 2>&1
         if [[ -n $pod ]]; then
             "${CRICTL[@]}" stopp "$pod" >/dev/null 2>&1

@@ -27,22 +27,37 @@ fn env_or(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// What went wrong, from the script's output: the failed pods (with their diagnosis lines),
-/// the reports on crictl calls that waited long (`stall: `), the cycles that left something behind, and how slow the slowest steps and agent RPCs were.
+/// What went wrong, from the script's output, the telling lines first (CI shows only the
+/// first and last lines of a failure): the failed pods' steps and errors; the pods' own
+/// evidence (the shim's errors and warnings, a VM's status and console, taken before its
+/// cleanup); the reports on crictl calls that waited long (`stall: `); the rest of containerd's
+/// lines about the failed pods; the cycles that left something behind; how slow the slowest
+/// steps and agent RPCs were.
 fn trouble(stdout: &str) -> String {
-    let lines: Vec<&str> = stdout
-        .lines()
-        .filter(|l| {
-            l.contains(": failed at ")
-                || l.starts_with("    | ")
-                || l.starts_with("stall: ")
-                || (l.contains(" pods ok in ") && !l.contains("; leaks: 0;"))
-                || l.starts_with("slowest steps")
-                || l.starts_with("agent RPCs answered only after")
-                || l.starts_with("boots that hung")
-        })
-        .collect();
-    lines.join("\n")
+    let lines: Vec<&str> = stdout.lines().collect();
+    let diagnosis = |l: &str| l.starts_with("    | ");
+    let evidence = |l: &str| {
+        diagnosis(l)
+            && (l.contains("level=error")
+                || l.contains("level=warning")
+                || l.starts_with("    | the VMM's status")
+                || l.starts_with("    | the guest console")
+                || l.starts_with("    | console| "))
+    };
+    let mut out: Vec<&str> = Vec::new();
+    let pick =
+        |f: &dyn Fn(&str) -> bool| lines.iter().copied().filter(|l| f(l)).collect::<Vec<_>>();
+    out.extend(pick(&|l| l.contains(": failed at ")));
+    out.extend(pick(&evidence));
+    out.extend(pick(&|l| l.starts_with("stall: ")));
+    out.extend(pick(&|l| diagnosis(l) && !evidence(l)));
+    out.extend(pick(&|l| {
+        (l.contains(" pods ok in ") && !l.contains("; leaks: 0;"))
+            || l.starts_with("slowest steps")
+            || l.starts_with("agent RPCs answered only after")
+            || l.starts_with("boots that hung")
+    }));
+    out.join("\n")
 }
 
 #[test]
