@@ -3,6 +3,7 @@
 //! ```text
 //! {"status":{}}                                       -> {"state":"running","ready_ms":..,"vcpus":[..],"devices":[..]}
 //! {"stop":{}}                                         -> {"ok":true}
+//! {"snapshot":{}} + a file                            -> {"ok":true}   (then the VMM exits 0)
 //! {"update_drive":{"id":"slot1"}} + a file            -> {"ok":true}
 //! {"update_drive":{"id":"slot1","path":"/x"}}         -> {"ok":true}   (path "" empties the slot)
 //! {"add_layer":{"drive":"layers"}} + a file           -> {"start":1048576,"length":8192}
@@ -55,6 +56,12 @@ pub enum Request {
     /// Take the layer that starts at byte `start` off layered drive `drive` (its range reads
     /// zeros from then on).
     RemoveLayer { drive: String, start: u64 },
+    /// Pause the VM and write it, at rest, to the file passed with the request (a VM
+    /// template: its guest memory from byte 0, then its vCPUs', VM's and devices' state);
+    /// the VMM then exits 0. The vsock device tells the guest its connections are gone
+    /// first (they belong to this VMM's process). A VM that cannot be snapshotted (a
+    /// virtio-fs device, whose queues virtiofsd serves) is refused and runs on.
+    Snapshot {},
 }
 
 /// Why a request line is not a request.
@@ -62,7 +69,9 @@ pub enum Request {
 pub enum RequestError {
     #[error("not JSON: {0}")]
     NotJson(String),
-    #[error("unknown request (status, metrics, stop, update_drive, add_layer, remove_layer)")]
+    #[error(
+        "unknown request (status, metrics, stop, update_drive, add_layer, remove_layer, snapshot)"
+    )]
     Unknown,
     #[error("update_drive needs id, and path or a file passed with the request")]
     UpdateDriveArgs,
@@ -95,6 +104,8 @@ impl Request {
             Ok(Request::Metrics {})
         } else if map.contains_key("stop") {
             Ok(Request::Stop {})
+        } else if map.contains_key("snapshot") {
+            Ok(Request::Snapshot {})
         } else if let Some(args) = map.get("update_drive") {
             #[derive(Deserialize)]
             #[serde(deny_unknown_fields)]
@@ -239,6 +250,7 @@ mod tests {
             (Request::Status {}, r#"{"status":{}}"#),
             (Request::Metrics {}, r#"{"metrics":{}}"#),
             (Request::Stop {}, r#"{"stop":{}}"#),
+            (Request::Snapshot {}, r#"{"snapshot":{}}"#),
             (
                 Request::UpdateDrive {
                     id: "slot1".into(),

@@ -108,6 +108,13 @@ impl Client {
         self.expect_ok(&Request::Stop {}, None, "stop")
     }
 
+    /// Pauses the VM and writes it to `file` (open for writing; see [`Request::Snapshot`]);
+    /// the VMM exits once it answered. The client's timeout must allow for writing the
+    /// guest's memory.
+    pub fn snapshot(&self, file: &File) -> Result<(), ClientError> {
+        self.expect_ok(&Request::Snapshot {}, Some(file), "snapshot")
+    }
+
     /// Gives drive `id` the backing file `file` (passed to the VMM: open for reading, and
     /// writing if the drive is writable).
     pub fn update_drive(&self, id: &str, file: &File) -> Result<(), ClientError> {

@@ -19,8 +19,17 @@ use crate::{
         virtio::{mmio::MmioTransport, FileArg},
     },
     vmm::Event,
-    vstate::vcpu_stats::VcpuStats,
+    vstate::{
+        pause::Pause,
+        snapshot::{Snapshot, VcpuState, VmState},
+        vcpu_stats::VcpuStats,
+        vm::Vm,
+    },
 };
+
+/// How long the vCPUs have to pause for a snapshot (a vCPU thread kicked out of KVM_RUN
+/// pauses in microseconds; the nested testbed's are slower).
+const PAUSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Errors setting up the control API.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +53,18 @@ pub(crate) struct ApiContext {
     /// Where `stop` goes.
     pub(crate) events: mpsc::Sender<Event>,
     pub(crate) stats: Arc<Vec<VcpuStats>>,
+    /// What a snapshot pauses and reads (None: the VM cannot be snapshotted).
+    pub(crate) snapshot: Option<SnapshotSource>,
+}
+
+/// The VM and its vCPUs' pause, for the snapshot request.
+#[derive(Clone)]
+pub(crate) struct SnapshotSource {
+    pub(crate) vm: Arc<Vm>,
+    pub(crate) pause: Arc<Pause>,
+    /// The MSRs each vCPU saves, listed when the VM started (the I/O thread's seccomp
+    /// filter keeps /dev/kvm's ioctls from it), or why they could not be.
+    pub(crate) msrs: Result<Vec<u32>, String>,
 }
 
 /// Serves one request of the control API: a JSON line in (and the file passed with it, if
@@ -84,10 +105,12 @@ fn answer(line: &str, mut files: Vec<File>, ctx: &ApiContext) -> Answer {
             files.len()
         ));
     }
-    let passed = files.pop();
+    let mut passed = files.pop();
     let takes_file = matches!(
         req,
-        Request::UpdateDrive { path: None, .. } | Request::AddLayer { path: None, .. }
+        Request::UpdateDrive { path: None, .. }
+            | Request::AddLayer { path: None, .. }
+            | Request::Snapshot {}
     );
     match (&passed, takes_file) {
         (Some(_), false) => {
@@ -109,6 +132,9 @@ fn answer(line: &str, mut files: Vec<File>, ctx: &ApiContext) -> Answer {
             "the VMM is jailed and can open no path: pass the file with the request (SCM_RIGHTS)",
         );
     }
+    if let (Request::Snapshot {}, Some(file)) = (&req, passed.as_mut()) {
+        return snapshot(ctx, file);
+    }
     // The file the request names: passed, or a path (empty: none).
     let file_arg = |path: Option<PathBuf>| match path {
         None => passed.map(FileArg::Passed),
@@ -122,6 +148,8 @@ fn answer(line: &str, mut files: Vec<File>, ctx: &ApiContext) -> Answer {
             let _ = ctx.events.send(Event::Stop);
             Answer::ok()
         }
+        // Taken above, with the file.
+        Request::Snapshot {} => unreachable!("the snapshot request is answered above"),
         Request::UpdateDrive { id, path } => {
             let t = match drive(ctx, &id) {
                 Ok(t) => t,
@@ -173,6 +201,69 @@ fn answer(line: &str, mut files: Vec<File>, ctx: &ApiContext) -> Answer {
             }
         }
     }
+}
+
+/// Pauses the VM and writes its template to `file`, then stops the VMM; a VM that cannot be
+/// snapshotted is refused before it is paused, and one whose snapshot fails once paused is
+/// resumed (its vsock connections gone: the guest was told before the failure).
+fn snapshot(ctx: &ApiContext, file: &mut File) -> Answer {
+    let Some(src) = &ctx.snapshot else {
+        return Answer::error("snapshot: this VM cannot be paused");
+    };
+    for (id, t) in ctx.transports.iter() {
+        if let Some(why) = lock(t).device_mut().snapshot_refusal() {
+            return Answer::error(format!("snapshot refused: device {id}: {why}"));
+        }
+    }
+    let msrs = match &src.msrs {
+        Ok(m) => m.clone(),
+        Err(e) => return Answer::error(format!("snapshot: {e}")),
+    };
+    let started = std::time::Instant::now();
+    let vcpus = match src.pause.pause(&ctx.stats, msrs, PAUSE_WAIT) {
+        Ok(v) => v,
+        Err(e) => return Answer::error(format!("snapshot: pausing the VM: {e}")),
+    };
+    let paused = started.elapsed();
+    match write_template(ctx, &src.vm, vcpus, file) {
+        Ok(bytes) => {
+            tracing::info!(
+                "snapshot: paused in {} us, {} MiB of guest memory and the state written in {} ms; stopping",
+                paused.as_micros(),
+                bytes >> 20,
+                started.elapsed().as_millis()
+            );
+            let _ = ctx.events.send(Event::Stop);
+            Answer::ok()
+        }
+        Err(e) => {
+            src.pause.resume();
+            Answer::error(format!("snapshot: {e} (the VM was resumed)"))
+        }
+    }
+}
+
+/// Writes the template of the paused VM `vm`, whose vCPUs saved `vcpus`: each device readied
+/// and its transport's state, the VM's state, guest memory. Returns guest memory's size.
+fn write_template(
+    ctx: &ApiContext,
+    vm: &Vm,
+    vcpus: Vec<VcpuState>,
+    file: &mut File,
+) -> Result<u64, crate::vstate::snapshot::SnapshotError> {
+    let devices = ctx
+        .transports
+        .iter()
+        .map(|(id, t)| {
+            let mut t = lock(t);
+            t.device_mut().before_snapshot();
+            (id.clone(), t.state())
+        })
+        .collect();
+    let state = VmState::save(&vm.fd)?;
+    let memory_bytes = vm.memory_len();
+    Snapshot::new(memory_bytes, vcpus, state, devices).write(vm, file)?;
+    Ok(memory_bytes)
 }
 
 /// The VM's status, each vCPU's from `vcpu`.
@@ -279,6 +370,7 @@ mod tests {
                     legacy: Arc::new(Mutex::new(legacy)),
                     events,
                     stats: Arc::new((0..2).map(|_| VcpuStats::default()).collect()),
+                    snapshot: None,
                 },
                 events_rx,
             }

@@ -282,8 +282,11 @@ fn rules(kind: ThreadKind) -> R<Rules> {
         ThreadKind::Io => {
             device_io(&mut r)?;
             any(&mut r, &[libc::SYS_setsockopt]);
-            // std's set_nonblocking on an accepted vsock peer.
-            arg_in(&mut r, libc::SYS_ioctl, 1, &[libc::FIONBIO])?;
+            // std's set_nonblocking on an accepted vsock peer; the VM's state, read for a
+            // snapshot.
+            arg_in(&mut r, libc::SYS_ioctl, 1, &io_ioctls())?;
+            // A snapshot's template file, sized to guest memory (passed, never opened).
+            any(&mut r, &[libc::SYS_ftruncate]);
             // update_drive and add_layer open the file named: never created, never
             // truncated.
             arg_without(
@@ -430,6 +433,33 @@ fn vcpu_ioctls() -> Vec<u64> {
     ]
 }
 
+/// The ioctls of the I/O thread: FIONBIO, and the VM state reads of a snapshot (the PIT,
+/// kvmclock, the interrupt controllers).
+fn io_ioctls() -> Vec<u64> {
+    use std::mem::size_of;
+    vec![
+        libc::FIONBIO,
+        ioc(
+            IOC_READ,
+            KVMIO,
+            0x9f,
+            size_of::<kvm_bindings::kvm_pit_state2>() as u64,
+        ), // KVM_GET_PIT2
+        ioc(
+            IOC_READ,
+            KVMIO,
+            0x7c,
+            size_of::<kvm_bindings::kvm_clock_data>() as u64,
+        ), // KVM_GET_CLOCK
+        ioc(
+            IOC_READ_WRITE,
+            KVMIO,
+            0x62,
+            size_of::<kvm_bindings::kvm_irqchip>() as u64,
+        ), // KVM_GET_IRQCHIP
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,6 +485,12 @@ mod tests {
                 0x5421
             ]
         );
+    }
+
+    #[test]
+    fn the_io_ioctl_numbers_are_the_kernels() {
+        // From linux/kvm.h on x86_64, and asm-generic/ioctls.h.
+        assert_eq!(io_ioctls(), [0x5421, 0x8070_AE9F, 0x8030_AE7C, 0xC208_AE62]);
     }
 
     #[test]

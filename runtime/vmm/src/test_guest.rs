@@ -56,6 +56,8 @@ pub struct RawGuest<'a> {
     pub devices: NamedDevices,
     /// How long the guest may run before the run fails (default 60 s).
     pub timeout: Option<Duration>,
+    /// The control socket, if the guest has one.
+    pub api: Option<std::os::unix::net::UnixListener>,
 }
 
 impl std::fmt::Debug for RawGuest<'_> {
@@ -143,7 +145,7 @@ pub(crate) fn start_raw(
             entry,
             serial,
             on_ready: None,
-            api: None,
+            api: guest.api,
             stop_signals: None,
             started,
         },
@@ -171,6 +173,11 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// The 8 bytes at guest address `at` of a running test guest.
+    fn word_at(running: &vmm::Running, at: u64) -> u64 {
+        running.memory().read_obj::<u64>(GuestAddress(at)).unwrap()
     }
 
     fn need_kvm() {
@@ -207,12 +214,7 @@ mod tests {
             Box::new(Capture::default()),
         )
         .expect("the guest started");
-        let count = || {
-            running
-                .memory()
-                .read_obj::<u64>(GuestAddress(COUNT))
-                .unwrap()
-        };
+        let count = || word_at(&running, COUNT);
         let wait_for_count = |above: u64| {
             let until = Instant::now() + Duration::from_secs(20);
             while count() <= above {
@@ -253,6 +255,105 @@ mod tests {
             .expect("the guest ended after its stop flag")
             .expect("a clean end");
         assert_eq!(outcome, Outcome::GuestExit);
+    }
+
+    /// The counting guest of the pause test, with a vsock device and a control socket, is
+    /// snapshotted through the socket: the VMM stops, and the template file holds its guest
+    /// memory as it stood (the count, the code) and its state (its vCPU in the loop, the
+    /// vsock transport). A damaged template is refused, naming what is wrong.
+    #[test]
+    fn a_running_guest_is_snapshotted_to_a_template_and_stops() {
+        use crate::vstate::snapshot::{Snapshot, SnapshotError};
+        use std::os::unix::fs::FileExt;
+        need_kvm();
+        const COUNT: u64 = 0x3000;
+        #[rustfmt::skip]
+        let code: &[u8] = &[
+            0x48, 0xff, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00,       // l: inc qword [0x3000]
+            0xeb, 0xf6,                                           // jmp l
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let vsock = Vsock::new(42, &dir.path().join("v.sock")).unwrap();
+        let running = start_raw(
+            RawGuest {
+                code,
+                mode: RawMode::Long,
+                devices: vec![("vsock".into(), Box::new(vsock))],
+                api: Some(crate::api_server::bind(&sock).unwrap()),
+                ..Default::default()
+            },
+            Box::new(Capture::default()),
+        )
+        .expect("the guest started");
+        let count = || word_at(&running, COUNT);
+        let until = Instant::now() + Duration::from_secs(20);
+        while count() == 0 {
+            assert!(Instant::now() < until, "the guest does not count");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+
+        let path = dir.path().join("template");
+        let file = std::fs::File::create(&path).unwrap();
+        husk_vmm_api::Client::new(&sock, Duration::from_secs(60))
+            .snapshot(&file)
+            .expect("snapshotted");
+        let outcome = running
+            .wait_for(Duration::from_secs(20))
+            .expect("the VMM stopped after the snapshot")
+            .expect("a clean stop");
+        assert_eq!(outcome, Outcome::Stopped);
+        let at = count();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(count(), at, "the guest ran on after its snapshot");
+
+        let file = std::fs::File::open(&path).unwrap();
+        let snap = Snapshot::read(&file).expect("a template");
+        assert_eq!(snap.memory_bytes, 16 << 20);
+        assert_eq!(snap.vcpus.len(), 1);
+        let rip = snap.vcpus[0].regs.rip;
+        assert!(
+            (CODE..CODE + code.len() as u64).contains(&rip),
+            "rip {rip:#x} is not in the loop"
+        );
+        assert_eq!(snap.devices.len(), 1);
+        assert_eq!(snap.devices[0].0, "vsock");
+        assert_eq!(snap.devices[0].1.device_type, 19);
+        let mut word = [0u8; 8];
+        file.read_exact_at(&mut word, COUNT).unwrap();
+        assert_eq!(u64::from_le_bytes(word), at, "the count in the template");
+        let mut text = vec![0u8; code.len()];
+        file.read_exact_at(&mut text, CODE).unwrap();
+        assert_eq!(text, code, "the guest's code in the template");
+
+        // Damaged: cut short, a byte more, another version.
+        let whole = std::fs::read(&path).unwrap();
+        let refused = |bytes: &[u8], why: &str| {
+            let p = dir.path().join("damaged");
+            std::fs::write(&p, bytes).unwrap();
+            match Snapshot::read(&std::fs::File::open(&p).unwrap()) {
+                Err(SnapshotError::NotATemplate(w)) => assert!(w.contains(why), "{w}"),
+                other => panic!("a damaged template ({why}) read as {other:?}"),
+            }
+        };
+        refused(&whole[..whole.len() - 1], "no template mark");
+        let mut longer = whole.clone();
+        longer.push(0);
+        refused(&longer, "no template mark");
+        refused(&whole[..100], "no template mark");
+        let state_at = snap.memory_bytes as usize;
+        let other = String::from_utf8_lossy(&whole[state_at..whole.len() - 16]).replacen(
+            "\"version\":1",
+            "\"version\":9",
+            1,
+        );
+        let mut bytes = whole[..state_at].to_vec();
+        bytes.extend_from_slice(other.as_bytes());
+        bytes.extend_from_slice(&whole[whole.len() - 16..]);
+        refused(&bytes, "of version Some(9)");
+        let mut moved = whole[..state_at - 4096].to_vec();
+        moved.extend_from_slice(&whole[state_at..]);
+        refused(&moved, "bytes of guest memory before a state");
     }
 
     #[test]

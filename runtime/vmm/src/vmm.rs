@@ -13,7 +13,7 @@ use seccompiler::SeccompAction;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
-    api_server::{ApiContext, ApiError},
+    api_server::{ApiContext, ApiError, SnapshotSource},
     arch::layout,
     builder::{self, BuildError},
     config::{SeccompMode, VmConfig},
@@ -203,13 +203,13 @@ pub(crate) struct Machine {
 pub(crate) struct Running {
     legacy: Arc<Mutex<LegacyBus>>,
     events: mpsc::Receiver<Event>,
-    /// The vCPUs' stats (their threads, to kick) and their pause (for now only tests pause
-    /// a VM; the snapshot request will).
+    /// The vCPUs' stats (their threads, to kick) and their pause (the control API's
+    /// snapshot request holds them too).
     #[cfg_attr(not(test), allow(dead_code))]
     vcpus: Shared,
-    /// The VM, kept as long as its vCPUs may run.
+    /// The VM, kept as long as its vCPUs may run (the control API's snapshot reads it too).
     #[cfg_attr(not(test), allow(dead_code))]
-    vm: Vm,
+    vm: Arc<Vm>,
 }
 
 /// Starts `m`: the serial console and the other port-I/O devices, the guest-exit
@@ -235,19 +235,25 @@ pub(crate) fn start(m: Machine, filters: &Filters) -> Result<Running, VmmError> 
         pause: Arc::new(Pause::new(m.vcpus.into())),
     };
     let transports = m.devices.transports;
+    let vm = Arc::new(m.vm);
     if !m.devices.backend_fds.is_empty() || m.api.is_some() {
         let ctx = ApiContext {
             transports: transports.clone(),
             legacy: legacy.clone(),
             events: event_tx.clone(),
             stats: vcpus.stats.clone(),
+            snapshot: Some(SnapshotSource {
+                vm: vm.clone(),
+                pause: vcpus.pause.clone(),
+                msrs: crate::vstate::snapshot::msr_indices(&vm.kvm).map_err(|e| e.to_string()),
+            }),
         };
         event_loop::spawn(&m.devices.backend_fds, m.api, ctx, filters)?;
     }
     let bus = DeviceBus::new(legacy.clone(), transports);
     for id in 0..m.vcpus {
         let mut vcpu = Vcpu::new(
-            &m.vm,
+            &vm,
             id,
             m.vcpus,
             m.entry,
@@ -265,7 +271,7 @@ pub(crate) fn start(m: Machine, filters: &Filters) -> Result<Running, VmmError> 
         legacy,
         events: event_rx,
         vcpus,
-        vm: m.vm,
+        vm,
     })
 }
 

@@ -38,6 +38,11 @@ pub enum SnapshotError {
     },
     #[error("the saved CPUID has {0} entries (KVM takes at most {KVM_MAX_CPUID_ENTRIES})")]
     Cpuid(usize),
+    #[error("{0}")]
+    Io(&'static str, #[source] std::io::Error),
+    /// A file that is not a template of this VMM's, or a damaged one.
+    #[error("not a husk VM template: {0}")]
+    NotATemplate(String),
 }
 
 /// The MSRs a vCPU's state includes: those KVM lists as saved and restored across
@@ -270,6 +275,108 @@ impl VmState {
                 .map_err(kvm("setting the interrupt controllers"))?;
         }
         Ok(())
+    }
+}
+
+/// The end of a template file: the length of its state (JSON, just before) and this magic.
+const TEMPLATE_MAGIC: &[u8; 8] = b"HUSKVMT1";
+/// The state's format, in the file: a template of another version is refused.
+const TEMPLATE_VERSION: u32 = 1;
+/// More state than any VM of ours has (its vCPUs' XSAVE areas are the bulk, 4 KiB each).
+const MAX_STATE_BYTES: u64 = 16 << 20;
+
+/// What a template file holds besides guest memory: a paused VM's vCPUs, its VM state and
+/// each virtio-mmio transport's (in the VM's device order, with its id).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub version: u32,
+    /// The guest memory's size: the file's first bytes.
+    pub memory_bytes: u64,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub devices: Vec<(String, crate::devices::virtio::mmio::MmioState)>,
+}
+
+impl Snapshot {
+    /// A snapshot of this format's version.
+    pub fn new(
+        memory_bytes: u64,
+        vcpus: Vec<VcpuState>,
+        vm: VmState,
+        devices: Vec<(String, crate::devices::virtio::mmio::MmioState)>,
+    ) -> Snapshot {
+        Snapshot {
+            version: TEMPLATE_VERSION,
+            memory_bytes,
+            vcpus,
+            vm,
+            devices,
+        }
+    }
+
+    /// Writes the template file: `vm`'s guest memory from byte 0 (so that a restored VM
+    /// maps it as it is; zero pages left as holes), then this state as JSON, then its
+    /// length and the magic. No vCPU may run meanwhile.
+    pub fn write(&self, vm: &super::vm::Vm, out: &mut std::fs::File) -> Result<(), SnapshotError> {
+        use std::io::{Seek, SeekFrom, Write};
+        let io = |what| move |e| SnapshotError::Io(what, e);
+        vm.dump_memory(out).map_err(io("writing guest memory"))?;
+        let json = serde_json::to_vec(self).expect("a snapshot serializes");
+        out.seek(SeekFrom::Start(self.memory_bytes))
+            .and_then(|_| out.write_all(&json))
+            .and_then(|()| out.write_all(&(json.len() as u64).to_le_bytes()))
+            .and_then(|()| out.write_all(TEMPLATE_MAGIC))
+            .and_then(|()| out.sync_all())
+            .map_err(io("writing the VM's state"))
+    }
+
+    /// Reads the state of the template file `file` (its guest memory stays in the file, for
+    /// [`Vm::from_memory_file`](super::vm::Vm::from_memory_file)). A file that is not one,
+    /// is cut short, or is of another version is refused, naming what is wrong.
+    pub fn read(file: &std::fs::File) -> Result<Snapshot, SnapshotError> {
+        use std::os::unix::fs::FileExt;
+        let bad = |why: String| SnapshotError::NotATemplate(why);
+        let len = file
+            .metadata()
+            .map_err(|e| SnapshotError::Io("reading the template's size", e))?
+            .len();
+        let mut tail = [0u8; 16];
+        if len < 16 {
+            return Err(bad(format!("{len} bytes")));
+        }
+        file.read_exact_at(&mut tail, len - 16)
+            .map_err(|e| SnapshotError::Io("reading the template's end", e))?;
+        if &tail[8..] != TEMPLATE_MAGIC {
+            return Err(bad("no template mark at its end".into()));
+        }
+        let json_len = u64::from_le_bytes(tail[..8].try_into().expect("8 bytes"));
+        if json_len > MAX_STATE_BYTES || json_len > len - 16 {
+            return Err(bad(format!(
+                "a state of {json_len} bytes in a file of {len}"
+            )));
+        }
+        let mut json = vec![0u8; json_len as usize];
+        file.read_exact_at(&mut json, len - 16 - json_len)
+            .map_err(|e| SnapshotError::Io("reading the template's state", e))?;
+        let version = serde_json::from_slice::<serde_json::Value>(&json)
+            .map_err(|e| bad(format!("its state is not JSON: {e}")))?
+            .get("version")
+            .and_then(|v| v.as_u64());
+        if version != Some(u64::from(TEMPLATE_VERSION)) {
+            return Err(bad(format!(
+                "its state is of version {version:?}, this VMM reads {TEMPLATE_VERSION}"
+            )));
+        }
+        let snap: Snapshot =
+            serde_json::from_slice(&json).map_err(|e| bad(format!("its state: {e}")))?;
+        if snap.memory_bytes != len - 16 - json_len {
+            return Err(bad(format!(
+                "{} bytes of guest memory before a state that starts at byte {}",
+                snap.memory_bytes,
+                len - 16 - json_len
+            )));
+        }
+        Ok(snap)
     }
 }
 

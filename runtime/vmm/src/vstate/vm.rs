@@ -144,6 +144,15 @@ impl Vm {
         Ok(Vm { kvm, fd, mem })
     }
 
+    /// Where guest memory ends: the length of the file [`Vm::dump_memory`] writes.
+    pub fn memory_len(&self) -> u64 {
+        self.mem
+            .iter()
+            .map(|r| r.start_addr().0 + r.len())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Writes guest memory to `out`, from its start: what [`Vm::from_memory_file`] maps.
     /// Pages that are all zeros are left as holes (a sparse file that reads back as zeros).
     /// No vCPU may run meanwhile.

@@ -239,6 +239,13 @@ impl VirtioDevice for Fs {
         self.acked = acked;
     }
 
+    fn snapshot_refusal(&self) -> Option<String> {
+        Some(format!(
+            "virtio-fs device {:?}: virtiofsd serves its queues and keeps their state, which a snapshot cannot hold",
+            self.tag
+        ))
+    }
+
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, irq: Arc<IrqLine>) {
         self.irq = Some(irq);
         if let Err(e) = self.start(&mem, &queues) {

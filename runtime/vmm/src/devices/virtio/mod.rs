@@ -89,6 +89,13 @@ pub trait VirtioDevice: Send {
     fn process_backend(&mut self) {}
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// Why the device cannot be in a snapshot of its VM, if it cannot (asked before the VM
+    /// is paused: a refused snapshot leaves the VM as it was).
+    fn snapshot_refusal(&self) -> Option<String> {
+        None
+    }
+    /// Readies the device for a snapshot of its paused VM.
+    fn before_snapshot(&mut self) {}
     /// Gives a block device a new backing file, or none (Firecracker's drive update).
     fn update_backing(&mut self, _file: Option<FileArg>) -> Result<(), String> {
         Err("not a block device".into())

@@ -210,6 +210,12 @@ impl VirtioDevice for Vsock {
         self.process();
     }
 
+    /// The guest's connections belong to this VMM's process: a VM restored from the
+    /// snapshot starts with none, and the guest is told so (the event reaches it on restore).
+    fn before_snapshot(&mut self) {
+        self.transport_reset();
+    }
+
     fn reset(&mut self) {
         self.muxer.reset_all();
         self.mem = None;
