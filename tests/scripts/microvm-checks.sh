@@ -179,6 +179,51 @@ vmm_sigterm() {
 }
 check vmm_sigterm vmm_sigterm
 
+# A VM template (issue 18): a booted VM whose agent answered is snapshotted through its
+# control socket (the VMM exits 0), then two clones are restored from the template, each
+# with its own vsock socket; each one's agent answers (the guest's vsock driver took the
+# transport reset) and takes a sandbox, whose destruction powers the clone off. A restore
+# with another memory size is refused, naming it.
+template() {
+    local d vmm_pid rc=0 n t ms
+    d=$(mktemp -d "$XDG_RUNTIME_DIR/template.XXXXXX")
+    "$vmm" --kernel "$kernel" --initramfs "$initramfs" --mem-mib 128 \
+        --serial-log "$d/serial.log" --vsock-uds "$d/vsock.sock" --api-sock "$d/api.sock" >"$d/vmm.log" 2>&1 &
+    vmm_pid=$!
+    t=$(date +%s%N)
+    "$husk" agent --addr "hvsock:$d/vsock.sock" --timeout-secs 60 --wait check >/dev/null || rc=1
+    echo "cold boot: agent answered $((($(date +%s%N) - t) / 1000000)) ms after the VMM started"
+    t=$(date +%s%N)
+    ((rc == 0)) && { "$husk" vmm --api "$d/api.sock" snapshot "$d/template" || rc=1; }
+    wait_gone "$vmm_pid" husk-vmm "the snapshot"
+    echo "template vmm exit $?, after $((($(date +%s%N) - t) / 1000000)) ms; $(grep -ho 'snapshot: paused.*' "$d/vmm.log")"
+    echo "template file: $(du -k --apparent-size "$d/template" | cut -f1) KiB apparent, $(du -k "$d/template" | cut -f1) KiB allocated"
+    for n in 1 2; do
+        ((rc == 0)) || break
+        t=$(date +%s%N)
+        "$vmm" --restore "$d/template" --mem-mib 128 --serial-log "$d/c$n.log" \
+            --vsock-uds "$d/c$n.sock" --api-sock "$d/c$n.api" >"$d/c$n.vmm.log" 2>&1 &
+        vmm_pid=$!
+        local A=("$husk" agent --addr "hvsock:$d/c$n.sock" --timeout-secs 60)
+        if "${A[@]}" --wait check >/dev/null; then
+            ms=$((($(date +%s%N) - t) / 1000000))
+            "${A[@]}" create-sandbox pod >/dev/null && "${A[@]}" destroy-sandbox pod >/dev/null || rc=1
+            echo "clone $n: agent answered $ms ms after the VMM started ($(grep -ho 'restored from the snapshot [0-9]* ms' "$d/c$n.vmm.log")); sandbox rc=$rc"
+        else
+            rc=1
+            echo "clone $n: no agent"
+            tail -n 5 "$d/c$n.vmm.log" "$d/c$n.log"
+            kill "$vmm_pid"
+        fi
+        wait_gone "$vmm_pid" husk-vmm "clone $n"
+        echo "clone $n vmm exit $?"
+    done
+    "$vmm" --restore "$d/template" --mem-mib 256 --vsock-uds "$d/x.sock" 2>&1 | tail -n 1
+    rm -rf "$d"
+    return "$rc"
+}
+check template template
+
 # pss_kib PID...: the processes' proportional set size together, in KiB.
 pss_kib() {
     local pid sum=0

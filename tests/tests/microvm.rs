@@ -393,6 +393,23 @@ fn husk_run_in_microvms() {
     assert!(text.contains("vmm exit 0\nsockets left: 0\n"), "{text}");
     assert!(text.contains("stopping the VM"), "{text}");
 
+    // A VM template: snapshotted once, restored twice, each clone's agent answering.
+    let (text, rc) = get("template");
+    assert_eq!(rc, Some(0), "{text}");
+    assert!(text.contains("template vmm exit 0"), "{text}");
+    for n in [1, 2] {
+        assert!(
+            text.contains(&format!("clone {n}: agent answered"))
+                && text.contains(&format!("clone {n} vmm exit 0")),
+            "clone {n}: {text}"
+        );
+    }
+    assert!(
+        text.contains("it holds a VM of 1 vCPUs and 128 MiB, not 1 and 256 MiB"),
+        "a mismatched restore: {text}"
+    );
+    println!("template: {text}");
+
     // A guest that never becomes ready, and a missing kernel: clear errors.
     let (text, rc) = get("never_ready");
     assert_ne!(rc, Some(0), "{text}");

@@ -35,6 +35,9 @@ enum VmmCmd {
     Eject { id: String },
     /// Stop the VM.
     Stop,
+    /// Pause the VM and write it to FILE, a template `husk-vmm --restore FILE` starts a
+    /// clone from (created, or replaced); the VMM then exits.
+    Snapshot { path: PathBuf },
 }
 
 pub fn run(a: VmmArgs) -> Result<i32> {
@@ -44,6 +47,16 @@ pub fn run(a: VmmArgs) -> Result<i32> {
         VmmCmd::Metrics => Request::Metrics {},
         VmmCmd::Stop => Request::Stop {},
         VmmCmd::Eject { id } => Request::eject(id),
+        VmmCmd::Snapshot { path } => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .with_context(|| format!("the template file {}", path.display()))?;
+            file = Some(f);
+            Request::Snapshot {}
+        }
         VmmCmd::UpdateDrive { id, path, writable } => {
             let f = std::fs::OpenOptions::new()
                 .read(true)
@@ -57,7 +70,8 @@ pub fn run(a: VmmArgs) -> Result<i32> {
             }
         }
     };
-    let answer = Client::new(&a.api, Duration::from_secs(10))
+    // Long enough for a snapshot to write guest memory under the nested testbed.
+    let answer = Client::new(&a.api, Duration::from_secs(120))
         .call_with(&req, file.as_ref())
         .map_err(|e| anyhow::anyhow!(husk::vm::error_chain(&e)))?;
     println!("{}", serde_json::to_string(&answer)?);

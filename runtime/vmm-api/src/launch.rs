@@ -140,8 +140,15 @@ impl fmt::Display for FsArg {
 #[command(name = "husk-vmm", version, about = "husk's KVM microVM monitor")]
 pub struct VmConfig {
     /// The guest kernel (ELF vmlinux).
-    #[arg(long)]
-    pub kernel: PathBuf,
+    #[arg(long, required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
+    /// Restore the VM from a template (the file of a `snapshot` request) instead of booting
+    /// a kernel: its guest memory is mapped privately from the file (clones share the pages
+    /// none of them wrote) and its vCPUs go on where they were. `--vcpus`, `--mem-mib` and
+    /// the devices (`--vsock-uds`, `--drive`, `--net`, in the same order) must be those of
+    /// the snapshotted VM; a template that does not match is refused, naming the difference.
+    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline_extra", "fs"])]
+    pub restore: Option<PathBuf>,
     /// The guest initramfs (cpio, optionally compressed).
     #[arg(long)]
     pub initramfs: Option<PathBuf>,
@@ -223,7 +230,8 @@ impl VmConfig {
     /// A VM of `vcpus` and `mem_mib` booting `kernel`, with nothing else.
     pub fn new(kernel: impl Into<PathBuf>, vcpus: u8, mem_mib: u32) -> Self {
         Self {
-            kernel: kernel.into(),
+            kernel: Some(kernel.into()),
+            restore: None,
             initramfs: None,
             cmdline_extra: String::new(),
             vcpus,
@@ -250,7 +258,12 @@ impl VmConfig {
             a.push(format!("--{name}").into());
             a.push(v);
         };
-        flag("kernel", self.kernel.clone().into());
+        if let Some(k) = &self.kernel {
+            flag("kernel", k.clone().into());
+        }
+        if let Some(t) = &self.restore {
+            flag("restore", t.clone().into());
+        }
         if let Some(i) = &self.initramfs {
             flag("initramfs", i.clone().into());
         }
@@ -424,6 +437,38 @@ mod tests {
             &["--uid", "5", "--gid", "6"],
             &["--jail", "/j", "--uid", "0", "--gid", "6"],
             &["--jail", "/j", "--uid", "5", "--gid", "0"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A VM boots a kernel or is restored from a template, never both, and never neither;
+    /// a restored one takes no kernel arguments or shared directories.
+    #[test]
+    fn a_vm_boots_a_kernel_or_is_restored() {
+        let parse = |a: &[&str]| VmConfig::try_parse_from([&["husk-vmm"][..], a].concat());
+        let restored = parse(&["--restore", "/t", "--vsock-uds", "/v"]).unwrap();
+        assert_eq!(
+            restored.restore.as_deref(),
+            Some(std::path::Path::new("/t"))
+        );
+        assert_eq!(restored.kernel, None);
+        let again = parse(
+            &restored
+                .to_args()
+                .iter()
+                .map(|a| a.to_str().unwrap())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        assert_eq!(again.restore, restored.restore);
+        let e = parse(&[]).unwrap_err().to_string();
+        assert!(e.contains("--kernel"), "{e}");
+        for bad in [
+            &["--restore", "/t", "--kernel", "/k"][..],
+            &["--restore", "/t", "--initramfs", "/i"],
+            &["--restore", "/t", "--cmdline-extra", "quiet"],
+            &["--restore", "/t", "--fs", "tag=a,socket=/s"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

@@ -227,7 +227,7 @@ fn snapshot(ctx: &ApiContext, file: &mut File) -> Answer {
     let paused = started.elapsed();
     match write_template(ctx, &src.vm, vcpus, file) {
         Ok(bytes) => {
-            tracing::info!(
+            crate::log_line!(
                 "snapshot: paused in {} us, {} MiB of guest memory and the state written in {} ms; stopping",
                 paused.as_micros(),
                 bytes >> 20,

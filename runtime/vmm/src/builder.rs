@@ -2,7 +2,12 @@
 //! the virtio devices and their kernel command line, the boot tables and MP table, and the
 //! serial console; [`vmm::run`](crate::vmm::run) starts what it builds.
 
-use std::{fs::File, io::Write, path::PathBuf, time::Instant};
+use std::{
+    fs::File,
+    io::Write,
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use husk_vmm_api::net::{MacAddr, NetArg, NetBackendArg};
 use linux_loader::{
@@ -27,8 +32,12 @@ use crate::{
     },
     jail::{Jail, Limits},
     signals::StopSignals,
-    vmm::{Machine, VmmError},
-    vstate::{vcpu::Entry, vm::Vm},
+    vmm::{Machine, Restore, VmmError},
+    vstate::{
+        snapshot::{Snapshot, SnapshotError},
+        vcpu::Entry,
+        vm::Vm,
+    },
 };
 
 /// Errors building the VM from its configuration.
@@ -72,6 +81,12 @@ pub enum BuildError {
     Net(#[from] NetError),
     #[error(transparent)]
     Fs(#[from] FsError),
+    /// Neither a kernel to boot nor a template to restore.
+    #[error("no --kernel to boot and no --restore template")]
+    NoKernel,
+    /// A template that cannot be restored as asked.
+    #[error("the template {0}: {1}")]
+    Template(PathBuf, String),
 }
 
 /// The default kernel command line: serial console, reboot via the i8042, no probing of
@@ -97,18 +112,35 @@ pub(crate) fn build(
             }
         }
     }
-    // A vhost-user backend maps guest memory: then it is a memfd.
-    let vm = Vm::new(cfg.mem_mib as u64, !cfg.fs.is_empty())?;
     let mem_size = (cfg.mem_mib as u64) << 20;
-    let entry = load_kernel(&vm, cfg)?;
-    let initrd = load_initramfs(&vm, cfg, mem_size)?;
-
-    let (devices, mut sockets) = create_devices(cfg, jail)?;
-    let devices = DeviceManager::attach(&vm, devices)?;
-    let cmdline_len = load_cmdline_for(&vm, &devices.cmdline, &cfg.cmdline_extra)?;
-    arch::write_boot_tables(&vm.mem).map_err(BuildError::from)?;
-    arch::write_boot_params(&vm.mem, mem_size, cmdline_len, initrd).map_err(BuildError::from)?;
-    mptable::write(&vm.mem, cfg.vcpus, layout::MPTABLE).map_err(BuildError::from)?;
+    let (vm, devices, mut sockets, entry, restore) = match (&cfg.restore, &cfg.kernel) {
+        (Some(template), _) => {
+            let (vm, snap) = open_template(template, cfg)?;
+            let (devices, sockets) = create_devices(cfg, jail)?;
+            let devices = DeviceManager::attach_restored(&vm, devices, &snap.devices)?;
+            let restore = Restore {
+                vcpus: snap.vcpus,
+                vm: snap.vm,
+            };
+            // The entry is never taken: the vCPUs' registers come from the template.
+            (vm, devices, sockets, 0, Some(restore))
+        }
+        (None, Some(kernel)) => {
+            // A vhost-user backend maps guest memory: then it is a memfd.
+            let vm = Vm::new(cfg.mem_mib as u64, !cfg.fs.is_empty())?;
+            let entry = load_kernel(&vm, kernel)?;
+            let initrd = load_initramfs(&vm, cfg, mem_size)?;
+            let (devices, sockets) = create_devices(cfg, jail)?;
+            let devices = DeviceManager::attach(&vm, devices)?;
+            let cmdline_len = load_cmdline_for(&vm, &devices.cmdline, &cfg.cmdline_extra)?;
+            arch::write_boot_tables(&vm.mem).map_err(BuildError::from)?;
+            arch::write_boot_params(&vm.mem, mem_size, cmdline_len, initrd)
+                .map_err(BuildError::from)?;
+            mptable::write(&vm.mem, cfg.vcpus, layout::MPTABLE).map_err(BuildError::from)?;
+            (vm, devices, sockets, entry, None)
+        }
+        (None, None) => return Err(BuildError::NoKernel.into()),
+    };
 
     let serial: Box<dyn Write + Send> = match &cfg.serial_log {
         Some(p) => Box::new(CappedWriter::new(
@@ -146,22 +178,46 @@ pub(crate) fn build(
         api,
         stop_signals: Some(stop_signals),
         started,
+        restore,
     };
     Ok((machine, sockets))
 }
 
 /// Loads the ELF kernel above 1 MiB; returns its entry point.
-fn load_kernel(vm: &Vm, cfg: &VmConfig) -> Result<u64, BuildError> {
-    let mut kernel =
-        File::open(&cfg.kernel).map_err(|e| BuildError::KernelOpen(cfg.kernel.clone(), e))?;
+fn load_kernel(vm: &Vm, path: &Path) -> Result<u64, BuildError> {
+    let mut kernel = File::open(path).map_err(|e| BuildError::KernelOpen(path.to_path_buf(), e))?;
     let loaded = Elf::load(
         &vm.mem,
         None,
         &mut kernel,
         Some(GuestAddress(layout::HIMEM)),
     )
-    .map_err(|e| BuildError::KernelLoad(cfg.kernel.clone(), e))?;
+    .map_err(|e| BuildError::KernelLoad(path.to_path_buf(), e))?;
     Ok(loaded.kernel_load.0)
+}
+
+/// The VM of the template at `path`, its memory mapped privately from the file, and the
+/// template's state; refused when its vCPUs or memory are not those `cfg` asks for.
+fn open_template(path: &Path, cfg: &VmConfig) -> Result<(Vm, Snapshot), BuildError> {
+    let bad = |e: SnapshotError| BuildError::Template(path.to_path_buf(), e.to_string());
+    let open = || File::open(path).map_err(|e| bad(SnapshotError::Io("opening it", e)));
+    let snap = Snapshot::read(&open()?).map_err(bad)?;
+    let mem = (cfg.mem_mib as u64) << 20;
+    if snap.vcpus.len() != usize::from(cfg.vcpus) || snap.memory_bytes != mem {
+        return Err(BuildError::Template(
+            path.to_path_buf(),
+            format!(
+                "it holds a VM of {} vCPUs and {} MiB, not {} and {} MiB",
+                snap.vcpus.len(),
+                snap.memory_bytes >> 20,
+                cfg.vcpus,
+                cfg.mem_mib
+            ),
+        ));
+    }
+    let vm = Vm::from_memory_file_part(open()?, snap.memory_bytes)
+        .map_err(|e| BuildError::Template(path.to_path_buf(), e.to_string()))?;
+    Ok((vm, snap))
 }
 
 /// Loads the initramfs, if there is one, as high as it fits; returns where and how big.

@@ -12,7 +12,10 @@ use crate::{
     arch::layout,
     devices::{
         legacy::LegacyBus,
-        virtio::{mmio::MmioTransport, IrqLine, VirtioDevice},
+        virtio::{
+            mmio::{MmioState, MmioTransport},
+            IrqLine, VirtioDevice,
+        },
     },
     vstate::vm::{Vm, VmError},
 };
@@ -26,6 +29,9 @@ pub enum DeviceManagerError {
     /// Registering a device's interrupt with KVM.
     #[error(transparent)]
     Irqfd(#[from] VmError),
+    /// The devices do not match the snapshot's, or one's state cannot be put back.
+    #[error("restoring the devices: {0}")]
+    Restore(String),
 }
 
 /// Locks a device, also one whose previous user panicked.
@@ -56,6 +62,46 @@ impl DeviceManager {
         vm: &Vm,
         devices: NamedDevices,
     ) -> Result<DeviceManager, DeviceManagerError> {
+        DeviceManager::attach_with(vm, devices, |_, dev, mem, irq| {
+            Ok(MmioTransport::new(dev, mem, irq))
+        })
+    }
+
+    /// [`DeviceManager::attach`] for a VM restored from a snapshot: each device takes the
+    /// state its transport had in the snapshot, which must hold the same devices (ids and
+    /// types) in the same order.
+    pub(crate) fn attach_restored(
+        vm: &Vm,
+        devices: NamedDevices,
+        states: &[(String, MmioState)],
+    ) -> Result<DeviceManager, DeviceManagerError> {
+        let ids = |v: Vec<&String>| v.into_iter().cloned().collect::<Vec<_>>().join(",");
+        let (now, saved) = (
+            ids(devices.iter().map(|(id, _)| id).collect()),
+            ids(states.iter().map(|(id, _)| id).collect()),
+        );
+        if now != saved {
+            return Err(DeviceManagerError::Restore(format!(
+                "the VM has the devices [{now}], its snapshot [{saved}]"
+            )));
+        }
+        DeviceManager::attach_with(vm, devices, |i, dev, mem, irq| {
+            let (id, state) = &states[i];
+            MmioTransport::restore(dev, mem, irq, state)
+                .map_err(|e| DeviceManagerError::Restore(format!("device {id}: {e}")))
+        })
+    }
+
+    fn attach_with(
+        vm: &Vm,
+        devices: NamedDevices,
+        mut transport: impl FnMut(
+            usize,
+            Box<dyn VirtioDevice>,
+            vm_memory::GuestMemoryMmap,
+            Arc<IrqLine>,
+        ) -> Result<MmioTransport, DeviceManagerError>,
+    ) -> Result<DeviceManager, DeviceManagerError> {
         let mut transports = Vec::new();
         let mut backend_fds = Vec::new();
         let mut cmdline = Vec::new();
@@ -68,7 +114,7 @@ impl DeviceManager {
             if let Some(fd) = dev.backend_fd() {
                 backend_fds.push((fd, i));
             }
-            let t = MmioTransport::new(dev, vm.mem.clone(), IrqLine::new(evt));
+            let t = transport(i, dev, vm.mem.clone(), IrqLine::new(evt))?;
             transports.push((id, Arc::new(Mutex::new(t))));
         }
         Ok(DeviceManager {

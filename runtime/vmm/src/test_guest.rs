@@ -30,6 +30,9 @@ pub enum TestGuestError {
     Memory(#[from] vm_memory::GuestMemoryError),
     #[error(transparent)]
     Boot(#[from] arch::BootError),
+    /// Opening a template file.
+    #[error("the template file")]
+    Io(#[source] std::io::Error),
 }
 
 /// The CPU mode a tiny test guest starts in (see [`run_raw_with`]).
@@ -148,8 +151,46 @@ pub(crate) fn start_raw(
             api: guest.api,
             stop_signals: None,
             started,
+            restore: None,
         },
         // The real filters: the raw guests exercise the vCPU and device paths under them.
+        &crate::seccomp::Filters::new(seccompiler::SeccompAction::KillProcess)
+            .map_err(VmmError::from)?,
+    )?)
+}
+
+/// Restores a tiny guest from the template file at `template` (a snapshot request's), with
+/// `devices` (those of the snapshotted guest, in its order) and one vCPU, and returns it
+/// running on from where it was snapshotted.
+#[cfg(test)]
+pub(crate) fn restore_raw(
+    template: &std::path::Path,
+    devices: NamedDevices,
+    serial: Box<dyn Write + Send>,
+) -> Result<vmm::Running, TestGuestError> {
+    use crate::vstate::snapshot::Snapshot;
+    let started = Instant::now();
+    let open = || std::fs::File::open(template).map_err(TestGuestError::Io);
+    let snap = Snapshot::read(&open()?).map_err(VmmError::from)?;
+    let vm = Vm::from_memory_file_part(open()?, snap.memory_bytes).map_err(VmmError::from)?;
+    let devices =
+        DeviceManager::attach_restored(&vm, devices, &snap.devices).map_err(VmmError::from)?;
+    Ok(vmm::start(
+        Machine {
+            vm,
+            devices,
+            vcpus: 1,
+            entry: Entry::Long(CODE),
+            serial,
+            on_ready: None,
+            api: None,
+            stop_signals: None,
+            started,
+            restore: Some(vmm::Restore {
+                vcpus: snap.vcpus,
+                vm: snap.vm,
+            }),
+        },
         &crate::seccomp::Filters::new(seccompiler::SeccompAction::KillProcess)
             .map_err(VmmError::from)?,
     )?)
@@ -260,17 +301,27 @@ mod tests {
     /// The counting guest of the pause test, with a vsock device and a control socket, is
     /// snapshotted through the socket: the VMM stops, and the template file holds its guest
     /// memory as it stood (the count, the code) and its state (its vCPU in the loop, the
-    /// vsock transport). A damaged template is refused, naming what is wrong.
+    /// vsock transport). Two clones restored from it each count on from there, in memory of
+    /// their own, and end when told; the template stays as it was. A template restored with
+    /// other devices, or a damaged one, is refused, naming what is wrong.
     #[test]
-    fn a_running_guest_is_snapshotted_to_a_template_and_stops() {
+    fn a_running_guest_is_snapshotted_to_a_template_and_restored_twice() {
         use crate::vstate::snapshot::{Snapshot, SnapshotError};
         use std::os::unix::fs::FileExt;
         need_kvm();
         const COUNT: u64 = 0x3000;
+        const STOP: u64 = 0x3008;
         #[rustfmt::skip]
+        // The count is kept in R12 and stored: a clone whose vCPU state was not put back
+        // would count from 0 again.
         let code: &[u8] = &[
-            0x48, 0xff, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00,       // l: inc qword [0x3000]
-            0xeb, 0xf6,                                           // jmp l
+            0x49, 0xff, 0xc4,                                     // l: inc r12
+            0x4c, 0x89, 0x24, 0x25, 0x00, 0x30, 0x00, 0x00,       // mov [0x3000], r12
+            0x80, 0x3c, 0x25, 0x08, 0x30, 0x00, 0x00, 0x00,       // cmp byte [0x3008], 0
+            0x74, 0xeb,                                           // je l
+            0xb0, 0xfe,                                           // mov al, 0xfe
+            0xe6, 0x64,                                           // out 0x64, al (reset)
+            0xf4,                                                 // hlt
         ];
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("api.sock");
@@ -325,6 +376,59 @@ mod tests {
         let mut text = vec![0u8; code.len()];
         file.read_exact_at(&mut text, CODE).unwrap();
         assert_eq!(text, code, "the guest's code in the template");
+
+        for clone in 0..2 {
+            let vsock = Vsock::new(42, &dir.path().join(format!("c{clone}.sock"))).unwrap();
+            let c = restore_raw(
+                &path,
+                vec![("vsock".into(), Box::new(vsock))],
+                Box::new(Capture::default()),
+            )
+            .unwrap_or_else(|e| panic!("clone {clone}: {e}"));
+            let until = Instant::now() + Duration::from_secs(20);
+            loop {
+                let now = word_at(&c, COUNT);
+                assert!(
+                    now >= at,
+                    "clone {clone} counts from {now}, not on from {at}"
+                );
+                if now > at + 1000 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < until,
+                    "clone {clone} does not count on from {at}: {now}"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            c.memory().write_obj(1u8, GuestAddress(STOP)).unwrap();
+            let outcome = c
+                .wait_for(Duration::from_secs(20))
+                .unwrap_or_else(|| panic!("clone {clone} did not end after its stop flag"))
+                .expect("a clean end");
+            assert_eq!(outcome, Outcome::GuestExit, "clone {clone}");
+            file.read_exact_at(&mut word, COUNT).unwrap();
+            assert_eq!(
+                u64::from_le_bytes(word),
+                at,
+                "the template after clone {clone}"
+            );
+        }
+        match restore_raw(&path, Vec::new(), Box::new(Capture::default())) {
+            Err(e) => {
+                let mut chain = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    chain += &format!(": {s}");
+                    source = s.source();
+                }
+                assert!(
+                    chain.contains("the VM has the devices [], its snapshot [vsock]"),
+                    "{chain}"
+                );
+            }
+            Ok(_) => panic!("a template restored without its devices"),
+        }
 
         // Damaged: cut short, a byte more, another version.
         let whole = std::fs::read(&path).unwrap();

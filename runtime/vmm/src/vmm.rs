@@ -197,6 +197,15 @@ pub(crate) struct Machine {
     pub(crate) stop_signals: Option<StopSignals>,
     /// When the VMM started, for the boot timings.
     pub(crate) started: Instant,
+    /// The vCPUs' and the VM's state from a snapshot, put back before the vCPUs first run
+    /// (guest memory and the devices' states were restored with the VM and its devices).
+    pub(crate) restore: Option<Restore>,
+}
+
+/// What a VM restored from a snapshot gets back once its vCPUs exist.
+pub(crate) struct Restore {
+    pub(crate) vcpus: Vec<crate::vstate::snapshot::VcpuState>,
+    pub(crate) vm: crate::vstate::snapshot::VmState,
 }
 
 /// A started VM: the vCPUs run on their threads until an [`Event`] ends it.
@@ -250,9 +259,10 @@ pub(crate) fn start(m: Machine, filters: &Filters) -> Result<Running, VmmError> 
         };
         event_loop::spawn(&m.devices.backend_fds, m.api, ctx, filters)?;
     }
-    let bus = DeviceBus::new(legacy.clone(), transports);
+    let bus = DeviceBus::new(legacy.clone(), transports.clone());
+    let mut created = Vec::with_capacity(m.vcpus.into());
     for id in 0..m.vcpus {
-        let mut vcpu = Vcpu::new(
+        created.push(Vcpu::new(
             &vm,
             id,
             m.vcpus,
@@ -260,9 +270,34 @@ pub(crate) fn start(m: Machine, filters: &Filters) -> Result<Running, VmmError> 
             bus.clone(),
             m.started,
             vcpus.clone(),
-        )?;
+        )?);
+    }
+    if let Some(r) = &m.restore {
+        if r.vcpus.len() != created.len() {
+            return Err(VmmError::Snapshot(SnapshotError::NotATemplate(format!(
+                "it has {} vCPUs, the VM {}",
+                r.vcpus.len(),
+                created.len()
+            ))));
+        }
+        // The vCPUs' states first, then the VM's (the LAPICs would undo what the irqchip
+        // has pending), then the devices' pending interrupts again.
+        for (vcpu, state) in created.iter().zip(&r.vcpus) {
+            vcpu.restore(state)?;
+        }
+        r.vm.restore(&vm.fd)?;
+        for (_, t) in transports.iter() {
+            lock(t).resignal();
+        }
+        crate::log_line!(
+            "restored from the snapshot {} ms after the VMM started",
+            m.started.elapsed().as_millis()
+        );
+    }
+    for mut vcpu in created {
         let event_tx = event_tx.clone();
-        seccomp::spawn(format!("vcpu{id}"), ThreadKind::Vcpu, filters, move || {
+        let name = format!("vcpu{}", vcpu.id());
+        seccomp::spawn(name, ThreadKind::Vcpu, filters, move || {
             let end = vcpu.run();
             let _ = event_tx.send(Event::of_vcpu(vcpu.id(), end));
         })?;

@@ -272,6 +272,14 @@ impl Vcpu {
         self.id
     }
 
+    /// Puts back what a snapshot saved of this vCPU, before it first runs.
+    pub fn restore(
+        &self,
+        state: &super::snapshot::VcpuState,
+    ) -> Result<(), super::snapshot::SnapshotError> {
+        state.restore(&self.fd)
+    }
+
     /// Runs the vCPU on the calling thread until the guest ends it (or KVM fails): port I/O
     /// goes to the legacy devices, MMIO to the virtio-mmio windows.
     pub fn run(&mut self) -> VcpuEnd {

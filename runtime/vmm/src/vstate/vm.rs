@@ -100,8 +100,14 @@ impl Vm {
     /// must not change while any such VM lives.
     pub fn from_memory_file(file: std::fs::File) -> Result<Vm, VmError> {
         let len = file.metadata().map_err(VmError::MemoryFile)?.len();
+        Vm::from_memory_file_part(file, len)
+    }
+
+    /// [`Vm::from_memory_file`] of the first `len` bytes of `file` (a template's, whose
+    /// state follows its memory).
+    pub fn from_memory_file_part(file: std::fs::File, len: u64) -> Result<Vm, VmError> {
         let mem_mib = len >> 20;
-        if len == 0 || len % (1 << 20) != 0 || mem_mib > MAX_MEMORY_MIB {
+        if len == 0 || !len.is_multiple_of(1 << 20) || mem_mib > MAX_MEMORY_MIB {
             return Err(VmError::MemoryFileSize(len));
         }
         let region = MmapRegionBuilder::new(len as usize)

@@ -101,6 +101,19 @@ impl MmioTransport {
         }
     }
 
+    /// Raises again the interrupts the transport has pending: on a restored VM, once its
+    /// vCPUs' and interrupt controllers' states are back (which would undo one raised
+    /// before). The driver reads the interrupt status, so a second one is harmless.
+    pub fn resignal(&self) {
+        let status = self.irq.status();
+        if status & 1 != 0 {
+            self.irq.signal_used();
+        }
+        if status & 2 != 0 {
+            self.irq.signal_config();
+        }
+    }
+
     /// The transport's state, for a snapshot of a VM at rest (see [`MmioState`]).
     pub fn state(&self) -> MmioState {
         let queues = if self.activated {
