@@ -12,6 +12,7 @@
 //! - [`reaper`]: reaps every child and reports exits.
 //! - [`server`]: the vsock / Unix listeners.
 //! - [`pid1`]: guest init duties.
+//! - [`template`]: a VM template's agent, gated until its clone is restored.
 
 pub mod container;
 pub mod error;
@@ -24,3 +25,4 @@ pub mod server;
 pub mod service;
 pub mod stdio;
 pub mod sysctl;
+pub mod template;

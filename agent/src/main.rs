@@ -138,6 +138,7 @@ async fn serve(listen: ListenAddr, engine: EngineConfig, pid1: bool) -> anyhow::
         } else {
             OnDestroy::KeepRunning
         },
+        template: Default::default(),
     });
     let mut services = agent_ttrpc::create_agent(service.clone());
     services.extend(health_ttrpc::create_health(service));

@@ -24,6 +24,9 @@ pub enum OnDestroy {
 pub struct AgentService {
     pub sandbox: Arc<Sandbox>,
     pub on_destroy: OnDestroy,
+    /// Whether the VM is a template waiting to be restored (sandbox, container and network
+    /// requests wait for `Restored`).
+    pub template: Arc<crate::template::TemplateGate>,
 }
 
 fn log_err<T>(rpc: &str, r: Result<T, AgentError>) -> RpcResult<T> {
@@ -59,11 +62,36 @@ impl health_ttrpc::Health for AgentService {
 
 #[async_trait]
 impl agent_ttrpc::Agent for AgentService {
+    async fn prepare_template(&self, _ctx: &TtrpcContext, _req: pb::Empty) -> RpcResult<pb::Empty> {
+        self.template.prepare();
+        Ok(pb::Empty::new())
+    }
+
+    async fn restored(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::RestoredRequest,
+    ) -> RpcResult<pb::RestoredResponse> {
+        let in_guest = self.on_destroy == OnDestroy::PowerOff;
+        let offset = log_err(
+            "restored",
+            self.template
+                .restored(&req.entropy, req.unix_time_ns, in_guest),
+        )?;
+        let mut r = pb::RestoredResponse::new();
+        r.clock_offset_ns = offset;
+        Ok(r)
+    }
+
     async fn configure_network(
         &self,
         _ctx: &TtrpcContext,
         req: pb::ConfigureNetworkRequest,
     ) -> RpcResult<pb::Empty> {
+        log_err(
+            "configure_network",
+            self.template.check("configure_network"),
+        )?;
         tracing::info!(mac = %req.mac, "configure_network");
         let r = async {
             let plan = crate::network::Plan::parse(&req)?;
@@ -80,6 +108,7 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::CreateSandboxRequest,
     ) -> RpcResult<pb::Empty> {
+        log_err("create_sandbox", self.template.check("create_sandbox"))?;
         tracing::info!(sandbox = %req.sandbox_id, "create_sandbox");
         let set_hostname = self.on_destroy == OnDestroy::PowerOff;
         log_err(
@@ -120,6 +149,7 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::CreateContainerRequest,
     ) -> RpcResult<pb::CreateContainerResponse> {
+        log_err("create_container", self.template.check("create_container"))?;
         tracing::info!(container = %req.container_id, "create_container");
         let pid = log_err("create_container", self.sandbox.create_container(req).await)?;
         let mut r = pb::CreateContainerResponse::new();
@@ -223,6 +253,7 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::ExecProcessRequest,
     ) -> RpcResult<pb::ExecProcessResponse> {
+        log_err("exec_process", self.template.check("exec_process"))?;
         tracing::info!(container = %req.container_id, exec = %req.exec_id, "exec_process");
         let pid = log_err("exec_process", self.sandbox.exec_process(req).await)?;
         let mut r = pb::ExecProcessResponse::new();

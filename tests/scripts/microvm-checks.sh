@@ -108,6 +108,23 @@ jailed_vmm() {
     vmm_pid=$!
 }
 
+# drive_bundle DIR SCRIPT: an OCI bundle in DIR whose process runs `sh -c SCRIPT` as root on
+# a root filesystem from a drive (the agent's --block), with /proc and an empty /dev.
+drive_bundle() {
+    local script=${2//\\/\\\\}
+    script=${script//\"/\\\"}
+    mkdir -p "$1"
+    cat >"$1/config.json" <<JSON
+{"ociVersion": "1.0.2",
+ "process": {"args": ["sh", "-c", "$script"],
+             "cwd": "/", "env": ["PATH=/bin:/sbin:/usr/bin"], "user": {"uid": 0, "gid": 0}},
+ "root": {"path": "rootfs"},
+ "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]}],
+ "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]}}
+JSON
+}
+
 # Drives (husk-vmm, jailed, and the agent driven directly): a container on a read-only ext4
 # drive, then a second drive filled later through the control API (the file passed to the
 # jailed VMM; one bigger than its file size limit refused first), used by a second
@@ -126,16 +143,8 @@ drives() {
     done
     truncate -s 64M "$d/big.img"
     mkdir "$d/jail"
-    mkdir -p "$d/bundle"
-    cat >"$d/bundle/config.json" <<'JSON'
-{"ociVersion": "1.0.2",
- "process": {"args": ["sh", "-c", "cat /marker; if touch /written; then echo writable; else echo read-only; fi"],
-             "cwd": "/", "env": ["PATH=/bin:/sbin:/usr/bin"], "user": {"uid": 0, "gid": 0}},
- "root": {"path": "rootfs"},
- "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]}],
- "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]}}
-JSON
+    # shellcheck disable=SC2016
+    drive_bundle "$d/bundle" 'cat /marker; if touch /written; then echo writable; else echo read-only; fi'
     jailed_vmm "$d" 1600099999 --drive "id=rootfs,path=$d/a.ext4,ro=true" --drive "id=late,path="
     local A=("$husk" agent --addr "hvsock:$d/jail/vsock.sock" --timeout-secs 60)
     "${A[@]}" --wait check >/dev/null &&
@@ -179,36 +188,53 @@ vmm_sigterm() {
 }
 check vmm_sigterm vmm_sigterm
 
-# A VM template (issue 18): a booted VM whose agent answered is snapshotted through its
-# control socket (the VMM exits 0), then two clones are restored from the template, each
-# with its own vsock socket; each one's agent answers (the guest's vsock driver took the
-# transport reset) and takes a sandbox, whose destruction powers the clone off. A restore
-# with another memory size is refused, naming it.
+# A VM template (issue 18): a booted VM whose agent answered is told it is a template, then
+# snapshotted through its control socket (the VMM exits 0), with an empty drive slot. Two
+# clones are restored from the template, each with its own vsock socket; each one's agent
+# answers (the guest's vsock driver took the transport reset) but refuses a sandbox until
+# told Restored (its RNG reseeded from the host, its clock set); then its drive slot gets a
+# root filesystem and a container prints 16 random bytes and the guest's time; destroying
+# the sandbox powers the clone off. A restore with another memory size is refused, naming it.
 template() {
-    local d vmm_pid rc=0 n t ms
+    local d vmm_pid rc=0 n t ms out
     d=$(mktemp -d "$XDG_RUNTIME_DIR/template.XXXXXX")
-    "$vmm" --kernel "$kernel" --initramfs "$initramfs" --mem-mib 128 \
+    mkdir -p "$d/root"
+    cp -a "$rootfs/." "$d/root/"
+    mkfs.ext4 -q -d "$d/root" "$d/root.ext4" 16M || return 1
+    # shellcheck disable=SC2016
+    drive_bundle "$d/bundle" 'echo random $(busybox od -An -tx1 -N16 /dev/urandom | busybox tr -d " \n"); echo time $(busybox date +%s)'
+    "$vmm" --kernel "$kernel" --initramfs "$initramfs" --mem-mib 128 --drive "id=rootfs,path=,ro=true" \
         --serial-log "$d/serial.log" --vsock-uds "$d/vsock.sock" --api-sock "$d/api.sock" >"$d/vmm.log" 2>&1 &
     vmm_pid=$!
     t=$(date +%s%N)
     "$husk" agent --addr "hvsock:$d/vsock.sock" --timeout-secs 60 --wait check >/dev/null || rc=1
     echo "cold boot: agent answered $((($(date +%s%N) - t) / 1000000)) ms after the VMM started"
+    ((rc == 0)) && { "$husk" agent --addr "hvsock:$d/vsock.sock" prepare-template || rc=1; }
     t=$(date +%s%N)
     ((rc == 0)) && { "$husk" vmm --api "$d/api.sock" snapshot "$d/template" || rc=1; }
     wait_gone "$vmm_pid" husk-vmm "the snapshot"
     echo "template vmm exit $?, after $((($(date +%s%N) - t) / 1000000)) ms; $(grep -ho 'snapshot: paused.*' "$d/vmm.log")"
     echo "template file: $(du -k --apparent-size "$d/template" | cut -f1) KiB apparent, $(du -k "$d/template" | cut -f1) KiB allocated"
+    # The template's clock stands still while it is a file: the clones' are set by Restored.
+    sleep 3
     for n in 1 2; do
         ((rc == 0)) || break
         t=$(date +%s%N)
-        "$vmm" --restore "$d/template" --mem-mib 128 --serial-log "$d/c$n.log" \
+        "$vmm" --restore "$d/template" --mem-mib 128 --drive "id=rootfs,path=,ro=true" --serial-log "$d/c$n.log" \
             --vsock-uds "$d/c$n.sock" --api-sock "$d/c$n.api" >"$d/c$n.vmm.log" 2>&1 &
         vmm_pid=$!
         local A=("$husk" agent --addr "hvsock:$d/c$n.sock" --timeout-secs 60)
         if "${A[@]}" --wait check >/dev/null; then
             ms=$((($(date +%s%N) - t) / 1000000))
-            "${A[@]}" create-sandbox pod >/dev/null && "${A[@]}" destroy-sandbox pod >/dev/null || rc=1
-            echo "clone $n: agent answered $ms ms after the VMM started ($(grep -ho 'restored from the snapshot [0-9]* ms' "$d/c$n.vmm.log")); sandbox rc=$rc"
+            echo "clone $n: agent answered $ms ms after the VMM started ($(grep -ho 'restored from the snapshot [0-9]* ms' "$d/c$n.vmm.log"))"
+            echo "clone $n before Restored: $("${A[@]}" create-sandbox pod 2>&1 | tail -n 1)"
+            echo "clone $n: $("${A[@]}" restored 2>&1)"
+            out=$("$husk" vmm --api "$d/c$n.api" update-drive rootfs "$d/root.ext4" >/dev/null &&
+                "${A[@]}" create-sandbox pod >/dev/null &&
+                "${A[@]}" create --bundle "$d/bundle" --block /dev/vda:ext4:ro c >/dev/null &&
+                "${A[@]}" start c >/dev/null && "${A[@]}" attach c) || rc=1
+            echo "clone $n container: $(tr '\n' ' ' <<<"$out")host time $(date +%s)"
+            "${A[@]}" destroy-sandbox pod >/dev/null || { rc=1; kill "$vmm_pid"; }
         else
             rc=1
             echo "clone $n: no agent"

@@ -408,6 +408,50 @@ fn husk_run_in_microvms() {
         text.contains("it holds a VM of 1 vCPUs and 128 MiB, not 1 and 256 MiB"),
         "a mismatched restore: {text}"
     );
+    // Each clone refuses a sandbox until told Restored; then its container's random bytes
+    // are its own and its clock is the host's (the template's stood still 3 s and more).
+    let mut randoms = Vec::new();
+    for n in [1, 2] {
+        let line = |prefix: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("clone {n}{prefix}")))
+                .unwrap_or_else(|| panic!("no 'clone {n}{prefix}' line: {text}"))
+                .to_string()
+        };
+        assert!(
+            line(" before Restored: ").contains("this VM is a template"),
+            "{text}"
+        );
+        let behind = line(": the guest's clock was ");
+        let secs: f64 = behind.split(' ').next().unwrap().parse().unwrap();
+        assert!(
+            secs >= 2.5,
+            "clone {n}'s clock was only {secs} s behind: {text}"
+        );
+        let container = line(" container: ");
+        let word = |key: &str| {
+            let mut w = container.split_whitespace();
+            w.find(|x| *x == key)
+                .and_then(|_| w.next())
+                .unwrap_or_else(|| panic!("no {key} in clone {n}'s container: {container}"))
+                .to_string()
+        };
+        // "random HEX time GUEST_SECS host time HOST_SECS"
+        let random = word("random");
+        assert_eq!(random.len(), 32, "16 bytes in hex: {container}");
+        let guest: i64 = word("time").parse().expect("the guest's time");
+        let host: i64 = container
+            .rsplit(' ')
+            .next()
+            .and_then(|w| w.parse().ok())
+            .expect("the host's time");
+        assert!((guest - host).abs() <= 5, "clone {n}'s clock: {container}");
+        randoms.push(random);
+    }
+    assert_ne!(
+        randoms[0], randoms[1],
+        "two clones drew the same random bytes"
+    );
     println!("template: {text}");
 
     // A guest that never becomes ready, and a missing kernel: clear errors.

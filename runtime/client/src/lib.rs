@@ -321,6 +321,30 @@ impl AgentClient {
         blocking get_oom_event(pb::GetOomEventRequest) -> pb::OomEvent;
         /// Configures the guest's interface, addresses and routes.
         bounded configure_network(pb::ConfigureNetworkRequest) -> pb::Empty;
+        /// Marks the VM a template about to be snapshotted: its agent then waits for
+        /// `restored` before it takes sandbox, container and network requests.
+        bounded prepare_template(pb::Empty) -> pb::Empty;
+        bounded restored(pb::RestoredRequest) -> pb::RestoredResponse;
+    }
+
+    /// Tells the clone of a VM template that it was restored: 64 bytes of the host's entropy
+    /// reseed its RNG and the host's wall clock sets its clock. Returns how far the guest's
+    /// clock was behind, in nanoseconds.
+    pub async fn tell_restored(&self) -> Result<i64, ClientError> {
+        use std::io::Read;
+        let mut r = pb::RestoredRequest::new();
+        let mut entropy = vec![0u8; 64];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut entropy))
+            .map_err(|source| ClientError::Unavailable {
+                addr: "/dev/urandom (the host's entropy for a restored guest)".into(),
+                source,
+            })?;
+        r.entropy = entropy;
+        r.unix_time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
+        Ok(self.restored(r).await?.clock_offset_ns)
     }
 
     /// Opens one stdio stream of a process (see `agent.proto` for the protocol). For stdin,

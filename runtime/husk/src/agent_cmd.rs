@@ -45,6 +45,11 @@ enum AgentCmd {
     },
     /// DestroySandbox (in a VM, this powers it off).
     DestroySandbox { id: String },
+    /// PrepareTemplate: the VM is about to be snapshotted (its agent then waits for Restored).
+    PrepareTemplate,
+    /// Restored: the VM is a template's clone (its RNG reseeded from this host's entropy, its
+    /// clock set to this host's); prints how far its clock was behind.
+    Restored,
     /// CreateContainer from an OCI bundle (config.json; rootfs from --rootfs, --block or the bundle).
     Create {
         id: String,
@@ -165,6 +170,13 @@ pub async fn run(a: AgentArgs) -> Result<i32> {
             r.sandbox_id = id;
             r.hostname = hostname;
             c.create_sandbox(r).await?;
+        }
+        AgentCmd::PrepareTemplate => {
+            c.prepare_template(pb::Empty::new()).await?;
+        }
+        AgentCmd::Restored => {
+            let offset = c.tell_restored().await?;
+            println!("the guest's clock was {:.3} s behind", offset as f64 / 1e9);
         }
         AgentCmd::DestroySandbox { id } => {
             let mut r = pb::DestroySandboxRequest::new();
