@@ -57,6 +57,9 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Plain text: in a VM this is the serial console, kept as a file on the host and
+        // quoted into the shim's error messages.
+        .with_ansi(false)
         .init();
     if let Err(e) = run(args, pid1) {
         tracing::error!("{e:#}");

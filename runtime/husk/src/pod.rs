@@ -312,22 +312,27 @@ impl Pod {
         // lost: its VMM is
         // killed, and the pod ends as with any VMM's end (its containers exited, the sandbox
         // not ready) instead of hanging every later request.
-        // Its VMM's status (each vCPU's exits and a register sample, each device's state) is
-        // logged first: once the VMM is gone, nothing tells a hung guest kernel from a stuck
+        // Its VMM's status (each vCPU's exits and a register sample, each device's state) and
+        // its console's last lines are logged first, on one line: once the VMM is gone (and
+        // its directory with the console), nothing tells a hung guest kernel from a stuck
         // device or a guest too starved to answer.
         let agent = match vm.killer() {
             Some(k) => {
                 let id = cfg.id.clone();
                 // A VMM that is itself stopped answers nothing: 3 s, then the kill.
                 let control = vm.control(Duration::from_secs(3));
+                let console = vm.console().to_path_buf();
                 agent.on_unresponsive(move || {
                     let status = match control.status() {
                         Ok(s) => serde_json::to_string(&s).expect("a status serializes"),
                         Err(e) => format!("no answer: {e}"),
                     };
+                    let text = std::fs::read_to_string(&console).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(10)..].join(" | ");
                     tracing::error!(
                         pod = %id,
-                        "the guest's agent answered neither a request nor a health check within {}s: killing its VMM, whose status was {status}",
+                        "the guest's agent answered neither a request nor a health check within {}s: killing its VMM, whose status was {status}; its console's last lines: {tail}",
                         2 * husk_client::RPC_DEADLINE.as_secs()
                     );
                     let _ = k.kill();
