@@ -33,15 +33,6 @@ pod_procs() {
     [[ -n $shim ]] && tree "$shim"
 }
 
-# pss_kib PID...: their summed PSS.
-pss_kib() {
-    local p s=0
-    for p in "$@"; do
-        s=$((s + $(awk '/^Pss:/ {print $2}' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0)))
-    done
-    echo "$s"
-}
-
 # ticks PID...: their summed user and system CPU time, in clock ticks.
 ticks() {
     local p s=0

@@ -15,21 +15,14 @@ vmm=$repo/target/release/husk-vmm
 husk=$repo/target/release/husk
 kernel=${HUSK_CACHE:-/var/cache/husk}/current/vmlinux
 initramfs=${HUSK_CACHE:-/var/cache/husk}/current/initramfs.cpio.gz
+# shellcheck source-path=SCRIPTDIR source=../scripts/cri-env.sh
+. "$repo/tests/scripts/cri-env.sh"
 d=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$d"' EXIT
 now() { date +%s%N; }
 ms_since() { echo $((($(now) - $1) / 1000000)); }
 agent() { "$husk" agent --addr "hvsock:$1" --timeout-secs 120 "${@:2}"; }
-
-# pss_kib PID...: their summed PSS.
-pss_kib() {
-    local p s=0
-    for p in "$@"; do
-        s=$((s + $(awk '/^Pss:/ {print $2}' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0)))
-    done
-    echo "$s"
-}
 
 # median N...: the median of the numbers.
 median() { printf '%s\n' "$@" | sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : int((v[NR / 2] + v[NR / 2 + 1]) / 2)}'; }
@@ -74,7 +67,7 @@ if ! { agent "$d/t.sock" --wait check >/dev/null && agent "$d/t.sock" prepare-te
 fi
 wait "$tpid"
 echo "the template: $(ms_since "$t") ms to snapshot ($(grep -o 'paused in .*written in [0-9]* ms' "$d/t.vmm.log")); file $(($(du -k "$d/template" | cut -f1) / 1024)) MiB allocated of $((mem)) MiB"
-clone=() told=() restore=()
+clone=() answered=() restore=()
 for ((i = 0; i < count; i++)); do
     t=$(now)
     "$vmm" --restore "$d/template" --mem-mib "$mem" --serial-log "$d/v$i.log" \
@@ -83,7 +76,7 @@ for ((i = 0; i < count; i++)); do
     agent "$d/v$i.sock" --wait check >/dev/null || { echo "clone $i: no agent"; exit 1; }
     clone+=("$(ms_since "$t")")
     agent "$d/v$i.sock" restored >/dev/null || { echo "clone $i: Restored failed"; exit 1; }
-    told+=("$(ms_since "$t")")
+    answered+=("$(ms_since "$t")")
     restore+=("$(grep -o 'restored from the snapshot [0-9]*' "$d/v$i.vmm.log" | grep -o '[0-9]*$')")
     agent "$d/v$i.sock" create-sandbox idle >/dev/null
 done
@@ -91,10 +84,10 @@ settle
 clone_pss=$(pss_kib "${pids[@]}")
 stop_all
 
-mc=$(median "${cold[@]}") mt=$(median "${told[@]}")
+mc=$(median "${cold[@]}") mt=$(median "${answered[@]}")
 echo "cold boot to the agent's answer (ms): ${cold[*]}; median $mc"
 echo "clone to the agent's answer (ms): ${clone[*]}; median $(median "${clone[@]}")"
-echo "clone to Restored answered (ms): ${told[*]}; median $mt"
+echo "clone to Restored answered (ms): ${answered[*]}; median $mt"
 echo "the restore alone, VMM start to the vCPUs' first run (ms): ${restore[*]}; median $(median "${restore[@]}")"
 echo "ready: a clone in $(awk -v a="$mt" -v b="$mc" 'BEGIN {printf "%.2f", a / b}') of a cold boot's time"
 echo "memory of $count idle VMs (summed PSS of their VMMs): cold $((cold_pss / 1024)) MiB, clones $((clone_pss / 1024)) MiB: $(awk -v a="$clone_pss" -v b="$cold_pss" 'BEGIN {printf "%.2f", a / b}') of cold"

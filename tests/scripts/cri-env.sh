@@ -216,6 +216,16 @@ husk_inventory() {
         "loops=$(losetup -a | wc -l) pods=$("${CRICTL[@]}" pods -q | wc -l) containers=$("${CRICTL[@]}" ps -aq | wc -l)"
 }
 
+# pss_kib PID...: the processes' proportional set size together, in KiB (a page they share
+# counted once in all).
+pss_kib() {
+    local pid sum=0
+    for pid in "$@"; do
+        sum=$((sum + $(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup" 2>/dev/null || echo 0)))
+    done
+    echo "$sum"
+}
+
 # pod_diagnosis FROM_LINE ID...: containerd's log (with the shims' lines) from line FROM_LINE
 # on, the lines that name one of the non-empty IDs or are warnings and errors, at most 60.
 pod_diagnosis() {

@@ -11,6 +11,8 @@ husk="$repo/target/debug/husk"
 vmm="$repo/target/debug/husk-vmm"
 kernel=${HUSK_CACHE:-/var/cache/husk}/current/vmlinux
 initramfs=${HUSK_CACHE:-/var/cache/husk}/current/initramfs.cpio.gz
+# shellcheck source-path=SCRIPTDIR source=cri-env.sh
+. "$repo/tests/scripts/cri-env.sh"
 export XDG_RUNTIME_DIR=/run/husk-test
 mkdir -p "$XDG_RUNTIME_DIR"
 
@@ -249,15 +251,6 @@ template() {
     return "$rc"
 }
 check template template
-
-# pss_kib PID...: the processes' proportional set size together, in KiB.
-pss_kib() {
-    local pid sum=0
-    for pid in "$@"; do
-        sum=$((sum + $(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup" 2>/dev/null || echo 0)))
-    done
-    echo "$sum"
-}
 
 # A shared directory (virtio-fs): virtiofsd serves a host directory, the jailed husk-vmm
 # gives it to the guest as tag husk-shared, a container mounts it: it reads what the host
