@@ -33,6 +33,8 @@ pub enum NetworkError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub mac: [u8; 6],
+    /// The MAC the interface has now, if not `mac` (a template's clone).
+    pub device_mac: Option<[u8; 6]>,
     pub mtu: u32,
     pub addresses: Vec<(IpAddr, u8)>,
     pub routes: Vec<PlannedRoute>,
@@ -92,6 +94,10 @@ impl Plan {
     /// are of its destination's family.
     pub fn parse(req: &pb::ConfigureNetworkRequest) -> Result<Plan, NetworkError> {
         let mac = parse_mac(&req.mac)?;
+        let device_mac = match req.device_mac.as_str() {
+            "" => None,
+            m => Some(parse_mac(m)?).filter(|d| *d != mac),
+        };
         if !(68..=65535).contains(&req.mtu) {
             return Err(invalid(format!("mtu {} is out of 68..=65535", req.mtu)));
         }
@@ -134,6 +140,7 @@ impl Plan {
         }
         Ok(Plan {
             mac,
+            device_mac,
             mtu: req.mtu,
             addresses,
             routes,
@@ -198,8 +205,9 @@ async fn apply(handle: &Handle, plan: &Plan) -> Result<(), NetworkError> {
             .await
             .map_err(nl("setting lo up"))?;
     }
-    let mac = plan.mac.map(|b| format!("{b:02x}")).join(":");
-    let Some(link) = links.iter().find(|l| link_mac(l) == Some(&plan.mac[..])) else {
+    let now = plan.device_mac.unwrap_or(plan.mac);
+    let mac = now.map(|b| format!("{b:02x}")).join(":");
+    let Some(link) = links.iter().find(|l| link_mac(l) == Some(&now[..])) else {
         let found = links
             .iter()
             .map(|l| {
@@ -218,6 +226,20 @@ async fn apply(handle: &Handle, plan: &Plan) -> Result<(), NetworkError> {
         return Err(NetworkError::NoInterface { mac, found });
     };
     let (index, name) = (link.header.index, link_name(link));
+    if plan.device_mac.is_some() {
+        let set = LinkUnspec::new_with_index(index)
+            .address(plan.mac.to_vec())
+            .build();
+        handle
+            .link()
+            .change(set)
+            .execute()
+            .await
+            .map_err(nl(format!(
+                "giving {name} the MAC {}",
+                plan.mac.map(|b| format!("{b:02x}")).join(":")
+            )))?;
+    }
     let up = LinkUnspec::new_with_index(index).mtu(plan.mtu).up().build();
     handle
         .link()
@@ -384,10 +406,9 @@ mod tests {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    /// The plan applied for real, in a fresh network namespace, to one end of a veth pair
-    /// found by its MAC (as the guest's virtio-net interface is).
-    #[test]
-    fn configures_the_interface_with_that_mac() {
+    /// Runs `f` on a thread of its own in a new network namespace holding the veth pair
+    /// v0-v1; as root.
+    fn in_netns_with_veth(f: impl FnOnce() + Send + 'static) {
         assert!(
             nix::unistd::geteuid().is_root(),
             "this test needs root (a network namespace, a veth pair)"
@@ -395,6 +416,17 @@ mod tests {
         std::thread::spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
             ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+            f()
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// The plan applied for real, in a fresh network namespace, to one end of a veth pair
+    /// found by its MAC (as the guest's virtio-net interface is).
+    #[test]
+    fn configures_the_interface_with_that_mac() {
+        in_netns_with_veth(|| {
             ip(&["link", "set", "v1", "up"]);
             let link: serde_json::Value =
                 serde_json::from_str(&ip(&["-j", "link", "show", "v0"])).unwrap();
@@ -444,8 +476,35 @@ mod tests {
                 .unwrap_err();
             assert!(matches!(e, NetworkError::NoInterface { .. }), "{e}");
             assert!(e.to_string().contains("v0"), "{e}");
-        })
-        .join()
-        .unwrap();
+        });
+    }
+
+    /// A template's clone: its interface still has the template's MAC (`device_mac`), is
+    /// found by it and given the pod's.
+    #[test]
+    fn an_interface_found_by_its_device_mac_is_given_the_pods() {
+        in_netns_with_veth(|| {
+            ip(&["link", "set", "v0", "address", "02:00:00:00:00:07"]);
+            let mut req = request();
+            req.device_mac = "02:00:00:00:00:07".into();
+            req.mac = "02:42:0a:58:00:05".into();
+            let plan = Plan::parse(&req).unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(configure(&plan)).unwrap();
+            let link: serde_json::Value =
+                serde_json::from_str(&ip(&["-j", "link", "show", "v0"])).unwrap();
+            assert_eq!(link[0]["address"], "02:42:0a:58:00:05");
+            assert!(link[0]["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == "UP"));
+            // Found by the MAC it has now: the old one is nobody's.
+            let e = rt.block_on(configure(&plan)).unwrap_err();
+            assert!(matches!(e, NetworkError::NoInterface { .. }), "{e}");
+        });
     }
 }

@@ -247,6 +247,7 @@ impl LayerStore {
         }
         fs::create_dir_all(&dir)
             .map_err(|e| layers_err(format!("creating {}: {e}", dir.display())))?;
+        wait_for_size(dev);
         // noinit_itable: the host made the filesystem sparse; zeroing its inode tables in
         // the background would only fill the host's file.
         sys.mount(
@@ -399,6 +400,23 @@ impl LayerStore {
     /// How many layers are mounted (for tests and stats).
     pub fn mounted(&self) -> usize {
         self.lock().layers.len()
+    }
+}
+
+/// Waits, at most 2 s, until the guest's kernel sees `dev` with a size: a drive filled after
+/// the VM started (the scratch drive of a template's clone) has none until its driver took
+/// the config change the VMM raised. A device with no size in sysfs is not waited for.
+fn wait_for_size(dev: &Path) {
+    let Some(name) = dev.file_name() else {
+        return;
+    };
+    let size = Path::new("/sys/class/block").join(name).join("size");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < until {
+        match fs::read_to_string(&size) {
+            Ok(s) if s.trim() == "0" => std::thread::sleep(std::time::Duration::from_millis(5)),
+            _ => return,
+        }
     }
 }
 

@@ -147,7 +147,7 @@ pub struct VmConfig {
     /// none of them wrote) and its vCPUs go on where they were. `--vcpus`, `--mem-mib` and
     /// the devices (`--vsock-uds`, `--drive`, `--net`, in the same order) must be those of
     /// the snapshotted VM; a template that does not match is refused, naming the difference.
-    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline_extra", "fs"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline_extra"])]
     pub restore: Option<PathBuf>,
     /// The guest initramfs (cpio, optionally compressed).
     #[arg(long)]
@@ -155,6 +155,11 @@ pub struct VmConfig {
     /// Extra kernel command line, appended to husk's defaults.
     #[arg(long, default_value = "")]
     pub cmdline_extra: String,
+    /// The largest file an empty writable drive slot may be given later (`update_drive`):
+    /// a jailed VMM's file size limit covers it (as it covers every writable drive given at
+    /// start, the serial log, and a snapshot of guest memory).
+    #[arg(long, default_value = "0")]
+    pub max_drive_bytes: u64,
     /// Number of vCPUs.
     #[arg(long, default_value = "1")]
     pub vcpus: u8,
@@ -234,6 +239,7 @@ impl VmConfig {
             restore: None,
             initramfs: None,
             cmdline_extra: String::new(),
+            max_drive_bytes: 0,
             vcpus,
             mem_mib,
             serial_log: None,
@@ -269,6 +275,9 @@ impl VmConfig {
         }
         if !self.cmdline_extra.is_empty() {
             flag("cmdline-extra", self.cmdline_extra.clone().into());
+        }
+        if self.max_drive_bytes != 0 {
+            flag("max-drive-bytes", self.max_drive_bytes.to_string().into());
         }
         flag("vcpus", self.vcpus.to_string().into());
         flag("mem-mib", self.mem_mib.to_string().into());
@@ -443,7 +452,7 @@ mod tests {
     }
 
     /// A VM boots a kernel or is restored from a template, never both, and never neither;
-    /// a restored one takes no kernel arguments or shared directories.
+    /// a restored one takes no kernel arguments.
     #[test]
     fn a_vm_boots_a_kernel_or_is_restored() {
         let parse = |a: &[&str]| VmConfig::try_parse_from([&["husk-vmm"][..], a].concat());
@@ -468,7 +477,6 @@ mod tests {
             &["--restore", "/t", "--kernel", "/k"][..],
             &["--restore", "/t", "--initramfs", "/i"],
             &["--restore", "/t", "--cmdline-extra", "quiet"],
-            &["--restore", "/t", "--fs", "tag=a,socket=/s"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

@@ -62,6 +62,9 @@ pub enum NetBackendArg {
     /// The name of an existing tap in the VMM's network namespace: the VMM opens
     /// `/dev/net/tun` and attaches to it (`husk run --net tap:NAME`).
     Tap(String),
+    /// Nothing: the NIC of a VM template, connected when a clone of it is restored with a
+    /// tap. Its link is down in the guest; frames the guest sends are dropped.
+    None,
 }
 
 /// The default MTU of the guest's interface.
@@ -71,8 +74,8 @@ pub const MIN_MTU: u16 = 68;
 /// The longest interface name Linux takes (IFNAMSIZ less its NUL).
 pub const MAX_IFNAME: usize = 15;
 
-/// A network interface given on the command line as `fd=N[,mac=MAC][,mtu=MTU]` or
-/// `tap=NAME[,mac=MAC][,mtu=MTU]`. Without `mac` the VMM picks a random locally administered
+/// A network interface given on the command line as `fd=N[,mac=MAC][,mtu=MTU]`,
+/// `tap=NAME[,mac=MAC][,mtu=MTU]` or `none[,mac=MAC][,mtu=MTU]` (unconnected). Without `mac` the VMM picks a random locally administered
 /// one; without `mtu` the guest's is [`DEFAULT_MTU`]. The guest sees it as the first
 /// virtio-net device (`eth0`); the VMM names it `net0`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,11 +98,20 @@ impl std::str::FromStr for NetArg {
         let mut backend = None;
         let (mut mac, mut mtu) = (None, None);
         for kv in s.split(',') {
+            if kv == "none" {
+                match backend {
+                    Some(_) => {
+                        return Err(format!("net {s:?}: give one of fd=, tap= or none, once"))
+                    }
+                    None => backend = Some(NetBackendArg::None),
+                }
+                continue;
+            }
             let (k, v) = kv
                 .split_once('=')
                 .ok_or_else(|| format!("net {s:?}: {kv:?} is not key=value"))?;
             let set_backend = |b: NetBackendArg| match backend {
-                Some(_) => Err(format!("net {s:?}: give one of fd= or tap=, once")),
+                Some(_) => Err(format!("net {s:?}: give one of fd=, tap= or none, once")),
                 None => Ok(Some(b)),
             };
             match k {
@@ -145,7 +157,8 @@ impl std::str::FromStr for NetArg {
                 other => return Err(format!("net {s:?}: unknown key {other:?}")),
             }
         }
-        let backend = backend.ok_or_else(|| format!("net {s:?}: fd=N or tap=NAME is required"))?;
+        let backend =
+            backend.ok_or_else(|| format!("net {s:?}: fd=N, tap=NAME or none is required"))?;
         Ok(NetArg { backend, mac, mtu })
     }
 }
@@ -155,6 +168,7 @@ impl fmt::Display for NetArg {
         match &self.backend {
             NetBackendArg::Fd(fd) => write!(f, "fd={fd}")?,
             NetBackendArg::Tap(name) => write!(f, "tap={name}")?,
+            NetBackendArg::None => write!(f, "none")?,
         }
         if let Some(m) = self.mac {
             write!(f, ",mac={m}")?;
@@ -179,10 +193,15 @@ mod tests {
         let t: NetArg = "tap=husk0".parse().unwrap();
         assert_eq!(t.backend, NetBackendArg::Tap("husk0".into()));
         assert_eq!((t.mac, t.mtu()), (None, DEFAULT_MTU));
+        let n: NetArg = "none,mac=02:00:00:00:00:01".parse().unwrap();
+        assert_eq!(n.backend, NetBackendArg::None);
+        assert_eq!(n.to_string(), "none,mac=02:00:00:00:00:01");
         for bad in [
             "",
             "mac=02:00:00:00:00:01",
             "fd=5,tap=x",
+            "none,fd=5",
+            "none,none",
             "fd=x",
             "fd=1",
             "fd=-4",

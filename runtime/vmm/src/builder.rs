@@ -26,7 +26,7 @@ use crate::{
         virtio::{
             block::{Block, BlockError},
             fs::{Fs, FsError},
-            net::{Net, NetBackend, NetError, Tap},
+            net::{Net, NetBackend, NetError, Tap, TapError, Unconnected},
             vsock::{Vsock, VsockError, MAX_HOST_SOCKETS},
         },
     },
@@ -196,8 +196,8 @@ fn load_kernel(vm: &Vm, path: &Path) -> Result<u64, BuildError> {
     Ok(loaded.kernel_load.0)
 }
 
-/// The VM of the template at `path`, its memory mapped privately from the file, and the
-/// template's state; refused when its vCPUs or memory are not those `cfg` asks for.
+/// The VM of the template at `path`, its memory mapped privately from the file (copied, for
+/// a VM with a vhost-user backend), and the template's state; refused when its vCPUs or memory are not those `cfg` asks for.
 fn open_template(path: &Path, cfg: &VmConfig) -> Result<(Vm, Snapshot), BuildError> {
     let bad = |e: SnapshotError| BuildError::Template(path.to_path_buf(), e.to_string());
     let open = || File::open(path).map_err(|e| bad(SnapshotError::Io("opening it", e)));
@@ -215,8 +215,12 @@ fn open_template(path: &Path, cfg: &VmConfig) -> Result<(Vm, Snapshot), BuildErr
             ),
         ));
     }
-    let vm = Vm::from_memory_file_part(open()?, snap.memory_bytes)
-        .map_err(|e| BuildError::Template(path.to_path_buf(), e.to_string()))?;
+    // A vhost-user backend maps guest memory: then the clone's is a memfd of its own.
+    let vm = match cfg.fs.is_empty() {
+        true => Vm::from_memory_file_part(open()?, snap.memory_bytes),
+        false => Vm::copied_from_memory_file_part(&open()?, snap.memory_bytes),
+    }
+    .map_err(|e| BuildError::Template(path.to_path_buf(), e.to_string()))?;
     Ok((vm, snap))
 }
 
@@ -236,10 +240,14 @@ fn load_initramfs(
 }
 
 /// The limits a jailed VMM of `cfg` runs under: open files for its own (a few dozen) and
-/// every host socket vsock may hold; file size for the largest writable drive, and the
-/// serial log with room to spare.
+/// every host socket vsock may hold; file size for the largest writable drive (given now,
+/// or later to an empty slot: `--max-drive-bytes`), a snapshot (guest memory and its
+/// state), and the serial log with room to spare.
 pub(crate) fn jail_limits(cfg: &VmConfig) -> Result<Limits, BuildError> {
-    let mut file_size = SERIAL_LOG_MAX + (1 << 20);
+    let snapshot = ((cfg.mem_mib as u64) << 20) + (16 << 20);
+    let mut file_size = (SERIAL_LOG_MAX + (1 << 20))
+        .max(cfg.max_drive_bytes)
+        .max(snapshot);
     for d in cfg.drives.iter().filter(|d| !d.read_only) {
         if let Some(p) = &d.path {
             let len = std::fs::metadata(p)
@@ -296,15 +304,20 @@ pub const NET_ID: &str = "net0";
 /// The network interface `n`: its tap, inherited or attached to by name, and its MAC (a
 /// random locally administered one if none was given).
 fn create_net(n: &NetArg) -> Result<Net, BuildError> {
-    let tap = match &n.backend {
-        // SAFETY: the fd was handed to this process to own (the contract of `--net fd=N`);
-        // nothing else here opens or closes it.
-        NetBackendArg::Fd(fd) => unsafe { Tap::from_inherited_fd(*fd) },
-        NetBackendArg::Tap(name) => Tap::open_named(name),
-    }
-    .map_err(NetError::from)?;
+    let backend: Box<dyn NetBackend> =
+        match &n.backend {
+            NetBackendArg::Fd(fd) => {
+                // SAFETY: the fd was handed to this process to own (the contract of
+                // `--net fd=N`); nothing else here opens or closes it.
+                let tap = unsafe { Tap::from_inherited_fd(*fd) };
+                Box::new(tap.map_err(NetError::from)?)
+            }
+            NetBackendArg::Tap(name) => Box::new(Tap::open_named(name).map_err(NetError::from)?),
+            NetBackendArg::None => Box::new(Unconnected::new().map_err(|e| {
+                NetError::from(TapError::Setup("an unconnected NIC's socket pair", e))
+            })?),
+        };
     let mac = n.mac.unwrap_or_else(|| MacAddr::local_from(random_bytes()));
-    let backend: Box<dyn NetBackend> = Box::new(tap);
     Ok(Net::new(NET_ID, backend, mac.0, n.mtu())?)
 }
 

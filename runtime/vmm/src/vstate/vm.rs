@@ -63,6 +63,39 @@ fn memfd(size: u64) -> std::io::Result<std::fs::File> {
     Ok(file)
 }
 
+/// Copies `file`'s first `dst.len()` bytes into `dst`, which is zero: its data extents
+/// only (SEEK_DATA, SEEK_HOLE), the holes left as they are.
+fn copy_data_extents(file: &std::fs::File, dst: &mut [u8]) -> std::io::Result<()> {
+    use std::os::{fd::AsRawFd, unix::fs::FileExt};
+    let end = dst.len() as i64;
+    let fd = file.as_raw_fd();
+    let mut at: i64 = 0;
+    while at < end {
+        // SAFETY: lseek on an fd we hold.
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data at or after `at`.
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(()),
+                _ => Err(e),
+            };
+        }
+        if data >= end {
+            return Ok(());
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stop = hole.min(end);
+        file.read_exact_at(&mut dst[data as usize..stop as usize], data as u64)?;
+        at = stop;
+    }
+    Ok(())
+}
+
 /// A KVM VM and its memory.
 #[derive(Debug)]
 pub struct Vm {
@@ -119,6 +152,25 @@ impl Vm {
         let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("at 0, no overflow");
         let mem = GuestMemoryMmap::from_regions(vec![region]).expect("one region");
         Vm::with_memory(mem)
+    }
+
+    /// [`Vm::from_memory_file_part`] for a VM whose memory a vhost-user backend maps too:
+    /// the first `len` bytes of `file` are copied into a memfd of the VM's own (its data
+    /// extents only: a template's zero pages are holes, and stay unallocated). A backend
+    /// cannot see a process's private copy-on-write pages, so such a clone shares no pages
+    /// with its template; it still starts without booting.
+    pub fn copied_from_memory_file_part(file: &std::fs::File, len: u64) -> Result<Vm, VmError> {
+        let mem_mib = len >> 20;
+        if len == 0 || !len.is_multiple_of(1 << 20) || mem_mib > MAX_MEMORY_MIB {
+            return Err(VmError::MemoryFileSize(len));
+        }
+        let vm = Vm::new(mem_mib, true)?;
+        let region = vm.mem.iter().next().expect("one region");
+        // SAFETY: the region is a live writable mapping of `len` bytes that nothing else
+        // uses yet (no vCPU runs, no backend has it).
+        let dst = unsafe { std::slice::from_raw_parts_mut(region.as_ptr(), len as usize) };
+        copy_data_extents(file, dst).map_err(VmError::MemoryFile)?;
+        Ok(vm)
     }
 
     /// The VM around `mem`: KVM's VM, its irqchip and PIT, the memory registered.
@@ -199,5 +251,35 @@ impl Vm {
     pub fn host_range(&self) -> (u64, u64) {
         let r = self.mem.iter().next().expect("one region");
         (r.as_ptr() as u64, r.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    /// A sparse file's data extents land where they are, its holes stay zero, and nothing
+    /// past the length asked for is read.
+    #[test]
+    fn data_extents_are_copied_and_holes_left() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 0).unwrap();
+        f.write_all_at(&[2u8; 10000], 3 << 20).unwrap();
+        f.write_all_at(&[3u8; 4096], (8 << 20) - 4096).unwrap();
+        let mut dst = vec![0u8; 6 << 20];
+        copy_data_extents(&f, &mut dst).unwrap();
+        let mut want = vec![0u8; 6 << 20];
+        want[..4096].fill(1);
+        want[3 << 20..(3 << 20) + 10000].fill(2);
+        assert!(dst == want, "the copy differs from the file");
+        // A file with no data at all.
+        let empty = tempfile::tempfile().unwrap();
+        empty.set_len(1 << 20).unwrap();
+        let mut dst = vec![0u8; 1 << 20];
+        copy_data_extents(&empty, &mut dst).unwrap();
+        assert!(dst.iter().all(|b| *b == 0));
     }
 }

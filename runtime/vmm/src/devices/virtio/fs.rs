@@ -65,6 +65,9 @@ pub struct Fs {
     irq: Option<Arc<IrqLine>>,
     /// The queues the backend runs (after a successful activation).
     running: usize,
+    /// Whether the guest ever notified a queue: until it does (it mounts the share), the
+    /// backend holds no state a snapshot would lose.
+    used: bool,
     errors: LogLimiter,
 }
 
@@ -126,6 +129,7 @@ impl Fs {
             call: EventFd::new(EFD_NONBLOCK).map_err(FsError::EventFd)?,
             irq: None,
             running: 0,
+            used: false,
             errors: LogLimiter::default(),
         })
     }
@@ -239,11 +243,18 @@ impl VirtioDevice for Fs {
         self.acked = acked;
     }
 
+    /// A device whose queues the guest never used (it probed the device, but never mounted
+    /// the share) is snapshotted as its transport's state alone: the restored VM's backend is
+    /// then started on those rings from index 0, as at a cold boot. Once the guest sent a
+    /// request, virtiofsd holds the ring positions and the FUSE session, which no snapshot
+    /// holds.
     fn snapshot_refusal(&self) -> Option<String> {
-        Some(format!(
-            "virtio-fs device {:?}: virtiofsd serves its queues and keeps their state, which a snapshot cannot hold",
-            self.tag
-        ))
+        self.used.then(|| {
+            format!(
+                "virtio-fs device {:?}: the guest has used it (mounted the share), and virtiofsd keeps its queues' and session's state, which a snapshot cannot hold",
+                self.tag
+            )
+        })
     }
 
     fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, irq: Arc<IrqLine>) {
@@ -255,6 +266,7 @@ impl VirtioDevice for Fs {
     }
 
     fn queue_notify(&mut self, index: u16) {
+        self.used = true;
         if let Some(k) = self.kicks.get(index as usize) {
             let _ = k.write(1);
         }

@@ -31,7 +31,7 @@ mod test_utils;
 #[cfg(test)]
 mod tests;
 
-pub use backend::{NetBackend, SocketBackend};
+pub use backend::{NetBackend, SocketBackend, Unconnected};
 pub use device::{Net, NetStats};
 pub use frame::{
     rx_chain, tx_chain, ChainError, TxRules, VnetHdr, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6,
