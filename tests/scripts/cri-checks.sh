@@ -790,6 +790,81 @@ husk_standalone() {
     rm -rf "$d"
     return $rc
 }
+# Pods start from VM templates: the first pod of a shape makes its template (and boots cold),
+# the next restore it (the shim logs both). Two clones' RNGs differ and their clocks are the host's. A template
+# changed on disk is refused, removed and made again, never restored; a pod of another size
+# gets a template of its own; with [pod] templates = false a pod boots its kernel.
+husk_templates() {
+    local d rc=0 p1 p2 p3 p4 p5 c1 c2 f log=$CRI_ROOT/containerd.log
+    d=$(mktemp -d)
+    "$husk" template remove --all
+    # counts: how many templates were made, restored and refused so far.
+    counts() {
+        echo "made $(grep -c 'msg="made the VM template' "$log") restored $(grep -c 'restored from a VM template' "$log") refused $(grep -c 'refusing the VM template' "$log")"
+    }
+    # delta BEFORE: what counts added since BEFORE.
+    delta() {
+        local -a a b
+        read -ra a <<<"$1"
+        read -ra b <<<"$(counts)"
+        echo "made $((b[1] - a[1])) restored $((b[3] - a[3])) refused $((b[5] - a[5]))"
+    }
+    local c0 p0
+    c0=$(counts)
+    pod_json "$d/p0.json" pod-tpl-0 true
+    p0=$("${CRICTL[@]}" runp "$d/p0.json") || return 1
+    echo "first pod: $(delta "$c0")"
+    c0=$(counts)
+    pod_json "$d/p1.json" pod-tpl-1 true
+    pod_json "$d/p2.json" pod-tpl-2 true
+    container_json "$d/c.json" c-tpl '["sleep","3600"]'
+    p1=$("${CRICTL[@]}" runp "$d/p1.json") && p2=$("${CRICTL[@]}" runp "$d/p2.json") || return 1
+    c1=$("${CRICTL[@]}" create "$p1" "$d/c.json" "$d/p1.json") && "${CRICTL[@]}" start "$c1" >/dev/null || return 1
+    c2=$("${CRICTL[@]}" create "$p2" "$d/c.json" "$d/p2.json") && "${CRICTL[@]}" start "$c2" >/dev/null || return 1
+    echo "two pods: $(delta "$c0")"
+    local u1 u2 t1 t2 now
+    u1=$("${CRICTL[@]}" exec -s "$c1" cat /proc/sys/kernel/random/uuid)
+    u2=$("${CRICTL[@]}" exec -s "$c2" cat /proc/sys/kernel/random/uuid)
+    t1=$("${CRICTL[@]}" exec -s "$c1" date +%s) t2=$("${CRICTL[@]}" exec -s "$c2" date +%s) now=$(date +%s)
+    echo "random: $u1 $u2 ($([[ -n $u1 && $u1 != "$u2" ]] && echo differ || echo same))"
+    local skew=$(((now - t1) > (now - t2) ? now - t1 : now - t2))
+    echo "clocks: host $now clones $t1 $t2 ($((skew <= 5 && skew >= -1 ? 1 : 0)) within 5 s)"
+    echo "templates: $("$husk" template list | grep -vc unsound) sound"
+    # A byte of the template's memory changed on disk: refused, removed, made again (by that
+    # pod, which boots cold).
+    f=$(find /var/lib/husk/templates -name memory | head -1)
+    printf 'X' | dd of="$f" bs=1 seek=8192 conv=notrunc status=none
+    c0=$(counts)
+    pod_json "$d/p3.json" pod-tpl-3 true
+    p3=$("${CRICTL[@]}" runp "$d/p3.json") || return 1
+    echo "after a changed template: $(delta "$c0") ($("${CRICTL[@]}" inspectp "$p3" | grep -o '"state": *"SANDBOX_READY"' | head -1))"
+    # Another memory size: another template.
+    cp /etc/husk/config.toml "$d/husk-config"
+    printf '\n[pod]\nmemory_mib = 320\n' >>/etc/husk/config.toml
+    c0=$(counts)
+    pod_json "$d/p4.json" pod-tpl-4 true
+    p4=$("${CRICTL[@]}" runp "$d/p4.json") || rc=1
+    echo "another size: $(delta "$c0"), templates $("$husk" template list | grep -vc unsound)"
+    # Templates off: the pod boots its kernel.
+    cp "$d/husk-config" /etc/husk/config.toml
+    printf '\n[pod]\ntemplates = false\n' >>/etc/husk/config.toml
+    c0=$(counts)
+    pod_json "$d/p5.json" pod-tpl-5 true
+    p5=$("${CRICTL[@]}" runp "$d/p5.json") || rc=1
+    echo "templates off: $(delta "$c0")"
+    cp "$d/husk-config" /etc/husk/config.toml
+    "${CRICTL[@]}" stop -t 1 "$c1" "$c2" >/dev/null
+    "${CRICTL[@]}" rm "$c1" "$c2" >/dev/null
+    "${CRICTL[@]}" stopp "$p0" "$p1" "$p2" "$p3" ${p4:+"$p4"} ${p5:+"$p5"} >/dev/null &&
+        "${CRICTL[@]}" rmp "$p0" "$p1" "$p2" "$p3" ${p4:+"$p4"} ${p5:+"$p5"} >/dev/null || rc=1
+    leftovers
+    rm -rf "$d"
+    return $rc
+}
+echo "=== husk_templates"
+husk_templates
+ended husk_templates $?
+
 echo "=== husk_standalone"
 husk_standalone
 ended husk_standalone $?

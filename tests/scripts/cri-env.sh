@@ -203,7 +203,9 @@ EOF
 
 # husk_inventory: NAME=VALUE pairs of everything a husk pod could leave behind on the node
 # (processes, mounts, files, network namespaces, links, tc filters, cgroups, loop devices, CRI's
-# pods and containers), to compare with a baseline.
+# pods and containers), to compare with a baseline. The VM template cache is a cache (one
+# template per pod shape, made by the first pod of that shape): its templates are not counted,
+# a template's unfinished build (its VM's directory, its file being written) is.
 husk_inventory() {
     local filters=0 dev
     for dev in /sys/class/net/*; do
@@ -211,7 +213,9 @@ husk_inventory() {
     done
     echo "vmm=$(pgrep -c husk-vmm) shim=$(pgrep -c -f containerd-shim-husk) virtiofsd=$(pgrep -c -x virtiofsd)" \
         "mounts=$(wc -l </proc/self/mountinfo) run_files=$(find /run/husk 2>/dev/null | wc -l)" \
-        "state_files=$(find /var/lib/husk 2>/dev/null | wc -l) netns=$(find /run/netns -mindepth 1 2>/dev/null | wc -l)" \
+        "state_files=$(find /var/lib/husk -path /var/lib/husk/templates -prune -o -print 2>/dev/null | wc -l)" \
+        "template_builds=$(find /var/lib/husk/templates \( -name vm -o -name 'memory.tmp' \) 2>/dev/null | wc -l)" \
+        "netns=$(find /run/netns -mindepth 1 2>/dev/null | wc -l)" \
         "links=$(ip -o link show | wc -l) tc_filters=$filters cgroups=$(find /sys/fs/cgroup -type d | wc -l)" \
         "loops=$(losetup -a | wc -l) pods=$("${CRICTL[@]}" pods -q | wc -l) containers=$("${CRICTL[@]}" ps -aq | wc -l)"
 }

@@ -119,6 +119,34 @@ fn husk_run_in_microvms() {
     ] {
         assert!(text.contains(line), "no {line:?} in: {text}");
     }
+    // The same from a VM template: made by the first run (which boots cold), restored by the
+    // next two; each clone has RNG output of its own (its boot id too: the kernel makes it at
+    // its first read, which comes after the clone's reseed).
+    let (text, rc) = get("hello_template");
+    assert_eq!(rc, Some(0), "{text}");
+    for line in [
+        "run 1: rc 7",
+        "run 2: rc 7",
+        "run 3: rc 7",
+        "husk-vmm: restored from the snapshot ",
+        "husk: first output ",
+        " 1 vCPU ",
+    ] {
+        assert!(text.contains(line), "no {line:?} in: {text}");
+    }
+    assert_eq!(
+        text.matches("husk-vmm: restored from the snapshot ")
+            .count(),
+        2,
+        "{text}"
+    );
+    let clones: Vec<Vec<&str>> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("hello from a clone: "))
+        .map(|l| l.split(' ').collect())
+        .collect();
+    assert_eq!(clones.len(), 3, "{text}");
+    assert_ne!(clones[1][1], clones[2][1], "the same RNG output: {text}");
     let (text, rc) = get("streams");
     assert_eq!(rc, Some(0), "{text}");
     assert!(
@@ -319,7 +347,7 @@ fn husk_run_in_microvms() {
         "{text}"
     );
     assert!(
-        text.contains("the VMM refused: the drive file (the file passed with the request) (67108864 bytes) is bigger than the VMM's file size limit (17825792 bytes"),
+        text.contains("the VMM refused: the drive file (the file passed with the request) (1073741824 bytes) is bigger than the VMM's file size limit (285212672 bytes"),
         "{text}"
     );
     assert!(

@@ -18,9 +18,12 @@
 //! memory_mib = 256
 //! overhead_mib = 64  # added to the CRI sandbox memory (guest kernel and agent)
 //! scratch_gib = 10   # each pod's scratch drive (sparse: containers' writes), in GiB
+//! templates = true   # start pods from VM templates (storage dir's templates/); false: boot
+//!                    # each pod's kernel (no memory pages shared between pods' VMs)
 //!
 //! [storage]
-//! dir = "/var/lib/husk"  # the layer cache (layers/) and pods' scratch drives (scratch/)
+//! dir = "/var/lib/husk"  # the layer cache (layers/), pods' scratch drives (scratch/) and
+//!                        # VM templates (templates/)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -56,6 +59,8 @@ pub struct PodDefaults {
     pub memory_mib: u32,
     pub overhead_mib: u32,
     pub scratch_gib: u32,
+    /// Start pods' VMs from templates (see [`crate::template`]).
+    pub templates: bool,
 }
 
 impl Default for Config {
@@ -73,6 +78,7 @@ impl Default for Config {
                 memory_mib: 256,
                 overhead_mib: 64,
                 scratch_gib: 10,
+                templates: true,
             },
             storage_dir: "/var/lib/husk".into(),
         }
@@ -133,9 +139,14 @@ impl Config {
                     "pod.memory_mib" => c.pod.memory_mib = int(&name, v, 64, 3072)? as u32,
                     "pod.overhead_mib" => c.pod.overhead_mib = int(&name, v, 0, 1024)? as u32,
                     "pod.scratch_gib" => c.pod.scratch_gib = int(&name, v, 1, 4096)? as u32,
+                    "pod.templates" => {
+                        c.pod.templates = v
+                            .as_bool()
+                            .with_context(|| format!("{name}: expected true or false"))?
+                    }
                     "storage.dir" => c.storage_dir = path(&name, v)?,
                     _ => bail!(
-                        "unknown key {name} (known: guest.kernel, guest.initramfs, guest.kernel_args, vmm.path, vmm.confine, vmm.uids, vmm.virtiofsd, pod.vcpus, pod.memory_mib, pod.overhead_mib, pod.scratch_gib, storage.dir)"
+                        "unknown key {name} (known: guest.kernel, guest.initramfs, guest.kernel_args, vmm.path, vmm.confine, vmm.uids, vmm.virtiofsd, pod.vcpus, pod.memory_mib, pod.overhead_mib, pod.scratch_gib, pod.templates, storage.dir)"
                     ),
                 }
             }
@@ -195,6 +206,7 @@ vcpus = 2
 memory_mib = 512
 overhead_mib = 32
 scratch_gib = 20
+templates = false
 [storage]
 dir = "/srv/husk"
 "#,
@@ -214,6 +226,7 @@ dir = "/srv/husk"
                 memory_mib: 512,
                 overhead_mib: 32,
                 scratch_gib: 20,
+                templates: false,
             }
         );
         assert_eq!(c.storage_dir, Path::new("/srv/husk"));

@@ -11,6 +11,7 @@ pub mod pod;
 pub mod podinfo;
 pub mod share;
 pub mod stdio;
+pub mod template;
 pub mod uid_lease;
 pub mod vm;
 pub mod vmm_process;

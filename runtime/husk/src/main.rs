@@ -5,6 +5,7 @@ mod doctor;
 mod install;
 mod monitor;
 mod run;
+mod template_cmd;
 mod vmm_cmd;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +35,8 @@ enum Cmd {
     Install(install::InstallArgs),
     /// Undo `husk install`.
     Uninstall(install::UninstallArgs),
+    /// The VM templates pods start from: list them, make one ahead of time, remove them.
+    Template(template_cmd::TemplateArgs),
     /// Remove the layer cache's entries whose source (a containerd snapshot, an OCI blob)
     /// is gone, or all of them.
     Gc {
@@ -75,6 +78,7 @@ fn main() {
             Cmd::Install(a) => install::install(a),
             Cmd::Monitor(a) => monitor::monitor(a).await,
             Cmd::Uninstall(a) => install::uninstall(a),
+            Cmd::Template(a) => template_cmd::run(a).await,
             Cmd::Gc { all } => gc(all),
         }
     });

@@ -33,6 +33,11 @@ use crate::{
 /// How long the VMM may take to answer a control request.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a VM template's clone may take until its agent answers (it answers in well
+/// under a second where a boot takes seconds): one that does not is killed, and the pod
+/// boots cold.
+const CLONE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// What a pod's VM is made of.
 #[derive(Debug, Clone)]
 pub struct PodConfig {
@@ -253,39 +258,43 @@ impl Pod {
     /// VMM and removes the run directory).
     pub async fn boot(cfg: &PodConfig, net: Option<GuestNetwork>) -> Result<(Pod, Vm), PodError> {
         let scratch = make_scratch(&cfg.scratch_dir, &cfg.id, cfg.scratch_bytes)?;
-        let drives = [
-            Drive::Layered {
-                id: LAYERS_DRIVE.into(),
-            },
-            Drive::File {
-                id: SCRATCH_DRIVE.into(),
-                file: scratch,
-                read_only: false,
-            },
-        ];
+        let template = Self::template(cfg, net.is_some()).await?;
         let (device, net_config) = match net {
             Some(n) => (Some(n.device), n.config),
             None => (None, None),
         };
-        let mut vm = Vm::start(
-            &cfg.image,
-            &cfg.size,
-            &drives,
-            device,
-            &cfg.dir,
-            &cfg.cgroup,
-            cfg.shared_dir.as_deref(),
-        )
-        .map_err(|e| PodError::Start(format!("{e:#}")))?;
-        // The VMM holds the scratch file now.
-        drop(drives);
-        let agent = vm
-            .connect_agent(cfg.boot_timeout)
-            .await
-            .map_err(|e| match e {
-                BootError::Hung(m) => PodError::Boot(m),
-                BootError::Ended(m) => PodError::Ended(m),
-            })?;
+        let (vm, agent, template) = match template {
+            None => {
+                let (vm, agent) =
+                    Self::start_vm(cfg, None, device, &scratch, cfg.boot_timeout).await?;
+                (vm, agent, None)
+            }
+            Some(t) => {
+                // The NIC again, for a cold boot if the clone does not answer.
+                let spare = device
+                    .as_ref()
+                    .map(NetDevice::try_clone)
+                    .transpose()
+                    .map_err(|e| PodError::Start(format!("duplicating the pod's tap: {e}")))?;
+                let wait = cfg.boot_timeout.min(CLONE_TIMEOUT);
+                match Self::start_vm(cfg, Some(&t), device, &scratch, wait).await {
+                    Ok((vm, agent)) => (vm, agent, Some(t)),
+                    Err(PodError::Boot(why)) => {
+                        tracing::warn!(
+                            pod = %cfg.id,
+                            template = %t.id,
+                            "the VM template's clone did not answer within {} s; booting cold: {why}",
+                            wait.as_secs()
+                        );
+                        let (vm, agent) =
+                            Self::start_vm(cfg, None, spare, &scratch, cfg.boot_timeout).await?;
+                        (vm, agent, None)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        drop(scratch);
         let mut r = pb::CreateSandboxRequest::new();
         r.sandbox_id = cfg.id.clone();
         r.hostname = cfg.hostname.clone();
@@ -298,8 +307,13 @@ impl Pod {
             .await
             .map_err(PodError::agent("creating the sandbox in the guest"))?;
         if let Some(info) = &net_config {
+            let mut r = network_request(info);
+            // The clone's guest has the template's MAC until told the pod's.
+            if let Some(mac) = template.as_ref().and_then(|t| t.mac()) {
+                r.device_mac = mac.to_string();
+            }
             agent
-                .configure_network(network_request(info))
+                .configure_network(r)
                 .await
                 .map_err(PodError::agent("configuring the guest's network"))?;
         }
@@ -351,6 +365,113 @@ impl Pod {
             share,
         }));
         Ok((pod, vm))
+    }
+
+    /// Starts the pod's VM, restored from `template` or booted, and waits up to `wait` for
+    /// its agent; a clone is then told it was restored and given its scratch drive.
+    async fn start_vm(
+        cfg: &PodConfig,
+        template: Option<&crate::template::Template>,
+        device: Option<NetDevice>,
+        scratch: &fs::File,
+        wait: Duration,
+    ) -> Result<(Vm, AgentClient), PodError> {
+        // A template's clone gets its scratch drive once restored: the template has a slot.
+        let scratch_drive = match template {
+            None => Drive::File {
+                id: SCRATCH_DRIVE.into(),
+                file: scratch.try_clone().map_err(|e| PodError::Scratch {
+                    path: cfg.scratch_dir.clone(),
+                    why: e.to_string(),
+                })?,
+                read_only: false,
+            },
+            Some(_) => Drive::Empty {
+                id: SCRATCH_DRIVE.into(),
+                read_only: false,
+                max_bytes: cfg.scratch_bytes,
+            },
+        };
+        let drives = [
+            Drive::Layered {
+                id: LAYERS_DRIVE.into(),
+            },
+            scratch_drive,
+        ];
+        let mut vm = Vm::start(
+            &cfg.image,
+            &cfg.size,
+            &drives,
+            device,
+            &cfg.dir,
+            &cfg.cgroup,
+            cfg.shared_dir.as_deref(),
+            template.map(|t| t.file.as_path()),
+        )
+        .map_err(|e| PodError::Start(format!("{e:#}")))?;
+        // The VMM holds the scratch file now (or gets it below).
+        drop(drives);
+        let agent = vm.connect_agent(wait).await.map_err(|e| match e {
+            BootError::Hung(m) => PodError::Boot(m),
+            BootError::Ended(m) => PodError::Ended(m),
+        })?;
+        if let Some(t) = template {
+            let offset = agent.tell_restored().await.map_err(PodError::agent(
+                "telling the template's clone it was restored",
+            ))?;
+            vm.control(CONTROL_TIMEOUT)
+                .update_drive(SCRATCH_DRIVE, scratch)
+                .map_err(|e| {
+                    PodError::Start(format!(
+                        "giving the clone its scratch drive: {}",
+                        error_chain(&e)
+                    ))
+                })?;
+            tracing::info!(
+                pod = %cfg.id,
+                template = %t.id,
+                "restored from a VM template; the guest's clock was {:.1} s behind",
+                offset as f64 / 1e9
+            );
+        }
+        Ok((vm, agent))
+    }
+
+    /// The template to restore the pod's VM from: none when the image says to boot cold, when
+    /// another process is making it, or when this one just made it (see
+    /// [`crate::template::Got::Made`]). A template that cannot be made is logged, and the
+    /// pod boots cold; a template whose VMM does not start or whose guest does not boot fails
+    /// the pod with that error (its own boot would fail the same way).
+    async fn template(
+        cfg: &PodConfig,
+        net: bool,
+    ) -> Result<Option<crate::template::Template>, PodError> {
+        let Some(dir) = &cfg.image.templates else {
+            return Ok(None);
+        };
+        let cache = crate::template::TemplateCache::new(dir);
+        let shape = crate::template::Shape {
+            net,
+            fs: cfg.shared_dir.is_some(),
+        };
+        match cache
+            .get_or_make(&cfg.image, &cfg.size, shape, &cfg.cgroup, cfg.boot_timeout)
+            .await
+        {
+            Ok(crate::template::Got::Cached(t)) => Ok(Some(t)),
+            Ok(crate::template::Got::Made(t)) => {
+                tracing::info!(pod = %cfg.id, template = %t.id, "this pod boots cold: its process just made its template (the next pods restore it)");
+                Ok(None)
+            }
+            Ok(crate::template::Got::Busy) => Ok(None),
+            Err(crate::template::MakeError::Start(m)) => Err(PodError::Start(m)),
+            Err(crate::template::MakeError::Boot(BootError::Hung(m))) => Err(PodError::Boot(m)),
+            Err(crate::template::MakeError::Boot(BootError::Ended(m))) => Err(PodError::Ended(m)),
+            Err(e) => {
+                tracing::warn!(pod = %cfg.id, "no VM template ({e}); booting cold");
+                Ok(None)
+            }
+        }
     }
 
     pub fn id(&self) -> &str {

@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// Print boot timings to stderr.
     #[arg(long)]
     pub timings: bool,
+    /// Boot the guest's kernel, not a VM template's clone (where `[pod] templates` is on, as
+    /// by default; see the README's "VM templates").
+    #[arg(long)]
+    pub no_template: bool,
     /// Extra guest kernel command line, e.g. "loglevel=7" to see the kernel boot.
     #[arg(long, default_value = "")]
     pub kernel_args: String,
@@ -111,6 +115,9 @@ pub async fn run(a: RunArgs) -> Result<i32> {
             .to_string();
     }
     img.console_log = a.console_log.clone();
+    if a.no_template {
+        img.templates = None;
+    }
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| "/run/husk".into());

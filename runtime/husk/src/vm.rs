@@ -41,6 +41,9 @@ pub struct VmImage {
     pub uids: crate::uid_lease::UidRange,
     /// The vhost-user-fs backend of a VM's shared directory.
     pub virtiofsd: PathBuf,
+    /// The VM template cache (see [`crate::template`]): pods start from a template made of
+    /// this image, not by booting; None boots every pod cold.
+    pub templates: Option<PathBuf>,
 }
 
 /// How big the VM is.
@@ -63,6 +66,13 @@ pub enum Drive {
     /// Read-only image layers, added and removed while the VM runs (see
     /// [`husk_vmm_api::Client::add_layer`]).
     Layered { id: String },
+    /// An empty slot, filled while the VM runs (`update_drive`) with a file of at most
+    /// `max_bytes`: a VM template's drive.
+    Empty {
+        id: String,
+        read_only: bool,
+        max_bytes: u64,
+    },
 }
 
 /// The first fd number inherited drive files get in the VMM (after the tap's).
@@ -81,6 +91,27 @@ pub enum NetDevice {
         mac: Option<MacAddr>,
         mtu: Option<u16>,
     },
+    /// A NIC with nothing behind it (a VM template's; its clones get a tap).
+    Unconnected { mac: MacAddr },
+}
+
+impl NetDevice {
+    /// The same NIC again (the tap's fd duplicated), for a second VMM once the first is gone.
+    pub fn try_clone(&self) -> std::io::Result<NetDevice> {
+        Ok(match self {
+            NetDevice::Fd { fd, mac, mtu } => NetDevice::Fd {
+                fd: fd.try_clone()?,
+                mac: *mac,
+                mtu: *mtu,
+            },
+            NetDevice::Tap { name, mac, mtu } => NetDevice::Tap {
+                name: name.clone(),
+                mac: *mac,
+                mtu: *mtu,
+            },
+            NetDevice::Unconnected { mac } => NetDevice::Unconnected { mac: *mac },
+        })
+    }
 }
 
 /// The fd number a tap passed with [`NetDevice::Fd`] has in the VMM.
@@ -129,7 +160,8 @@ pub fn image_from(cfg: crate::config::Config) -> VmImage {
         console_log: None,
         confine: cfg.confine,
         uids: cfg.uids,
-        virtiofsd: cfg.virtiofsd,
+        virtiofsd: cfg.virtiofsd.clone(),
+        templates: cfg.pod.templates.then(|| cfg.storage_dir.join("templates")),
     }
 }
 
@@ -176,7 +208,10 @@ impl Vm {
     /// drop) and, when the image says to confine it, jailed in `dir/jail` as a user of its
     /// own, in the cgroup `cgroup` (made, and removed on drop). With `shared`, the guest
     /// gets that directory as virtio-fs tag [`husk_proto::SHARED_FS_TAG`], served by a
-    /// virtiofsd started here (and killed on drop).
+    /// virtiofsd started here (and killed on drop). With `template`, the VM is restored from
+    /// that template (see [`crate::template`]), whose devices must be these, instead of
+    /// booting the image's kernel.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         image: &VmImage,
         size: &VmSize,
@@ -185,9 +220,10 @@ impl Vm {
         dir: &Path,
         cgroup: &str,
         shared: Option<&Path>,
+        template: Option<&Path>,
     ) -> Result<Vm> {
         for (what, p) in [("kernel", &image.kernel), ("initramfs", &image.initramfs)] {
-            if !p.exists() {
+            if template.is_none() && !p.exists() {
                 bail!(
                     "the guest {what} {} does not exist: build the guest image with guest-image/build.sh (or pass --{what})",
                     p.display()
@@ -235,8 +271,38 @@ impl Vm {
                     }
                 }
                 Drive::Layered { id } => DriveArg::layered(id.clone()),
+                Drive::Empty {
+                    id,
+                    read_only,
+                    max_bytes,
+                } => {
+                    if !read_only {
+                        cfg.max_drive_bytes = cfg.max_drive_bytes.max(*max_bytes);
+                    }
+                    DriveArg {
+                        id: id.clone(),
+                        path: None,
+                        read_only: *read_only,
+                        layered: false,
+                    }
+                }
             });
         }
+        // A template the VMM maps: inherited, so a jailed VMM needs no path to it.
+        let template_file = match template {
+            Some(t) => {
+                let f = fs::File::open(t)
+                    .with_context(|| format!("opening the VM template {}", t.display()))?;
+                let n = FIRST_DRIVE_FD + inherit.len() as i32;
+                inherit.push((f.as_raw_fd(), n));
+                cfg.kernel = None;
+                cfg.initramfs = None;
+                cfg.cmdline_extra = String::new();
+                cfg.restore = Some(format!("/proc/self/fd/{n}").into());
+                Some(f)
+            }
+            None => None,
+        };
         // The next free number after the drives'.
         let next_fd = FIRST_DRIVE_FD + inherit.len() as i32;
         let mut tap_fd = None;
@@ -253,6 +319,11 @@ impl Vm {
                 backend: NetBackendArg::Tap(name),
                 mac,
                 mtu,
+            },
+            NetDevice::Unconnected { mac } => NetArg {
+                backend: NetBackendArg::None,
+                mac: Some(mac),
+                mtu: None,
             },
         });
         let virtiofsd = match shared {
@@ -293,6 +364,7 @@ impl Vm {
         .with_context(|| format!("starting the VMM {}", image.vmm.display()))?;
         // The VMM holds the tap now; ours goes, so that the tap goes with the VMM.
         drop(tap_fd);
+        drop(template_file);
         Ok(Vm {
             dir: dir.to_path_buf(),
             console: Self::console_path(image, dir),

@@ -467,6 +467,7 @@ mod tests {
             memory_mib: 1024,
             overhead_mib: 100,
             scratch_gib: 10,
+            templates: true,
         };
         let s = vm_size(&serde_json::json!({}), &d);
         assert_eq!((s.vcpus, s.mem_mib), (2, 1024));
