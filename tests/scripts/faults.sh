@@ -222,8 +222,9 @@ guest_stopped() {
 }
 
 # boot_hang: a guest stuck in its boot: the pod's first VMM is SIGSTOPped as soon as it runs,
-# inside runp. The shim finds the agent not ready within its boot timeout, logs it, takes that
-# VM apart and boots a new one: runp goes through, slower, with nothing of the first VM left.
+# inside runp. The shim finds the agent not ready within its boot timeout (a VM template's
+# clone: within 20 s), logs it, takes that VM apart and boots a new one: runp goes through,
+# slower, with nothing of the first VM left.
 boot_hang() {
     local d p='' c='' bg t i vmm='' out
     d=$work/hang
@@ -245,7 +246,7 @@ boot_hang() {
     [[ -n $p ]] && c=$("${CRICTL[@]}" create "$p" "$d/c.json" "$d/p.json") &&
         "${CRICTL[@]}" start "$c" >/dev/null &&
         out+=", container $("${CRICTL[@]}" exec -s "$c" echo alive 2>&1)"
-    echo "fault boot hang (first VMM $([[ -n $vmm ]] && echo stopped || echo 'never seen')): $out; the first VMM $(kill -0 "$vmm" 2>/dev/null && echo left || echo gone); hung boots logged $(grep -c 'boot attempt 1 hung' "$CRI_ROOT/containerd.log"); $(after)"
+    echo "fault boot hang (first VMM $([[ -n $vmm ]] && echo stopped || echo 'never seen')): $out; the first VMM $(kill -0 "$vmm" 2>/dev/null && echo left || echo gone); hung boots logged $(grep -c -e 'boot attempt 1 hung' -e "template's clone did not answer" "$CRI_ROOT/containerd.log"); $(after)"
     pkill -KILL husk-vmm
     rm -rf "$d"
 }
