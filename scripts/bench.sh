@@ -4,7 +4,7 @@
 # (or directly where /dev/kvm has vmx/svm): vsock stdio throughput beside a Unix-socket copy;
 # in the testbed also container create+start against image size and pod-to-pod TCP throughput
 # and request/response latency, volumes' throughput and small-file costs, husk beside runc,
-# what confining the VMM costs, VMs restored from a template beside cold boots, and what an
+# what confining the VMM costs, VMs and pods restored from a template beside cold boots, and what an
 # idle pod costs the node beside a runc pod.
 # First, on this host: what converting a layer into the layer cache costs, beside cp -a.
 # Where the testbed is used: its boot and a `husk run` in it with 1 and with 2 L1 vCPUs.
@@ -43,6 +43,8 @@ tests/testbed/run.sh --timeout 900 -- bash "$repo/tests/bench/jail.sh" "$repo" "
 echo "== VM templates: 10 VMs restored from one template beside 10 cold boots (ready time, memory)"
 tests/testbed/run.sh --mem 4096 --timeout 1200 -- bash "$repo/tests/bench/template.sh" "$repo" 10 128
 cargo build --release --locked -p containerd-shim-husk-v2
+echo "== VM templates through containerd: 10 pods started from a template beside 10 that boot (ready time, memory)"
+tests/testbed/run.sh --mem 4096 --timeout 1500 -- bash "$repo/tests/bench/pod-template.sh" "$repo" 10
 echo "== container create+start against image size (containerd): husk beside runc"
 for size in 16 256 1024; do
     out=$repo/target/bench-layers/$size
