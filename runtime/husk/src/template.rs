@@ -502,8 +502,9 @@ pub enum Got {
     Cached(Template),
     /// A template this process made now. A clone restored by the process that made its
     /// template answered its first host connection only after 10 s, or never, in the nested
-    /// testbed (26 of 26 such clones; none of about 50 restored by other processes, however
-    /// soon after), for a reason not yet found: that process boots its own pod cold.
+    /// testbed (26 of 26 such clones; none of about 50 `husk run` clones restored by other
+    /// processes, however soon after; 1 of 10 shim pods' clones in a benchmark), for a reason
+    /// not yet found: that process boots its own pod cold.
     Made(Template),
     /// Another process is making it.
     Busy,
