@@ -224,9 +224,7 @@ fn guest_network(a: &RunArgs) -> Result<Option<GuestNetwork>> {
     let Some(name) = net.strip_prefix("tap:").filter(|n| !n.is_empty()) else {
         bail!("--net {net:?}: only tap:NAME (an existing tap device) is supported");
     };
-    let mut bytes = [0u8; 6];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
-    let mac = husk_vmm_api::MacAddr::local_from(bytes);
+    let mac = husk::vm::random_mac()?;
     let config = match a.ip {
         None => None,
         Some(address) => {

@@ -26,16 +26,14 @@
 use std::{
     fs,
     io::{Read, Seek, SeekFrom},
-    os::{
-        fd::AsRawFd,
-        unix::fs::{MetadataExt, OpenOptionsExt},
-    },
+    os::unix::fs::{MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use husk_vmm_api::net::MacAddr;
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -209,7 +207,7 @@ impl TemplateCache {
         let h = hex(&hasher.finalize());
         // A cache: a failure to keep the hash costs only hashing again.
         if fs::create_dir_all(cached.parent().expect("in hashes/")).is_ok() {
-            let _ = write_atomic(&cached, h.as_bytes());
+            let _ = crate::layers::write_atomically(&cached, h.as_bytes());
         }
         Ok(h)
     }
@@ -304,7 +302,7 @@ impl TemplateCache {
             .with_context(|| format!("creating {}", self.dir.display()))
             .map_err(MakeError::Other)?;
         let lock_path = self.dir.join(format!("{id}.lock"));
-        let lock = fs::OpenOptions::new()
+        let file = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
@@ -312,11 +310,11 @@ impl TemplateCache {
             .open(&lock_path)
             .with_context(|| format!("opening {}", lock_path.display()))
             .map_err(MakeError::Other)?;
-        // SAFETY: flock on an fd we hold; the lock goes when `lock` is closed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // Held until the template is made; released when dropped.
+        let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
             tracing::info!(template = %id, "another process is making the VM template; booting cold");
             return Ok(Got::Busy);
-        }
+        };
         // Made while we waited for the lock?
         if let Some(t) = self.lookup(&key) {
             return Ok(Got::Cached(t));
@@ -353,7 +351,7 @@ impl TemplateCache {
             ..manifest
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
-        write_atomic(&dir.join("manifest.json"), &json)
+        crate::layers::write_atomically(&dir.join("manifest.json"), &json)
             .context("writing the template's manifest")
             .map_err(MakeError::Other)?;
         unfinished.keep();
@@ -385,7 +383,14 @@ impl TemplateCache {
                 max_bytes: 0,
             },
         ];
-        let mac = key.shape.net.then(|| MacAddr::local_from(random6()));
+        let mac = match key.shape.net {
+            true => Some(
+                crate::vm::random_mac()
+                    .context("a MAC for the template's NIC")
+                    .map_err(other)?,
+            ),
+            false => None,
+        };
         let net = mac.map(|mac| NetDevice::Unconnected { mac });
         let vm_dir = dir.join("vm");
         let share = vm_dir.join("share");
@@ -541,22 +546,8 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    fs::write(&tmp, data)?;
-    fs::rename(&tmp, path)
-}
-
 fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn random6() -> [u8; 6] {
-    let mut b = [0u8; 6];
-    if let Ok(mut f) = fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut b);
-    }
-    b
 }
 
 #[cfg(test)]

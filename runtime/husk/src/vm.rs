@@ -165,6 +165,13 @@ pub fn image_from(cfg: crate::config::Config) -> VmImage {
     }
 }
 
+/// A random locally administered unicast MAC (a VM's NIC when nobody gave one).
+pub fn random_mac() -> std::io::Result<MacAddr> {
+    let mut bytes = [0u8; 6];
+    std::io::Read::read_exact(&mut fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(MacAddr::local_from(bytes))
+}
+
 /// Fails, in one line that says why, on a host whose KVM cannot boot a Linux guest.
 pub fn check_kvm() -> Result<()> {
     if !Path::new("/dev/kvm").exists() {

@@ -446,7 +446,7 @@ fn sync_dir(p: &Path) -> std::io::Result<()> {
 }
 
 /// Writes `bytes` to `path` through a file aside, fsynced and renamed.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().expect("a cache path has a parent");
     let mut tmp = tempfile::Builder::new()
         .prefix(".record-")
