@@ -58,6 +58,9 @@ pub struct MmioState {
     pub config_generation: u32,
     pub interrupt_status: u32,
     pub queues: Vec<QueueSetup>,
+    /// The device's own (see [`VirtioDevice::saved_state`]).
+    #[serde(default)]
+    pub device: serde_json::Value,
 }
 
 /// Why a transport's state cannot be put back onto a device.
@@ -71,6 +74,8 @@ pub enum RestoreError {
     Features { acked: u64, offered: u64 },
     #[error("queue {0}: {1}")]
     Queue(usize, String),
+    #[error("the device's state: {0}")]
+    Device(String),
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -132,6 +137,7 @@ impl MmioTransport {
             config_generation: self.config_generation,
             interrupt_status: self.irq.status(),
             queues,
+            device: self.device.saved_state(),
         }
     }
 
@@ -195,6 +201,10 @@ impl MmioTransport {
             }
             queues.push(q);
         }
+        let mut device = device;
+        device
+            .restore_state(&state.device)
+            .map_err(RestoreError::Device)?;
         let mut t = MmioTransport::new(device, mem, irq);
         t.queue_sel = state.queue_sel;
         t.device_features_sel = state.device_features_sel;

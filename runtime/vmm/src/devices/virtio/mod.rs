@@ -96,6 +96,16 @@ pub trait VirtioDevice: Send {
     }
     /// Readies the device for a snapshot of its paused VM.
     fn before_snapshot(&mut self) {}
+    /// What the device keeps beyond its transport's registers, for a snapshot (taken after
+    /// [`before_snapshot`](Self::before_snapshot)); none by default.
+    fn saved_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Puts back on a restored device what [`saved_state`](Self::saved_state) gave, before
+    /// the device is activated.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
     /// Gives a block device a new backing file, or none (Firecracker's drive update).
     fn update_backing(&mut self, _file: Option<FileArg>) -> Result<(), String> {
         Err("not a block device".into())

@@ -3,6 +3,7 @@
 
 use std::{os::fd::RawFd, path::Path, sync::Arc};
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
@@ -16,6 +17,8 @@ use crate::devices::virtio::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 const VIRTIO_ID_VSOCK: u32 = 19;
 /// RX, TX, event.
 const QUEUE_SIZES: &[u16] = &[256, 256, 256];
+/// The event queue's index.
+const EVENT_QUEUE: u16 = 2;
 /// The one event of the event queue (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET): every connection
 /// is gone.
 const EVENT_TRANSPORT_RESET: u32 = 0;
@@ -28,6 +31,19 @@ pub struct Vsock {
     queues: Vec<Queue>,
     irq: Option<Arc<IrqLine>>,
     counters: crate::devices::virtio::IoCounters,
+    /// The guest was sent the transport reset event and has not handled it yet: nothing
+    /// goes to it meanwhile. A host connection's request that reached the guest first
+    /// would be accepted, then closed by the reset (without a word to the host), and the
+    /// host would wait on it for nothing: a VM restored from a template, whose host
+    /// connects at once, did so. The guest's driver notifies the event queue once it has
+    /// handled the event and given the buffer back.
+    reset_unseen: bool,
+}
+
+/// What a snapshot keeps of the device (its connections are gone by then).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct VsockState {
+    reset_unseen: bool,
 }
 
 impl Vsock {
@@ -39,6 +55,7 @@ impl Vsock {
             queues: Vec::new(),
             irq: None,
             counters: Default::default(),
+            reset_unseen: false,
         })
     }
 
@@ -124,7 +141,10 @@ impl Vsock {
     /// not a writable one of 4 bytes or more, which goes back to it empty).
     pub fn transport_reset(&mut self) -> bool {
         self.muxer.reset_all();
-        let (Some(mem), Some(q)) = (self.mem.clone(), self.queues.get_mut(2)) else {
+        let (Some(mem), Some(q)) = (
+            self.mem.clone(),
+            self.queues.get_mut(usize::from(EVENT_QUEUE)),
+        ) else {
             return false;
         };
         let Some(chain) = q.pop_descriptor_chain(&mem) else {
@@ -143,6 +163,7 @@ impl Vsock {
         if let Some(irq) = &self.irq {
             irq.signal_used();
         }
+        self.reset_unseen = told;
         told
     }
 
@@ -150,7 +171,9 @@ impl Vsock {
     pub fn process(&mut self) {
         let mut used = self.process_tx();
         self.muxer.handle_host_events();
-        used |= self.process_rx();
+        if !self.reset_unseen {
+            used |= self.process_rx();
+        }
         self.muxer.update_interests();
         if used {
             let mem = self.mem.clone();
@@ -198,7 +221,10 @@ impl VirtioDevice for Vsock {
         self.process();
     }
 
-    fn queue_notify(&mut self, _index: u16) {
+    fn queue_notify(&mut self, index: u16) {
+        if index == EVENT_QUEUE {
+            self.reset_unseen = false;
+        }
         self.process();
     }
 
@@ -216,7 +242,25 @@ impl VirtioDevice for Vsock {
         self.transport_reset();
     }
 
+    fn saved_state(&self) -> serde_json::Value {
+        serde_json::to_value(VsockState {
+            reset_unseen: self.reset_unseen,
+        })
+        .expect("the vsock state serializes")
+    }
+
+    /// A template saved before these states were kept has none: nothing held.
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let s = match state {
+            serde_json::Value::Null => VsockState::default(),
+            v => VsockState::deserialize(v).map_err(|e| format!("vsock: {e}"))?,
+        };
+        self.reset_unseen = s.reset_unseen;
+        Ok(())
+    }
+
     fn reset(&mut self) {
+        self.reset_unseen = false;
         self.muxer.reset_all();
         self.mem = None;
         self.queues.clear();
@@ -430,6 +474,66 @@ mod tests {
         let head = g.ev.add_chain(&g.mem, &[(buf, 8, false)]);
         assert!(!v.transport_reset());
         assert_eq!(g.ev.take_used(&g.mem), [(head, 0)]);
+    }
+
+    /// A host connection made after a transport reset reaches the guest only once the guest
+    /// has handled the event (it gives the buffer back and notifies the event queue): had
+    /// its request come first, the guest's reset would close the connection it had just
+    /// accepted. The same on a device restored from the state saved after the reset (a
+    /// template's clone, whose host connects at once), and nothing is held on one whose
+    /// guest could not be told.
+    #[test]
+    fn host_connections_wait_until_the_guest_has_handled_a_transport_reset() {
+        let (dir, mut v, _l) = device_with_listener(5000);
+        let mut g = Guest::start(&mut v);
+        let buf = g.alloc(8);
+        g.ev.add_chain(&g.mem, &[(buf, 8, true)]);
+        assert!(v.transport_reset());
+        let saved = v.saved_state();
+        // A device that could not tell its guest holds nothing.
+        let mut untold = Vsock::new(3, &dir.path().join("untold.sock")).unwrap();
+        let mut ug = Guest::start(&mut untold);
+        assert!(!untold.transport_reset());
+        let mut restored = Vsock::new(3, &dir.path().join("clone.sock")).unwrap();
+        restored.restore_state(&saved).unwrap();
+        let mut rg = Guest::start(&mut restored);
+        for (v, g, uds, held) in [
+            (&mut v, &mut g, dir.path().join("v.sock"), true),
+            (&mut restored, &mut rg, dir.path().join("clone.sock"), true),
+            (&mut untold, &mut ug, dir.path().join("untold.sock"), false),
+        ] {
+            g.offer_rx(&[4096]);
+            let mut s = UnixStream::connect(&uds).unwrap();
+            s.write_all(b"CONNECT 1024\n").unwrap();
+            let within = Duration::from_millis(if held { 300 } else { 5000 });
+            let early = g.poll_until(v, None, within, |got| !got.is_empty());
+            if held {
+                assert!(
+                    early.is_empty(),
+                    "{uds:?}: the guest got {early:?} before handling the reset"
+                );
+                // The guest handled the event: the buffer back, the queue notified.
+                g.ev.add_chain(&g.mem, &[(buf, 8, true)]);
+                v.queue_notify(EVENT_QUEUE);
+            }
+            let got = match held {
+                true => g.poll_until(v, None, Duration::from_secs(5), |got| !got.is_empty()),
+                false => early,
+            };
+            assert_eq!(got.len(), 1, "{uds:?}: {got:?}");
+            assert_eq!(
+                (got[0].0.op, got[0].0.dst_port),
+                (OP_REQUEST, 1024),
+                "{uds:?}"
+            );
+        }
+        // A template saved before the device kept a state restores with nothing held.
+        let mut old = Vsock::new(3, &dir.path().join("old.sock")).unwrap();
+        old.restore_state(&serde_json::Value::Null).unwrap();
+        assert!(!old.reset_unseen);
+        assert!(old
+            .restore_state(&serde_json::json!({"reset_unseen": 7}))
+            .is_err());
     }
 
     /// Packets read from the TX ring: header and payload in one descriptor, or split over
