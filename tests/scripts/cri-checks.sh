@@ -790,8 +790,8 @@ husk_standalone() {
     rm -rf "$d"
     return $rc
 }
-# Pods start from VM templates: the first pod of a shape makes its template (and boots cold),
-# the next restore it (the shim logs both). Two clones' RNGs differ and their clocks are the host's. A template
+# Pods start from VM templates: the first pod of a shape makes its template, and it and the
+# next restore it (the shim logs both; no clone falls back to a cold boot). Two clones' RNGs differ and their clocks are the host's. A template
 # changed on disk is refused, removed and made again, never restored; a pod of another size
 # gets a template of its own; with [pod] templates = false a pod boots its kernel.
 husk_templates() {
@@ -831,7 +831,7 @@ husk_templates() {
     echo "clocks: host $now clones $t1 $t2 ($((skew <= 5 && skew >= -1 ? 1 : 0)) within 5 s)"
     echo "templates: $("$husk" template list | grep -vc unsound) sound"
     # A byte of the template's memory changed on disk: refused, removed, made again (by that
-    # pod, which boots cold).
+    # pod, which restores it).
     f=$(find /var/lib/husk/templates -name memory | head -1)
     printf 'X' | dd of="$f" bs=1 seek=8192 conv=notrunc status=none
     c0=$(counts)
@@ -852,6 +852,7 @@ husk_templates() {
     pod_json "$d/p5.json" pod-tpl-5 true
     p5=$("${CRICTL[@]}" runp "$d/p5.json") || rc=1
     echo "templates off: $(delta "$c0")"
+    echo "clones booted cold instead: $(grep -c 'clone did not answer within' "$log")"
     cp "$d/husk-config" /etc/husk/config.toml
     "${CRICTL[@]}" stop -t 1 "$c1" "$c2" >/dev/null
     "${CRICTL[@]}" rm "$c1" "$c2" >/dev/null

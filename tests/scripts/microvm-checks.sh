@@ -41,9 +41,8 @@ wait_gone() {
 start=$(date +%s%N)
 check hello "$husk" run --no-template --timings "$rootfs" -- sh -c 'echo hello from husk; exit 7'
 echo "husk run wall time: $(( ($(date +%s%N) - start) / 1000000 )) ms"
-# The same from a VM template (as by default): the first run makes it (and boots cold), the
-# next two restore it; each guest's RNG output (and boot id, made at its first read) is its
-# own.
+# The same from a VM template (as by default): the first run makes it, and all three restore
+# it; each guest's RNG output (and boot id, made at its first read) is its own.
 hello_template() {
     local i
     "$husk" template remove --all

@@ -694,20 +694,21 @@ fn crictl_pod_lifecycle() {
     }
     assert!(text.contains(CLEAN), "{text}");
 
-    // Pods start from a VM template (made by the first pod of its shape, which boots cold), with RNGs of their
-    // own and the host's clock; a template changed on disk is refused and made again; a pod
+    // Pods start from a VM template (made by the first pod of its shape, which restores it
+    // too, as do the next), with RNGs of their own and the host's clock; a template changed on disk is refused and made again; a pod
     // of another size gets a template of its own; with templates off, a pod boots.
     let (text, rc) = get("husk_templates");
     assert_eq!(rc, Some(0), "{text}");
     for line in [
-        "first pod: made 1 restored 0 refused 0",
+        "first pod: made 1 restored 1 refused 0",
         "two pods: made 0 restored 2 refused 0",
         "(differ)",
         "(1 within 5 s)",
         "templates: 1 sound",
-        "after a changed template: made 1 restored 0 refused 1 (\"state\": \"SANDBOX_READY\")",
-        "another size: made 1 restored 0 refused 0, templates 2",
+        "after a changed template: made 1 restored 1 refused 1 (\"state\": \"SANDBOX_READY\")",
+        "another size: made 1 restored 1 refused 0, templates 2",
         "templates off: made 0 restored 0 refused 0",
+        "clones booted cold instead: 0",
     ] {
         assert!(text.contains(line), "no '{line}': {text}");
     }

@@ -437,11 +437,11 @@ impl Pod {
         Ok((vm, agent))
     }
 
-    /// The template to restore the pod's VM from: none when the image says to boot cold, when
-    /// another process is making it, or when this one just made it (see
-    /// [`crate::template::Got::Made`]). A template that cannot be made is logged, and the
-    /// pod boots cold; a template whose VMM does not start or whose guest does not boot fails
-    /// the pod with that error (its own boot would fail the same way).
+    /// The template to restore the pod's VM from (the cached one, or one made now): none when
+    /// the image says to boot cold, or while another process makes it. A template that cannot
+    /// be made is logged, and the pod boots cold; a template whose VMM does not start or whose
+    /// guest does not boot fails the pod with that error (its own boot would fail the same
+    /// way).
     async fn template(
         cfg: &PodConfig,
         net: bool,
@@ -458,11 +458,7 @@ impl Pod {
             .get_or_make(&cfg.image, &cfg.size, shape, &cfg.cgroup, cfg.boot_timeout)
             .await
         {
-            Ok(crate::template::Got::Cached(t)) => Ok(Some(t)),
-            Ok(crate::template::Got::Made(t)) => {
-                tracing::info!(pod = %cfg.id, template = %t.id, "this pod boots cold: its process just made its template (the next pods restore it)");
-                Ok(None)
-            }
+            Ok(crate::template::Got::Cached(t) | crate::template::Got::Made(t)) => Ok(Some(t)),
             Ok(crate::template::Got::Busy) => Ok(None),
             Err(crate::template::MakeError::Start(m)) => Err(PodError::Start(m)),
             Err(crate::template::MakeError::Boot(BootError::Hung(m))) => Err(PodError::Boot(m)),

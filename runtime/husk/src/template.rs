@@ -15,7 +15,7 @@
 //! the initramfs (which holds the agent), the kernel's arguments, the VM's size and which
 //! devices it has. Any change makes another key, and another template. A template is made on
 //! its first use, by the first pod that needs it (one maker at a time: the others boot cold
-//! meanwhile), or ahead of time (`husk template build`).
+//! meanwhile), or ahead of time (`husk template make`).
 //!
 //! Before each use, the template is checked: its manifest must name this key, and the file
 //! must be the one the manifest describes (size, inode, modification time, and the
@@ -505,11 +505,7 @@ impl TemplateCache {
 pub enum Got {
     /// The cached template, checked.
     Cached(Template),
-    /// A template this process made now. A clone restored by the process that made its
-    /// template answered its first host connection only after 10 s, or never, in the nested
-    /// testbed (26 of 26 such clones; none of about 50 `husk run` clones restored by other
-    /// processes, however soon after; 1 of 10 shim pods' clones in a benchmark), for a reason
-    /// not yet found: that process boots its own pod cold.
+    /// A template this process made now.
     Made(Template),
     /// Another process is making it.
     Busy,
