@@ -54,6 +54,28 @@ hello_template() {
     "$husk" template list
 }
 check hello_template hello_template
+# A template that passes the checks before use (its size, inode and modification time kept)
+# but whose saved state is damaged: the VMM refuses it, the run boots cold and removes it;
+# the next run makes it again and restores it.
+template_refused() {
+    local f ref size
+    f=$(find /var/lib/husk/templates -name memory | head -1)
+    [[ -n $f ]] || { echo "no template to damage"; return 1; }
+    ref=$(mktemp)
+    touch -r "$f" "$ref"
+    size=$(stat -c %s "$f")
+    # The state (JSON) ends 16 bytes before the file's end: its length, then the end mark.
+    printf 'X' | dd of="$f" bs=1 seek=$((size - 17)) conv=notrunc status=none
+    touch -r "$ref" "$f"
+    rm -f "$ref"
+    "$husk" run --timings "$rootfs" -- sh -c 'exit 7'
+    echo "run damaged: rc $?"
+    echo "templates after: $("$husk" template list | wc -l)"
+    "$husk" run --timings "$rootfs" -- sh -c 'exit 7'
+    echo "run again: rc $?"
+    "$husk" template list
+}
+check template_refused template_refused
 # stdout and stderr stay apart.
 streams() {
     local err=$XDG_RUNTIME_DIR/streams.err out

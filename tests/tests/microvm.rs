@@ -152,6 +152,26 @@ fn husk_run_in_microvms() {
     for (a, b) in [(0, 1), (0, 2), (1, 2)] {
         assert_ne!(clones[a][1], clones[b][1], "the same RNG output: {text}");
     }
+    // A template whose saved state is damaged where the checks before use do not look: the
+    // VMM refuses it, the pod boots cold and the template goes; the next run makes it again.
+    let (text, rc) = get("template_refused");
+    assert_eq!(rc, Some(0), "{text}");
+    for line in [
+        "husk-vmm: restoring the VM from its template: the template ",
+        "the VMM refused the VM template; removing it and booting cold",
+        "run damaged: rc 7",
+        "templates after: 0",
+        "run again: rc 7",
+        "husk-vmm: restored from the snapshot ",
+    ] {
+        assert!(text.contains(line), "no {line:?} in: {text}");
+    }
+    assert_eq!(
+        text.matches("husk-vmm: restored from the snapshot ")
+            .count(),
+        1,
+        "{text}"
+    );
     let (text, rc) = get("streams");
     assert_eq!(rc, Some(0), "{text}");
     assert!(

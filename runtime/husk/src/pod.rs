@@ -75,6 +75,10 @@ pub enum PodError {
     /// The VMM ended before its agent answered (killed, or the guest panicked or crashed).
     #[error("the pod's microVM: {0}")]
     Ended(String),
+    /// The VMM could not restore the pod's VM from its template (the pod then boots cold:
+    /// this reaches a caller only from [`Pod::start_vm`]).
+    #[error("the pod's microVM: {0}")]
+    TemplateRefused(String),
     /// The agent refused or failed a request; what was being done.
     #[error("{what}: {source}")]
     Agent {
@@ -290,6 +294,25 @@ impl Pod {
                             Self::start_vm(cfg, None, spare, &scratch, cfg.boot_timeout).await?;
                         (vm, agent, None)
                     }
+                    // Damaged in a way the checks before use do not see, or not for this
+                    // host's KVM: made again by the next pod.
+                    Err(PodError::TemplateRefused(why)) => {
+                        tracing::warn!(
+                            pod = %cfg.id,
+                            template = %t.id,
+                            "the VMM refused the VM template; removing it and booting cold: {why}"
+                        );
+                        if let Some(dir) = &cfg.image.templates {
+                            if let Err(e) =
+                                crate::template::TemplateCache::new(dir).remove_refused(&t)
+                            {
+                                tracing::warn!(template = %t.id, "removing the refused VM template: {e:#}");
+                            }
+                        }
+                        let (vm, agent) =
+                            Self::start_vm(cfg, None, spare, &scratch, cfg.boot_timeout).await?;
+                        (vm, agent, None)
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -414,6 +437,7 @@ impl Pod {
         let agent = vm.connect_agent(wait).await.map_err(|e| match e {
             BootError::Hung(m) => PodError::Boot(m),
             BootError::Ended(m) => PodError::Ended(m),
+            BootError::TemplateRefused(m) => PodError::TemplateRefused(m),
         })?;
         if let Some(t) = template {
             let offset = agent.tell_restored().await.map_err(PodError::agent(
@@ -462,7 +486,9 @@ impl Pod {
             Ok(crate::template::Got::Busy) => Ok(None),
             Err(crate::template::MakeError::Start(m)) => Err(PodError::Start(m)),
             Err(crate::template::MakeError::Boot(BootError::Hung(m))) => Err(PodError::Boot(m)),
-            Err(crate::template::MakeError::Boot(BootError::Ended(m))) => Err(PodError::Ended(m)),
+            Err(crate::template::MakeError::Boot(
+                BootError::Ended(m) | BootError::TemplateRefused(m),
+            )) => Err(PodError::Ended(m)),
             Err(e) => {
                 tracing::warn!(pod = %cfg.id, "no VM template ({e}); booting cold");
                 Ok(None)

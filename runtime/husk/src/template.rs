@@ -301,17 +301,8 @@ impl TemplateCache {
         fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))
             .map_err(MakeError::Other)?;
-        let lock_path = self.dir.join(format!("{id}.lock"));
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .with_context(|| format!("opening {}", lock_path.display()))
-            .map_err(MakeError::Other)?;
         // Held until the template is made; released when dropped.
-        let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+        let Some(lock) = self.try_lock(&id).map_err(MakeError::Other)? else {
             tracing::info!(template = %id, "another process is making the VM template; booting cold");
             return Ok(Got::Busy);
         };
@@ -485,6 +476,31 @@ impl TemplateCache {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// The lock of template `id`'s making, or none while another process holds it.
+    fn try_lock(&self, id: &str) -> Result<Option<Flock<fs::File>>> {
+        let lock_path = self.dir.join(format!("{id}.lock"));
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        Ok(Flock::lock(file, FlockArg::LockExclusiveNonblock).ok())
+    }
+
+    /// Removes `t`, which a VMM refused to restore, if it is still the file that was refused
+    /// and no process is making it again meanwhile (then it is that process's to replace).
+    pub fn remove_refused(&self, t: &Template) -> Result<()> {
+        let Some(_lock) = self.try_lock(&t.id)? else {
+            return Ok(());
+        };
+        match fs::metadata(&t.file) {
+            Ok(meta) if FileId::of(&meta) == t.manifest.file => self.remove(&t.id),
+            _ => Ok(()),
+        }
     }
 
     /// Removes the template `id`; the VMs restored from it keep their mapping.

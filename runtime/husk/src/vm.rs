@@ -400,14 +400,20 @@ impl Vm {
             },
             status = child.wait() => {
                 self.child = None;
-                Err(BootError::Ended(match status {
-                    Ok(status) => format!(
+                Err(match status {
+                    Ok(status) if status.code() == Some(husk_vmm_api::EXIT_TEMPLATE_REFUSED) => {
+                        BootError::TemplateRefused(format!(
+                            "the VMM refused its template\n{}",
+                            self.logs_tail()
+                        ))
+                    }
+                    Ok(status) => BootError::Ended(format!(
                         "the VMM {} before the agent was ready\n{}",
                         describe_exit(&status),
                         self.logs_tail()
-                    ),
-                    Err(e) => format!("waiting for the VMM: {e}"),
-                }))
+                    )),
+                    Err(e) => BootError::Ended(format!("waiting for the VMM: {e}")),
+                })
             }
         }
     }
@@ -510,6 +516,10 @@ pub enum BootError {
     /// The VMM ended (killed, or the guest panicked or crashed) before the agent answered.
     #[error("{0}")]
     Ended(String),
+    /// The VMM could not restore the VM from its template (it exited with
+    /// [`husk_vmm_api::EXIT_TEMPLATE_REFUSED`]).
+    #[error("{0}")]
+    TemplateRefused(String),
 }
 
 impl Drop for Vm {

@@ -72,7 +72,7 @@ impl ShimError {
                 PodError::Start(_) => Code::FAILED_PRECONDITION,
                 PodError::Boot(_) => Code::DEADLINE_EXCEEDED,
                 // Its VMM is gone: the VM was lost, not slow.
-                PodError::Ended(_) => Code::UNAVAILABLE,
+                PodError::Ended(_) | PodError::TemplateRefused(_) => Code::UNAVAILABLE,
                 PodError::Agent { source, .. } => source.code(),
                 PodError::Scratch { .. } => Code::RESOURCE_EXHAUSTED,
                 PodError::LayerRefused { .. } | PodError::Spec(_) => Code::INTERNAL,

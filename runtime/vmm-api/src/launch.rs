@@ -135,6 +135,12 @@ impl fmt::Display for FsArg {
     }
 }
 
+/// husk-vmm's exit status when the template of `--restore` cannot be restored (damaged,
+/// made by another VMM, or not put back by this host's KVM): its caller may boot the VM
+/// instead, and make the template again. Other errors exit with 1; the guest's ends with 0
+/// (it powered off, or the VM was stopped), 2 (it panicked) and 3 (it crashed).
+pub const EXIT_TEMPLATE_REFUSED: i32 = 4;
+
 /// The configuration of one microVM.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Parser)]
 #[command(name = "husk-vmm", version, about = "husk's KVM microVM monitor")]
@@ -146,7 +152,8 @@ pub struct VmConfig {
     /// a kernel: its guest memory is mapped privately from the file (clones share the pages
     /// none of them wrote) and its vCPUs go on where they were. `--vcpus`, `--mem-mib` and
     /// the devices (`--vsock-uds`, `--drive`, `--net`, in the same order) must be those of
-    /// the snapshotted VM; a template that does not match is refused, naming the difference.
+    /// the snapshotted VM; a template that does not match, or cannot be put back, is
+    /// refused, naming the difference, with exit status [`EXIT_TEMPLATE_REFUSED`].
     #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline_extra"])]
     pub restore: Option<PathBuf>,
     /// The guest initramfs (cpio, optionally compressed).

@@ -21,5 +21,5 @@ pub mod net;
 
 pub use api::{Answer, DeviceStatus, Layer, Request, VcpuRegs, VcpuStatus, VmStatus};
 pub use client::{Client, ClientError};
-pub use launch::{DriveArg, FsArg, SeccompMode, VmConfig};
+pub use launch::{DriveArg, FsArg, SeccompMode, VmConfig, EXIT_TEMPLATE_REFUSED};
 pub use net::{MacAddr, NetArg, NetBackendArg};

@@ -115,9 +115,10 @@ pub(crate) fn build(
     let mem_size = (cfg.mem_mib as u64) << 20;
     let (vm, devices, mut sockets, entry, restore) = match (&cfg.restore, &cfg.kernel) {
         (Some(template), _) => {
-            let (vm, snap) = open_template(template, cfg)?;
+            let (vm, snap) = open_template(template, cfg).map_err(VmmError::restore)?;
             let (devices, sockets) = create_devices(cfg, jail)?;
-            let devices = DeviceManager::attach_restored(&vm, devices, &snap.devices)?;
+            let devices = DeviceManager::attach_restored(&vm, devices, &snap.devices)
+                .map_err(VmmError::restore)?;
             let restore = Restore {
                 vcpus: snap.vcpus,
                 vm: snap.vm,

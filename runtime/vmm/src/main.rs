@@ -42,7 +42,7 @@ fn main() {
             {
                 let _ = std::fs::remove_file(p);
             }
-            1
+            e.exit_code()
         }
     };
     // Ends every thread (vCPUs blocked in KVM_RUN included) and closes every fd.

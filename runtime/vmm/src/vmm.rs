@@ -73,6 +73,24 @@ pub enum VmmError {
     Pause(#[from] PauseError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// The template of `--restore` could not be restored (see
+    /// [`husk_vmm_api::EXIT_TEMPLATE_REFUSED`]).
+    #[error("restoring the VM from its template: {0}")]
+    Restore(Box<VmmError>),
+}
+
+impl VmmError {
+    /// The VMM's exit status for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmmError::Restore(_) => husk_vmm_api::EXIT_TEMPLATE_REFUSED,
+            _ => 1,
+        }
+    }
+
+    pub(crate) fn restore(e: impl Into<VmmError>) -> VmmError {
+        VmmError::Restore(Box::new(e.into()))
+    }
 }
 
 /// How the VM ended.
@@ -274,7 +292,7 @@ pub(crate) fn start(m: Machine, filters: &Filters) -> Result<Running, VmmError> 
     }
     if let Some(r) = &m.restore {
         if r.vcpus.len() != created.len() {
-            return Err(VmmError::Snapshot(SnapshotError::NotATemplate(format!(
+            return Err(VmmError::restore(SnapshotError::NotATemplate(format!(
                 "it has {} vCPUs, the VM {}",
                 r.vcpus.len(),
                 created.len()
@@ -283,9 +301,9 @@ pub(crate) fn start(m: Machine, filters: &Filters) -> Result<Running, VmmError> 
         // The vCPUs' states first, then the VM's (the LAPICs would undo what the irqchip
         // has pending), then the devices' pending interrupts again.
         for (vcpu, state) in created.iter().zip(&r.vcpus) {
-            vcpu.restore(state)?;
+            vcpu.restore(state).map_err(VmmError::restore)?;
         }
-        r.vm.restore(&vm.fd)?;
+        r.vm.restore(&vm.fd).map_err(VmmError::restore)?;
         for (_, t) in transports.iter() {
             lock(t).resignal();
         }
