@@ -202,7 +202,8 @@ pub struct VmConfig {
     pub net: Option<NetArg>,
     /// A shared directory (virtio-fs): tag=TAG,socket=PATH, the socket of a vhost-user-fs
     /// backend (virtiofsd) already listening; connected when the VM is built (before the
-    /// jail). Guest memory is then a memfd the backend maps. Repeatable.
+    /// jail). The backend never maps guest memory: requests and answers pass through a
+    /// bounce area of the VMM's. Repeatable.
     #[arg(long = "fs")]
     pub fs: Vec<FsArg>,
     /// The VMM's per-thread seccomp filters: `kill` (the default: a syscall outside the

@@ -127,8 +127,7 @@ pub(crate) fn build(
             (vm, devices, sockets, 0, Some(restore))
         }
         (None, Some(kernel)) => {
-            // A vhost-user backend maps guest memory: then it is a memfd.
-            let vm = Vm::new(cfg.mem_mib as u64, !cfg.fs.is_empty())?;
+            let vm = Vm::new(cfg.mem_mib as u64)?;
             let entry = load_kernel(&vm, kernel)?;
             let initrd = load_initramfs(&vm, cfg, mem_size)?;
             let (devices, sockets) = create_devices(cfg, jail)?;
@@ -216,12 +215,8 @@ fn open_template(path: &Path, cfg: &VmConfig) -> Result<(Vm, Snapshot), BuildErr
             ),
         ));
     }
-    // A vhost-user backend maps guest memory: then the clone's is a memfd of its own.
-    let vm = match cfg.fs.is_empty() {
-        true => Vm::from_memory_file_part(open()?, snap.memory_bytes),
-        false => Vm::copied_from_memory_file_part(&open()?, snap.memory_bytes),
-    }
-    .map_err(|e| BuildError::Template(path.to_path_buf(), e.to_string()))?;
+    let vm = Vm::from_memory_file_part(open()?, snap.memory_bytes)
+        .map_err(|e| BuildError::Template(path.to_path_buf(), e.to_string()))?;
     Ok((vm, snap))
 }
 

@@ -118,7 +118,7 @@ pub(crate) fn start_raw(
     serial: Box<dyn Write + Send>,
 ) -> Result<vmm::Running, TestGuestError> {
     let started = Instant::now();
-    let vm = Vm::new(16, false).map_err(VmmError::from)?;
+    let vm = Vm::new(16).map_err(VmmError::from)?;
     let mode = guest.mode;
     if mode == RawMode::Long && guest.code.len() > 0x6000 {
         return Err(TestGuestError::CodeTooBig(guest.code.len()));

@@ -456,7 +456,7 @@ mod tests {
 
         // The template: run to 100, then save everything.
         let (vcpu_state, vm_state) = {
-            let vm = Vm::new(16, false).unwrap();
+            let vm = Vm::new(16).unwrap();
             vm.mem.write_slice(COUNTER, GuestAddress(CODE)).unwrap();
             crate::arch::write_boot_tables(&vm.mem).unwrap();
             let mut fd = vcpu::create(&vm.kvm, &vm.fd, 0, 1, Some(CODE)).unwrap();

@@ -19,8 +19,6 @@ pub enum VmError {
     Setup(&'static str, #[source] kvm_ioctls::Error),
     #[error("allocating {0} MiB of guest memory")]
     Memory(u64, #[source] vm_memory::mmap::FromRangesError),
-    #[error("making {0} MiB of shareable guest memory (a memfd)")]
-    SharedMemory(u64, #[source] std::io::Error),
     #[error("guest memory of {0} MiB is too large (at most 3072 MiB, below the MMIO hole)")]
     TooMuchMemory(u64),
     #[error("registering guest memory with KVM")]
@@ -38,17 +36,13 @@ pub enum VmError {
 /// The most guest memory: it must end below the MMIO hole at 3 GiB.
 const MAX_MEMORY_MIB: u64 = 3072;
 
-/// A memfd of `size` bytes, sealed so that it can neither shrink nor grow (a backend that
-/// maps it can trust its size).
-fn memfd(size: u64) -> std::io::Result<std::fs::File> {
+/// A memfd of `size` bytes named `name`, sealed so that it can neither shrink nor grow (a
+/// backend that maps it can trust its size).
+pub(crate) fn memfd(size: u64, name: &std::ffi::CStr) -> std::io::Result<std::fs::File> {
     use std::os::fd::FromRawFd;
     // SAFETY: memfd_create with a NUL-terminated name; the fd it returns is ours.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"husk-guest-memory".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -63,39 +57,6 @@ fn memfd(size: u64) -> std::io::Result<std::fs::File> {
     Ok(file)
 }
 
-/// Copies `file`'s first `dst.len()` bytes into `dst`, which is zero: its data extents
-/// only (SEEK_DATA, SEEK_HOLE), the holes left as they are.
-fn copy_data_extents(file: &std::fs::File, dst: &mut [u8]) -> std::io::Result<()> {
-    use std::os::{fd::AsRawFd, unix::fs::FileExt};
-    let end = dst.len() as i64;
-    let fd = file.as_raw_fd();
-    let mut at: i64 = 0;
-    while at < end {
-        // SAFETY: lseek on an fd we hold.
-        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            // ENXIO: no data at or after `at`.
-            return match e.raw_os_error() {
-                Some(libc::ENXIO) => Ok(()),
-                _ => Err(e),
-            };
-        }
-        if data >= end {
-            return Ok(());
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let stop = hole.min(end);
-        file.read_exact_at(&mut dst[data as usize..stop as usize], data as u64)?;
-        at = stop;
-    }
-    Ok(())
-}
-
 /// A KVM VM and its memory.
 #[derive(Debug)]
 pub struct Vm {
@@ -106,24 +67,15 @@ pub struct Vm {
 
 impl Vm {
     /// Creates a VM with `mem_mib` MiB of memory at guest address 0, an in-kernel irqchip and
-    /// PIT. The memory is a MAP_NORESERVE mapping, so the host pays only for pages the guest
-    /// touches: anonymous, or, if `shared`, of a memfd (sealed at its size) that a vhost-user
-    /// backend can map too.
-    pub fn new(mem_mib: u64, shared: bool) -> Result<Vm, VmError> {
+    /// PIT. The memory is an anonymous MAP_NORESERVE mapping, so the host pays only for pages
+    /// the guest touches; no other process maps it (virtio-fs goes through a bounce area).
+    pub fn new(mem_mib: u64) -> Result<Vm, VmError> {
         if mem_mib > MAX_MEMORY_MIB {
             return Err(VmError::TooMuchMemory(mem_mib));
         }
         let size = (mem_mib << 20) as usize;
-        let mem = match shared {
-            false => GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
-                .map_err(|e| VmError::Memory(mem_mib, e))?,
-            true => {
-                let file = memfd(size as u64).map_err(|e| VmError::SharedMemory(mem_mib, e))?;
-                let fo = FileOffset::new(file, 0);
-                GuestMemoryMmap::<()>::from_ranges_with_files(&[(GuestAddress(0), size, Some(fo))])
-                    .map_err(|e| VmError::Memory(mem_mib, e))?
-            }
-        };
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
+            .map_err(|e| VmError::Memory(mem_mib, e))?;
         Vm::with_memory(mem)
     }
 
@@ -152,25 +104,6 @@ impl Vm {
         let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("at 0, no overflow");
         let mem = GuestMemoryMmap::from_regions(vec![region]).expect("one region");
         Vm::with_memory(mem)
-    }
-
-    /// [`Vm::from_memory_file_part`] for a VM whose memory a vhost-user backend maps too:
-    /// the first `len` bytes of `file` are copied into a memfd of the VM's own (its data
-    /// extents only: a template's zero pages are holes, and stay unallocated). A backend
-    /// cannot see a process's private copy-on-write pages, so such a clone shares no pages
-    /// with its template; it still starts without booting.
-    pub fn copied_from_memory_file_part(file: &std::fs::File, len: u64) -> Result<Vm, VmError> {
-        let mem_mib = len >> 20;
-        if len == 0 || !len.is_multiple_of(1 << 20) || mem_mib > MAX_MEMORY_MIB {
-            return Err(VmError::MemoryFileSize(len));
-        }
-        let vm = Vm::new(mem_mib, true)?;
-        let region = vm.mem.iter().next().expect("one region");
-        // SAFETY: the region is a live writable mapping of `len` bytes that nothing else
-        // uses yet (no vCPU runs, no backend has it).
-        let dst = unsafe { std::slice::from_raw_parts_mut(region.as_ptr(), len as usize) };
-        copy_data_extents(file, dst).map_err(VmError::MemoryFile)?;
-        Ok(vm)
     }
 
     /// The VM around `mem`: KVM's VM, its irqchip and PIT, the memory registered.
@@ -251,35 +184,5 @@ impl Vm {
     pub fn host_range(&self) -> (u64, u64) {
         let r = self.mem.iter().next().expect("one region");
         (r.as_ptr() as u64, r.len())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::os::unix::fs::FileExt;
-
-    use super::*;
-
-    /// A sparse file's data extents land where they are, its holes stay zero, and nothing
-    /// past the length asked for is read.
-    #[test]
-    fn data_extents_are_copied_and_holes_left() {
-        let f = tempfile::tempfile().unwrap();
-        f.set_len(8 << 20).unwrap();
-        f.write_all_at(&[1u8; 4096], 0).unwrap();
-        f.write_all_at(&[2u8; 10000], 3 << 20).unwrap();
-        f.write_all_at(&[3u8; 4096], (8 << 20) - 4096).unwrap();
-        let mut dst = vec![0u8; 6 << 20];
-        copy_data_extents(&f, &mut dst).unwrap();
-        let mut want = vec![0u8; 6 << 20];
-        want[..4096].fill(1);
-        want[3 << 20..(3 << 20) + 10000].fill(2);
-        assert!(dst == want, "the copy differs from the file");
-        // A file with no data at all.
-        let empty = tempfile::tempfile().unwrap();
-        empty.set_len(1 << 20).unwrap();
-        let mut dst = vec![0u8; 1 << 20];
-        copy_data_extents(&empty, &mut dst).unwrap();
-        assert!(dst.iter().all(|b| *b == 0));
     }
 }
