@@ -3,7 +3,7 @@
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{
-    mmap::MmapRegionBuilder, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    mmap::MmapRegionBuilder, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
     GuestMemoryRegion, GuestRegionMmap,
 };
 use vmm_sys_util::eventfd::EventFd;
@@ -57,6 +57,111 @@ pub(crate) fn memfd(size: u64, name: &std::ffi::CStr) -> std::io::Result<std::fs
     Ok(file)
 }
 
+/// At most this many mappings of a template's data extents (far below the kernel's default
+/// limit of 65530 per process): beyond it, the narrowest holes between extents are mapped
+/// from the file with them (a hole read through a file mapping costs the file a page where
+/// the file system is tmpfs).
+const MAX_EXTENT_MAPS: usize = 8192;
+
+/// Guest memory of `len` bytes from a template `file`'s first `len` bytes, mapped privately:
+/// anonymous memory, with the file's data extents (SEEK_DATA, SEEK_HOLE, in whole pages)
+/// mapped over it. Its holes (the guest's zero pages) are never read from the file: a
+/// private mapping of a hole in a tmpfs file gives the file a page at the first touch,
+/// charged to the VMM's cgroup, on top of the copy the guest's write makes (a clone that
+/// wrote most of its memory was killed at its cgroup's limit, charged twice).
+fn map_template(file: &std::fs::File, len: u64) -> Result<GuestMemoryMmap, VmError> {
+    use std::os::fd::AsRawFd;
+    let mem_mib = len >> 20;
+    if len == 0 || !len.is_multiple_of(1 << 20) || mem_mib > MAX_MEMORY_MIB {
+        return Err(VmError::MemoryFileSize(len));
+    }
+    let extents = coalesce(
+        data_extents(file, len).map_err(VmError::MemoryFile)?,
+        MAX_EXTENT_MAPS,
+    );
+    let region = MmapRegionBuilder::new(len as usize)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| VmError::MemoryMap(mem_mib, e))?;
+    let base = region.as_ptr();
+    for (start, end) in extents {
+        // SAFETY: [start, end) lies within the region's `len` bytes (extents stop at `len`),
+        // a mapping of ours that nothing uses yet; MAP_FIXED replaces that part of it with
+        // the file's pages, and the region's unmapping at its drop takes them too.
+        let p = unsafe {
+            libc::mmap(
+                base.add(start as usize).cast(),
+                (end - start) as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                start as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(VmError::MemoryFile(std::io::Error::last_os_error()));
+        }
+    }
+    let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("at 0, no overflow");
+    Ok(GuestMemoryMmap::from_regions(vec![region]).expect("one region"))
+}
+
+/// `extents` (in order, apart), as at most `max` by joining those the narrowest holes part.
+fn coalesce(mut extents: Vec<(u64, u64)>, max: usize) -> Vec<(u64, u64)> {
+    let mut gap = 4096u64;
+    while extents.len() > max {
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(extents.len());
+        for (start, end) in extents {
+            match out.last_mut() {
+                Some(last) if start <= last.1 + gap => last.1 = end,
+                _ => out.push((start, end)),
+            }
+        }
+        extents = out;
+        gap *= 4;
+    }
+    extents
+}
+
+/// The data extents of `file`'s first `len` bytes, widened to whole pages.
+fn data_extents(file: &std::fs::File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    const PAGE: u64 = 4096;
+    let fd = file.as_raw_fd();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut at = 0u64;
+    while at < len {
+        // SAFETY: lseek on an fd we hold.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data at or after `at`.
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        let data = data as u64;
+        if data >= len {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let start = data / PAGE * PAGE;
+        let end = (hole as u64).min(len).next_multiple_of(PAGE).min(len);
+        match out.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => out.push((start, end)),
+        }
+        at = end.max(data + 1);
+    }
+    Ok(out)
+}
+
 /// A KVM VM and its memory.
 #[derive(Debug)]
 pub struct Vm {
@@ -91,19 +196,7 @@ impl Vm {
     /// [`Vm::from_memory_file`] of the first `len` bytes of `file` (a template's, whose
     /// state follows its memory).
     pub fn from_memory_file_part(file: std::fs::File, len: u64) -> Result<Vm, VmError> {
-        let mem_mib = len >> 20;
-        if len == 0 || !len.is_multiple_of(1 << 20) || mem_mib > MAX_MEMORY_MIB {
-            return Err(VmError::MemoryFileSize(len));
-        }
-        let region = MmapRegionBuilder::new(len as usize)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .with_file_offset(FileOffset::new(file, 0))
-            .build()
-            .map_err(|e| VmError::MemoryMap(mem_mib, e))?;
-        let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("at 0, no overflow");
-        let mem = GuestMemoryMmap::from_regions(vec![region]).expect("one region");
-        Vm::with_memory(mem)
+        Vm::with_memory(map_template(&file, len)?)
     }
 
     /// The VM around `mem`: KVM's VM, its irqchip and PIT, the memory registered.
@@ -184,5 +277,75 @@ impl Vm {
     pub fn host_range(&self) -> (u64, u64) {
         let r = self.mem.iter().next().expect("one region");
         (r.as_ptr() as u64, r.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    use super::*;
+
+    /// A template on tmpfs (/dev/shm): its data is the guest's, its holes read as zero, the
+    /// guest's writes stay its own, and touching every page gives the file no page (its
+    /// holes are anonymous memory, not read from it).
+    #[test]
+    fn a_template_maps_its_data_and_leaves_its_holes_anonymous() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let path = dir.path().join("memory");
+        let f = std::fs::File::create_new(&path).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 0).unwrap();
+        f.write_all_at(&[2u8; 10000], 3 << 20).unwrap();
+        f.write_all_at(&[3u8; 4096], (8 << 20) - 4096).unwrap();
+        f.write_all_at(&[4u8; 4096], 5 << 20).unwrap();
+        f.write_all_at(&[4u8; 4096], (5 << 20) + 16384).unwrap();
+        let blocks = f.metadata().unwrap().blocks();
+        assert_eq!(
+            data_extents(&f, 8 << 20).unwrap(),
+            [
+                (0, 4096),
+                (3 << 20, (3 << 20) + 12288),
+                (5 << 20, (5 << 20) + 4096),
+                ((5 << 20) + 16384, (5 << 20) + 20480),
+                ((8 << 20) - 4096, 8 << 20)
+            ]
+        );
+        let mem = map_template(&std::fs::File::open(&path).unwrap(), 8 << 20).unwrap();
+        let mut all = vec![0u8; 8 << 20];
+        mem.read_slice(&mut all, GuestAddress(0)).unwrap();
+        let mut want = vec![0u8; 8 << 20];
+        want[..4096].fill(1);
+        want[3 << 20..(3 << 20) + 10000].fill(2);
+        want[5 << 20..(5 << 20) + 4096].fill(4);
+        want[(5 << 20) + 16384..(5 << 20) + 20480].fill(4);
+        want[(8 << 20) - 4096..].fill(3);
+        assert!(all == want, "guest memory differs from the file");
+        mem.write_slice(&[9u8; 8 << 20], GuestAddress(0)).unwrap();
+        assert_eq!(f.metadata().unwrap().blocks(), blocks, "the file got pages");
+        let mut b = [0u8; 4];
+        f.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(b, [1; 4], "the guest's write reached the file");
+        assert!(matches!(
+            map_template(&f, (8 << 20) + 1),
+            Err(VmError::MemoryFileSize(_))
+        ));
+    }
+
+    /// Too many extents: the narrowest holes go first, until few enough are left.
+    #[test]
+    fn too_many_extents_are_joined_across_the_narrowest_holes() {
+        let e = vec![
+            (0, 4096),
+            (8192, 12288),
+            (1 << 20, (1 << 20) + 4096),
+            (4 << 20, 5 << 20),
+        ];
+        assert_eq!(coalesce(e.clone(), 4), e);
+        assert_eq!(
+            coalesce(e.clone(), 3),
+            [(0, 12288), (1 << 20, (1 << 20) + 4096), (4 << 20, 5 << 20)]
+        );
+        assert_eq!(coalesce(e.clone(), 1), [(0, 5 << 20)]);
     }
 }
