@@ -18,8 +18,8 @@ cri_config && bench_cri_up "$repo" || exit 1
 d=$(mktemp -d)
 
 # virtiofsd_mem: what every virtiofsd process holds, in KiB: "PRIVATE PSS". Its private
-# memory is what it adds; its PSS also counts its share of the guest's pages it has touched
-# (guest memory is a memfd both it and the VMM map), which the VMM's PSS counts less by as much.
+# memory is what it adds; its PSS also counts its share of the VMM's bounce area (a memfd both
+# map; virtiofsd never maps guest memory).
 virtiofsd_mem() {
     local p priv=0 pss=0
     for p in $(pgrep -x virtiofsd); do

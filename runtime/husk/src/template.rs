@@ -6,9 +6,10 @@
 //! shared directory's virtio-fs device if they have one), waiting for its agent, telling the
 //! agent it is a template (it then refuses container and network requests until a clone is
 //! told it was restored), and snapshotting it to a file (husk-vmm's `snapshot` request). A
-//! clone maps that file's memory privately (copied, for a VM with virtio-fs, whose backend
-//! maps guest memory: see husk-vmm's `--restore`), gets the pod's scratch drive and tap, is
-//! told `Restored` (fresh entropy for its RNG, the host's clock), and is a pod like any other.
+//! clone maps that file's memory privately (see husk-vmm's `--restore`; virtio-fs's backend
+//! works on a bounce area of the VMM's, never on guest memory), gets the pod's scratch drive
+//! and tap, is told `Restored` (fresh entropy for its RNG, the host's clock), and is a pod
+//! like any other.
 //!
 //! The cache keeps one template per key, in `DIR/ID/` (`memory`, `manifest.json`), where the
 //! key is everything a template depends on: the content hashes of the VMM, the kernel and
