@@ -273,7 +273,7 @@ impl Pod {
                     Self::start_vm(cfg, None, device, &scratch, cfg.boot_timeout).await?;
                 (vm, agent, None)
             }
-            Some(t) => {
+            Some(t) => 'vm: {
                 // The NIC again, for a cold boot if the clone does not answer.
                 let spare = device
                     .as_ref()
@@ -282,18 +282,13 @@ impl Pod {
                     .map_err(|e| PodError::Start(format!("duplicating the pod's tap: {e}")))?;
                 let wait = cfg.boot_timeout.min(CLONE_TIMEOUT);
                 match Self::start_vm(cfg, Some(&t), device, &scratch, wait).await {
-                    Ok((vm, agent)) => (vm, agent, Some(t)),
-                    Err(PodError::Boot(why)) => {
-                        tracing::warn!(
-                            pod = %cfg.id,
-                            template = %t.id,
-                            "the VM template's clone did not answer within {} s; booting cold: {why}",
-                            wait.as_secs()
-                        );
-                        let (vm, agent) =
-                            Self::start_vm(cfg, None, spare, &scratch, cfg.boot_timeout).await?;
-                        (vm, agent, None)
-                    }
+                    Ok((vm, agent)) => break 'vm (vm, agent, Some(t)),
+                    Err(PodError::Boot(why)) => tracing::warn!(
+                        pod = %cfg.id,
+                        template = %t.id,
+                        "the VM template's clone did not answer within {} s; booting cold: {why}",
+                        wait.as_secs()
+                    ),
                     // Damaged in a way the checks before use do not see, or not for this
                     // host's KVM: made again by the next pod.
                     Err(PodError::TemplateRefused(why)) => {
@@ -309,12 +304,12 @@ impl Pod {
                                 tracing::warn!(template = %t.id, "removing the refused VM template: {e:#}");
                             }
                         }
-                        let (vm, agent) =
-                            Self::start_vm(cfg, None, spare, &scratch, cfg.boot_timeout).await?;
-                        (vm, agent, None)
                     }
                     Err(e) => return Err(e),
                 }
+                let (vm, agent) =
+                    Self::start_vm(cfg, None, spare, &scratch, cfg.boot_timeout).await?;
+                (vm, agent, None)
             }
         };
         drop(scratch);
